@@ -1,0 +1,466 @@
+//! The operator's daemon configuration (TOML): runtime limits and, per plugin, what it is
+//! granted. What a plugin *asks for* lives in its plugin.toml (see `runtime::manifest`);
+//! this file is what the operator *provides*. Unknown keys are errors everywhere.
+
+pub mod units;
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+pub use units::{ByteSize, HumanDuration};
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DaemonConfig {
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+    #[serde(default)]
+    pub secrets: SecretsSection,
+    /// `[plugins.<name>]`: the grants of each plugin, by the name in its manifest.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginGrants>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RuntimeSection {
+    /// Where plugins live: one sub-directory (or `<name>.toml` + component) each.
+    pub plugin_dir: Option<PathBuf>,
+    /// Where precompiled components are cached. Default: `.cache/` beside each component.
+    pub cache_dir: Option<PathBuf>,
+    /// Default limits for every plugin; `[plugins.<name>.limits]` overrides per plugin.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
+}
+
+/// Limits per plugin instance. Every field is optional; unset means the default.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsConfig {
+    /// Linear memory cap per instance (default 128MiB).
+    pub memory: Option<ByteSize>,
+    /// Wall-clock deadline of one call into the plugin (default 10s).
+    pub call_timeout: Option<HumanDuration>,
+    /// Largest value a plugin may return from one call (default 16MiB).
+    pub max_return: Option<ByteSize>,
+    /// Most handles (resources, streams, sockets) one instance may hold (default 1024).
+    pub max_resources: Option<u32>,
+    /// Timeout of each outgoing HTTP request made for the plugin (default 30s).
+    pub http_timeout: Option<HumanDuration>,
+    /// Largest HTTP response body the plugin may receive (default 64MiB).
+    pub http_max_response: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QuarantineConfig {
+    /// Consecutive failures (traps, deadlines, limits) before a plugin is quarantined.
+    #[serde(default = "default_quarantine_after")]
+    pub after: u32,
+    /// First quarantine period; doubles on each further failure.
+    #[serde(default = "default_backoff")]
+    pub backoff: HumanDuration,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: HumanDuration,
+}
+
+fn default_quarantine_after() -> u32 {
+    3
+}
+fn default_backoff() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(1))
+}
+fn default_max_backoff() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(300))
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        Self {
+            after: default_quarantine_after(),
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SecretsSection {
+    /// A TOML file of `name = "value"` pairs, readable by the daemon's user only (0600).
+    pub file: Option<PathBuf>,
+}
+
+/// What the operator grants one plugin. Nothing is granted by default.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginGrants {
+    /// Where the plugin is, if not in the plugin directory under its name.
+    pub path: Option<PathBuf>,
+    /// Directories the plugin may use (needs capability `filesystem`).
+    #[serde(default)]
+    pub dirs: Vec<DirGrant>,
+    /// HTTP authorities the plugin may call, as `scheme://host:port` (needs `http`).
+    #[serde(default)]
+    pub http: Vec<String>,
+    /// Socket addresses the plugin may connect to or listen on (needs `sockets`).
+    #[serde(default)]
+    pub sockets: SocketGrants,
+    /// Names of secrets the plugin may read (needs `secrets`).
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// The plugin's configuration, checked against its manifest's `[config]` schema.
+    #[serde(default)]
+    pub config: toml::Table,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DirGrant {
+    /// The directory on the host. Must exist.
+    pub host: PathBuf,
+    /// Where the plugin sees it, e.g. "/logs".
+    pub guest: String,
+    #[serde(default)]
+    pub mode: DirMode,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirMode {
+    #[default]
+    ReadOnly,
+    ReadWrite,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SocketGrants {
+    /// `ip:port` the plugin may connect to (TCP).
+    #[serde(default)]
+    pub connect: Vec<String>,
+    /// `ip:port` the plugin may listen on (TCP).
+    #[serde(default)]
+    pub bind: Vec<String>,
+}
+
+/// One mistake in a configuration file: where, what, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted path of the field, e.g. `plugins.file-logging.dirs[0].host`.
+    pub field: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`: {}", self.field, self.problem)?;
+        if !self.fix.is_empty() {
+            write!(f, " (fix: {})", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone)]
+pub struct Problems {
+    pub file: String,
+    pub items: Vec<Problem>,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} problem{}",
+            self.file,
+            self.items.len(),
+            if self.items.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.items {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl DaemonConfig {
+    /// Read and check a daemon configuration file. Relative paths in it are taken
+    /// relative to the file's directory.
+    pub fn load(path: &Path) -> Result<DaemonConfig, Problems> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Problems {
+            file: file.clone(),
+            items: vec![Problem {
+                field: "(file)".into(),
+                problem: format!("cannot read it: {e}"),
+                fix: "check the path and its permissions".into(),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &file, base)
+    }
+
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<DaemonConfig, Problems> {
+        let mut cfg: DaemonConfig = toml::from_str(text).map_err(|e| Problems {
+            file: file.to_string(),
+            items: vec![toml_problem(&e)],
+        })?;
+        cfg.resolve_paths(base);
+        let items = cfg.check();
+        if items.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(Problems {
+                file: file.to_string(),
+                items,
+            })
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.runtime.plugin_dir.as_mut() {
+            abs(p)
+        }
+        if let Some(p) = self.runtime.cache_dir.as_mut() {
+            abs(p)
+        }
+        if let Some(p) = self.secrets.file.as_mut() {
+            abs(p)
+        }
+        for g in self.plugins.values_mut() {
+            if let Some(p) = g.path.as_mut() {
+                abs(p)
+            }
+            for d in &mut g.dirs {
+                abs(&mut d.host)
+            }
+        }
+    }
+
+    /// Checks that need no plugin: values that parse but make no sense.
+    fn check(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let q = &self.runtime.quarantine;
+        if q.after == 0 {
+            out.push(Problem {
+                field: "runtime.quarantine.after".into(),
+                problem: "0 would quarantine a plugin before its first failure".into(),
+                fix: "use 1 or more (default 3)".into(),
+            });
+        }
+        check_limits(&self.runtime.limits, "runtime.limits", &mut out);
+        if let Some(f) = &self.secrets.file {
+            if !f.is_file() {
+                out.push(Problem {
+                    field: "secrets.file".into(),
+                    problem: format!("{} does not exist", f.display()),
+                    fix: "create it (name = \"value\" lines, mode 0600) or remove the key".into(),
+                });
+            }
+        }
+        for (name, g) in &self.plugins {
+            let at = format!("plugins.{name}");
+            check_limits(&g.limits, &format!("{at}.limits"), &mut out);
+            for (i, d) in g.dirs.iter().enumerate() {
+                if !d.host.is_dir() {
+                    out.push(Problem {
+                        field: format!("{at}.dirs[{i}].host"),
+                        problem: format!("{} is not an existing directory", d.host.display()),
+                        fix: "create the directory or correct the path".into(),
+                    });
+                }
+                if !d.guest.starts_with('/') {
+                    out.push(Problem {
+                        field: format!("{at}.dirs[{i}].guest"),
+                        problem: format!("`{}` is not an absolute path", d.guest),
+                        fix: format!("write it as `/{}`", d.guest.trim_start_matches("./")),
+                    });
+                }
+            }
+            for (i, h) in g.http.iter().enumerate() {
+                if let Err(e) = crate::capabilities::http::Authority::parse(h) {
+                    out.push(Problem {
+                        field: format!("{at}.http[{i}]"),
+                        problem: e,
+                        fix: "write scheme://host:port, e.g. https://es.internal:9200".into(),
+                    });
+                }
+            }
+            for (kind, list) in [("connect", &g.sockets.connect), ("bind", &g.sockets.bind)] {
+                for (i, a) in list.iter().enumerate() {
+                    if a.parse::<std::net::SocketAddr>().is_err() {
+                        out.push(Problem {
+                            field: format!("{at}.sockets.{kind}[{i}]"),
+                            problem: format!("`{a}` is not an ip:port address"),
+                            fix: "write e.g. 127.0.0.1:7000 or [::1]:7000 (names are not resolved)"
+                                .into(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
+    if let Some(m) = l.memory {
+        if m.0 < (1 << 20) || m.0 > crate::runtime::limits::MAX_MEMORY {
+            out.push(Problem {
+                field: format!("{at}.memory"),
+                problem: format!(
+                    "{m} is outside 1MiB..={}",
+                    ByteSize(crate::runtime::limits::MAX_MEMORY)
+                ),
+                fix: "pick a value in that range (default 128MiB)".into(),
+            });
+        }
+    }
+    if let Some(t) = l.call_timeout {
+        if t.0.is_zero() {
+            out.push(Problem {
+                field: format!("{at}.call-timeout"),
+                problem: "a zero deadline fails every call".into(),
+                fix: "use e.g. 10s".into(),
+            });
+        }
+    }
+    if let Some(0) = l.max_resources {
+        out.push(Problem {
+            field: format!("{at}.max-resources"),
+            problem: "0 leaves no room for any handle".into(),
+            fix: "use e.g. 1024".into(),
+        });
+    }
+}
+
+/// Turn a TOML/serde error into a problem naming the field.
+pub fn toml_problem(e: &toml::de::Error) -> Problem {
+    let msg = e.message().to_string();
+    let fix = if let Some(rest) = msg.strip_prefix("unknown field ") {
+        format!(
+            "remove or rename it; {}",
+            rest.split_once(", ")
+                .map(|x| x.1)
+                .unwrap_or("see the documentation")
+        )
+    } else if msg.starts_with("missing field") {
+        "add it".to_string()
+    } else {
+        String::new()
+    };
+    let location = e
+        .span()
+        .map(|s| format!(" (at byte {})", s.start))
+        .unwrap_or_default();
+    Problem {
+        field: field_from_toml_error(e),
+        problem: format!("{msg}{location}"),
+        fix,
+    }
+}
+
+fn field_from_toml_error(e: &toml::de::Error) -> String {
+    // toml does not expose the key path; its rendered message names the line instead.
+    let rendered = e.to_string();
+    rendered
+        .lines()
+        .find(|l| l.contains('|') && l.contains('='))
+        .and_then(|l| l.split('|').nth(1))
+        .and_then(|l| l.split('=').next())
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| {
+            rendered
+                .lines()
+                .next()
+                .unwrap_or("(file)")
+                .trim()
+                .to_string()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match DaemonConfig::parse(text, "trellis.toml", Path::new("/")) {
+            Ok(_) => vec![],
+            Err(p) => p.items.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn empty_config_is_valid() {
+        assert!(problems("").is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_alternatives() {
+        let p = problems("[plugins.x]\ndir = []\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("unknown field `dir`"), "{p:?}");
+        assert!(p[0].contains("`dirs`"), "{p:?}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_the_fix() {
+        let p = problems(
+            r#"
+            [runtime.limits]
+            memory = "64 parsecs"
+            "#,
+        );
+        assert!(p[0].contains("not a size unit"), "{p:?}");
+        let p = problems(
+            r#"
+            [plugins.es]
+            http = ["es.local:9200"]
+            sockets = { connect = ["localhost:80"] }
+            dirs = [{ host = "/definitely/not/here", guest = "logs" }]
+            limits = { memory = "100GiB", max-resources = 0 }
+            "#,
+        );
+        let all = p.join("\n");
+        assert!(all.contains("plugins.es.http[0]"), "{all}");
+        assert!(all.contains("plugins.es.sockets.connect[0]"), "{all}");
+        assert!(all.contains("plugins.es.dirs[0].host"), "{all}");
+        assert!(
+            all.contains("plugins.es.dirs[0].guest") && all.contains("/logs"),
+            "{all}"
+        );
+        assert!(all.contains("plugins.es.limits.memory"), "{all}");
+        assert!(all.contains("plugins.es.limits.max-resources"), "{all}");
+        assert!(all.contains("fix:"), "{all}");
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_file() {
+        let cfg = DaemonConfig::parse(
+            "[runtime]\nplugin-dir = \"bundle\"\n",
+            "x",
+            Path::new("/etc/trellis"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.runtime.plugin_dir.unwrap(),
+            Path::new("/etc/trellis/bundle")
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! The four extension points, as the host sees them: what each is, what the host does
+//! when a plugin fails there (the failure policy), and a typed adapter per point that
+//! callers use instead of raw bindings.
+
+pub mod bindings;
+pub mod browser;
+pub mod fence;
+pub mod logging;
+pub mod transport;
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Point {
+    CommandTransport,
+    LoggingMethod,
+    LogBrowser,
+    FenceAgent,
+}
+
+impl Point {
+    pub const ALL: [Point; 4] = [
+        Point::CommandTransport,
+        Point::LoggingMethod,
+        Point::LogBrowser,
+        Point::FenceAgent,
+    ];
+
+    /// The interface name in `trellis:plugin`.
+    pub fn interface(self) -> &'static str {
+        match self {
+            Point::CommandTransport => "command-transport",
+            Point::LoggingMethod => "logging-method",
+            Point::LogBrowser => "log-browser",
+            Point::FenceAgent => "fence-agent",
+        }
+    }
+
+    /// What the host does when a plugin at this point fails. Declared here, in one
+    /// place, and followed by the point's adapter.
+    pub fn failure_policy(self) -> FailurePolicy {
+        match self {
+            Point::FenceAgent => FailurePolicy::FailClosed,
+            Point::LoggingMethod => FailurePolicy::KeepAndRetry,
+            Point::LogBrowser => FailurePolicy::ReportUnavailable,
+            Point::CommandTransport => FailurePolicy::Reconnect,
+        }
+    }
+}
+
+impl fmt::Display for Point {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.interface())
+    }
+}
+
+/// How the host reacts to a failing plugin, per extension point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// An error, trap or timeout is never success: "not fenced", so no takeover.
+    FailClosed,
+    /// Events stay with the host and are delivered again later; the run is not failed
+    /// because its log store is down.
+    KeepAndRetry,
+    /// The reader gets a clear "log store unavailable" error; nothing is invented.
+    ReportUnavailable,
+    /// The link is re-established on a fresh instance and unacknowledged frames resent.
+    Reconnect,
+}
+
+impl fmt::Display for FailurePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailurePolicy::FailClosed => "fail closed (an error is never \"fenced\")",
+            FailurePolicy::KeepAndRetry => "keep events in the host and retry",
+            FailurePolicy::ReportUnavailable => "report the store unavailable",
+            FailurePolicy::Reconnect => "reconnect and resend unacknowledged frames",
+        })
+    }
+}

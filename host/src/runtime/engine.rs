@@ -1,0 +1,129 @@
+//! The process's one `Engine`: component model, pooling allocator, epoch interruption
+//! driven by a ticker thread; and the cache of precompiled components.
+
+use crate::runtime::limits::MAX_MEMORY;
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// One epoch tick. Call deadlines are counted in ticks, so they are this precise.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Instances the pool holds at once (all plugins together).
+const POOL_INSTANCES: u32 = 256;
+
+pub fn build_engine() -> anyhow::Result<Engine> {
+    let mut cfg = Config::new();
+    cfg.wasm_component_model(true);
+    cfg.epoch_interruption(true);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(POOL_INSTANCES)
+        .total_core_instances(POOL_INSTANCES * 4)
+        .total_memories(POOL_INSTANCES * 2)
+        .total_tables(POOL_INSTANCES * 4)
+        .total_stacks(POOL_INSTANCES)
+        .max_memory_size(MAX_MEMORY as usize)
+        .max_core_instances_per_component(64)
+        .max_memories_per_component(8)
+        .max_tables_per_component(32)
+        .table_elements(100_000);
+    cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&cfg).map_err(|e| anyhow::anyhow!("creating the WebAssembly engine: {e:#}"))
+}
+
+/// Advance the engine's epoch every tick until the engine is dropped.
+pub fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("trellis-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch ticker thread");
+}
+
+/// A component ready to link, and how it was obtained.
+pub struct Compiled {
+    pub component: Component,
+    pub bytes: u64,
+    pub sha256: String,
+    pub took: Duration,
+    pub from_cache: bool,
+    pub cache_file: Option<PathBuf>,
+}
+
+/// Load a component, from the precompiled cache when it holds this exact file for this
+/// exact engine, else compile it and store the artifact (write-temp + rename).
+pub fn load_component(
+    engine: &Engine,
+    path: &Path,
+    cache_dir: Option<&Path>,
+) -> anyhow::Result<Compiled> {
+    let start = Instant::now();
+    let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&wasm));
+    let mut h = std::hash::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let engine_key = format!("{:016x}", h.finish());
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("component");
+    let dir = match cache_dir {
+        Some(d) => d.to_path_buf(),
+        None => path.parent().unwrap_or(Path::new(".")).join(".cache"),
+    };
+    let cache_file = dir.join(format!("{stem}-{}-{engine_key}.cwasm", &sha256[..16]));
+    if cache_file.is_file() {
+        // SAFETY: the artifact was written by this host (same engine key) into a
+        // directory the operator controls, for a component with this exact hash;
+        // wasmtime also checks engine compatibility before using it.
+        match unsafe { Component::deserialize_file(engine, &cache_file) } {
+            Ok(component) => {
+                return Ok(Compiled {
+                    component,
+                    bytes: wasm.len() as u64,
+                    sha256,
+                    took: start.elapsed(),
+                    from_cache: true,
+                    cache_file: Some(cache_file),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(file = %cache_file.display(), "ignoring unusable precompiled artifact: {e}")
+            }
+        }
+    }
+    let component = Component::new(engine, &wasm)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid component: {e}", path.display()))?;
+    let took = start.elapsed();
+    let stored = store_artifact(&component, &dir, &cache_file);
+    if let Err(e) = &stored {
+        tracing::debug!(dir = %dir.display(), "not caching the precompiled component: {e}");
+    }
+    Ok(Compiled {
+        component,
+        bytes: wasm.len() as u64,
+        sha256,
+        took,
+        from_cache: false,
+        cache_file: stored.ok().map(|_| cache_file),
+    })
+}
+
+fn store_artifact(component: &Component, dir: &Path, file: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = component.serialize()?;
+    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}

@@ -1,0 +1,386 @@
+//! The plugin runtime: one engine per process, plugins loaded from manifests, linked
+//! once, instantiated per use under limits, and denied everything not granted.
+
+pub mod engine;
+pub mod errors;
+pub mod health;
+pub mod inspect;
+pub mod limits;
+pub mod manifest;
+pub mod metrics;
+pub mod plugin;
+pub mod state;
+pub mod stdio;
+
+use crate::capabilities::files::DirGrant;
+use crate::capabilities::http::Authority;
+use crate::capabilities::secrets::SecretStore;
+use crate::capabilities::sockets::SocketGrant;
+use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
+use crate::points::Point;
+use crate::points::bindings::{
+    command_transport, fence_agent, host_log, host_secrets, lifecycle, log_browser, logging_method,
+};
+pub use errors::{ErrorKind, PluginError};
+use inspect::ComponentInfo;
+use limits::Limits;
+use manifest::{Capability, MANIFEST_FILE, Manifest};
+use plugin::{CompileStats, ExportIndices};
+pub use plugin::{Instance, Plugin};
+use state::{Grants, InstanceState};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use wasmtime::Engine;
+use wasmtime::component::{HasSelf, Linker};
+
+/// The `trellis:plugin` versions this host serves, oldest first.
+pub const SERVED_WIT: &[&str] = &["0.1.0"];
+/// The `trellis:host` versions this host serves.
+pub const SERVED_HOST_WIT: &[&str] = &["0.1.0"];
+
+pub struct Runtime {
+    pub engine: Engine,
+    pub config: DaemonConfig,
+    secrets: Arc<SecretStore>,
+    plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
+}
+
+impl Runtime {
+    pub fn new(config: DaemonConfig) -> anyhow::Result<Arc<Runtime>> {
+        let secrets = match &config.secrets.file {
+            Some(f) => SecretStore::load(f)?,
+            None => SecretStore::default(),
+        };
+        Self::with_secrets(config, secrets)
+    }
+
+    pub fn with_secrets(
+        config: DaemonConfig,
+        secrets: SecretStore,
+    ) -> anyhow::Result<Arc<Runtime>> {
+        let engine = engine::build_engine()?;
+        engine::start_epoch_ticker(&engine);
+        Ok(Arc::new(Runtime {
+            engine,
+            config,
+            secrets: Arc::new(secrets),
+            plugins: RwLock::default(),
+        }))
+    }
+
+    /// Everything short of running the plugin: read and check its manifest, the
+    /// operator's grants and configuration, compile (or load the cached artifact),
+    /// check the component's imports and exports, link. Errors list every problem.
+    pub fn prepare(&self, path: &Path) -> Result<Plugin, Problems> {
+        let manifest = Manifest::locate(path)?;
+        let file = manifest.path.display().to_string();
+        let fail = |items: Vec<Problem>| Problems {
+            file: file.clone(),
+            items,
+        };
+        let at = format!("plugins.{}", manifest.name);
+        let operator = self
+            .config
+            .plugins
+            .get(&manifest.name)
+            .cloned()
+            .unwrap_or_default();
+
+        let mut problems = Vec::new();
+        let grants = resolve_grants(&manifest, &operator, &self.secrets, &at).unwrap_or_else(|p| {
+            problems.extend(p);
+            Grants::default()
+        });
+        let config_json = manifest
+            .resolve_config(&operator.config, &format!("{at}.config"))
+            .unwrap_or_else(|p| {
+                problems.extend(p);
+                String::new()
+            });
+        let compiled = engine::load_component(
+            &self.engine,
+            &manifest.component,
+            self.config.runtime.cache_dir.as_deref(),
+        )
+        .map_err(|e| {
+            fail(vec![Problem {
+                field: "plugin.component".into(),
+                problem: format!("{e:#}"),
+                fix: "rebuild the component".into(),
+            }])
+        })?;
+        let info = ComponentInfo::read(&self.engine, &compiled.component);
+        problems.extend(info.check(&manifest));
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+        let linker = linker_for(&self.engine, &manifest.capabilities)
+            .map_err(|e| fail(vec![internal(e)]))?;
+        let pre = linker.instantiate_pre(&compiled.component).map_err(|e| {
+            fail(vec![Problem {
+                field: "plugin.component".into(),
+                problem: format!("cannot be linked: {e:#}"),
+                fix: "the component imports something this host does not provide".into(),
+            }])
+        })?;
+        let indices = export_indices(&pre, &info.points()).map_err(|e| {
+            fail(vec![Problem {
+                field: "plugin.component".into(),
+                problem: format!(
+                    "its exports do not match trellis:plugin@{}: {e:#}",
+                    manifest.wit
+                ),
+                fix: "rebuild the plugin against the WIT this host serves".into(),
+            }])
+        })?;
+        let limits = Limits::resolve(&self.config.runtime.limits, &operator.limits);
+        let stats = CompileStats {
+            bytes: compiled.bytes,
+            sha256: compiled.sha256,
+            took: compiled.took,
+            from_cache: compiled.from_cache,
+        };
+        Ok(Plugin::new(
+            manifest,
+            info,
+            limits,
+            grants,
+            stats,
+            config_json,
+            pre,
+            indices,
+            self.secrets.clone(),
+            self.config.runtime.quarantine.clone(),
+        ))
+    }
+
+    /// Prepare, then try the plugin on a throwaway instance (its `init` with the real
+    /// configuration) before accepting it. A plugin that fails here is not registered.
+    pub async fn load(&self, path: &Path) -> Result<Arc<Plugin>, Problems> {
+        let plugin = self.prepare(path)?;
+        canary(&plugin).await?;
+        let plugin = Arc::new(plugin);
+        let old = self
+            .plugins
+            .write()
+            .unwrap()
+            .insert(plugin.name.to_string(), plugin.clone());
+        if let Some(old) = old {
+            old.drain_idle();
+        }
+        tracing::info!(plugin = %plugin.name, version = %plugin.manifest.version, points = ?plugin.info.points(), "plugin loaded");
+        Ok(plugin)
+    }
+
+    /// Load every plugin in a directory (each sub-directory holding a plugin.toml).
+    pub async fn load_dir(
+        &self,
+        dir: &Path,
+    ) -> anyhow::Result<Vec<(PathBuf, Result<Arc<Plugin>, Problems>)>> {
+        let mut out = Vec::new();
+        for path in plugin_dirs(dir)? {
+            let r = self.load(&path).await;
+            if let Err(p) = &r {
+                tracing::error!("refused plugin at {}:\n{p}", path.display());
+            }
+            out.push((path, r));
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
+        self.plugins.read().unwrap().get(name).cloned()
+    }
+
+    pub fn plugins(&self) -> Vec<Arc<Plugin>> {
+        self.plugins.read().unwrap().values().cloned().collect()
+    }
+
+    /// Prometheus text for every loaded plugin.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        metrics::render_header(&mut out);
+        for p in self.plugins() {
+            p.metrics.render(&p.name, &mut out);
+        }
+        out
+    }
+}
+
+/// Try a plugin on a throwaway instance; its failure is the plugin's refusal.
+pub async fn canary(plugin: &Plugin) -> Result<(), Problems> {
+    let inst = plugin.instantiate().await.map_err(|e| Problems {
+        file: plugin.manifest.path.display().to_string(),
+        items: vec![Problem {
+            field: format!("plugins.{}.config", plugin.name),
+            problem: format!("the plugin failed to start on a trial instance: {e}"),
+            fix: match e.kind() {
+                Some(ErrorKind::BadConfig) => "correct the configuration the plugin names".into(),
+                Some(ErrorKind::Denied) => {
+                    "grant what the plugin names, or change its configuration".into()
+                }
+                _ => "see the error; the plugin is not loaded".into(),
+            },
+        }],
+    })?;
+    drop(inst);
+    Ok(())
+}
+
+/// Sub-directories of `dir` that hold a plugin manifest, sorted.
+pub fn plugin_dirs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read plugin directory {}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.join(MANIFEST_FILE).is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn internal(e: impl std::fmt::Display) -> Problem {
+    Problem {
+        field: "(host)".into(),
+        problem: e.to_string(),
+        fix: String::new(),
+    }
+}
+
+/// A linker with WASI (empty contexts; grants decide) and only the `trellis:host`
+/// capabilities the plugin declared.
+fn linker_for(
+    engine: &Engine,
+    caps: &BTreeSet<Capability>,
+) -> anyhow::Result<Linker<InstanceState>> {
+    let mut l = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut l)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut l)?;
+    if caps.contains(&Capability::Log) {
+        host_log::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
+    }
+    if caps.contains(&Capability::Secrets) {
+        host_secrets::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
+    }
+    Ok(l)
+}
+
+fn export_indices(
+    pre: &wasmtime::component::InstancePre<InstanceState>,
+    points: &BTreeSet<Point>,
+) -> wasmtime::Result<ExportIndices> {
+    Ok(ExportIndices {
+        lifecycle: lifecycle::GuestIndices::new(pre)?,
+        transport: points
+            .contains(&Point::CommandTransport)
+            .then(|| command_transport::GuestIndices::new(pre))
+            .transpose()?,
+        logging: points
+            .contains(&Point::LoggingMethod)
+            .then(|| logging_method::GuestIndices::new(pre))
+            .transpose()?,
+        browser: points
+            .contains(&Point::LogBrowser)
+            .then(|| log_browser::GuestIndices::new(pre))
+            .transpose()?,
+        fence: points
+            .contains(&Point::FenceAgent)
+            .then(|| fence_agent::GuestIndices::new(pre))
+            .transpose()?,
+    })
+}
+
+/// Check the operator's grants against what the manifest requests (both must agree:
+/// a grant for a capability the plugin did not ask for is a mistake worth naming).
+fn resolve_grants(
+    m: &Manifest,
+    g: &PluginGrants,
+    store: &SecretStore,
+    at: &str,
+) -> Result<Grants, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut needs = |granted: bool, cap: Capability, field: &str| {
+        if granted && !m.capabilities.contains(&cap) {
+            problems.push(Problem {
+                field: format!("{at}.{field}"),
+                problem: format!("plugin `{}` does not request capability `{cap}`, so this grant would be unused", m.name),
+                fix: format!("remove the grant (the plugin's manifest would have to list \"{cap}\" in `capabilities`)"),
+            });
+        }
+    };
+    needs(!g.dirs.is_empty(), Capability::Filesystem, "dirs");
+    needs(!g.http.is_empty(), Capability::Http, "http");
+    needs(
+        !g.sockets.connect.is_empty() || !g.sockets.bind.is_empty(),
+        Capability::Sockets,
+        "sockets",
+    );
+    needs(!g.secrets.is_empty(), Capability::Secrets, "secrets");
+    let mut http = Vec::new();
+    for (i, h) in g.http.iter().enumerate() {
+        match Authority::parse(h) {
+            Ok(a) => http.push(a),
+            Err(e) => problems.push(Problem {
+                field: format!("{at}.http[{i}]"),
+                problem: e,
+                fix: "write scheme://host:port".into(),
+            }),
+        }
+    }
+    let mut sockets = SocketGrant::default();
+    for (kind, list, set) in [
+        ("connect", &g.sockets.connect, &mut sockets.connect),
+        ("bind", &g.sockets.bind, &mut sockets.bind),
+    ] {
+        for (i, a) in list.iter().enumerate() {
+            match a.parse() {
+                Ok(addr) => {
+                    set.insert(addr);
+                }
+                Err(_) => problems.push(Problem {
+                    field: format!("{at}.sockets.{kind}[{i}]"),
+                    problem: format!("`{a}` is not an ip:port address"),
+                    fix: "write e.g. 127.0.0.1:7000".into(),
+                }),
+            }
+        }
+    }
+    for (i, s) in g.secrets.iter().enumerate() {
+        if !store.contains(s) {
+            problems.push(Problem {
+                field: format!("{at}.secrets[{i}]"),
+                problem: format!("secret `{s}` is not in the secret store"),
+                fix: "add it to the file named by [secrets] file, or remove the grant".into(),
+            });
+        }
+    }
+    let mut dirs = Vec::new();
+    let mut guests = BTreeSet::new();
+    for (i, d) in g.dirs.iter().enumerate() {
+        if !guests.insert(d.guest.clone()) {
+            problems.push(Problem {
+                field: format!("{at}.dirs[{i}].guest"),
+                problem: format!("`{}` is granted twice", d.guest),
+                fix: "give each directory its own guest path".into(),
+            });
+        }
+        dirs.push(DirGrant {
+            host: d.host.clone(),
+            guest: d.guest.clone(),
+            mode: d.mode,
+        });
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Grants {
+        dirs,
+        http: Arc::new(http),
+        sockets: Arc::new(sockets),
+        secrets: Arc::new(g.secrets.iter().cloned().collect()),
+    })
+}

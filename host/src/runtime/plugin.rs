@@ -1,0 +1,438 @@
+//! A loaded plugin: its `InstancePre` (linked once), its grants and limits, a small
+//! pool of idle instances, and the one guarded path every call into it takes.
+//!
+//! The guarded call sets the epoch deadline and a wall-clock timeout, measures the call,
+//! and turns whatever went wrong into a `PluginError`. An instance that trapped, hit a
+//! limit or timed out is poisoned and dropped; the next use gets a fresh instance from
+//! the cached `InstancePre`. Crashes in a row lead to quarantine with backoff.
+
+use crate::capabilities::secrets::SecretStore;
+use crate::config::QuarantineConfig;
+use crate::points::bindings::{
+    command_transport, fence_agent, lifecycle, log_browser, logging_method, types,
+};
+use crate::runtime::engine::EPOCH_TICK;
+use crate::runtime::errors::{ErrorKind, PluginError};
+use crate::runtime::health::{Health, HealthState};
+use crate::runtime::inspect::ComponentInfo;
+use crate::runtime::limits::Limits;
+use crate::runtime::manifest::Manifest;
+use crate::runtime::metrics::PluginMetrics;
+use crate::runtime::state::{Grants, InstanceState};
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+use wasmtime::component::{InstancePre, ResourceTableError};
+use wasmtime::{Store, Trap};
+
+/// Idle instances kept per plugin for reuse.
+const MAX_IDLE: usize = 4;
+
+pub type CallFuture<'a, T> = Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>;
+
+/// How the component was obtained (for `plugin check` and metrics).
+#[derive(Debug, Clone)]
+pub struct CompileStats {
+    pub bytes: u64,
+    pub sha256: String,
+    pub took: Duration,
+    pub from_cache: bool,
+}
+
+/// Export lookups resolved once against the `InstancePre`.
+pub(crate) struct ExportIndices {
+    pub lifecycle: lifecycle::GuestIndices,
+    pub transport: Option<command_transport::GuestIndices>,
+    pub logging: Option<logging_method::GuestIndices>,
+    pub browser: Option<log_browser::GuestIndices>,
+    pub fence: Option<fence_agent::GuestIndices>,
+}
+
+/// The typed exports of one instance.
+pub struct Exports {
+    pub lifecycle: lifecycle::Guest,
+    pub transport: Option<command_transport::Guest>,
+    pub logging: Option<logging_method::Guest>,
+    pub browser: Option<log_browser::Guest>,
+    pub fence: Option<fence_agent::Guest>,
+}
+
+/// One live instance. Owned by whoever uses it; resources (a log writer, a channel)
+/// live inside it, so stateful users keep their instance.
+pub struct Instance {
+    pub store: Store<InstanceState>,
+    pub exports: Exports,
+    poisoned: bool,
+}
+
+impl Instance {
+    /// True once the instance trapped or timed out: it must not be used again.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+}
+
+pub struct Plugin {
+    pub name: Arc<str>,
+    pub manifest: Manifest,
+    pub info: ComponentInfo,
+    pub limits: Limits,
+    pub grants: Grants,
+    pub compiled: CompileStats,
+    pub metrics: Arc<PluginMetrics>,
+    pub(crate) config_json: Arc<str>,
+    pub(crate) pre: InstancePre<InstanceState>,
+    pub(crate) indices: ExportIndices,
+    pub(crate) secrets: Arc<SecretStore>,
+    pub(crate) quarantine: QuarantineConfig,
+    health: Mutex<Health>,
+    idle: Mutex<Vec<Instance>>,
+}
+
+impl Plugin {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        manifest: Manifest,
+        info: ComponentInfo,
+        limits: Limits,
+        grants: Grants,
+        compiled: CompileStats,
+        config_json: String,
+        pre: InstancePre<InstanceState>,
+        indices: ExportIndices,
+        secrets: Arc<SecretStore>,
+        quarantine: QuarantineConfig,
+    ) -> Plugin {
+        Plugin {
+            name: manifest.name.as_str().into(),
+            manifest,
+            info,
+            limits,
+            grants,
+            compiled,
+            metrics: Arc::default(),
+            config_json: config_json.into(),
+            pre,
+            indices,
+            secrets,
+            quarantine,
+            health: Mutex::default(),
+            idle: Mutex::default(),
+        }
+    }
+
+    /// The configuration `init` receives (JSON).
+    pub fn config_json(&self) -> &str {
+        &self.config_json
+    }
+
+    pub fn health(&self) -> HealthState {
+        self.health.lock().unwrap().state(Instant::now())
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.health.lock().unwrap().last_error.clone()
+    }
+
+    fn admit(&self) -> Result<(), PluginError> {
+        let h = self.health.lock().unwrap();
+        h.admit(Instant::now()).map_err(|retry_in| {
+            self.metrics.quarantine_refusals.fetch_add(1, Relaxed);
+            PluginError::Quarantined {
+                plugin: self.name.to_string(),
+                failures: h.consecutive_failures(),
+                retry_in,
+                last: h.last_error.clone().unwrap_or_default(),
+            }
+        })
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        (self.limits.call_timeout.as_micros() / EPOCH_TICK.as_micros()) as u64 + 1
+    }
+
+    /// A fresh instance, initialised with the plugin's configuration.
+    pub async fn instantiate(&self) -> Result<Instance, PluginError> {
+        self.admit()?;
+        let state = InstanceState::prepare(
+            &self.name,
+            &self.grants,
+            &self.limits,
+            &self.secrets,
+            &self.metrics,
+        )
+        .map_err(|e| {
+            self.crashed(PluginError::Instantiate {
+                plugin: self.name.to_string(),
+                detail: format!("{e:#}"),
+            })
+        })?;
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        self.metrics.instantiations.fetch_add(1, Relaxed);
+        let instance = match tokio::time::timeout(
+            self.limits.call_timeout,
+            self.pre.instantiate_async(&mut store),
+        )
+        .await
+        {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => {
+                let detail = if store.data().limiter.hit_memory {
+                    format!(
+                        "its initial memory exceeds the limit of {} bytes (limits.memory)",
+                        self.limits.memory
+                    )
+                } else {
+                    format!("{e:#}")
+                };
+                return Err(self.crashed(PluginError::Instantiate {
+                    plugin: self.name.to_string(),
+                    detail,
+                }));
+            }
+            Err(_) => {
+                return Err(self.crashed(PluginError::Deadline {
+                    plugin: self.name.to_string(),
+                    call: "instantiate",
+                    limit: self.limits.call_timeout,
+                }));
+            }
+        };
+        let exports = self.load_exports(&mut store, &instance).map_err(|e| {
+            self.crashed(PluginError::Instantiate {
+                plugin: self.name.to_string(),
+                detail: format!("{e:#}"),
+            })
+        })?;
+        let mut inst = Instance {
+            store,
+            exports,
+            poisoned: false,
+        };
+        let config = self.config_json.clone();
+        let r = self
+            .call(&mut inst, "init", move |i| {
+                Box::pin(async move { i.exports.lifecycle.call_init(&mut i.store, &config).await })
+            })
+            .await?;
+        self.answer("init", r)?;
+        Ok(inst)
+    }
+
+    fn load_exports(
+        &self,
+        store: &mut Store<InstanceState>,
+        instance: &wasmtime::component::Instance,
+    ) -> wasmtime::Result<Exports> {
+        let ix = &self.indices;
+        Ok(Exports {
+            lifecycle: ix.lifecycle.load(&mut *store, instance)?,
+            transport: ix
+                .transport
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            logging: ix
+                .logging
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            browser: ix
+                .browser
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            fence: ix
+                .fence
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+        })
+    }
+
+    /// An instance for a short, stateless use: an idle one, or a fresh one.
+    pub async fn checkout(&self) -> Result<Instance, PluginError> {
+        self.admit()?;
+        let idle = self.idle.lock().unwrap().pop();
+        match idle {
+            Some(i) => Ok(i),
+            None => self.instantiate().await,
+        }
+    }
+
+    /// Give an instance back for reuse. Poisoned instances are dropped.
+    pub fn checkin(&self, inst: Instance) {
+        if inst.poisoned {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < MAX_IDLE {
+            idle.push(inst);
+        }
+    }
+
+    /// Drop idle instances (after a reload or to free memory).
+    pub fn drain_idle(&self) {
+        self.idle.lock().unwrap().clear();
+    }
+
+    /// Run one call into the plugin under its limits. `f` receives the instance and
+    /// returns the raw wasmtime call; everything that can go wrong comes back typed.
+    pub async fn call<T, F>(
+        &self,
+        inst: &mut Instance,
+        call: &'static str,
+        f: F,
+    ) -> Result<T, PluginError>
+    where
+        F: for<'a> FnOnce(&'a mut Instance) -> CallFuture<'a, T>,
+    {
+        if inst.poisoned {
+            return Err(PluginError::Trap {
+                plugin: self.name.to_string(),
+                call,
+                detail: "instance was poisoned by an earlier failure".into(),
+            });
+        }
+        self.admit()?;
+        inst.store.set_epoch_deadline(self.deadline_ticks());
+        inst.store.data_mut().limiter.hit_memory = false;
+        let span = tracing::debug_span!("plugin_call", plugin = %self.name, call);
+        let start = Instant::now();
+        // The epoch deadline stops a spinning guest; this timeout (a little longer, so the
+        // cleaner epoch trap wins) stops one that waits in a host call.
+        let wall = self.limits.call_timeout + EPOCH_TICK * 3;
+        let out = tokio::time::timeout(wall, f(inst)).instrument(span).await;
+        self.metrics.observe(start.elapsed());
+        let err = match out {
+            Ok(Ok(v)) => {
+                self.health.lock().unwrap().on_success();
+                return Ok(v);
+            }
+            Ok(Err(e)) => self.classify(inst, call, e),
+            Err(_) => PluginError::Deadline {
+                plugin: self.name.to_string(),
+                call,
+                limit: self.limits.call_timeout,
+            },
+        };
+        inst.poisoned = true;
+        Err(self.crashed(err))
+    }
+
+    fn classify(&self, inst: &Instance, call: &'static str, e: wasmtime::Error) -> PluginError {
+        let plugin = self.name.to_string();
+        if inst.store.data().limiter.hit_memory {
+            return PluginError::MemoryLimit {
+                plugin,
+                call,
+                limit: self.limits.memory,
+            };
+        }
+        if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
+            return PluginError::Deadline {
+                plugin,
+                call,
+                limit: self.limits.call_timeout,
+            };
+        }
+        let text = format!("{e:#}");
+        if e.downcast_ref::<ResourceTableError>().is_some()
+            || text.contains("resource table has no free capacity")
+        {
+            return PluginError::ResourceLimit {
+                plugin,
+                call,
+                limit: self.limits.max_resources,
+            };
+        }
+        let detail = match e.downcast_ref::<Trap>() {
+            Some(t) => format!("{t}"),
+            None => text.lines().next().unwrap_or("unknown failure").to_string(),
+        };
+        PluginError::Trap {
+            plugin,
+            call,
+            detail,
+        }
+    }
+
+    /// Book-keeping for a crash: metrics, health (maybe quarantine), log. Returns it.
+    fn crashed(&self, err: PluginError) -> PluginError {
+        self.metrics.count(&err);
+        let text = err.to_string();
+        let q = self
+            .health
+            .lock()
+            .unwrap()
+            .on_crash(&self.quarantine, Instant::now(), &text);
+        tracing::warn!(plugin = %self.name, kind = err.label(), "{text}; the instance was discarded");
+        if let Some(period) = q {
+            self.metrics.quarantines.fetch_add(1, Relaxed);
+            tracing::error!(plugin = %self.name, "plugin quarantined for {period:?} after repeated failures");
+        }
+        err
+    }
+
+    /// Turn the plugin's own answer into a typed result (counted and logged).
+    pub fn answer<T>(
+        &self,
+        call: &'static str,
+        r: Result<T, types::Error>,
+    ) -> Result<T, PluginError> {
+        r.map_err(|e| {
+            let (kind, message) = match e {
+                types::Error::Retryable(m) => (ErrorKind::Retryable, m),
+                types::Error::Permanent(m) => (ErrorKind::Permanent, m),
+                types::Error::BadConfig(m) => (ErrorKind::BadConfig, m),
+                types::Error::Denied(m) => (ErrorKind::Denied, m),
+            };
+            let err = PluginError::Plugin {
+                plugin: self.name.to_string(),
+                call,
+                kind,
+                message,
+            };
+            self.metrics.count(&err);
+            match kind {
+                ErrorKind::Denied | ErrorKind::BadConfig => {
+                    tracing::warn!(plugin = %self.name, call, "{err}")
+                }
+                _ => tracing::debug!(plugin = %self.name, call, "{err}"),
+            }
+            err
+        })
+    }
+
+    /// Refuse a returned value above `limits.max-return`; the instance is discarded
+    /// (it may keep producing such values) and the call counts as a crash.
+    pub fn check_return(
+        &self,
+        inst: &mut Instance,
+        call: &'static str,
+        size: usize,
+    ) -> Result<(), PluginError> {
+        if size as u64 > self.limits.max_return {
+            inst.poisoned = true;
+            return Err(self.crashed(PluginError::Oversized {
+                plugin: self.name.to_string(),
+                call,
+                size: size as u64,
+                limit: self.limits.max_return,
+            }));
+        }
+        Ok(())
+    }
+
+    pub fn not_implemented(&self, point: &'static str) -> PluginError {
+        PluginError::NotImplemented {
+            plugin: self.name.to_string(),
+            point,
+        }
+    }
+}

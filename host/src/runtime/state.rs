@@ -1,0 +1,146 @@
+//! What each plugin instance carries in its `Store`: its WASI context (empty but for
+//! grants), its capability gates and its limiter.
+
+use crate::capabilities::files::DirGrant;
+use crate::capabilities::http::{Authority, HttpGate};
+use crate::capabilities::log::LogGate;
+use crate::capabilities::secrets::{SecretStore, SecretsGate};
+use crate::capabilities::sockets::SocketGrant;
+use crate::capabilities::{files, sockets};
+use crate::runtime::limits::Limits;
+use crate::runtime::metrics::PluginMetrics;
+use crate::runtime::stdio::TracingOutput;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// The operator's grants for one plugin, resolved and checked at load.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    pub dirs: Vec<DirGrant>,
+    pub http: Arc<Vec<Authority>>,
+    pub sockets: Arc<SocketGrant>,
+    pub secrets: Arc<BTreeSet<String>>,
+}
+
+pub struct InstanceState {
+    pub plugin: Arc<str>,
+    pub table: ResourceTable,
+    pub wasi: WasiCtx,
+    pub http_ctx: WasiHttpCtx,
+    pub http: HttpGate,
+    pub secrets: SecretsGate,
+    pub log: LogGate,
+    pub limiter: Limiter,
+    pub metrics: Arc<PluginMetrics>,
+}
+
+impl InstanceState {
+    /// Prepare a fresh instance's state: nothing but what was granted.
+    pub fn prepare(
+        plugin: &Arc<str>,
+        grants: &Grants,
+        limits: &Limits,
+        store: &Arc<SecretStore>,
+        metrics: &Arc<PluginMetrics>,
+    ) -> anyhow::Result<InstanceState> {
+        // WasiCtxBuilder starts empty: no env, args, stdin, preopens, sockets or lookup.
+        let mut b = WasiCtxBuilder::new();
+        b.stdout(TracingOutput {
+            plugin: plugin.clone(),
+            stream: "stdout",
+        });
+        b.stderr(TracingOutput {
+            plugin: plugin.clone(),
+            stream: "stderr",
+        });
+        files::prepare(&mut b, &grants.dirs)?;
+        sockets::prepare(
+            &mut b,
+            plugin.clone(),
+            grants.sockets.clone(),
+            metrics.clone(),
+        );
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits.max_resources as usize);
+        Ok(InstanceState {
+            plugin: plugin.clone(),
+            table,
+            wasi: b.build(),
+            http_ctx: WasiHttpCtx::new(),
+            http: HttpGate {
+                plugin: plugin.clone(),
+                allowed: grants.http.clone(),
+                timeout: limits.http_timeout,
+                max_response: limits.http_max_response,
+                metrics: metrics.clone(),
+            },
+            secrets: SecretsGate {
+                store: store.clone(),
+                granted: grants.secrets.clone(),
+            },
+            log: LogGate::default(),
+            limiter: Limiter {
+                memory: limits.memory as usize,
+                hit_memory: false,
+            },
+            metrics: metrics.clone(),
+        })
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for InstanceState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
+        }
+    }
+}
+
+/// Caps linear memory; remembers that it refused, so the trap that follows is reported
+/// as a memory limit, not a generic crash.
+pub struct Limiter {
+    pub memory: usize,
+    pub hit_memory: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            self.hit_memory = true;
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit: growing to {desired} bytes exceeds the cap of {} bytes",
+                self.memory
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}

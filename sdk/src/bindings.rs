@@ -1,0 +1,237 @@
+//! Generated bindings: the shared interfaces once, then one module per world.
+//!
+//! A component must implement exactly the world it is built for, so enable exactly one
+//! world feature per plugin crate (cargo unifies features within one build command: the
+//! workspace's `cargo xtask bundle` builds each plugin on its own).
+
+#[cfg(all(
+    target_arch = "wasm32",
+    any(
+        all(
+            feature = "command-transport",
+            any(
+                feature = "logging-method",
+                feature = "log-browser",
+                feature = "fence-agent",
+                feature = "logging-pair"
+            )
+        ),
+        all(
+            feature = "logging-method",
+            any(
+                feature = "log-browser",
+                feature = "fence-agent",
+                feature = "logging-pair"
+            )
+        ),
+        all(
+            feature = "log-browser",
+            any(feature = "fence-agent", feature = "logging-pair")
+        ),
+        all(feature = "fence-agent", feature = "logging-pair"),
+    )
+))]
+compile_error!(
+    "trellis-sdk: more than one world feature is enabled for a wasm32 build. A component implements one world: \
+     enable one of command-transport, logging-method, log-browser, fence-agent, logging-pair per plugin, \
+     and build plugins one cargo invocation each (cargo xtask bundle does)."
+);
+
+/// Types and host capabilities shared by every world.
+pub mod base {
+    wit_bindgen::generate!({
+        path: "../wit",
+        inline: "
+            package trellis:sdk;
+            world base {
+                import trellis:plugin/types@0.1.0;
+                import trellis:host/log@0.1.0;
+                import trellis:host/secrets@0.1.0;
+            }
+        ",
+        world: "trellis:sdk/base",
+    });
+}
+
+pub use base::trellis::plugin::types::{Error, EventBatch, LogMetadata};
+
+impl Error {
+    /// Temporary failure: the host retries later.
+    pub fn retryable(msg: impl Into<String>) -> Self {
+        Error::Retryable(msg.into())
+    }
+    /// Will fail again the same way: not retried.
+    pub fn permanent(msg: impl Into<String>) -> Self {
+        Error::Permanent(msg.into())
+    }
+    /// The configuration is wrong; name the key.
+    pub fn bad_config(msg: impl Into<String>) -> Self {
+        Error::BadConfig(msg.into())
+    }
+    /// Something needed was not granted by the operator.
+    pub fn denied(msg: impl Into<String>) -> Self {
+        Error::Denied(msg.into())
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Retryable(m) => write!(f, "retryable: {m}"),
+            Error::Permanent(m) => write!(f, "permanent: {m}"),
+            Error::BadConfig(m) => write!(f, "bad config: {m}"),
+            Error::Denied(m) => write!(f, "denied: {m}"),
+        }
+    }
+}
+
+impl LogMetadata {
+    /// Borrowed view for the [`crate::events`] helpers.
+    pub fn as_meta(&self) -> crate::events::LogMeta<'_> {
+        crate::events::LogMeta {
+            instance_id: &self.instance_id,
+            loggable_type: &self.loggable_type,
+            loggable_id: &self.loggable_id,
+            job_id: &self.job_id,
+        }
+    }
+}
+
+/// Diagnostics into the host's log, tagged with this plugin's name
+/// (capability `log` in plugin.toml).
+pub mod log {
+    pub use super::base::trellis::host::log::Level;
+    use super::base::trellis::host::log::emit;
+
+    pub fn trace(msg: &str) {
+        emit(Level::Trace, msg)
+    }
+    pub fn debug(msg: &str) {
+        emit(Level::Debug, msg)
+    }
+    pub fn info(msg: &str) {
+        emit(Level::Info, msg)
+    }
+    pub fn warn(msg: &str) {
+        emit(Level::Warn, msg)
+    }
+    pub fn error(msg: &str) {
+        emit(Level::Error, msg)
+    }
+}
+
+/// Secrets granted to this plugin (capability `secrets` in plugin.toml).
+pub mod secrets {
+    pub use super::base::trellis::host::secrets::SecretError;
+
+    /// The secret's value, or a `denied` error naming it when it is not granted or not
+    /// in the store. Never log the value.
+    pub fn get(name: &str) -> Result<String, super::Error> {
+        super::base::trellis::host::secrets::get(name).map_err(|e| match e {
+            SecretError::Denied(m) => super::Error::Denied(m),
+            SecretError::Missing(m) => super::Error::Denied(m),
+        })
+    }
+}
+
+macro_rules! world {
+    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $bindings:literal) => {
+        #[cfg(feature = $feature)]
+        #[doc(hidden)]
+        pub mod $module {
+            wit_bindgen::generate!({
+                path: "../wit",
+                world: $world,
+                with: {
+                    "trellis:plugin/types@0.1.0": crate::bindings::base::trellis::plugin::types,
+                    "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
+                    "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
+                },
+                pub_export_macro: true,
+                export_macro_name: $macro_name,
+                default_bindings_module: $bindings,
+            });
+        }
+    };
+}
+
+world!(
+    "command-transport",
+    command_transport_world,
+    "trellis:plugin/command-transport-plugin",
+    "export_command_transport",
+    "trellis_sdk::command_transport_world"
+);
+world!(
+    "logging-method",
+    logging_method_world,
+    "trellis:plugin/logging-method-plugin",
+    "export_logging_method",
+    "trellis_sdk::logging_method_world"
+);
+world!(
+    "log-browser",
+    log_browser_world,
+    "trellis:plugin/log-browser-plugin",
+    "export_log_browser",
+    "trellis_sdk::log_browser_world"
+);
+world!(
+    "fence-agent",
+    fence_agent_world,
+    "trellis:plugin/fence-agent-plugin",
+    "export_fence_agent",
+    "trellis_sdk::fence_agent_world"
+);
+world!(
+    "logging-pair",
+    logging_pair_world,
+    "trellis:plugin/logging-pair-plugin",
+    "export_logging_pair",
+    "trellis_sdk::logging_pair_world"
+);
+
+/// The `command-transport` point: implement [`Guest`](command_transport::Guest) and
+/// [`Lifecycle`](command_transport::Lifecycle), then `export_command_transport!(T)`.
+#[cfg(feature = "command-transport")]
+pub mod command_transport {
+    pub use crate::command_transport_world::exports::trellis::plugin::command_transport::*;
+    pub use crate::command_transport_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
+}
+
+/// The `logging-method` point: implement [`Guest`](logging_method::Guest) and
+/// [`Lifecycle`](logging_method::Lifecycle), then `export_logging_method!(T)`.
+#[cfg(feature = "logging-method")]
+pub mod logging_method {
+    pub use crate::logging_method_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
+    pub use crate::logging_method_world::exports::trellis::plugin::logging_method::*;
+}
+
+/// The `log-browser` point: implement [`Guest`](log_browser::Guest) and
+/// [`Lifecycle`](log_browser::Lifecycle), then `export_log_browser!(T)`.
+#[cfg(feature = "log-browser")]
+pub mod log_browser {
+    pub use crate::log_browser_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
+    pub use crate::log_browser_world::exports::trellis::plugin::log_browser::*;
+}
+
+/// The `fence-agent` point: implement [`Guest`](fence_agent::Guest) and
+/// [`Lifecycle`](fence_agent::Lifecycle), then `export_fence_agent!(T)`.
+#[cfg(feature = "fence-agent")]
+pub mod fence_agent {
+    pub use crate::fence_agent_world::exports::trellis::plugin::fence_agent::*;
+    pub use crate::fence_agent_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
+}
+
+/// A logging method and its browser in one component: implement both points' traits
+/// and `Lifecycle`, then `export_logging_pair!(T)`.
+#[cfg(feature = "logging-pair")]
+pub mod logging_pair {
+    pub use crate::logging_pair_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
+    pub mod logging_method {
+        pub use crate::logging_pair_world::exports::trellis::plugin::logging_method::*;
+    }
+    pub mod log_browser {
+        pub use crate::logging_pair_world::exports::trellis::plugin::log_browser::*;
+    }
+}
