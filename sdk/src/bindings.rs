@@ -1,11 +1,11 @@
 //! Generated bindings: the shared interfaces once, then one module per world.
 //!
 //! A component must implement exactly the world it is built for, so enable exactly one
-//! world feature per plugin crate (cargo unifies features within one build command: the
-//! workspace's `cargo xtask bundle` builds each plugin on its own).
+//! world feature per plugin crate, for wasm32 only: cargo unifies features within one
+//! build command, so a native workspace build must not see two (the workspace's
+//! `cargo xtask bundle` builds each plugin on its own).
 
 #[cfg(all(
-    target_arch = "wasm32",
     any(
         all(
             feature = "command-transport",
@@ -32,9 +32,10 @@
     )
 ))]
 compile_error!(
-    "trellis-sdk: more than one world feature is enabled for a wasm32 build. A component implements one world: \
-     enable one of command-transport, logging-method, log-browser, fence-agent, logging-pair per plugin, \
-     and build plugins one cargo invocation each (cargo xtask bundle does)."
+    "trellis-sdk: more than one world feature is enabled. A component implements one world: enable one of \
+     command-transport, logging-method, log-browser, fence-agent, logging-pair per plugin, only for \
+     wasm32 (`[target.'cfg(target_arch = \"wasm32\")'.dependencies]`), and build plugins one cargo \
+     invocation each (cargo xtask bundle does)."
 );
 
 /// Types and host capabilities shared by every world.
@@ -50,6 +51,7 @@ pub mod base {
             }
         ",
         world: "trellis:sdk/base",
+        generate_all,
     });
 }
 
@@ -71,17 +73,6 @@ impl Error {
     /// Something needed was not granted by the operator.
     pub fn denied(msg: impl Into<String>) -> Self {
         Error::Denied(msg.into())
-    }
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Retryable(m) => write!(f, "retryable: {m}"),
-            Error::Permanent(m) => write!(f, "permanent: {m}"),
-            Error::BadConfig(m) => write!(f, "bad config: {m}"),
-            Error::Denied(m) => write!(f, "denied: {m}"),
-        }
     }
 }
 
@@ -135,7 +126,7 @@ pub mod secrets {
 }
 
 macro_rules! world {
-    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $bindings:literal) => {
+    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal) => {
         #[cfg(feature = $feature)]
         #[doc(hidden)]
         pub mod $module {
@@ -152,6 +143,8 @@ macro_rules! world {
                 default_bindings_module: $bindings,
             });
         }
+        #[cfg(feature = $feature)]
+        pub use $module::$macro;
     };
 }
 
@@ -159,36 +152,31 @@ world!(
     "command-transport",
     command_transport_world,
     "trellis:plugin/command-transport-plugin",
-    "export_command_transport",
-    "trellis_sdk::command_transport_world"
+    "export_command_transport", export_command_transport, "trellis_sdk::command_transport_world"
 );
 world!(
     "logging-method",
     logging_method_world,
     "trellis:plugin/logging-method-plugin",
-    "export_logging_method",
-    "trellis_sdk::logging_method_world"
+    "export_logging_method", export_logging_method, "trellis_sdk::logging_method_world"
 );
 world!(
     "log-browser",
     log_browser_world,
     "trellis:plugin/log-browser-plugin",
-    "export_log_browser",
-    "trellis_sdk::log_browser_world"
+    "export_log_browser", export_log_browser, "trellis_sdk::log_browser_world"
 );
 world!(
     "fence-agent",
     fence_agent_world,
     "trellis:plugin/fence-agent-plugin",
-    "export_fence_agent",
-    "trellis_sdk::fence_agent_world"
+    "export_fence_agent", export_fence_agent, "trellis_sdk::fence_agent_world"
 );
 world!(
     "logging-pair",
     logging_pair_world,
     "trellis:plugin/logging-pair-plugin",
-    "export_logging_pair",
-    "trellis_sdk::logging_pair_world"
+    "export_logging_pair", export_logging_pair, "trellis_sdk::logging_pair_world"
 );
 
 /// The `command-transport` point: implement [`Guest`](command_transport::Guest) and

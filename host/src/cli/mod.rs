@@ -1,3 +1,102 @@
-pub fn run() -> anyhow::Result<()> {
-    Ok(())
+//! The `trellis` command line.
+
+mod plugin;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis: CI jobs on agents, with transport, logging, log browsing and fencing as sandboxed WebAssembly plugins",
+    after_help = "Serves trellis:plugin@0.1.0 (see `trellis plugin check --help`). Docs: docs/ARCHITECTURE.md, docs/PLUGINS.md."
+)]
+pub struct Cli {
+    /// Log format of the daemon's own diagnostics.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Inspect and validate plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Validate a daemon configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Validate plugins without the daemon: manifest, component, exports against their
+    /// world, WIT version served, capabilities and (with --config) grants and a trial
+    /// start with the operator's configuration.
+    Check {
+        /// plugin.toml files, directories holding one, or .wasm files with one beside them.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The daemon configuration whose grants and plugin config to check against.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Describe every plugin in a plugin directory.
+    List {
+        /// The plugin directory (default: [runtime] plugin-dir of --config).
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Check a daemon configuration file and name every mistake in it.
+    Check { file: PathBuf },
+}
+
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Plugin(PluginCommand::Check { paths, config }) => plugin::check(&paths, config.as_deref()).await,
+            Command::Plugin(PluginCommand::List { dir, config, json }) => plugin::list(dir.as_deref(), config.as_deref(), json).await,
+            Command::Config(ConfigCommand::Check { file }) => plugin::check_config(&file),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,1 +1,58 @@
-//! TODO
+//! `log-browser` on the host side. Failure policy: report unavailable — a failed read is
+//! an error the API passes on ("log store unavailable"); nothing is made up, and a
+//! finished log is never presented as complete unless the browser says so.
+
+use crate::points::bindings::log_browser::{LogCompleteness, Page, PageRequest};
+use crate::points::bindings::types::LogMetadata;
+use crate::runtime::{Plugin, PluginError};
+use std::sync::Arc;
+
+pub struct LogReader {
+    plugin: Arc<Plugin>,
+}
+
+impl LogReader {
+    pub fn new(plugin: Arc<Plugin>) -> Result<LogReader, PluginError> {
+        if !plugin.info.points().contains(&crate::points::Point::LogBrowser) {
+            return Err(plugin.not_implemented("log-browser"));
+        }
+        Ok(LogReader { plugin })
+    }
+
+    pub async fn read(&self, log: &LogMetadata, request: PageRequest) -> Result<Page, PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.browser.clone().ok_or_else(|| p.not_implemented("log-browser"))?;
+        let log = log.clone();
+        let r = p.call(&mut inst, "read", move |i| Box::pin(async move { guest.call_read(&mut i.store, &log, &request).await })).await?;
+        let page = p.answer("read", r)?;
+        p.check_return(&mut inst, "read", page.events.len() + page.next.as_ref().map_or(0, |c| c.len()))?;
+        p.checkin(inst);
+        Ok(page)
+    }
+
+    pub async fn tail(&self, log: &LogMetadata, step: Option<String>, count: u32) -> Result<Vec<u8>, PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.browser.clone().ok_or_else(|| p.not_implemented("log-browser"))?;
+        let log = log.clone();
+        let r = p
+            .call(&mut inst, "tail", move |i| Box::pin(async move { guest.call_tail(&mut i.store, &log, step.as_deref(), count).await }))
+            .await?;
+        let events = p.answer("tail", r)?;
+        p.check_return(&mut inst, "tail", events.len())?;
+        p.checkin(inst);
+        Ok(events)
+    }
+
+    pub async fn completeness(&self, log: &LogMetadata) -> Result<LogCompleteness, PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.browser.clone().ok_or_else(|| p.not_implemented("log-browser"))?;
+        let log = log.clone();
+        let r = p.call(&mut inst, "completeness", move |i| Box::pin(async move { guest.call_completeness(&mut i.store, &log).await })).await?;
+        let c = p.answer("completeness", r)?;
+        p.checkin(inst);
+        Ok(c)
+    }
+}

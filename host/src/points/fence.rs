@@ -1,1 +1,105 @@
-//! TODO
+//! `fence-agent` on the host side. Failure policy: fail closed — only the plugin's `ok`
+//! from `fence` is "fenced"; its errors, traps, timeouts and quarantine are all
+//! "not fenced", with the reason, so no standby ever takes over on a guess.
+
+use crate::points::bindings::fence_agent::{AgentInfo, FenceAction, PowerState, Target};
+use crate::runtime::{Plugin, PluginError};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceOutcome {
+    /// The device confirmed the action.
+    Fenced,
+    /// Anything else. The node must be treated as possibly alive.
+    NotFenced { reason: String },
+}
+
+/// One configured fence device: a plugin plus its parameters.
+pub struct FenceDevice {
+    plugin: Arc<Plugin>,
+    params: Vec<(String, String)>,
+}
+
+impl FenceDevice {
+    pub fn new(plugin: Arc<Plugin>, params: Vec<(String, String)>) -> Result<FenceDevice, PluginError> {
+        if !plugin.info.points().contains(&crate::points::Point::FenceAgent) {
+            return Err(plugin.not_implemented("fence-agent"));
+        }
+        Ok(FenceDevice { plugin, params })
+    }
+
+    /// Fence (or unfence) the target. Never returns `Fenced` unless the plugin said ok.
+    pub async fn fence(&self, action: FenceAction) -> FenceOutcome {
+        let p = &self.plugin;
+        let result: Result<(), PluginError> = async {
+            let mut inst = p.checkout().await?;
+            let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+            let params = self.params.clone();
+            let r = p.call(&mut inst, "fence", move |i| Box::pin(async move { guest.call_fence(&mut i.store, &params, action).await })).await?;
+            p.answer("fence", r)?;
+            p.checkin(inst);
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => FenceOutcome::Fenced,
+            Err(e) => {
+                tracing::error!(plugin = %p.name, "fencing failed, treating the node as NOT fenced: {e}");
+                FenceOutcome::NotFenced { reason: e.to_string() }
+            }
+        }
+    }
+
+    pub async fn status(&self) -> Result<PowerState, PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let params = self.params.clone();
+        let r = p.call(&mut inst, "status", move |i| Box::pin(async move { guest.call_status(&mut i.store, &params).await })).await?;
+        let s = p.answer("status", r)?;
+        p.checkin(inst);
+        Ok(s)
+    }
+
+    pub async fn monitor(&self) -> Result<(), PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let params = self.params.clone();
+        let r = p.call(&mut inst, "monitor", move |i| Box::pin(async move { guest.call_monitor(&mut i.store, &params).await })).await?;
+        p.answer("monitor", r)?;
+        p.checkin(inst);
+        Ok(())
+    }
+
+    pub async fn validate(&self) -> Result<(), PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let params = self.params.clone();
+        let r = p.call(&mut inst, "validate", move |i| Box::pin(async move { guest.call_validate(&mut i.store, &params).await })).await?;
+        p.answer("validate", r)?;
+        p.checkin(inst);
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Result<Vec<Target>, PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let params = self.params.clone();
+        let r = p.call(&mut inst, "list", move |i| Box::pin(async move { guest.call_list(&mut i.store, &params).await })).await?;
+        let l = p.answer("list", r)?;
+        p.checkin(inst);
+        Ok(l)
+    }
+
+    pub async fn metadata(&self) -> Result<AgentInfo, PluginError> {
+        let p = &self.plugin;
+        let mut inst = p.checkout().await?;
+        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let info = p.call(&mut inst, "metadata", move |i| Box::pin(async move { guest.call_metadata(&mut i.store).await })).await?;
+        p.checkin(inst);
+        Ok(info)
+    }
+}

@@ -1,1 +1,97 @@
-//! TODO
+//! `command-transport` on the host side. Failure policy: reconnect — a broken link
+//! (an error, a trap, a timeout) ends the `Link`; the session layer above opens a new
+//! one on a fresh instance and resends every frame the peer has not acknowledged.
+//!
+//! Accepted channels live in the listener's instance (a resource belongs to the store
+//! that made it), so they share it behind a lock.
+
+use crate::points::bindings::command_transport::{Frame, Lane};
+use crate::runtime::{Instance, Plugin, PluginError};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+use wasmtime::component::ResourceAny;
+
+/// One end of a controller-agent link.
+pub struct Link {
+    plugin: Arc<Plugin>,
+    inst: Arc<Mutex<Instance>>,
+    channel: ResourceAny,
+}
+
+/// The controller's listener.
+pub struct Listener {
+    plugin: Arc<Plugin>,
+    inst: Arc<Mutex<Instance>>,
+    listener: ResourceAny,
+}
+
+fn frames_size(frames: &[Frame]) -> usize {
+    frames.iter().map(|f| f.payload.len() + 16).sum()
+}
+
+/// Agent side: connect to the controller.
+pub async fn connect(plugin: Arc<Plugin>, agent: &str) -> Result<Link, PluginError> {
+    let mut inst = plugin.instantiate().await?;
+    let guest = inst.exports.transport.clone().ok_or_else(|| plugin.not_implemented("command-transport"))?;
+    let agent = agent.to_string();
+    let r = plugin.call(&mut inst, "connect", move |i| Box::pin(async move { guest.call_connect(&mut i.store, &agent).await })).await?;
+    let channel = plugin.answer("connect", r)?;
+    Ok(Link { plugin, inst: Arc::new(Mutex::new(inst)), channel })
+}
+
+/// Controller side: start listening.
+pub async fn listen(plugin: Arc<Plugin>) -> Result<Listener, PluginError> {
+    let mut inst = plugin.instantiate().await?;
+    let guest = inst.exports.transport.clone().ok_or_else(|| plugin.not_implemented("command-transport"))?;
+    let r = plugin.call(&mut inst, "listen", move |i| Box::pin(async move { guest.call_listen(&mut i.store).await })).await?;
+    let listener = plugin.answer("listen", r)?;
+    Ok(Listener { plugin, inst: Arc::new(Mutex::new(inst)), listener })
+}
+
+impl Listener {
+    pub async fn accept(&self, timeout_ms: u32) -> Result<Option<Link>, PluginError> {
+        let p = &self.plugin;
+        let mut inst = self.inst.lock().await;
+        let guest = inst.exports.transport.clone().expect("checked at listen");
+        let l = self.listener;
+        let r = p.call(&mut inst, "accept", move |i| Box::pin(async move { guest.listener().call_accept(&mut i.store, l, timeout_ms).await })).await?;
+        let ch = p.answer("accept", r)?;
+        Ok(ch.map(|channel| Link { plugin: p.clone(), inst: self.inst.clone(), channel }))
+    }
+}
+
+impl Link {
+    pub async fn send(&self, frames: Vec<Frame>) -> Result<(), PluginError> {
+        let p = &self.plugin;
+        let mut inst = self.inst.lock().await;
+        let guest = inst.exports.transport.clone().expect("checked at connect");
+        let ch = self.channel;
+        let r = p.call(&mut inst, "send", move |i| Box::pin(async move { guest.channel().call_send(&mut i.store, ch, &frames).await })).await?;
+        p.answer("send", r)
+    }
+
+    pub async fn receive(&self, timeout_ms: u32) -> Result<Vec<Frame>, PluginError> {
+        let p = &self.plugin;
+        let mut inst = self.inst.lock().await;
+        let guest = inst.exports.transport.clone().expect("checked at connect");
+        let ch = self.channel;
+        let r = p.call(&mut inst, "receive", move |i| Box::pin(async move { guest.channel().call_receive(&mut i.store, ch, timeout_ms).await })).await?;
+        let frames = p.answer("receive", r)?;
+        p.check_return(&mut inst, "receive", frames_size(&frames))?;
+        Ok(frames)
+    }
+
+    pub async fn commit(&self, lane: Lane, seq: u64) -> Result<(), PluginError> {
+        let p = &self.plugin;
+        let mut inst = self.inst.lock().await;
+        let guest = inst.exports.transport.clone().expect("checked at connect");
+        let ch = self.channel;
+        let r = p.call(&mut inst, "commit", move |i| Box::pin(async move { guest.channel().call_commit(&mut i.store, ch, lane, seq).await })).await?;
+        p.answer("commit", r)
+    }
+
+    /// True once the link's instance failed: open a new link.
+    pub async fn is_broken(&self) -> bool {
+        self.inst.lock().await.is_poisoned()
+    }
+}

@@ -46,6 +46,8 @@ pub struct ComponentInfo {
     pub plugin_exports: BTreeMap<String, String>,
     /// Imported `trellis:host` interfaces and their version.
     pub host_imports: BTreeMap<String, String>,
+    /// Imported `trellis:plugin` interfaces: only types (e.g. `types`), never functions.
+    pub plugin_type_imports: BTreeMap<String, String>,
     /// Imported WASI interfaces (`wasi:*/*@v`).
     pub wasi_imports: Vec<String>,
     /// Anything else imported (never served).
@@ -65,6 +67,11 @@ impl ComponentInfo {
                         .insert(n.interface, n.version.unwrap_or_default());
                 }
                 Some(n) if n.namespace == "wasi" => info.wasi_imports.push(name.to_string()),
+                // Types-only interfaces the exports use (e.g. `types`): nothing to link,
+                // but their version says which contract the component was built for.
+                Some(n) if n.is("trellis", "plugin") => {
+                    info.plugin_type_imports.insert(n.interface, n.version.unwrap_or_default());
+                }
                 _ => info.other_imports.push(name.to_string()),
             }
         }
@@ -90,7 +97,7 @@ impl ComponentInfo {
 
     /// The `trellis:plugin` version(s) the component was built for.
     pub fn plugin_versions(&self) -> BTreeSet<&str> {
-        self.plugin_exports.values().map(|v| v.as_str()).collect()
+        self.plugin_exports.values().chain(self.plugin_type_imports.values()).map(|v| v.as_str()).collect()
     }
 
     /// Everything wrong with this component for this manifest and this host.
