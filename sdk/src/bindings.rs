@@ -5,32 +5,30 @@
 //! build command, so a native workspace build must not see two (the workspace's
 //! `cargo xtask bundle` builds each plugin on its own).
 
-#[cfg(all(
-    any(
-        all(
-            feature = "command-transport",
-            any(
-                feature = "logging-method",
-                feature = "log-browser",
-                feature = "fence-agent",
-                feature = "logging-pair"
-            )
-        ),
-        all(
+#[cfg(all(any(
+    all(
+        feature = "command-transport",
+        any(
             feature = "logging-method",
-            any(
-                feature = "log-browser",
-                feature = "fence-agent",
-                feature = "logging-pair"
-            )
-        ),
-        all(
             feature = "log-browser",
-            any(feature = "fence-agent", feature = "logging-pair")
-        ),
-        all(feature = "fence-agent", feature = "logging-pair"),
-    )
-))]
+            feature = "fence-agent",
+            feature = "logging-pair"
+        )
+    ),
+    all(
+        feature = "logging-method",
+        any(
+            feature = "log-browser",
+            feature = "fence-agent",
+            feature = "logging-pair"
+        )
+    ),
+    all(
+        feature = "log-browser",
+        any(feature = "fence-agent", feature = "logging-pair")
+    ),
+    all(feature = "fence-agent", feature = "logging-pair"),
+)))]
 compile_error!(
     "trellis-sdk: more than one world feature is enabled. A component implements one world: enable one of \
      command-transport, logging-method, log-browser, fence-agent, logging-pair per plugin, only for \
@@ -152,31 +150,41 @@ world!(
     "command-transport",
     command_transport_world,
     "trellis:plugin/command-transport-plugin",
-    "export_command_transport", export_command_transport, "trellis_sdk::command_transport_world"
+    "export_command_transport",
+    export_command_transport,
+    "trellis_sdk::command_transport_world"
 );
 world!(
     "logging-method",
     logging_method_world,
     "trellis:plugin/logging-method-plugin",
-    "export_logging_method", export_logging_method, "trellis_sdk::logging_method_world"
+    "export_logging_method",
+    export_logging_method,
+    "trellis_sdk::logging_method_world"
 );
 world!(
     "log-browser",
     log_browser_world,
     "trellis:plugin/log-browser-plugin",
-    "export_log_browser", export_log_browser, "trellis_sdk::log_browser_world"
+    "export_log_browser",
+    export_log_browser,
+    "trellis_sdk::log_browser_world"
 );
 world!(
     "fence-agent",
     fence_agent_world,
     "trellis:plugin/fence-agent-plugin",
-    "export_fence_agent", export_fence_agent, "trellis_sdk::fence_agent_world"
+    "export_fence_agent",
+    export_fence_agent,
+    "trellis_sdk::fence_agent_world"
 );
 world!(
     "logging-pair",
     logging_pair_world,
     "trellis:plugin/logging-pair-plugin",
-    "export_logging_pair", export_logging_pair, "trellis_sdk::logging_pair_world"
+    "export_logging_pair",
+    export_logging_pair,
+    "trellis_sdk::logging_pair_world"
 );
 
 /// The `command-transport` point: implement [`Guest`](command_transport::Guest) and

@@ -1,1 +1,252 @@
-fn main() {}
+//! `cargo xtask <task>`: the workspace's own build steps, so nothing is built by hand.
+//!
+//! Plugins are built for wasm32-wasip2 one cargo invocation each: cargo unifies features
+//! within one invocation, and each plugin enables exactly one world of trellis-sdk.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const HELP: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  bundle     build the sample plugin bundle (plugins/*, examples/*) into <target>/bundle
+  fixtures   build the test fixture plugins (tests/fixtures/*) into <target>/fixtures
+  test       bundle + fixtures, then run the whole test suite
+  lint       cargo fmt --check, clippy (native and wasm32), all with -D warnings
+  bench      bundle, then the runtime benchmark (release)
+  demo       bundle, then `trellis plugin list` and `trellis plugin check` over it
+";
+
+fn main() -> Result<()> {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match task.as_str() {
+        "bundle" => {
+            bundle(&root)?;
+        }
+        "fixtures" => {
+            fixtures(&root)?;
+        }
+        "test" => {
+            let b = bundle(&root)?;
+            let f = fixtures(&root)?;
+            cargo(
+                &["test", "--workspace"],
+                &[("TRELLIS_BUNDLE_DIR", &b), ("TRELLIS_FIXTURES_DIR", &f)],
+            )?;
+        }
+        "lint" => lint(&root)?,
+        "bench" => {
+            let b = bundle(&root)?;
+            cargo(
+                &["bench", "-p", "trellis", "--bench", "runtime"],
+                &[("TRELLIS_BUNDLE_DIR", &b)],
+            )?;
+        }
+        "demo" => {
+            let b = bundle(&root)?;
+            cargo(&["build", "-q", "-p", "trellis"], &[])?;
+            let trellis = target_dir(&root).join("debug/trellis");
+            run(Command::new(&trellis).arg("plugin").arg("list").arg(&b))?;
+            let mut check = Command::new(&trellis);
+            check.arg("plugin").arg("check");
+            for entry in std::fs::read_dir(&b)? {
+                check.arg(entry?.path());
+            }
+            run(&mut check)?;
+        }
+        "" | "help" | "-h" | "--help" => print!("{HELP}"),
+        other => bail!("unknown task `{other}`\n\n{HELP}"),
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => root.join("target"),
+    }
+}
+
+fn cargo(args: &[&str], env: &[(&str, &Path)]) -> Result<()> {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c)
+}
+
+fn run(c: &mut Command) -> Result<()> {
+    let status = c.status().with_context(|| format!("running {c:?}"))?;
+    if !status.success() {
+        bail!("{c:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A plugin crate: a directory with Cargo.toml and plugin.toml.
+struct PluginCrate {
+    dir: PathBuf,
+    package: String,
+    plugin: String,
+    component: String,
+}
+
+fn plugin_crates(parent: &Path) -> Result<Vec<PluginCrate>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(out);
+    };
+    for e in entries {
+        let dir = e?.path();
+        let (cargo_toml, manifest) = (dir.join("Cargo.toml"), dir.join("plugin.toml"));
+        if !cargo_toml.is_file() || !manifest.is_file() {
+            continue;
+        }
+        let c: toml::Table = toml::from_str(&std::fs::read_to_string(&cargo_toml)?)?;
+        let m: toml::Table = toml::from_str(&std::fs::read_to_string(&manifest)?)
+            .with_context(|| format!("{}", manifest.display()))?;
+        let package = c["package"]["name"]
+            .as_str()
+            .context("package.name")?
+            .to_string();
+        let plugin = m["plugin"]["name"]
+            .as_str()
+            .context("plugin.name")?
+            .to_string();
+        let component = m["plugin"]["component"]
+            .as_str()
+            .context("plugin.component")?
+            .to_string();
+        out.push(PluginCrate {
+            dir,
+            package,
+            plugin,
+            component,
+        });
+    }
+    out.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+    Ok(out)
+}
+
+fn ensure_wasm_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    if let Ok(out) = out {
+        if !String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "wasm32-wasip2")
+        {
+            bail!(
+                "the wasm32-wasip2 target is not installed: run `rustup target add wasm32-wasip2`"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Build each crate for wasm32-wasip2 and lay out `<out>/<plugin>/{plugin.toml, component}`.
+fn build_into(root: &Path, crates: &[PluginCrate], out: &Path) -> Result<()> {
+    ensure_wasm_target()?;
+    std::fs::create_dir_all(out)?;
+    let wasm_dir = target_dir(root).join("wasm32-wasip2/release");
+    for c in crates {
+        let t = Instant::now();
+        cargo(
+            &[
+                "build",
+                "-q",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                &c.package,
+            ],
+            &[],
+        )?;
+        let built = wasm_dir.join(format!("{}.wasm", c.package.replace('-', "_")));
+        let dest = out.join(&c.plugin);
+        std::fs::create_dir_all(&dest)?;
+        let dest_wasm = dest.join(&c.component);
+        // Copy only when changed, so the host's precompiled cache stays valid.
+        let new = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+        if std::fs::read(&dest_wasm).ok().as_deref() != Some(&new[..]) {
+            std::fs::write(&dest_wasm, &new)?;
+        }
+        std::fs::copy(c.dir.join("plugin.toml"), dest.join("plugin.toml"))?;
+        eprintln!(
+            "  built {:<16} {:>7} KiB  {:>5.1}s  -> {}",
+            c.plugin,
+            new.len() / 1024,
+            t.elapsed().as_secs_f64(),
+            dest.display()
+        );
+    }
+    Ok(())
+}
+
+fn bundle(root: &Path) -> Result<PathBuf> {
+    let mut crates = plugin_crates(&root.join("plugins"))?;
+    crates.extend(plugin_crates(&root.join("examples"))?);
+    let out = target_dir(root).join("bundle");
+    eprintln!("bundle: {} plugin(s) -> {}", crates.len(), out.display());
+    build_into(root, &crates, &out)?;
+    Ok(out)
+}
+
+fn fixtures(root: &Path) -> Result<PathBuf> {
+    let crates = plugin_crates(&root.join("tests/fixtures"))?;
+    let out = target_dir(root).join("fixtures");
+    eprintln!("fixtures: {} plugin(s) -> {}", crates.len(), out.display());
+    build_into(root, &crates, &out)?;
+    Ok(out)
+}
+
+fn lint(root: &Path) -> Result<()> {
+    cargo(&["fmt", "--all", "--check"], &[])?;
+    cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    let mut crates = plugin_crates(&root.join("plugins"))?;
+    crates.extend(plugin_crates(&root.join("examples"))?);
+    crates.extend(plugin_crates(&root.join("tests/fixtures"))?);
+    for c in &crates {
+        cargo(
+            &[
+                "clippy",
+                "-q",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                &c.package,
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )?;
+    }
+    Ok(())
+}

@@ -15,13 +15,17 @@ struct Component;
 impl Lifecycle for Component {
     fn init(config: String) -> Result<(), Error> {
         let config = Config::parse(&config).map_err(Error::bad_config)?;
-        let dir = config.require_string("directory").map_err(Error::bad_config)?;
+        let dir = config
+            .require_string("directory")
+            .map_err(Error::bad_config)?;
         // Without a grant the directory does not exist in the sandbox: say so plainly.
         if std::fs::metadata(dir).map(|m| m.is_dir()).unwrap_or(false) {
             let _ = DIRECTORY.set(PathBuf::from(dir));
             Ok(())
         } else {
-            Err(Error::denied(format!("directory `{dir}` is not available: grant it read-write in [[plugins.jsonl-logger.dirs]]")))
+            Err(Error::denied(format!(
+                "directory `{dir}` is not available: grant it read-write in [[plugins.jsonl-logger.dirs]]"
+            )))
         }
     }
 }
@@ -34,8 +38,15 @@ impl Guest for Component {
     }
 
     fn open(meta: LogMetadata) -> Result<Writer, Error> {
-        let dir = DIRECTORY.get().ok_or_else(|| Error::permanent("open before init"))?;
-        let meta = Meta { instance_id: meta.instance_id, loggable_type: meta.loggable_type, loggable_id: meta.loggable_id, job_id: meta.job_id };
+        let dir = DIRECTORY
+            .get()
+            .ok_or_else(|| Error::permanent("open before init"))?;
+        let meta = Meta {
+            instance_id: meta.instance_id,
+            loggable_type: meta.loggable_type,
+            loggable_id: meta.loggable_id,
+            job_id: meta.job_id,
+        };
         let log = JsonlLog::open(dir, meta).map_err(|e| io_error("open", e))?;
         Ok(Writer::new(JsonlWriter(RefCell::new(log))))
     }
@@ -45,15 +56,24 @@ struct JsonlWriter(RefCell<JsonlLog>);
 
 impl GuestWriter for JsonlWriter {
     fn write(&self, batch: EventBatch) -> Result<(), Error> {
-        self.0.borrow_mut().write(&batch).map_err(|e| io_error("write", e))
+        self.0
+            .borrow_mut()
+            .write(&batch)
+            .map_err(|e| io_error("write", e))
     }
 
     fn flush(&self) -> Result<(), Error> {
-        self.0.borrow_mut().flush().map_err(|e| io_error("flush", e))
+        self.0
+            .borrow_mut()
+            .flush()
+            .map_err(|e| io_error("flush", e))
     }
 
     fn close(&self, final_count: u64) -> Result<(), Error> {
-        self.0.borrow_mut().close(final_count).map_err(|e| io_error("close", e))
+        self.0
+            .borrow_mut()
+            .close(final_count)
+            .map_err(|e| io_error("close", e))
     }
 }
 
@@ -61,7 +81,9 @@ fn io_error(what: &str, e: std::io::Error) -> Error {
     log::warn(&format!("{what} failed: {e}"));
     match e.kind() {
         std::io::ErrorKind::PermissionDenied => Error::denied(format!("{what}: {e}")),
-        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => Error::permanent(format!("{what}: {e}")),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+            Error::permanent(format!("{what}: {e}"))
+        }
         _ => Error::retryable(format!("{what}: {e}")),
     }
 }

@@ -23,7 +23,12 @@ pub struct Meta {
 
 impl Meta {
     fn view(&self) -> LogMeta<'_> {
-        LogMeta { instance_id: &self.instance_id, loggable_type: &self.loggable_type, loggable_id: &self.loggable_id, job_id: &self.job_id }
+        LogMeta {
+            instance_id: &self.instance_id,
+            loggable_type: &self.loggable_type,
+            loggable_id: &self.loggable_id,
+            job_id: &self.job_id,
+        }
     }
 }
 
@@ -43,20 +48,35 @@ impl JsonlLog {
     pub fn open(root: &Path, meta: Meta) -> io::Result<JsonlLog> {
         for part in [&meta.job_id, &meta.loggable_id] {
             if part.is_empty() || part.contains(['/', '\\']) || part == ".." {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unusable id `{part}` for a file name")));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unusable id `{part}` for a file name"),
+                ));
             }
         }
         let dir = root.join(&meta.job_id);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.jsonl", meta.loggable_id));
-        let mut file = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
         let last_seq = recover_tail(&mut file)?;
-        Ok(JsonlLog { file, dir, meta, last_seq, buf: Vec::with_capacity(64 << 10) })
+        Ok(JsonlLog {
+            file,
+            dir,
+            meta,
+            last_seq,
+            buf: Vec::with_capacity(64 << 10),
+        })
     }
 
     /// Append a packed batch; events already stored are skipped.
     pub fn write(&mut self, batch: &[u8]) -> io::Result<()> {
-        let evs = events::decode(batch).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let evs =
+            events::decode(batch).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         self.buf.clear();
         let meta = self.meta.view();
         let mut last = self.last_seq;
@@ -82,9 +102,14 @@ impl JsonlLog {
     /// sees a half-written count).
     pub fn close(&mut self, final_count: u64) -> io::Result<()> {
         self.file.sync_data()?;
-        let tmp = self.dir.join(format!("{}.count.tmp", self.meta.loggable_id));
+        let tmp = self
+            .dir
+            .join(format!("{}.count.tmp", self.meta.loggable_id));
         std::fs::write(&tmp, final_count.to_string())?;
-        std::fs::rename(&tmp, self.dir.join(format!("{}.count", self.meta.loggable_id)))
+        std::fs::rename(
+            &tmp,
+            self.dir.join(format!("{}.count", self.meta.loggable_id)),
+        )
     }
 
     pub fn last_seq(&self) -> u64 {
@@ -105,14 +130,22 @@ fn recover_tail(file: &mut File) -> io::Result<u64> {
     let keep = match tail.iter().rposition(|&b| b == b'\n') {
         Some(i) => i + 1,
         None if start == 0 => 0,
-        None => return Err(io::Error::new(io::ErrorKind::InvalidData, "last line longer than 1 MiB")),
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "last line longer than 1 MiB",
+            ));
+        }
     };
     if keep < tail.len() {
         file.set_len(start + keep as u64)?;
     }
     file.seek(SeekFrom::End(0))?;
     let complete = &tail[..keep];
-    let last_line = complete[..complete.len().saturating_sub(1)].rsplit(|&b| b == b'\n').next().unwrap_or(&[]);
+    let last_line = complete[..complete.len().saturating_sub(1)]
+        .rsplit(|&b| b == b'\n')
+        .next()
+        .unwrap_or(&[]);
     Ok(seq_of(last_line).unwrap_or(0))
 }
 
@@ -129,13 +162,24 @@ mod tests {
     use trellis_sdk::events::BatchBuilder;
 
     fn meta() -> Meta {
-        Meta { instance_id: "i".into(), loggable_type: "run".into(), loggable_id: "r-1".into(), job_id: "build".into() }
+        Meta {
+            instance_id: "i".into(),
+            loggable_type: "run".into(),
+            loggable_id: "r-1".into(),
+            job_id: "build".into(),
+        }
     }
 
     fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
         let mut b = BatchBuilder::new();
         for s in seqs {
-            b.push(s, 1000 + s as i64, "step", &format!("line {s}"), &[("stream", "stdout")]);
+            b.push(
+                s,
+                1000 + s as i64,
+                "step",
+                &format!("line {s}"),
+                &[("stream", "stdout")],
+            );
         }
         b.finish()
     }
@@ -148,9 +192,15 @@ mod tests {
         log.write(&batch(2..=5)).unwrap(); // 2 and 3 again
         log.close(5).unwrap();
         let text = std::fs::read_to_string(d.path().join("build/r-1.jsonl")).unwrap();
-        let seqs: Vec<u64> = text.lines().map(|l| seq_of(l.as_bytes()).unwrap()).collect();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| seq_of(l.as_bytes()).unwrap())
+            .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
-        assert_eq!(std::fs::read_to_string(d.path().join("build/r-1.count")).unwrap(), "5");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("build/r-1.count")).unwrap(),
+            "5"
+        );
     }
 
     #[test]

@@ -39,13 +39,18 @@ pub fn prepare(
     builder.socket_addr_check(move |addr, usage| {
         let ok = match usage {
             SocketAddrUse::TcpConnect => grant.connect.contains(&addr),
-            SocketAddrUse::TcpBind => grant.bind.contains(&addr),
+            // Before a connect, wasmtime checks the implicit bind to an ephemeral port
+            // (0.0.0.0:0 / [::]:0) that the OS will make: allowed with any connect grant.
+            SocketAddrUse::TcpBind if addr.ip().is_unspecified() && addr.port() == 0 => !grant.connect.is_empty(),
+            SocketAddrUse::TcpBind | SocketAddrUse::TcpListen => grant.bind.contains(&addr),
+            // Peers connecting to a granted listener.
+            SocketAddrUse::TcpAccept => !grant.bind.is_empty(),
             _ => false,
         };
         if !ok {
             metrics.denials.fetch_add(1, Relaxed);
             let (kind, what) = match usage {
-                SocketAddrUse::TcpBind => ("bind", "listen on"),
+                SocketAddrUse::TcpBind | SocketAddrUse::TcpListen | SocketAddrUse::TcpAccept => ("bind", "listen on"),
                 _ => ("connect", "connect to"),
             };
             tracing::warn!(

@@ -69,8 +69,11 @@ pub enum ConfigCommand {
 }
 
 pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -87,8 +90,12 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Plugin(PluginCommand::Check { paths, config }) => plugin::check(&paths, config.as_deref()).await,
-            Command::Plugin(PluginCommand::List { dir, config, json }) => plugin::list(dir.as_deref(), config.as_deref(), json).await,
+            Command::Plugin(PluginCommand::Check { paths, config }) => {
+                plugin::check(&paths, config.as_deref()).await
+            }
+            Command::Plugin(PluginCommand::List { dir, config, json }) => {
+                plugin::list(dir.as_deref(), config.as_deref(), json).await
+            }
             Command::Config(ConfigCommand::Check { file }) => plugin::check_config(&file),
         }
     });

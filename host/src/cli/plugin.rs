@@ -19,7 +19,10 @@ pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
             let mut problems = Vec::new();
             if let Some(dir) = &cfg.runtime.plugin_dir {
                 if !dir.is_dir() {
-                    problems.push(format!("`runtime.plugin-dir`: {} is not a directory", dir.display()));
+                    problems.push(format!(
+                        "`runtime.plugin-dir`: {} is not a directory",
+                        dir.display()
+                    ));
                 }
             }
             if let Some(f) = &cfg.secrets.file {
@@ -28,7 +31,12 @@ pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
                 }
             }
             if problems.is_empty() {
-                println!("{}: ok ({} plugin grant section{})", file.display(), cfg.plugins.len(), if cfg.plugins.len() == 1 { "" } else { "s" });
+                println!(
+                    "{}: ok ({} plugin grant section{})",
+                    file.display(),
+                    cfg.plugins.len(),
+                    if cfg.plugins.len() == 1 { "" } else { "s" }
+                );
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!("{}: {} problem(s)", file.display(), problems.len());
@@ -45,7 +53,10 @@ pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub async fn check(paths: &[std::path::PathBuf], config: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub async fn check(
+    paths: &[std::path::PathBuf],
+    config: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     let have_config = config.is_some();
     let runtime = Runtime::new(load_config(config)?)?;
     let mut failed = 0;
@@ -62,7 +73,9 @@ pub async fn check(paths: &[std::path::PathBuf], config: Option<&Path>) -> anyho
                 describe(&plugin);
                 let trial = canary(&plugin).await;
                 match (&trial, have_config) {
-                    (Ok(()), _) => println!("  trial start    ok (init accepted its configuration)"),
+                    (Ok(()), _) => {
+                        println!("  trial start    ok (init accepted its configuration)")
+                    }
                     (Err(p), true) => {
                         failed += 1;
                         println!("  trial start    FAILED");
@@ -71,7 +84,9 @@ pub async fn check(paths: &[std::path::PathBuf], config: Option<&Path>) -> anyho
                         }
                     }
                     (Err(p), false) => {
-                        println!("  trial start    failed without grants (pass --config to check with the operator's grants):");
+                        println!(
+                            "  trial start    failed without grants (pass --config to check with the operator's grants):"
+                        );
                         for i in &p.items {
                             println!("    - {}", i.problem);
                         }
@@ -83,38 +98,93 @@ pub async fn check(paths: &[std::path::PathBuf], config: Option<&Path>) -> anyho
         println!();
     }
     println!("{} checked, {} failed", paths.len(), failed);
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn describe(p: &Plugin) {
     let m = &p.manifest;
-    println!("plugin         {} {}{}", m.name, m.version, if m.description.is_empty() { String::new() } else { format!(" — {}", m.description) });
+    println!(
+        "plugin         {} {}{}",
+        m.name,
+        m.version,
+        if m.description.is_empty() {
+            String::new()
+        } else {
+            format!(" — {}", m.description)
+        }
+    );
     println!(
         "component      {} ({} KiB, sha256 {}…), {} in {:.1} ms",
-        m.component.file_name().and_then(|f| f.to_str()).unwrap_or("?"),
+        m.component
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("?"),
         p.compiled.bytes / 1024,
         &p.compiled.sha256[..12],
-        if p.compiled.from_cache { "loaded precompiled" } else { "compiled" },
+        if p.compiled.from_cache {
+            "loaded precompiled"
+        } else {
+            "compiled"
+        },
         p.compiled.took.as_secs_f64() * 1000.0
     );
     let versions: Vec<_> = p.info.plugin_versions().into_iter().collect();
-    println!("contract       trellis:plugin@{} (this host serves {})", versions.join(", "), SERVED_WIT.join(", "));
+    println!(
+        "contract       trellis:plugin@{} (this host serves {})",
+        versions.join(", "),
+        SERVED_WIT.join(", ")
+    );
     for w in &m.worlds {
         let points: Vec<_> = w.points().iter().map(|p| p.interface()).collect();
-        println!("world          {} — exports lifecycle, {}", w.name(), points.join(", "));
+        println!(
+            "world          {} — exports lifecycle, {}",
+            w.name(),
+            points.join(", ")
+        );
     }
     for point in p.info.points() {
         println!("policy         {point}: {}", point.failure_policy());
     }
     let caps: Vec<_> = m.capabilities.iter().map(|c| c.name()).collect();
-    println!("capabilities   {}", if caps.is_empty() { "none".into() } else { caps.join(", ") });
-    let host: Vec<_> = p.info.host_imports.iter().map(|(i, v)| format!("trellis:host/{i}@{v}")).collect();
-    println!("host imports   {}", if host.is_empty() { "none".into() } else { host.join(", ") });
-    println!("wasi imports   {} interface(s); grants decide what they reach", p.info.wasi_imports.len());
+    println!(
+        "capabilities   {}",
+        if caps.is_empty() {
+            "none".into()
+        } else {
+            caps.join(", ")
+        }
+    );
+    let host: Vec<_> = p
+        .info
+        .host_imports
+        .iter()
+        .map(|(i, v)| format!("trellis:host/{i}@{v}"))
+        .collect();
+    println!(
+        "host imports   {}",
+        if host.is_empty() {
+            "none".into()
+        } else {
+            host.join(", ")
+        }
+    );
+    println!(
+        "wasi imports   {} interface(s); grants decide what they reach",
+        p.info.wasi_imports.len()
+    );
     let g = &p.grants;
     let mut grants = Vec::new();
     for d in &g.dirs {
-        grants.push(format!("dir {} as {} ({:?})", d.host.display(), d.guest, d.mode));
+        grants.push(format!(
+            "dir {} as {} ({:?})",
+            d.host.display(),
+            d.guest,
+            d.mode
+        ));
     }
     for h in g.http.iter() {
         grants.push(format!("http {h}"));
@@ -128,7 +198,14 @@ fn describe(p: &Plugin) {
     for s in g.secrets.iter() {
         grants.push(format!("secret {s}"));
     }
-    println!("grants         {}", if grants.is_empty() { "none".into() } else { grants.join("; ") });
+    println!(
+        "grants         {}",
+        if grants.is_empty() {
+            "none".into()
+        } else {
+            grants.join("; ")
+        }
+    );
     let ungranted: Vec<_> = m
         .capabilities
         .iter()
@@ -142,7 +219,10 @@ fn describe(p: &Plugin) {
         .map(|c| c.name())
         .collect();
     if !ungranted.is_empty() {
-        println!("not granted    {} (requested; uses will be denied)", ungranted.join(", "));
+        println!(
+            "not granted    {} (requested; uses will be denied)",
+            ungranted.join(", ")
+        );
     }
     let l = &p.limits;
     println!(
@@ -154,18 +234,39 @@ fn describe(p: &Plugin) {
     );
     if !m.config.is_empty() {
         for (k, c) in &m.config {
-            let d = c.default.as_ref().map(|d| format!(", default {d}")).unwrap_or_default();
+            let d = c
+                .default
+                .as_ref()
+                .map(|d| format!(", default {d}"))
+                .unwrap_or_default();
             let r = if c.required { ", required" } else { "" };
-            println!("config         {k} ({}{d}{r}){}", c.ty.name(), if c.description.is_empty() { String::new() } else { format!(": {}", c.description) });
+            println!(
+                "config         {k} ({}{d}{r}){}",
+                c.ty.name(),
+                if c.description.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", c.description)
+                }
+            );
         }
     }
 }
 
-pub async fn list(dir: Option<&Path>, config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn list(
+    dir: Option<&Path>,
+    config: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
-    let dir = match dir.map(Path::to_path_buf).or_else(|| cfg.runtime.plugin_dir.clone()) {
+    let dir = match dir
+        .map(Path::to_path_buf)
+        .or_else(|| cfg.runtime.plugin_dir.clone())
+    {
         Some(d) => d,
-        None => anyhow::bail!("no plugin directory: give one, or --config with [runtime] plugin-dir"),
+        None => {
+            anyhow::bail!("no plugin directory: give one, or --config with [runtime] plugin-dir")
+        }
     };
     let runtime = Runtime::new(cfg)?;
     let mut rows = Vec::new();
@@ -175,7 +276,13 @@ pub async fn list(dir: Option<&Path>, config: Option<&Path>, json: bool) -> anyh
             Ok(p) => {
                 let status = match canary(&p).await {
                     Ok(()) => "ok".to_string(),
-                    Err(e) => format!("refused: {}", e.items.first().map(|i| i.problem.clone()).unwrap_or_default()),
+                    Err(e) => format!(
+                        "refused: {}",
+                        e.items
+                            .first()
+                            .map(|i| i.problem.clone())
+                            .unwrap_or_default()
+                    ),
                 };
                 serde_json::json!({
                     "name": p.manifest.name,
@@ -201,13 +308,38 @@ pub async fn list(dir: Option<&Path>, config: Option<&Path>, json: bool) -> anyh
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<20} {:<8} {:<34} {:<6} {:<26} STATUS", "NAME", "VERSION", "POINTS", "WIT", "CAPABILITIES");
+        println!(
+            "{:<20} {:<8} {:<34} {:<6} {:<26} STATUS",
+            "NAME", "VERSION", "POINTS", "WIT", "CAPABILITIES"
+        );
         for r in &rows {
             let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
-            let l = |k: &str| r.get(k).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).unwrap_or("-".into());
-            println!("{:<20} {:<8} {:<34} {:<6} {:<26} {}", s("name"), s("version"), l("points"), s("wit"), l("capabilities"), s("status"));
+            let l = |k: &str| {
+                r.get(k)
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or("-".into())
+            };
+            println!(
+                "{:<20} {:<8} {:<34} {:<6} {:<26} {}",
+                s("name"),
+                s("version"),
+                l("points"),
+                s("wit"),
+                l("capabilities"),
+                s("status")
+            );
         }
         println!("{} plugin(s) in {}", rows.len(), dir.display());
     }
-    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

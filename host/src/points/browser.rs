@@ -13,7 +13,11 @@ pub struct LogReader {
 
 impl LogReader {
     pub fn new(plugin: Arc<Plugin>) -> Result<LogReader, PluginError> {
-        if !plugin.info.points().contains(&crate::points::Point::LogBrowser) {
+        if !plugin
+            .info
+            .points()
+            .contains(&crate::points::Point::LogBrowser)
+        {
             return Err(plugin.not_implemented("log-browser"));
         }
         Ok(LogReader { plugin })
@@ -22,22 +26,49 @@ impl LogReader {
     pub async fn read(&self, log: &LogMetadata, request: PageRequest) -> Result<Page, PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.browser.clone().ok_or_else(|| p.not_implemented("log-browser"))?;
+        let guest = inst
+            .exports
+            .browser
+            .clone()
+            .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
-        let r = p.call(&mut inst, "read", move |i| Box::pin(async move { guest.call_read(&mut i.store, &log, &request).await })).await?;
+        let r = p
+            .call(&mut inst, "read", move |i| {
+                Box::pin(async move { guest.call_read(&mut i.store, &log, &request).await })
+            })
+            .await?;
         let page = p.answer("read", r)?;
-        p.check_return(&mut inst, "read", page.events.len() + page.next.as_ref().map_or(0, |c| c.len()))?;
+        p.check_return(
+            &mut inst,
+            "read",
+            page.events.len() + page.next.as_ref().map_or(0, |c| c.len()),
+        )?;
         p.checkin(inst);
         Ok(page)
     }
 
-    pub async fn tail(&self, log: &LogMetadata, step: Option<String>, count: u32) -> Result<Vec<u8>, PluginError> {
+    pub async fn tail(
+        &self,
+        log: &LogMetadata,
+        step: Option<String>,
+        count: u32,
+    ) -> Result<Vec<u8>, PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.browser.clone().ok_or_else(|| p.not_implemented("log-browser"))?;
+        let guest = inst
+            .exports
+            .browser
+            .clone()
+            .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
         let r = p
-            .call(&mut inst, "tail", move |i| Box::pin(async move { guest.call_tail(&mut i.store, &log, step.as_deref(), count).await }))
+            .call(&mut inst, "tail", move |i| {
+                Box::pin(async move {
+                    guest
+                        .call_tail(&mut i.store, &log, step.as_deref(), count)
+                        .await
+                })
+            })
             .await?;
         let events = p.answer("tail", r)?;
         p.check_return(&mut inst, "tail", events.len())?;
@@ -48,9 +79,17 @@ impl LogReader {
     pub async fn completeness(&self, log: &LogMetadata) -> Result<LogCompleteness, PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.browser.clone().ok_or_else(|| p.not_implemented("log-browser"))?;
+        let guest = inst
+            .exports
+            .browser
+            .clone()
+            .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
-        let r = p.call(&mut inst, "completeness", move |i| Box::pin(async move { guest.call_completeness(&mut i.store, &log).await })).await?;
+        let r = p
+            .call(&mut inst, "completeness", move |i| {
+                Box::pin(async move { guest.call_completeness(&mut i.store, &log).await })
+            })
+            .await?;
         let c = p.answer("completeness", r)?;
         p.checkin(inst);
         Ok(c)

@@ -21,8 +21,15 @@ pub struct FenceDevice {
 }
 
 impl FenceDevice {
-    pub fn new(plugin: Arc<Plugin>, params: Vec<(String, String)>) -> Result<FenceDevice, PluginError> {
-        if !plugin.info.points().contains(&crate::points::Point::FenceAgent) {
+    pub fn new(
+        plugin: Arc<Plugin>,
+        params: Vec<(String, String)>,
+    ) -> Result<FenceDevice, PluginError> {
+        if !plugin
+            .info
+            .points()
+            .contains(&crate::points::Point::FenceAgent)
+        {
             return Err(plugin.not_implemented("fence-agent"));
         }
         Ok(FenceDevice { plugin, params })
@@ -33,9 +40,17 @@ impl FenceDevice {
         let p = &self.plugin;
         let result: Result<(), PluginError> = async {
             let mut inst = p.checkout().await?;
-            let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+            let guest = inst
+                .exports
+                .fence
+                .clone()
+                .ok_or_else(|| p.not_implemented("fence-agent"))?;
             let params = self.params.clone();
-            let r = p.call(&mut inst, "fence", move |i| Box::pin(async move { guest.call_fence(&mut i.store, &params, action).await })).await?;
+            let r = p
+                .call(&mut inst, "fence", move |i| {
+                    Box::pin(async move { guest.call_fence(&mut i.store, &params, action).await })
+                })
+                .await?;
             p.answer("fence", r)?;
             p.checkin(inst);
             Ok(())
@@ -45,7 +60,9 @@ impl FenceDevice {
             Ok(()) => FenceOutcome::Fenced,
             Err(e) => {
                 tracing::error!(plugin = %p.name, "fencing failed, treating the node as NOT fenced: {e}");
-                FenceOutcome::NotFenced { reason: e.to_string() }
+                FenceOutcome::NotFenced {
+                    reason: e.to_string(),
+                }
             }
         }
     }
@@ -53,9 +70,17 @@ impl FenceDevice {
     pub async fn status(&self) -> Result<PowerState, PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let guest = inst
+            .exports
+            .fence
+            .clone()
+            .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p.call(&mut inst, "status", move |i| Box::pin(async move { guest.call_status(&mut i.store, &params).await })).await?;
+        let r = p
+            .call(&mut inst, "status", move |i| {
+                Box::pin(async move { guest.call_status(&mut i.store, &params).await })
+            })
+            .await?;
         let s = p.answer("status", r)?;
         p.checkin(inst);
         Ok(s)
@@ -64,9 +89,17 @@ impl FenceDevice {
     pub async fn monitor(&self) -> Result<(), PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let guest = inst
+            .exports
+            .fence
+            .clone()
+            .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p.call(&mut inst, "monitor", move |i| Box::pin(async move { guest.call_monitor(&mut i.store, &params).await })).await?;
+        let r = p
+            .call(&mut inst, "monitor", move |i| {
+                Box::pin(async move { guest.call_monitor(&mut i.store, &params).await })
+            })
+            .await?;
         p.answer("monitor", r)?;
         p.checkin(inst);
         Ok(())
@@ -75,9 +108,17 @@ impl FenceDevice {
     pub async fn validate(&self) -> Result<(), PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let guest = inst
+            .exports
+            .fence
+            .clone()
+            .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p.call(&mut inst, "validate", move |i| Box::pin(async move { guest.call_validate(&mut i.store, &params).await })).await?;
+        let r = p
+            .call(&mut inst, "validate", move |i| {
+                Box::pin(async move { guest.call_validate(&mut i.store, &params).await })
+            })
+            .await?;
         p.answer("validate", r)?;
         p.checkin(inst);
         Ok(())
@@ -86,9 +127,17 @@ impl FenceDevice {
     pub async fn list(&self) -> Result<Vec<Target>, PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let guest = inst
+            .exports
+            .fence
+            .clone()
+            .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p.call(&mut inst, "list", move |i| Box::pin(async move { guest.call_list(&mut i.store, &params).await })).await?;
+        let r = p
+            .call(&mut inst, "list", move |i| {
+                Box::pin(async move { guest.call_list(&mut i.store, &params).await })
+            })
+            .await?;
         let l = p.answer("list", r)?;
         p.checkin(inst);
         Ok(l)
@@ -97,8 +146,16 @@ impl FenceDevice {
     pub async fn metadata(&self) -> Result<AgentInfo, PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;
-        let guest = inst.exports.fence.clone().ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let info = p.call(&mut inst, "metadata", move |i| Box::pin(async move { guest.call_metadata(&mut i.store).await })).await?;
+        let guest = inst
+            .exports
+            .fence
+            .clone()
+            .ok_or_else(|| p.not_implemented("fence-agent"))?;
+        let info = p
+            .call(&mut inst, "metadata", move |i| {
+                Box::pin(async move { guest.call_metadata(&mut i.store).await })
+            })
+            .await?;
         p.checkin(inst);
         Ok(info)
     }

@@ -16,8 +16,16 @@ pub use crate::points::bindings::logging_method::Side as RunsOn;
 /// Where a logging method runs (asked of the plugin once, on a fresh instance).
 pub async fn runs_on(plugin: &Plugin) -> Result<Side, PluginError> {
     let mut inst = plugin.checkout().await?;
-    let guest = inst.exports.logging.clone().ok_or_else(|| plugin.not_implemented("logging-method"))?;
-    let side = plugin.call(&mut inst, "runs-on", move |i| Box::pin(async move { guest.call_runs_on(&mut i.store).await })).await?;
+    let guest = inst
+        .exports
+        .logging
+        .clone()
+        .ok_or_else(|| plugin.not_implemented("logging-method"))?;
+    let side = plugin
+        .call(&mut inst, "runs-on", move |i| {
+            Box::pin(async move { guest.call_runs_on(&mut i.store).await })
+        })
+        .await?;
     plugin.checkin(inst);
     Ok(side)
 }
@@ -33,10 +41,19 @@ pub struct LogWriter {
 impl LogWriter {
     /// Open the log; fails only if the plugin refuses it outright (not retryable).
     pub async fn open(plugin: Arc<Plugin>, meta: LogMetadata) -> Result<LogWriter, PluginError> {
-        if !plugin.info.points().contains(&crate::points::Point::LoggingMethod) {
+        if !plugin
+            .info
+            .points()
+            .contains(&crate::points::Point::LoggingMethod)
+        {
             return Err(plugin.not_implemented("logging-method"));
         }
-        let mut w = LogWriter { plugin, meta, open: None, pending: VecDeque::new() };
+        let mut w = LogWriter {
+            plugin,
+            meta,
+            open: None,
+            pending: VecDeque::new(),
+        };
         w.ensure_open().await?;
         Ok(w)
     }
@@ -48,9 +65,17 @@ impl LogWriter {
         self.open = None;
         let p = &self.plugin;
         let mut inst = p.instantiate().await?;
-        let guest = inst.exports.logging.clone().ok_or_else(|| p.not_implemented("logging-method"))?;
+        let guest = inst
+            .exports
+            .logging
+            .clone()
+            .ok_or_else(|| p.not_implemented("logging-method"))?;
         let meta = self.meta.clone();
-        let r = p.call(&mut inst, "open", move |i| Box::pin(async move { guest.call_open(&mut i.store, &meta).await })).await?;
+        let r = p
+            .call(&mut inst, "open", move |i| {
+                Box::pin(async move { guest.call_open(&mut i.store, &meta).await })
+            })
+            .await?;
         let writer = p.answer("open", r)?;
         self.open = Some((inst, writer));
         Ok(())
@@ -72,7 +97,14 @@ impl LogWriter {
             let writer = *writer;
             let r = self
                 .plugin
-                .call(inst, "write", move |i| Box::pin(async move { guest.writer().call_write(&mut i.store, writer, &batch).await }))
+                .call(inst, "write", move |i| {
+                    Box::pin(async move {
+                        guest
+                            .writer()
+                            .call_write(&mut i.store, writer, &batch)
+                            .await
+                    })
+                })
                 .await;
             match r.and_then(|r| self.plugin.answer("write", r)) {
                 Ok(()) => {
@@ -99,7 +131,14 @@ impl LogWriter {
         let guest = inst.exports.logging.clone().expect("checked at open");
         let r = self
             .plugin
-            .call(&mut inst, "close", move |i| Box::pin(async move { guest.writer().call_close(&mut i.store, writer, final_count).await }))
+            .call(&mut inst, "close", move |i| {
+                Box::pin(async move {
+                    guest
+                        .writer()
+                        .call_close(&mut i.store, writer, final_count)
+                        .await
+                })
+            })
             .await;
         match r.and_then(|r| self.plugin.answer("close", r)) {
             Ok(()) => {

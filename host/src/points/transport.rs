@@ -32,20 +32,44 @@ fn frames_size(frames: &[Frame]) -> usize {
 /// Agent side: connect to the controller.
 pub async fn connect(plugin: Arc<Plugin>, agent: &str) -> Result<Link, PluginError> {
     let mut inst = plugin.instantiate().await?;
-    let guest = inst.exports.transport.clone().ok_or_else(|| plugin.not_implemented("command-transport"))?;
+    let guest = inst
+        .exports
+        .transport
+        .clone()
+        .ok_or_else(|| plugin.not_implemented("command-transport"))?;
     let agent = agent.to_string();
-    let r = plugin.call(&mut inst, "connect", move |i| Box::pin(async move { guest.call_connect(&mut i.store, &agent).await })).await?;
+    let r = plugin
+        .call(&mut inst, "connect", move |i| {
+            Box::pin(async move { guest.call_connect(&mut i.store, &agent).await })
+        })
+        .await?;
     let channel = plugin.answer("connect", r)?;
-    Ok(Link { plugin, inst: Arc::new(Mutex::new(inst)), channel })
+    Ok(Link {
+        plugin,
+        inst: Arc::new(Mutex::new(inst)),
+        channel,
+    })
 }
 
 /// Controller side: start listening.
 pub async fn listen(plugin: Arc<Plugin>) -> Result<Listener, PluginError> {
     let mut inst = plugin.instantiate().await?;
-    let guest = inst.exports.transport.clone().ok_or_else(|| plugin.not_implemented("command-transport"))?;
-    let r = plugin.call(&mut inst, "listen", move |i| Box::pin(async move { guest.call_listen(&mut i.store).await })).await?;
+    let guest = inst
+        .exports
+        .transport
+        .clone()
+        .ok_or_else(|| plugin.not_implemented("command-transport"))?;
+    let r = plugin
+        .call(&mut inst, "listen", move |i| {
+            Box::pin(async move { guest.call_listen(&mut i.store).await })
+        })
+        .await?;
     let listener = plugin.answer("listen", r)?;
-    Ok(Listener { plugin, inst: Arc::new(Mutex::new(inst)), listener })
+    Ok(Listener {
+        plugin,
+        inst: Arc::new(Mutex::new(inst)),
+        listener,
+    })
 }
 
 impl Listener {
@@ -54,9 +78,22 @@ impl Listener {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at listen");
         let l = self.listener;
-        let r = p.call(&mut inst, "accept", move |i| Box::pin(async move { guest.listener().call_accept(&mut i.store, l, timeout_ms).await })).await?;
+        let r = p
+            .call(&mut inst, "accept", move |i| {
+                Box::pin(async move {
+                    guest
+                        .listener()
+                        .call_accept(&mut i.store, l, timeout_ms)
+                        .await
+                })
+            })
+            .await?;
         let ch = p.answer("accept", r)?;
-        Ok(ch.map(|channel| Link { plugin: p.clone(), inst: self.inst.clone(), channel }))
+        Ok(ch.map(|channel| Link {
+            plugin: p.clone(),
+            inst: self.inst.clone(),
+            channel,
+        }))
     }
 }
 
@@ -66,7 +103,11 @@ impl Link {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
-        let r = p.call(&mut inst, "send", move |i| Box::pin(async move { guest.channel().call_send(&mut i.store, ch, &frames).await })).await?;
+        let r = p
+            .call(&mut inst, "send", move |i| {
+                Box::pin(async move { guest.channel().call_send(&mut i.store, ch, &frames).await })
+            })
+            .await?;
         p.answer("send", r)
     }
 
@@ -75,7 +116,16 @@ impl Link {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
-        let r = p.call(&mut inst, "receive", move |i| Box::pin(async move { guest.channel().call_receive(&mut i.store, ch, timeout_ms).await })).await?;
+        let r = p
+            .call(&mut inst, "receive", move |i| {
+                Box::pin(async move {
+                    guest
+                        .channel()
+                        .call_receive(&mut i.store, ch, timeout_ms)
+                        .await
+                })
+            })
+            .await?;
         let frames = p.answer("receive", r)?;
         p.check_return(&mut inst, "receive", frames_size(&frames))?;
         Ok(frames)
@@ -86,7 +136,16 @@ impl Link {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
-        let r = p.call(&mut inst, "commit", move |i| Box::pin(async move { guest.channel().call_commit(&mut i.store, ch, lane, seq).await })).await?;
+        let r = p
+            .call(&mut inst, "commit", move |i| {
+                Box::pin(async move {
+                    guest
+                        .channel()
+                        .call_commit(&mut i.store, ch, lane, seq)
+                        .await
+                })
+            })
+            .await?;
         p.answer("commit", r)
     }
 

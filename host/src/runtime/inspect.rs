@@ -70,7 +70,8 @@ impl ComponentInfo {
                 // Types-only interfaces the exports use (e.g. `types`): nothing to link,
                 // but their version says which contract the component was built for.
                 Some(n) if n.is("trellis", "plugin") => {
-                    info.plugin_type_imports.insert(n.interface, n.version.unwrap_or_default());
+                    info.plugin_type_imports
+                        .insert(n.interface, n.version.unwrap_or_default());
                 }
                 _ => info.other_imports.push(name.to_string()),
             }
@@ -97,7 +98,11 @@ impl ComponentInfo {
 
     /// The `trellis:plugin` version(s) the component was built for.
     pub fn plugin_versions(&self) -> BTreeSet<&str> {
-        self.plugin_exports.values().chain(self.plugin_type_imports.values()).map(|v| v.as_str()).collect()
+        self.plugin_exports
+            .values()
+            .chain(self.plugin_type_imports.values())
+            .map(|v| v.as_str())
+            .collect()
     }
 
     /// Everything wrong with this component for this manifest and this host.

@@ -311,7 +311,11 @@ impl Plugin {
         self.metrics.observe(start.elapsed());
         let err = match out {
             Ok(Ok(v)) => {
-                self.health.lock().unwrap().on_success();
+                // `init` runs on every fresh instance: its success says nothing about
+                // whether the plugin's real work has stopped crashing.
+                if call != "init" {
+                    self.health.lock().unwrap().on_success();
+                }
                 return Ok(v);
             }
             Ok(Err(e)) => self.classify(inst, call, e),
