@@ -82,11 +82,13 @@ pub fn load_component(
         None => path.parent().unwrap_or(Path::new(".")).join(".cache"),
     };
     let cache_file = dir.join(format!("{stem}-{}-{engine_key}.cwasm", &sha256[..16]));
-    if cache_file.is_file() {
+    if let Ok(artifact) = std::fs::read(&cache_file) {
+        // Read into memory rather than mmap: a mapped artifact that anything truncates
+        // while the daemon runs would crash it (SIGBUS); a copy cannot.
         // SAFETY: the artifact was written by this host (same engine key) into a
         // directory the operator controls, for a component with this exact hash;
         // wasmtime also checks engine compatibility before using it.
-        match unsafe { Component::deserialize_file(engine, &cache_file) } {
+        match unsafe { Component::deserialize(engine, &artifact) } {
             Ok(component) => {
                 return Ok(Compiled {
                     component,

@@ -1,0 +1,252 @@
+//! Loading plugins: what is refused at load time, and why, in words that name the fix.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Copy a fixture's component next to a new manifest text, in a temp dir.
+fn with_manifest(fixture: &Path, wasm: &str, manifest: &str) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("p");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(fixture.join(wasm), dir.join(wasm)).unwrap();
+    std::fs::write(dir.join("plugin.toml"), manifest).unwrap();
+    (d, dir)
+}
+
+fn problems(rt: &trellis::runtime::Runtime, path: &Path) -> String {
+    match rt.prepare(path) {
+        Ok(_) => panic!("expected {} to be refused", path.display()),
+        Err(p) => p.to_string(),
+    }
+}
+
+#[test]
+fn a_component_for_another_wit_version_is_refused_naming_both_versions() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = runtime("", d.path(), &[]);
+    let p = problems(&rt, &fixtures().join("future-wit"));
+    assert!(p.contains("built for trellis:plugin@0.9.0"), "{p}");
+    assert!(p.contains("this host serves trellis:plugin@0.1.0"), "{p}");
+    assert!(
+        p.contains("fix: rebuild the plugin against trellis:plugin@0.1.0"),
+        "{p}"
+    );
+}
+
+#[test]
+fn importing_an_undeclared_host_capability_is_refused() {
+    let manifest = r#"
+        [plugin]
+        name = "hostile"
+        version = "0.1.0"
+        component = "hostile_plugin.wasm"
+        wit = "0.1.0"
+        worlds = ["logging-pair-plugin"]
+        capabilities = ["log", "filesystem", "http", "sockets"]
+    "#;
+    let (_d, dir) = with_manifest(&fixtures().join("hostile"), "hostile_plugin.wasm", manifest);
+    let rt = runtime("", _d.path(), &[]);
+    let p = problems(&rt, &dir);
+    assert!(
+        p.contains(
+            "imports trellis:host/secrets but the manifest does not declare capability `secrets`"
+        ),
+        "{p}"
+    );
+    assert!(p.contains("add \"secrets\" to `capabilities`"), "{p}");
+}
+
+#[test]
+fn worlds_must_match_the_exports() {
+    let manifest = r#"
+        [plugin]
+        name = "hostile"
+        version = "0.1.0"
+        component = "hostile_plugin.wasm"
+        wit = "0.1.0"
+        worlds = ["logging-method-plugin", "fence-agent-plugin"]
+        capabilities = ["log", "secrets", "filesystem", "http", "sockets"]
+    "#;
+    let (_d, dir) = with_manifest(&fixtures().join("hostile"), "hostile_plugin.wasm", manifest);
+    let rt = runtime("", _d.path(), &[]);
+    let p = problems(&rt, &dir);
+    assert!(
+        p.contains("exports trellis:plugin/log-browser, but no world in the manifest includes it"),
+        "{p}"
+    );
+    assert!(
+        p.contains(
+            "include fence-agent, but the component does not export trellis:plugin/fence-agent"
+        ),
+        "{p}"
+    );
+}
+
+#[test]
+fn grants_and_config_are_checked_against_the_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let rt = runtime(
+        r#"
+        [plugins.jsonl-logger]
+        http = ["https://es.internal:9200"]
+        secrets = ["nope"]
+        config = { directory = 7, colour = "red" }
+        "#,
+        d.path(),
+        &[],
+    );
+    let p = problems(&rt, &bundle().join("jsonl-logger"));
+    assert!(
+        p.contains("plugins.jsonl-logger.http") && p.contains("does not request capability `http`"),
+        "{p}"
+    );
+    assert!(
+        p.contains("plugins.jsonl-logger.secrets[0]") && p.contains("not in the secret store"),
+        "{p}"
+    );
+    assert!(
+        p.contains("plugins.jsonl-logger.config.directory") && p.contains("expected a string"),
+        "{p}"
+    );
+    assert!(
+        p.contains("plugins.jsonl-logger.config.colour") && p.contains("no config key"),
+        "{p}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_whose_init_refuses_its_config_is_not_loaded() {
+    let d = tempfile::tempdir().unwrap();
+    // No directory granted: the example's init answers `denied`, on a trial instance.
+    let rt = runtime("", d.path(), &[]);
+    let err = rt
+        .load(&bundle().join("jsonl-logger"))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("failed to start on a trial instance"), "{err}");
+    assert!(
+        err.contains("denied: directory `/logs` is not available"),
+        "{err}"
+    );
+    assert!(rt.get("jsonl-logger").is_none());
+}
+
+#[test]
+fn not_a_component_at_all() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("p");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("x.wasm"), b"\0asm garbage").unwrap();
+    std::fs::write(dir.join("plugin.toml"), "[plugin]\nname = \"x\"\nversion = \"0.1.0\"\ncomponent = \"x.wasm\"\nwit = \"0.1.0\"\nworlds = [\"logging-method-plugin\"]\n").unwrap();
+    let rt = runtime("", d.path(), &[]);
+    let p = problems(&rt, &dir);
+    assert!(p.contains("is not a valid component"), "{p}");
+}
+
+#[test]
+fn precompiled_artifacts_are_cached_and_reused() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let rt = runtime(
+        &format!(
+            "[runtime]\ncache-dir = \"{}\"\n[plugins.jsonl-logger]\ndirs = [{{ host = \".\", guest = \"/logs\", mode = \"read-write\" }}]\n",
+            cache.display()
+        ),
+        d.path(),
+        &[],
+    );
+    let first = rt.prepare(&bundle().join("jsonl-logger")).unwrap();
+    assert!(!first.compiled.from_cache);
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        1,
+        "one artifact written"
+    );
+    let second = rt.prepare(&bundle().join("jsonl-logger")).unwrap();
+    assert!(second.compiled.from_cache);
+    assert_eq!(first.compiled.sha256, second.compiled.sha256);
+    // A corrupt artifact is ignored and replaced, not trusted.
+    let file = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&file, b"corrupt").unwrap();
+    let third = rt.prepare(&bundle().join("jsonl-logger")).unwrap();
+    assert!(!third.compiled.from_cache);
+}
+
+fn trellis(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .env("TRELLIS_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn cli_plugin_check_and_list() {
+    let b = bundle();
+    let (code, out) = trellis(&["plugin", "check", b.join("jsonl-logger").to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("contract       trellis:plugin@0.1.0"), "{out}");
+    assert!(
+        out.contains("policy         logging-method: keep events in the host and retry"),
+        "{out}"
+    );
+    assert!(out.contains("OK   "), "{out}");
+
+    let f = fixtures();
+    let (code, out) = trellis(&["plugin", "check", f.join("future-wit").to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("trellis:plugin@0.9.0") && out.contains("serves trellis:plugin@0.1.0"),
+        "{out}"
+    );
+
+    let (code, out) = trellis(&["plugin", "list", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "one fixture is invalid: {out}");
+    assert!(
+        out.contains("hostile") && out.contains("log-browser,logging-method")
+            || out.contains("logging-method,log-browser"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fence-stub") && out.contains("fence-agent"),
+        "{out}"
+    );
+    assert!(out.contains("invalid:"), "{out}");
+    assert!(out.contains("3 plugin(s)"), "{out}");
+
+    let (code, out) = trellis(&["plugin", "check", "/nonexistent/plugin"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("no plugin manifest here"), "{out}");
+}
+
+#[test]
+fn cli_config_check_names_every_mistake() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("trellis.toml");
+    std::fs::write(
+        &f,
+        "[plugins.x]\nhttp = [\"nope\"]\nlimits = { call-timeout = \"0s\" }\n",
+    )
+    .unwrap();
+    let (code, out) = trellis(&["config", "check", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("2 problems"), "{out}");
+    assert!(
+        out.contains("plugins.x.http[0]") && out.contains("plugins.x.limits.call-timeout"),
+        "{out}"
+    );
+}
