@@ -34,10 +34,7 @@ fn main() -> Result<()> {
         "test" => {
             let b = bundle(&root)?;
             let f = fixtures(&root)?;
-            cargo(
-                &["test", "--workspace"],
-                &[("TRELLIS_BUNDLE_DIR", &b), ("TRELLIS_FIXTURES_DIR", &f)],
-            )?;
+            test(&[("TRELLIS_BUNDLE_DIR", &b), ("TRELLIS_FIXTURES_DIR", &f)])?;
         }
         "lint" => lint(&root)?,
         "bench" => {
