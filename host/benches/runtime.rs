@@ -1,1 +1,234 @@
-fn main() {}
+//! Runtime benchmark: instantiation, an empty call through the host's guarded path
+//! against a bare wasmtime call of the same export, and a 256-event JSON-lines batch
+//! written by the jsonl-logger example as a plugin against the same code natively.
+//! Every comparison is measured in the same run; ratios are printed.
+//!
+//!     cargo xtask bench          (builds the bundle, then runs this in release)
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use trellis::capabilities::secrets::SecretStore;
+use trellis::config::DaemonConfig;
+use trellis::points::bindings::types::LogMetadata;
+use trellis::points::logging::LogWriter;
+use trellis::runtime::{Plugin, Runtime, engine};
+use trellis_sdk::events::BatchBuilder;
+
+const BATCH: u64 = 256;
+
+fn runtime(dir: &Path, pooling: bool) -> Arc<Runtime> {
+    let config = format!(
+        "[plugins.jsonl-logger]\ndirs = [{{ host = \"{}\", guest = \"/logs\", mode = \"read-write\" }}]\n",
+        dir.display()
+    );
+    let cfg = DaemonConfig::parse(&config, "bench.toml", dir).unwrap();
+    let engine = engine::build_engine_with(pooling).unwrap();
+    Runtime::with_engine(cfg, SecretStore::default(), engine).unwrap()
+}
+
+fn batch(from: u64) -> Vec<u8> {
+    let mut b = BatchBuilder::with_capacity(48 << 10);
+    let msg = "x".repeat(100);
+    for s in from..from + BATCH {
+        b.push(
+            s,
+            1_700_000_000_000 + s as i64,
+            "build",
+            &msg,
+            &[("stream", "stdout")],
+        );
+    }
+    b.finish()
+}
+
+fn meta(loggable: &str) -> LogMetadata {
+    LogMetadata {
+        instance_id: "bench".into(),
+        loggable_type: "run".into(),
+        loggable_id: loggable.into(),
+        job_id: "bench".into(),
+    }
+}
+
+/// Median of `rounds` rounds of `iters` iterations each, in ns per iteration.
+async fn measure<F: AsyncFnMut()>(rounds: usize, iters: usize, mut f: F) -> f64 {
+    for _ in 0..iters.min(1000) {
+        f().await;
+    }
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f().await;
+        }
+        samples.push(t.elapsed().as_nanos() as f64 / iters as f64);
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    samples[rounds / 2]
+}
+
+async fn instantiation(p: &Arc<Plugin>, label: &str) -> f64 {
+    // States are prepared outside the timed region: this measures instantiation itself.
+    let mut samples = Vec::new();
+    for _ in 0..15 {
+        let states: Vec<_> = (0..200).map(|_| p.prepare_state().unwrap()).collect();
+        let t = Instant::now();
+        for s in states {
+            let inst = p.instantiate_bare(s).await.unwrap();
+            drop(inst);
+        }
+        samples.push(t.elapsed().as_nanos() as f64 / 200.0);
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let ns = samples[samples.len() / 2];
+    println!("instantiate ({label:<9})          {:>9.2} µs", ns / 1000.0);
+    ns
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let bundle = std::env::var_os("TRELLIS_BUNDLE_DIR")
+        .map(std::path::PathBuf::from)
+        .expect("run with `cargo xtask bench`");
+    let plugin_dir = bundle.join("jsonl-logger");
+    let dir = tempfile::tempdir().unwrap();
+    println!("trellis runtime benchmark (median of rounds; same run, same machine)\n");
+
+    // 1. Instantiation via InstancePre, pooling against the default allocator.
+    let rt = runtime(dir.path(), true);
+    let p = rt.load(&plugin_dir).await.unwrap();
+    let pooled = instantiation(&p, "pooling").await;
+    let rt_default = runtime(dir.path(), false);
+    let p_default = rt_default.load(&plugin_dir).await.unwrap();
+    let default = instantiation(&p_default, "default").await;
+    let full = measure(15, 200, async || {
+        let i = p.instantiate().await.unwrap();
+        drop(i);
+    })
+    .await;
+    println!(
+        "fresh instance + WASI ctx + init    {:>9.2} µs",
+        full / 1000.0
+    );
+
+    // 2. An empty call: bare wasmtime against the host's guarded path (limits, deadline,
+    //    metrics, health, tracing span), same export, same instance.
+    let mut inst = p.instantiate().await.unwrap();
+    let guest = inst.exports.logging.clone().unwrap();
+    let bare = measure(21, 20_000, async || {
+        inst.store.set_epoch_deadline(1000);
+        let _ = guest.call_runs_on(&mut inst.store).await.unwrap();
+    })
+    .await;
+    let guarded = measure(21, 20_000, async || {
+        let g = guest.clone();
+        let _ = p
+            .call(&mut inst, "runs-on", move |i| {
+                Box::pin(async move { g.call_runs_on(&mut i.store).await })
+            })
+            .await
+            .unwrap();
+    })
+    .await;
+    println!(
+        "empty call, bare wasmtime           {:>9.3} µs",
+        bare / 1000.0
+    );
+    println!(
+        "empty call, host guarded path       {:>9.3} µs",
+        guarded / 1000.0
+    );
+
+    // 3. A 256-event batch as JSON lines: plugin (through LogWriter) vs native.
+    let mut native = jsonl_logger::JsonlLog::open(
+        dir.path(),
+        jsonl_logger::Meta {
+            instance_id: "bench".into(),
+            loggable_type: "run".into(),
+            loggable_id: "native".into(),
+            job_id: "bench".into(),
+        },
+    )
+    .unwrap();
+    let mut writer = LogWriter::open(p.clone(), meta("plugin")).await.unwrap();
+    let (mut seq_n, mut seq_p) = (1u64, 1u64);
+    let (mut t_native, mut t_plugin) = (Vec::new(), Vec::new());
+    for round in 0..9 {
+        // Alternate which side goes first, so neither always gets the warmer cache.
+        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let mut total = Duration::ZERO;
+            for _ in 0..200 {
+                if side == 0 {
+                    let b = batch(seq_n);
+                    seq_n += BATCH;
+                    let t = Instant::now();
+                    native.write(&b).unwrap();
+                    total += t.elapsed();
+                } else {
+                    let b = batch(seq_p);
+                    seq_p += BATCH;
+                    let t = Instant::now();
+                    writer.write(b).await.unwrap();
+                    total += t.elapsed();
+                }
+            }
+            let per = total.as_nanos() as f64 / 200.0;
+            if side == 0 {
+                t_native.push(per)
+            } else {
+                t_plugin.push(per)
+            }
+        }
+    }
+    t_native.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t_plugin.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (n, pl) = (t_native[4], t_plugin[4]);
+    let lines_native = std::fs::read_to_string(dir.path().join("bench/native.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    let lines_plugin = std::fs::read_to_string(dir.path().join("bench/plugin.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        lines_native, lines_plugin,
+        "both sides wrote the same number of events"
+    );
+    println!(
+        "256-event batch, native             {:>9.2} µs  ({:.2} M events/s)",
+        n / 1000.0,
+        BATCH as f64 / n * 1000.0
+    );
+    println!(
+        "256-event batch, plugin             {:>9.2} µs  ({:.2} M events/s)",
+        pl / 1000.0,
+        BATCH as f64 / pl * 1000.0
+    );
+
+    println!("\nratios");
+    println!(
+        "  instantiation, pooling            {:>9.2} µs   target <= 10 µs    {}",
+        pooled / 1000.0,
+        verdict(pooled <= 10_000.0)
+    );
+    println!(
+        "  pooling vs default allocator      {:>9.2}x",
+        default / pooled
+    );
+    println!(
+        "  host overhead per call            {:>+8.1} %    target <= 10 %     {}",
+        (guarded / bare - 1.0) * 100.0,
+        verdict(guarded / bare <= 1.10)
+    );
+    println!(
+        "  batch write, plugin / native      {:>9.2}x   target >= 0.90x    {}",
+        n / pl,
+        verdict(n / pl >= 0.90)
+    );
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT MET" }
+}

@@ -5,7 +5,7 @@
 //! build command, so a native workspace build must not see two (the workspace's
 //! `cargo xtask bundle` builds each plugin on its own).
 
-#[cfg(all(any(
+#[cfg(any(
     all(
         feature = "command-transport",
         any(
@@ -28,7 +28,7 @@
         any(feature = "fence-agent", feature = "logging-pair")
     ),
     all(feature = "fence-agent", feature = "logging-pair"),
-)))]
+))]
 compile_error!(
     "trellis-sdk: more than one world feature is enabled. A component implements one world: enable one of \
      command-transport, logging-method, log-browser, fence-agent, logging-pair per plugin, only for \

@@ -184,15 +184,12 @@ fn ensure_wasm_target() -> Result<()> {
     let out = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output();
-    if let Ok(out) = out {
-        if !String::from_utf8_lossy(&out.stdout)
+    if let Ok(out) = out
+        && !String::from_utf8_lossy(&out.stdout)
             .lines()
             .any(|l| l.trim() == "wasm32-wasip2")
-        {
-            bail!(
-                "the wasm32-wasip2 target is not installed: run `rustup target add wasm32-wasip2`"
-            );
-        }
+    {
+        bail!("the wasm32-wasip2 target is not installed: run `rustup target add wasm32-wasip2`");
     }
     Ok(())
 }

@@ -92,7 +92,7 @@ impl HttpGate {
             .port_u16()
             .unwrap_or(if scheme == "https" { 443 } else { 80 });
         let wanted = Authority { scheme, host, port };
-        if self.allowed.iter().any(|a| *a == wanted) {
+        if self.allowed.contains(&wanted) {
             Ok(())
         } else {
             Err(wanted.to_string())

@@ -17,18 +17,18 @@ pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     match DaemonConfig::load(file) {
         Ok(cfg) => {
             let mut problems = Vec::new();
-            if let Some(dir) = &cfg.runtime.plugin_dir {
-                if !dir.is_dir() {
-                    problems.push(format!(
-                        "`runtime.plugin-dir`: {} is not a directory",
-                        dir.display()
-                    ));
-                }
+            if let Some(dir) = &cfg.runtime.plugin_dir
+                && !dir.is_dir()
+            {
+                problems.push(format!(
+                    "`runtime.plugin-dir`: {} is not a directory",
+                    dir.display()
+                ));
             }
-            if let Some(f) = &cfg.secrets.file {
-                if let Err(e) = crate::capabilities::secrets::SecretStore::load(f) {
-                    problems.push(format!("`secrets.file`: {e}"));
-                }
+            if let Some(f) = &cfg.secrets.file
+                && let Err(e) = crate::capabilities::secrets::SecretStore::load(f)
+            {
+                problems.push(format!("`secrets.file`: {e}"));
             }
             if problems.is_empty() {
                 println!(

@@ -264,14 +264,14 @@ impl DaemonConfig {
             });
         }
         check_limits(&self.runtime.limits, "runtime.limits", &mut out);
-        if let Some(f) = &self.secrets.file {
-            if !f.is_file() {
-                out.push(Problem {
-                    field: "secrets.file".into(),
-                    problem: format!("{} does not exist", f.display()),
-                    fix: "create it (name = \"value\" lines, mode 0600) or remove the key".into(),
-                });
-            }
+        if let Some(f) = &self.secrets.file
+            && !f.is_file()
+        {
+            out.push(Problem {
+                field: "secrets.file".into(),
+                problem: format!("{} does not exist", f.display()),
+                fix: "create it (name = \"value\" lines, mode 0600) or remove the key".into(),
+            });
         }
         for (name, g) in &self.plugins {
             let at = format!("plugins.{name}");
@@ -319,26 +319,26 @@ impl DaemonConfig {
 }
 
 fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
-    if let Some(m) = l.memory {
-        if m.0 < (1 << 20) || m.0 > crate::runtime::limits::MAX_MEMORY {
-            out.push(Problem {
-                field: format!("{at}.memory"),
-                problem: format!(
-                    "{m} is outside 1MiB..={}",
-                    ByteSize(crate::runtime::limits::MAX_MEMORY)
-                ),
-                fix: "pick a value in that range (default 128MiB)".into(),
-            });
-        }
+    if let Some(m) = l.memory
+        && (m.0 < (1 << 20) || m.0 > crate::runtime::limits::MAX_MEMORY)
+    {
+        out.push(Problem {
+            field: format!("{at}.memory"),
+            problem: format!(
+                "{m} is outside 1MiB..={}",
+                ByteSize(crate::runtime::limits::MAX_MEMORY)
+            ),
+            fix: "pick a value in that range (default 128MiB)".into(),
+        });
     }
-    if let Some(t) = l.call_timeout {
-        if t.0.is_zero() {
-            out.push(Problem {
-                field: format!("{at}.call-timeout"),
-                problem: "a zero deadline fails every call".into(),
-                fix: "use e.g. 10s".into(),
-            });
-        }
+    if let Some(t) = l.call_timeout
+        && t.0.is_zero()
+    {
+        out.push(Problem {
+            field: format!("{at}.call-timeout"),
+            problem: "a zero deadline fails every call".into(),
+            fix: "use e.g. 10s".into(),
+        });
     }
     if let Some(0) = l.max_resources {
         out.push(Problem {

@@ -17,6 +17,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 const POOL_INSTANCES: u32 = 256;
 
 pub fn build_engine() -> anyhow::Result<Engine> {
+    build_engine_with(true)
+}
+
+/// The engine, with or without the pooling allocator (without: for comparisons).
+pub fn build_engine_with(pooling: bool) -> anyhow::Result<Engine> {
     let mut cfg = Config::new();
     cfg.wasm_component_model(true);
     cfg.epoch_interruption(true);
@@ -31,7 +36,9 @@ pub fn build_engine() -> anyhow::Result<Engine> {
         .max_memories_per_component(8)
         .max_tables_per_component(32)
         .table_elements(100_000);
-    cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    if pooling {
+        cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
     Engine::new(&cfg).map_err(|e| anyhow::anyhow!("creating the WebAssembly engine: {e:#}"))
 }
 

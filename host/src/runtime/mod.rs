@@ -59,7 +59,15 @@ impl Runtime {
         config: DaemonConfig,
         secrets: SecretStore,
     ) -> anyhow::Result<Arc<Runtime>> {
-        let engine = engine::build_engine()?;
+        Self::with_engine(config, secrets, engine::build_engine()?)
+    }
+
+    /// With a given engine (e.g. one without the pooling allocator, for comparisons).
+    pub fn with_engine(
+        config: DaemonConfig,
+        secrets: SecretStore,
+        engine: Engine,
+    ) -> anyhow::Result<Arc<Runtime>> {
         engine::start_epoch_ticker(&engine);
         Ok(Arc::new(Runtime {
             engine,

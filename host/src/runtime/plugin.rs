@@ -123,6 +123,37 @@ impl Plugin {
         }
     }
 
+    /// The linked, pre-instantiated component (for benchmarks and tools).
+    pub fn instance_pre(&self) -> &InstancePre<InstanceState> {
+        &self.pre
+    }
+
+    /// A fresh instance's state, prepared from the grants (for benchmarks and tools).
+    pub fn prepare_state(&self) -> anyhow::Result<InstanceState> {
+        InstanceState::prepare(
+            &self.name,
+            &self.grants,
+            &self.limits,
+            &self.secrets,
+            &self.metrics,
+        )
+    }
+
+    /// Instantiate without `init` and without the guarded path: the bare cost.
+    pub async fn instantiate_bare(&self, state: InstanceState) -> wasmtime::Result<Instance> {
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let instance = self.pre.instantiate_async(&mut store).await?;
+        let exports = self.load_exports(&mut store, &instance)?;
+        Ok(Instance {
+            store,
+            exports,
+            poisoned: false,
+        })
+    }
+
     /// The configuration `init` receives (JSON).
     pub fn config_json(&self) -> &str {
         &self.config_json
