@@ -70,19 +70,33 @@ async fn measure<F: AsyncFnMut()>(rounds: usize, iters: usize, mut f: F) -> f64 
 
 async fn instantiation(p: &Arc<Plugin>, label: &str) -> f64 {
     // States are prepared outside the timed region: this measures instantiation itself.
-    let mut samples = Vec::new();
+    // "instantiate" keeps the instances until the round ends (their teardown is not
+    // timed); "cycle" drops each before the next, so the pool's slot reset is timed too.
+    let (mut only, mut cycle) = (Vec::new(), Vec::new());
     for _ in 0..15 {
-        let states: Vec<_> = (0..200).map(|_| p.prepare_state().unwrap()).collect();
+        let states: Vec<_> = (0..100).map(|_| p.prepare_state().unwrap()).collect();
+        let mut live = Vec::with_capacity(100);
         let t = Instant::now();
         for s in states {
-            let inst = p.instantiate_bare(s).await.unwrap();
-            drop(inst);
+            live.push(p.instantiate_bare(s).await.unwrap());
         }
-        samples.push(t.elapsed().as_nanos() as f64 / 200.0);
+        only.push(t.elapsed().as_nanos() as f64 / 100.0);
+        drop(live);
+        let states: Vec<_> = (0..100).map(|_| p.prepare_state().unwrap()).collect();
+        let t = Instant::now();
+        for s in states {
+            drop(p.instantiate_bare(s).await.unwrap());
+        }
+        cycle.push(t.elapsed().as_nanos() as f64 / 100.0);
     }
-    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let ns = samples[samples.len() / 2];
-    println!("instantiate ({label:<9})          {:>9.2} µs", ns / 1000.0);
+    only.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    cycle.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (ns, c) = (only[only.len() / 2], cycle[cycle.len() / 2]);
+    println!(
+        "instantiate ({label:<7})            {:>9.2} µs   (with teardown: {:.2} µs)",
+        ns / 1000.0,
+        c / 1000.0
+    );
     ns
 }
 
@@ -95,50 +109,58 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     println!("trellis runtime benchmark (median of rounds; same run, same machine)\n");
 
-    // 1. Instantiation via InstancePre, pooling against the default allocator.
+    // TRELLIS_BENCH_ONLY=batch runs only part 3 (for profiling it alone).
+    let only_batch = std::env::var("TRELLIS_BENCH_ONLY").is_ok_and(|v| v == "batch");
+    let only_call = std::env::var("TRELLIS_BENCH_ONLY").is_ok_and(|v| v == "call");
     let rt = runtime(dir.path(), true);
     let p = rt.load(&plugin_dir).await.unwrap();
-    let pooled = instantiation(&p, "pooling").await;
-    let rt_default = runtime(dir.path(), false);
-    let p_default = rt_default.load(&plugin_dir).await.unwrap();
-    let default = instantiation(&p_default, "default").await;
-    let full = measure(15, 200, async || {
-        let i = p.instantiate().await.unwrap();
-        drop(i);
-    })
-    .await;
-    println!(
-        "fresh instance + WASI ctx + init    {:>9.2} µs",
-        full / 1000.0
-    );
-
-    // 2. An empty call: bare wasmtime against the host's guarded path (limits, deadline,
-    //    metrics, health, tracing span), same export, same instance.
-    let mut inst = p.instantiate().await.unwrap();
-    let guest = inst.exports.logging.clone().unwrap();
-    let bare = measure(21, 20_000, async || {
-        inst.store.set_epoch_deadline(1000);
-        let _ = guest.call_runs_on(&mut inst.store).await.unwrap();
-    })
-    .await;
-    let guarded = measure(21, 20_000, async || {
-        let g = guest.clone();
-        let _ = p
-            .call(&mut inst, "runs-on", move |i| {
-                Box::pin(async move { g.call_runs_on(&mut i.store).await })
+    let (mut pooled, mut default, mut bare, mut guarded) = (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+    if !only_batch {
+        // 1. Instantiation via InstancePre, pooling against the default allocator.
+        if !only_call {
+            pooled = instantiation(&p, "pooling").await;
+            let rt_default = runtime(dir.path(), false);
+            let p_default = rt_default.load(&plugin_dir).await.unwrap();
+            default = instantiation(&p_default, "default").await;
+            let full = measure(15, 200, async || {
+                let i = p.instantiate().await.unwrap();
+                drop(i);
             })
-            .await
-            .unwrap();
-    })
-    .await;
-    println!(
-        "empty call, bare wasmtime           {:>9.3} µs",
-        bare / 1000.0
-    );
-    println!(
-        "empty call, host guarded path       {:>9.3} µs",
-        guarded / 1000.0
-    );
+            .await;
+            println!(
+                "fresh instance + WASI ctx + init    {:>9.2} µs",
+                full / 1000.0
+            );
+        }
+
+        // 2. An empty call: bare wasmtime against the host's guarded path (limits, deadline,
+        //    metrics, health, tracing span), same export, same instance.
+        let mut inst = p.instantiate().await.unwrap();
+        let guest = inst.exports.logging.clone().unwrap();
+        bare = measure(21, 20_000, async || {
+            inst.store.set_epoch_deadline(1000);
+            let _ = guest.call_runs_on(&mut inst.store).await.unwrap();
+        })
+        .await;
+        guarded = measure(21, 20_000, async || {
+            let g = guest.clone();
+            let _ = p
+                .call(&mut inst, "runs-on", move |i| {
+                    Box::pin(async move { g.call_runs_on(&mut i.store).await })
+                })
+                .await
+                .unwrap();
+        })
+        .await;
+        println!(
+            "empty call, bare wasmtime           {:>9.3} µs",
+            bare / 1000.0
+        );
+        println!(
+            "empty call, host guarded path       {:>9.3} µs",
+            guarded / 1000.0
+        );
+    }
 
     // 3. A 256-event batch as JSON lines: plugin (through LogWriter) vs native.
     let mut native = jsonl_logger::JsonlLog::open(

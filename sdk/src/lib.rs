@@ -30,6 +30,7 @@
 
 pub mod config;
 pub mod events;
+pub mod fs;
 
 #[cfg(feature = "bindings")]
 mod bindings;

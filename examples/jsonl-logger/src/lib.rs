@@ -8,7 +8,7 @@
 mod component;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use trellis_sdk::events::{self, LogMeta};
 
@@ -40,6 +40,9 @@ pub struct JsonlLog {
     /// Highest seq already in the file: redelivered events at or below it are skipped,
     /// which is how this method stores each event at most once.
     last_seq: u64,
+    /// Where the next line goes: lines are appended with positioned writes, which the
+    /// sandbox performs inline (see `trellis_sdk::fs::write_all_at`).
+    end: u64,
     buf: Vec<u8>,
 }
 
@@ -63,12 +66,13 @@ impl JsonlLog {
             .write(true)
             .truncate(false)
             .open(&path)?;
-        let last_seq = recover_tail(&mut file)?;
+        let (last_seq, end) = recover_tail(&mut file)?;
         Ok(JsonlLog {
             file,
             dir,
             meta,
             last_seq,
+            end,
             buf: Vec::with_capacity(64 << 10),
         })
     }
@@ -88,14 +92,16 @@ impl JsonlLog {
             last = e.seq;
         }
         if !self.buf.is_empty() {
-            self.file.write_all(&self.buf)?;
+            trellis_sdk::fs::write_all_at(&self.file, &self.buf, self.end)?;
+            self.end += self.buf.len() as u64;
             self.last_seq = last;
         }
         Ok(())
     }
 
+    /// Nothing is buffered in the plugin: each batch is written when it arrives.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        Ok(())
     }
 
     /// Record the final count beside the log (write-temp + rename, so a reader never
@@ -117,11 +123,12 @@ impl JsonlLog {
     }
 }
 
-/// Find the last complete line's seq, cutting off a torn last line (a crash mid-write).
-fn recover_tail(file: &mut File) -> io::Result<u64> {
+/// Find the last complete line's seq and where the file ends, cutting off a torn last
+/// line (a crash mid-write).
+fn recover_tail(file: &mut File) -> io::Result<(u64, u64)> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let start = len.saturating_sub(1 << 20);
     file.seek(SeekFrom::Start(start))?;
@@ -137,16 +144,16 @@ fn recover_tail(file: &mut File) -> io::Result<u64> {
             ));
         }
     };
-    if keep < tail.len() {
-        file.set_len(start + keep as u64)?;
+    let end = start + keep as u64;
+    if end < len {
+        file.set_len(end)?;
     }
-    file.seek(SeekFrom::End(0))?;
     let complete = &tail[..keep];
     let last_line = complete[..complete.len().saturating_sub(1)]
         .rsplit(|&b| b == b'\n')
         .next()
         .unwrap_or(&[]);
-    Ok(seq_of(last_line).unwrap_or(0))
+    Ok((seq_of(last_line).unwrap_or(0), end))
 }
 
 fn seq_of(line: &[u8]) -> Option<u64> {
@@ -210,6 +217,7 @@ mod tests {
         log.write(&batch(1..=2)).unwrap();
         drop(log);
         let path = d.path().join("build/r-1.jsonl");
+        use std::io::Write;
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"id\":\"r-1:3\",\"seq\":3,\"mess").unwrap();
         let mut log = JsonlLog::open(d.path(), meta()).unwrap();

@@ -35,7 +35,8 @@ pub struct LogWriter {
     plugin: Arc<Plugin>,
     meta: LogMetadata,
     open: Option<(Instance, ResourceAny)>,
-    pending: VecDeque<Vec<u8>>,
+    /// Batches accepted but not confirmed; shared (not copied) with the call in flight.
+    pending: VecDeque<Arc<Vec<u8>>>,
 }
 
 impl LogWriter {
@@ -84,7 +85,7 @@ impl LogWriter {
     /// Queue a batch and try to deliver everything queued. On error the batches stay
     /// queued; call `deliver` (or `write`, or `close`) again later.
     pub async fn write(&mut self, batch: Vec<u8>) -> Result<(), PluginError> {
-        self.pending.push_back(batch);
+        self.pending.push_back(Arc::new(batch));
         self.deliver().await
     }
 
@@ -101,7 +102,7 @@ impl LogWriter {
                     Box::pin(async move {
                         guest
                             .writer()
-                            .call_write(&mut i.store, writer, &batch)
+                            .call_write(&mut i.store, writer, batch.as_ref())
                             .await
                     })
                 })

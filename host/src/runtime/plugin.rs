@@ -21,7 +21,9 @@ use crate::runtime::metrics::PluginMetrics;
 use crate::runtime::state::{Grants, InstanceState};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 use wasmtime::component::{InstancePre, ResourceTableError};
@@ -88,6 +90,13 @@ pub struct Plugin {
     pub(crate) secrets: Arc<SecretStore>,
     pub(crate) quarantine: QuarantineConfig,
     health: Mutex<Health>,
+    /// Lock-free mirrors of `health` for the call path: a healthy plugin's calls take
+    /// no lock. `crashes` > 0 or `quarantined` send a call through the slow path.
+    crashes: AtomicU32,
+    quarantined: AtomicBool,
+    /// The call deadline in epoch ticks, and the wall-clock timeout (computed once).
+    deadline_ticks: u64,
+    wall_timeout: Duration,
     idle: Mutex<Vec<Instance>>,
 }
 
@@ -119,6 +128,12 @@ impl Plugin {
             secrets,
             quarantine,
             health: Mutex::default(),
+            crashes: AtomicU32::new(0),
+            quarantined: AtomicBool::new(false),
+            deadline_ticks: (limits.call_timeout.as_micros() / EPOCH_TICK.as_micros()) as u64 + 1,
+            // A few ticks longer than the epoch deadline, so the cleaner epoch trap wins
+            // for a spinning guest; this one stops a guest blocked in a host call.
+            wall_timeout: limits.call_timeout + EPOCH_TICK * 3,
             idle: Mutex::default(),
         }
     }
@@ -168,6 +183,9 @@ impl Plugin {
     }
 
     fn admit(&self) -> Result<(), PluginError> {
+        if !self.quarantined.load(Relaxed) {
+            return Ok(());
+        }
         let h = self.health.lock().unwrap();
         h.admit(Instant::now()).map_err(|retry_in| {
             self.metrics.quarantine_refusals.fetch_add(1, Relaxed);
@@ -180,8 +198,16 @@ impl Plugin {
         })
     }
 
+    fn on_success(&self) {
+        if self.crashes.load(Relaxed) != 0 || self.quarantined.load(Relaxed) {
+            self.health.lock().unwrap().on_success();
+            self.crashes.store(0, Relaxed);
+            self.quarantined.store(false, Relaxed);
+        }
+    }
+
     fn deadline_ticks(&self) -> u64 {
-        (self.limits.call_timeout.as_micros() / EPOCH_TICK.as_micros()) as u64 + 1
+        self.deadline_ticks
     }
 
     /// A fresh instance, initialised with the plugin's configuration.
@@ -335,17 +361,21 @@ impl Plugin {
         inst.store.data_mut().limiter.hit_memory = false;
         let span = tracing::debug_span!("plugin_call", plugin = %self.name, call);
         let start = Instant::now();
-        // The epoch deadline stops a spinning guest; this timeout (a little longer, so the
-        // cleaner epoch trap wins) stops one that waits in a host call.
-        let wall = self.limits.call_timeout + EPOCH_TICK * 3;
-        let out = tokio::time::timeout(wall, f(inst)).instrument(span).await;
+        let out = WithDeadline {
+            call: f(inst),
+            start,
+            limit: self.wall_timeout,
+            timer: None,
+        }
+        .instrument(span)
+        .await;
         self.metrics.observe(start.elapsed());
         let err = match out {
             Ok(Ok(v)) => {
                 // `init` runs on every fresh instance: its success says nothing about
                 // whether the plugin's real work has stopped crashing.
                 if call != "init" {
-                    self.health.lock().unwrap().on_success();
+                    self.on_success();
                 }
                 return Ok(v);
             }
@@ -468,6 +498,35 @@ impl Plugin {
         PluginError::NotImplemented {
             plugin: self.name.to_string(),
             point,
+        }
+    }
+}
+
+/// A call with a wall-clock deadline whose timer is armed only if the call goes pending
+/// (waits in a host call): a call that completes at once never touches the timer wheel.
+struct WithDeadline<'a, T> {
+    call: CallFuture<'a, T>,
+    start: Instant,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// `Err(())` when the deadline passed first.
+impl<T> Future for WithDeadline<'_, T> {
+    type Output = Result<wasmtime::Result<T>, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(v) = this.call.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        let deadline = this.start + this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(())),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

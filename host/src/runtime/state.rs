@@ -49,6 +49,9 @@ impl InstanceState {
     ) -> anyhow::Result<InstanceState> {
         // WasiCtxBuilder starts empty: no env, args, stdin, preopens, sockets or lookup.
         let mut b = WasiCtxBuilder::new();
+        // Plugin file I/O is on granted local directories: do it on the calling thread
+        // instead of a blocking-pool round trip per (<= 4 KiB) stream write.
+        b.allow_blocking_current_thread(true);
         b.stdout(TracingOutput {
             plugin: plugin.clone(),
             stream: "stdout",

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install what building and testing Trellis needs on a fresh Debian machine with rustup.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    echo "setup: adding the wasm32-wasip2 Rust target"
+    rustup target add wasm32-wasip2
+fi
+
+echo "setup: ok"
