@@ -431,11 +431,15 @@ impl Plugin {
     fn crashed(&self, err: PluginError) -> PluginError {
         self.metrics.count(&err);
         let text = err.to_string();
-        let q = self
-            .health
-            .lock()
-            .unwrap()
-            .on_crash(&self.quarantine, Instant::now(), &text);
+        let q = {
+            let mut h = self.health.lock().unwrap();
+            let q = h.on_crash(&self.quarantine, Instant::now(), &text);
+            self.crashes.store(h.consecutive_failures(), Relaxed);
+            if q.is_some() {
+                self.quarantined.store(true, Relaxed);
+            }
+            q
+        };
         tracing::warn!(plugin = %self.name, kind = err.label(), "{text}; the instance was discarded");
         if let Some(period) = q {
             self.metrics.quarantines.fetch_add(1, Relaxed);
