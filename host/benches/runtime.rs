@@ -143,12 +143,7 @@ async fn main() {
         })
         .await;
         guarded = measure(21, 20_000, async || {
-            let g = guest.clone();
-            let _ = p
-                .call(&mut inst, "runs-on", move |i| {
-                    Box::pin(async move { g.call_runs_on(&mut i.store).await })
-                })
-                .await
+            let _ = trellis::guarded!(*p, &mut inst, "runs-on", |store| guest.call_runs_on(store))
                 .unwrap();
         })
         .await;

@@ -32,11 +32,8 @@ impl LogReader {
             .clone()
             .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
-        let r = p
-            .call(&mut inst, "read", move |i| {
-                Box::pin(async move { guest.call_read(&mut i.store, &log, &request).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "read", |store| guest
+            .call_read(store, &log, &request))?;
         let page = p.answer("read", r)?;
         p.check_return(
             &mut inst,
@@ -61,15 +58,12 @@ impl LogReader {
             .clone()
             .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
-        let r = p
-            .call(&mut inst, "tail", move |i| {
-                Box::pin(async move {
-                    guest
-                        .call_tail(&mut i.store, &log, step.as_deref(), count)
-                        .await
-                })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "tail", |store| guest.call_tail(
+            store,
+            &log,
+            step.as_deref(),
+            count
+        ))?;
         let events = p.answer("tail", r)?;
         p.check_return(&mut inst, "tail", events.len())?;
         p.checkin(inst);
@@ -85,11 +79,8 @@ impl LogReader {
             .clone()
             .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
-        let r = p
-            .call(&mut inst, "completeness", move |i| {
-                Box::pin(async move { guest.call_completeness(&mut i.store, &log).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "completeness", |store| guest
+            .call_completeness(store, &log))?;
         let c = p.answer("completeness", r)?;
         p.checkin(inst);
         Ok(c)

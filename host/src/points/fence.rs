@@ -46,11 +46,8 @@ impl FenceDevice {
                 .clone()
                 .ok_or_else(|| p.not_implemented("fence-agent"))?;
             let params = self.params.clone();
-            let r = p
-                .call(&mut inst, "fence", move |i| {
-                    Box::pin(async move { guest.call_fence(&mut i.store, &params, action).await })
-                })
-                .await?;
+            let r = crate::guarded!(p, &mut inst, "fence", |store| guest
+                .call_fence(store, &params, action))?;
             p.answer("fence", r)?;
             p.checkin(inst);
             Ok(())
@@ -76,11 +73,8 @@ impl FenceDevice {
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p
-            .call(&mut inst, "status", move |i| {
-                Box::pin(async move { guest.call_status(&mut i.store, &params).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "status", |store| guest
+            .call_status(store, &params))?;
         let s = p.answer("status", r)?;
         p.checkin(inst);
         Ok(s)
@@ -95,11 +89,8 @@ impl FenceDevice {
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p
-            .call(&mut inst, "monitor", move |i| {
-                Box::pin(async move { guest.call_monitor(&mut i.store, &params).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "monitor", |store| guest
+            .call_monitor(store, &params))?;
         p.answer("monitor", r)?;
         p.checkin(inst);
         Ok(())
@@ -114,11 +105,8 @@ impl FenceDevice {
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p
-            .call(&mut inst, "validate", move |i| {
-                Box::pin(async move { guest.call_validate(&mut i.store, &params).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "validate", |store| guest
+            .call_validate(store, &params))?;
         p.answer("validate", r)?;
         p.checkin(inst);
         Ok(())
@@ -133,11 +121,8 @@ impl FenceDevice {
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = p
-            .call(&mut inst, "list", move |i| {
-                Box::pin(async move { guest.call_list(&mut i.store, &params).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "list", |store| guest
+            .call_list(store, &params))?;
         let l = p.answer("list", r)?;
         p.checkin(inst);
         Ok(l)
@@ -151,11 +136,7 @@ impl FenceDevice {
             .fence
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let info = p
-            .call(&mut inst, "metadata", move |i| {
-                Box::pin(async move { guest.call_metadata(&mut i.store).await })
-            })
-            .await?;
+        let info = crate::guarded!(p, &mut inst, "metadata", |store| guest.call_metadata(store))?;
         p.checkin(inst);
         Ok(info)
     }

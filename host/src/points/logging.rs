@@ -21,11 +21,8 @@ pub async fn runs_on(plugin: &Plugin) -> Result<Side, PluginError> {
         .logging
         .clone()
         .ok_or_else(|| plugin.not_implemented("logging-method"))?;
-    let side = plugin
-        .call(&mut inst, "runs-on", move |i| {
-            Box::pin(async move { guest.call_runs_on(&mut i.store).await })
-        })
-        .await?;
+    let side = crate::guarded!(*plugin, &mut inst, "runs-on", |store| guest
+        .call_runs_on(store))?;
     plugin.checkin(inst);
     Ok(side)
 }
@@ -72,11 +69,7 @@ impl LogWriter {
             .clone()
             .ok_or_else(|| p.not_implemented("logging-method"))?;
         let meta = self.meta.clone();
-        let r = p
-            .call(&mut inst, "open", move |i| {
-                Box::pin(async move { guest.call_open(&mut i.store, &meta).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "open", |store| guest.call_open(store, &meta))?;
         let writer = p.answer("open", r)?;
         self.open = Some((inst, writer));
         Ok(())
@@ -96,17 +89,9 @@ impl LogWriter {
             let (inst, writer) = self.open.as_mut().expect("opened above");
             let guest = inst.exports.logging.clone().expect("checked at open");
             let writer = *writer;
-            let r = self
-                .plugin
-                .call(inst, "write", move |i| {
-                    Box::pin(async move {
-                        guest
-                            .writer()
-                            .call_write(&mut i.store, writer, batch.as_ref())
-                            .await
-                    })
-                })
-                .await;
+            let r = crate::guarded!(*self.plugin, inst, "write", |store| guest
+                .writer()
+                .call_write(store, writer, batch.as_ref()));
             match r.and_then(|r| self.plugin.answer("write", r)) {
                 Ok(()) => {
                     self.pending.pop_front();
@@ -130,17 +115,9 @@ impl LogWriter {
         self.ensure_open().await?;
         let (mut inst, writer) = self.open.take().expect("opened above");
         let guest = inst.exports.logging.clone().expect("checked at open");
-        let r = self
-            .plugin
-            .call(&mut inst, "close", move |i| {
-                Box::pin(async move {
-                    guest
-                        .writer()
-                        .call_close(&mut i.store, writer, final_count)
-                        .await
-                })
-            })
-            .await;
+        let r = crate::guarded!(*self.plugin, &mut inst, "close", |store| guest
+            .writer()
+            .call_close(store, writer, final_count));
         match r.and_then(|r| self.plugin.answer("close", r)) {
             Ok(()) => {
                 let _ = writer.resource_drop_async(&mut inst.store).await;

@@ -38,11 +38,8 @@ pub async fn connect(plugin: Arc<Plugin>, agent: &str) -> Result<Link, PluginErr
         .clone()
         .ok_or_else(|| plugin.not_implemented("command-transport"))?;
     let agent = agent.to_string();
-    let r = plugin
-        .call(&mut inst, "connect", move |i| {
-            Box::pin(async move { guest.call_connect(&mut i.store, &agent).await })
-        })
-        .await?;
+    let r = crate::guarded!(*plugin, &mut inst, "connect", |store| guest
+        .call_connect(store, &agent))?;
     let channel = plugin.answer("connect", r)?;
     Ok(Link {
         plugin,
@@ -59,11 +56,8 @@ pub async fn listen(plugin: Arc<Plugin>) -> Result<Listener, PluginError> {
         .transport
         .clone()
         .ok_or_else(|| plugin.not_implemented("command-transport"))?;
-    let r = plugin
-        .call(&mut inst, "listen", move |i| {
-            Box::pin(async move { guest.call_listen(&mut i.store).await })
-        })
-        .await?;
+    let r = crate::guarded!(*plugin, &mut inst, "listen", |store| guest
+        .call_listen(store))?;
     let listener = plugin.answer("listen", r)?;
     Ok(Listener {
         plugin,
@@ -78,16 +72,9 @@ impl Listener {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at listen");
         let l = self.listener;
-        let r = p
-            .call(&mut inst, "accept", move |i| {
-                Box::pin(async move {
-                    guest
-                        .listener()
-                        .call_accept(&mut i.store, l, timeout_ms)
-                        .await
-                })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "accept", |store| guest
+            .listener()
+            .call_accept(store, l, timeout_ms))?;
         let ch = p.answer("accept", r)?;
         Ok(ch.map(|channel| Link {
             plugin: p.clone(),
@@ -103,11 +90,9 @@ impl Link {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
-        let r = p
-            .call(&mut inst, "send", move |i| {
-                Box::pin(async move { guest.channel().call_send(&mut i.store, ch, &frames).await })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "send", |store| guest
+            .channel()
+            .call_send(store, ch, &frames))?;
         p.answer("send", r)
     }
 
@@ -116,16 +101,9 @@ impl Link {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
-        let r = p
-            .call(&mut inst, "receive", move |i| {
-                Box::pin(async move {
-                    guest
-                        .channel()
-                        .call_receive(&mut i.store, ch, timeout_ms)
-                        .await
-                })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "receive", |store| guest
+            .channel()
+            .call_receive(store, ch, timeout_ms))?;
         let frames = p.answer("receive", r)?;
         p.check_return(&mut inst, "receive", frames_size(&frames))?;
         Ok(frames)
@@ -136,16 +114,9 @@ impl Link {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
-        let r = p
-            .call(&mut inst, "commit", move |i| {
-                Box::pin(async move {
-                    guest
-                        .channel()
-                        .call_commit(&mut i.store, ch, lane, seq)
-                        .await
-                })
-            })
-            .await?;
+        let r = crate::guarded!(p, &mut inst, "commit", |store| guest
+            .channel()
+            .call_commit(store, ch, lane, seq))?;
         p.answer("commit", r)
     }
 

@@ -340,6 +340,8 @@ impl Plugin {
 
     /// Run one call into the plugin under its limits. `f` receives the instance and
     /// returns the raw wasmtime call; everything that can go wrong comes back typed.
+    /// (Adapters on hot paths use the `guarded!` macro instead, which does the same
+    /// without boxing the call's future.)
     pub async fn call<T, F>(
         &self,
         inst: &mut Instance,
@@ -349,6 +351,14 @@ impl Plugin {
     where
         F: for<'a> FnOnce(&'a mut Instance) -> CallFuture<'a, T>,
     {
+        let start = self.begin(inst, call)?;
+        let out = self.with_deadline(call, start, f(inst)).await;
+        self.finish(inst, call, start, out)
+    }
+
+    /// Before a call: refuse a poisoned instance or a quarantined plugin, arm the epoch
+    /// deadline. Returns the call's start time.
+    pub fn begin(&self, inst: &mut Instance, call: &'static str) -> Result<Instant, PluginError> {
         if inst.poisoned {
             return Err(PluginError::Trap {
                 plugin: self.name.to_string(),
@@ -357,18 +367,41 @@ impl Plugin {
             });
         }
         self.admit()?;
-        inst.store.set_epoch_deadline(self.deadline_ticks());
+        inst.store.set_epoch_deadline(self.deadline_ticks);
         inst.store.data_mut().limiter.hit_memory = false;
+        Ok(Instant::now())
+    }
+
+    /// The call's future under the wall-clock deadline (the epoch deadline stops a
+    /// spinning guest; this stops one blocked in a host call), in a tracing span.
+    pub fn with_deadline<F>(
+        &self,
+        call: &'static str,
+        start: Instant,
+        fut: F,
+    ) -> tracing::instrument::Instrumented<WithDeadline<F>>
+    where
+        F: Future,
+    {
         let span = tracing::debug_span!("plugin_call", plugin = %self.name, call);
-        let start = Instant::now();
-        let out = WithDeadline {
-            call: f(inst),
+        WithDeadline {
+            call: fut,
             start,
             limit: self.wall_timeout,
             timer: None,
         }
         .instrument(span)
-        .await;
+    }
+
+    /// After a call: metrics, health, and what went wrong, typed. A failed instance is
+    /// poisoned.
+    pub fn finish<T>(
+        &self,
+        inst: &mut Instance,
+        call: &'static str,
+        start: Instant,
+        out: Result<wasmtime::Result<T>, ()>,
+    ) -> Result<T, PluginError> {
         self.metrics.observe(start.elapsed());
         let err = match out {
             Ok(Ok(v)) => {
@@ -380,7 +413,7 @@ impl Plugin {
                 return Ok(v);
             }
             Ok(Err(e)) => self.classify(inst, call, e),
-            Err(_) => PluginError::Deadline {
+            Err(()) => PluginError::Deadline {
                 plugin: self.name.to_string(),
                 call,
                 limit: self.limits.call_timeout,
@@ -506,25 +539,28 @@ impl Plugin {
     }
 }
 
-/// A call with a wall-clock deadline whose timer is armed only if the call goes pending
-/// (waits in a host call): a call that completes at once never touches the timer wheel.
-struct WithDeadline<'a, T> {
-    call: CallFuture<'a, T>,
-    start: Instant,
-    limit: Duration,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+pin_project_lite::pin_project! {
+    /// A call with a wall-clock deadline whose timer is armed only if the call goes
+    /// pending (waits in a host call): a call that completes at once never touches the
+    /// timer wheel. Resolves to `Err(())` when the deadline passed first.
+    pub struct WithDeadline<F> {
+        #[pin]
+        call: F,
+        start: Instant,
+        limit: Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
 }
 
-/// `Err(())` when the deadline passed first.
-impl<T> Future for WithDeadline<'_, T> {
-    type Output = Result<wasmtime::Result<T>, ()>;
+impl<F: Future> Future for WithDeadline<F> {
+    type Output = Result<F::Output, ()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        if let Poll::Ready(v) = this.call.as_mut().poll(cx) {
+        let this = self.project();
+        if let Poll::Ready(v) = this.call.poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        let deadline = this.start + this.limit;
+        let deadline = *this.start + *this.limit;
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
@@ -533,4 +569,29 @@ impl<T> Future for WithDeadline<'_, T> {
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// Call a plugin export under the plugin's limits without boxing the call's future:
+///
+/// ```ignore
+/// let r = guarded!(plugin, &mut inst, "write", |store| guest.writer().call_write(store, w, &batch));
+/// ```
+///
+/// Evaluates to `Result<T, PluginError>`, exactly like `Plugin::call`.
+#[macro_export]
+macro_rules! guarded {
+    ($plugin:expr, $inst:expr, $call:expr, |$store:ident| $fut:expr) => {{
+        let plugin: &$crate::runtime::Plugin = &$plugin;
+        let inst: &mut $crate::runtime::Instance = $inst;
+        match plugin.begin(inst, $call) {
+            Err(e) => Err(e),
+            Ok(start) => {
+                let out = {
+                    let $store = &mut inst.store;
+                    plugin.with_deadline($call, start, $fut).await
+                };
+                plugin.finish(inst, $call, start, out)
+            }
+        }
+    }};
 }
