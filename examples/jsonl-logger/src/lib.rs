@@ -10,7 +10,7 @@ mod component;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use trellis_sdk::events::{self, LogMeta};
+use trellis_sdk::events::{self, JsonLineFormat, LogMeta};
 
 /// Owned copy of the run's metadata.
 #[derive(Debug, Clone)]
@@ -37,6 +37,8 @@ pub struct JsonlLog {
     file: File,
     dir: PathBuf,
     meta: Meta,
+    /// The JSON line layout, with this log's metadata escaped once.
+    format: JsonLineFormat,
     /// Highest seq already in the file: redelivered events at or below it are skipped,
     /// which is how this method stores each event at most once.
     last_seq: u64,
@@ -70,6 +72,7 @@ impl JsonlLog {
         Ok(JsonlLog {
             file,
             dir,
+            format: JsonLineFormat::new(&meta.view()),
             meta,
             last_seq,
             end,
@@ -82,13 +85,12 @@ impl JsonlLog {
         let evs =
             events::decode(batch).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         self.buf.clear();
-        let meta = self.meta.view();
         let mut last = self.last_seq;
         for e in &evs {
             if e.seq <= last {
                 continue;
             }
-            events::write_json_line(&mut self.buf, &meta, e);
+            self.format.write(&mut self.buf, e);
             last = e.seq;
         }
         if !self.buf.is_empty() {

@@ -24,6 +24,10 @@ pub fn build_engine() -> anyhow::Result<Engine> {
 pub fn build_engine_with(pooling: bool) -> anyhow::Result<Engine> {
     let mut cfg = Config::new();
     cfg.wasm_component_model(true);
+    // TRELLIS_PERFMAP=1: write /tmp/perf-<pid>.map so `perf` names plugin functions.
+    if std::env::var_os("TRELLIS_PERFMAP").is_some_and(|v| v == "1") {
+        cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     cfg.epoch_interruption(true);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(POOL_INSTANCES)
