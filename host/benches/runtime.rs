@@ -170,6 +170,13 @@ async fn main() {
         );
     }
 
+    if only_call {
+        println!(
+            "host overhead per call            {:>+8.1} %",
+            (guarded / bare - 1.0) * 100.0
+        );
+        return;
+    }
     // 3. A 256-event batch as JSON lines: plugin (through LogWriter) vs native.
     let mut native = jsonl_logger::JsonlLog::open(
         dir.path(),

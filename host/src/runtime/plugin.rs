@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tracing::Instrument;
 use wasmtime::component::{InstancePre, ResourceTableError};
 use wasmtime::{Store, Trap};
 
@@ -352,7 +351,10 @@ impl Plugin {
         F: for<'a> FnOnce(&'a mut Instance) -> CallFuture<'a, T>,
     {
         let start = self.begin(inst, call)?;
-        let out = self.with_deadline(call, start, f(inst)).await;
+        let out = {
+            let mut fut = f(inst);
+            self.with_deadline(call, start, fut.as_mut()).await
+        };
         self.finish(inst, call, start, out)
     }
 
@@ -367,30 +369,27 @@ impl Plugin {
             });
         }
         self.admit()?;
+        // (No need to reset the limiter's flag: an instance that hit it is poisoned.)
         inst.store.set_epoch_deadline(self.deadline_ticks);
-        inst.store.data_mut().limiter.hit_memory = false;
         Ok(Instant::now())
     }
 
     /// The call's future under the wall-clock deadline (the epoch deadline stops a
     /// spinning guest; this stops one blocked in a host call), in a tracing span.
-    pub fn with_deadline<F>(
+    pub fn with_deadline<'f, F: Future + ?Sized>(
         &self,
         call: &'static str,
         start: Instant,
-        fut: F,
-    ) -> tracing::instrument::Instrumented<WithDeadline<F>>
-    where
-        F: Future,
-    {
+        fut: Pin<&'f mut F>,
+    ) -> WithDeadline<'f, F> {
         let span = tracing::debug_span!("plugin_call", plugin = %self.name, call);
         WithDeadline {
             call: fut,
+            span,
             start,
             limit: self.wall_timeout,
             timer: None,
         }
-        .instrument(span)
     }
 
     /// After a call: metrics, health, and what went wrong, typed. A failed instance is
@@ -539,28 +538,28 @@ impl Plugin {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A call with a wall-clock deadline whose timer is armed only if the call goes
-    /// pending (waits in a host call): a call that completes at once never touches the
-    /// timer wheel. Resolves to `Err(())` when the deadline passed first.
-    pub struct WithDeadline<F> {
-        #[pin]
-        call: F,
-        start: Instant,
-        limit: Duration,
-        timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
+/// A call with a wall-clock deadline whose timer is armed only if the call goes pending
+/// (waits in a host call): a call that completes at once never touches the timer wheel.
+/// Holds the call's future by pinned reference, so the (large) future is never moved.
+/// Resolves to `Err(())` when the deadline passed first.
+pub struct WithDeadline<'f, F: ?Sized> {
+    call: Pin<&'f mut F>,
+    span: tracing::Span,
+    start: Instant,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<F: Future> Future for WithDeadline<F> {
+impl<F: Future + ?Sized> Future for WithDeadline<'_, F> {
     type Output = Result<F::Output, ()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(v) = this.call.poll(cx) {
+        let this = self.get_mut();
+        let _entered = this.span.enter();
+        if let Poll::Ready(v) = this.call.as_mut().poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        let deadline = *this.start + *this.limit;
+        let deadline = this.start + this.limit;
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
@@ -588,7 +587,11 @@ macro_rules! guarded {
             Ok(start) => {
                 let out = {
                     let $store = &mut inst.store;
-                    plugin.with_deadline($call, start, $fut).await
+                    // Pinned in place, in argument position: the future is never moved,
+                    // and temporaries in `$fut` live until the await completes.
+                    plugin
+                        .with_deadline($call, start, ::core::pin::pin!($fut))
+                        .await
                 };
                 plugin.finish(inst, $call, start, out)
             }
