@@ -137,11 +137,53 @@ impl<'a> Reader<'a> {
         let len = self.u32()? as usize;
         let at = self.pos;
         let b = self.take(len, "string longer than the buffer")?;
-        std::str::from_utf8(b).map_err(|_| DecodeError {
+        utf8(b).ok_or(DecodeError {
             offset: at,
             what: "string is not UTF-8",
         })
     }
+}
+
+/// `b` as text. Log text is mostly ASCII, which is valid UTF-8 by definition: check
+/// that 16 bytes at a time, and run the full validation only on strings that are not.
+#[inline]
+fn utf8(b: &[u8]) -> Option<&str> {
+    if is_ascii(b) {
+        // SAFETY: every byte is below 0x80, and ASCII is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        std::str::from_utf8(b).ok()
+    }
+}
+
+#[inline]
+fn is_ascii(b: &[u8]) -> bool {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::*;
+        while i + 16 <= b.len() {
+            // SAFETY: SSE2 is part of x86_64; reads b[i..i + 16], in bounds, unaligned.
+            let high = unsafe { _mm_movemask_epi8(_mm_loadu_si128(b.as_ptr().add(i).cast())) };
+            if high != 0 {
+                return false;
+            }
+            i += 16;
+        }
+    }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    {
+        use core::arch::wasm32::*;
+        while i + 16 <= b.len() {
+            // SAFETY: reads b[i..i + 16], in bounds; v128 loads may be unaligned.
+            let high = u8x16_bitmask(unsafe { v128_load(b.as_ptr().add(i).cast()) });
+            if high != 0 {
+                return false;
+            }
+            i += 16;
+        }
+    }
+    b[i..].is_ascii()
 }
 
 /// Builds a batch. Reuse one builder (`clear`) to avoid reallocating per batch.
@@ -481,6 +523,15 @@ mod tests {
         let n = buf.len();
         buf[n - 6] = 0xff; // inside the message
         assert_eq!(decode(&buf).unwrap_err().what, "string is not UTF-8");
+        // invalid UTF-8 after a long ASCII prefix (the vector path), and valid non-ASCII
+        let mut b = BatchBuilder::new();
+        b.push(1, 0, "s", &format!("{}é", "a".repeat(40)), &[]);
+        let good = b.finish();
+        assert_eq!(decode(&good).unwrap()[0].message.chars().last(), Some('é'));
+        let mut bad = good.clone();
+        let n = bad.len();
+        bad[n - 5] = 0xc3; // 'é' is c3 a9: make it c3 c3
+        assert_eq!(decode(&bad).unwrap_err().what, "string is not UTF-8");
     }
 
     #[test]
