@@ -180,6 +180,24 @@ fn precompiled_artifacts_are_cached_and_reused() {
     std::fs::write(&file, b"corrupt").unwrap();
     let third = rt.prepare(&bundle().join("jsonl-logger")).unwrap();
     assert!(!third.compiled.from_cache);
+    // A different build of the same component replaces the old artifact, not adds to it.
+    let other = d.path().join("p");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(
+        bundle().join("jsonl-logger/plugin.toml"),
+        other.join("plugin.toml"),
+    )
+    .unwrap();
+    let mut wasm = std::fs::read(bundle().join("jsonl-logger/jsonl_logger.wasm")).unwrap();
+    // append a custom section: a different file, the same plugin
+    wasm.extend_from_slice(&[0, 6, 5, b'x', b'-', b'y', b'z', b'!']);
+    std::fs::write(other.join("jsonl_logger.wasm"), &wasm).unwrap();
+    rt.prepare(&other).unwrap();
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        1,
+        "the stale artifact was pruned"
+    );
 }
 
 fn trellis(args: &[&str]) -> (i32, String) {

@@ -240,6 +240,14 @@ fn bundle(root: &Path) -> Result<PathBuf> {
     let out = target_dir(root).join("bundle");
     eprintln!("bundle: {} plugin(s) -> {}", crates.len(), out.display());
     build_into(root, &crates, &out)?;
+    // Check every plugin with the host and leave its precompiled artifact beside it
+    // (<bundle>/<plugin>/.cache/); an invalid plugin fails the build here.
+    cargo(&["build", "-q", "-p", "trellis"], &[])?;
+    let trellis = target_dir(root).join("debug/trellis");
+    run(Command::new(&trellis)
+        .args(["plugin", "list"])
+        .arg(&out)
+        .env("TRELLIS_LOG", "error"))?;
     Ok(out)
 }
 

@@ -64,11 +64,11 @@ impl Host for InstanceState {
         }
         let plugin = &*self.plugin;
         match level {
-            Level::Trace => tracing::trace!(target: "plugin", plugin, "{msg}"),
-            Level::Debug => tracing::debug!(target: "plugin", plugin, "{msg}"),
-            Level::Info => tracing::info!(target: "plugin", plugin, "{msg}"),
-            Level::Warn => tracing::warn!(target: "plugin", plugin, "{msg}"),
-            Level::Error => tracing::error!(target: "plugin", plugin, "{msg}"),
+            Level::Trace => tracing::trace!(target: "plugin", plugin = %plugin, "{msg}"),
+            Level::Debug => tracing::debug!(target: "plugin", plugin = %plugin, "{msg}"),
+            Level::Info => tracing::info!(target: "plugin", plugin = %plugin, "{msg}"),
+            Level::Warn => tracing::warn!(target: "plugin", plugin = %plugin, "{msg}"),
+            Level::Error => tracing::error!(target: "plugin", plugin = %plugin, "{msg}"),
         }
     }
 }

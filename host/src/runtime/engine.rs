@@ -140,6 +140,30 @@ pub fn load_component(
     })
 }
 
+/// Remove older artifacts of the same component (other hashes or engines): each rebuild
+/// of a plugin would otherwise leave one behind.
+fn prune_stale(dir: &Path, keep: &Path) {
+    let Some(name) = keep.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    // `<stem>-<sha16>-<engine16>.cwasm`: the stem is everything before the last two dashes.
+    let Some(stem) = name.rsplitn(3, '-').nth(2) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Some(other) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if path != keep && other.ends_with(".cwasm") && other.rsplitn(3, '-').nth(2) == Some(stem) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 fn store_artifact(component: &Component, dir: &Path, file: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let bytes = component.serialize()?;
@@ -148,5 +172,6 @@ fn store_artifact(component: &Component, dir: &Path, file: &Path) -> anyhow::Res
     let tmp = file.with_extension(format!("tmp.{}.{n}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, file)?;
+    prune_stale(dir, file);
     Ok(())
 }
