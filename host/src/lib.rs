@@ -1,8 +1,10 @@
 //! Trellis: a CI job host whose transport, logging, log browsing and fencing are
 //! sandboxed WebAssembly plugins. See docs/ARCHITECTURE.md for the map of this crate.
 
+pub mod agent;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
+pub mod jobs;
 pub mod points;
 pub mod runtime;

@@ -1,0 +1,5 @@
+//! The agent role: runs a job's steps and streams their output.
+//! (Registration, heartbeats and the transport session come with the controller.)
+
+pub mod exec;
+pub mod mask;
