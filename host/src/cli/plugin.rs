@@ -276,13 +276,22 @@ pub async fn list(
             Ok(p) => {
                 let status = match canary(&p).await {
                     Ok(()) => "ok".to_string(),
-                    Err(e) => format!(
-                        "refused: {}",
-                        e.items
+                    Err(e) => {
+                        let why = e
+                            .items
                             .first()
                             .map(|i| i.problem.clone())
-                            .unwrap_or_default()
-                    ),
+                            .unwrap_or_default();
+                        // A plugin that only lacks the operator's grants is valid.
+                        if why.contains(": denied: ") {
+                            format!(
+                                "valid; needs grants ({})",
+                                why.rsplit(": denied: ").next().unwrap_or("")
+                            )
+                        } else {
+                            format!("refused: {why}")
+                        }
+                    }
                 };
                 serde_json::json!({
                     "name": p.manifest.name,

@@ -35,11 +35,7 @@ impl LogReader {
         let r = crate::guarded!(p, &mut inst, "read", |store| guest
             .call_read(store, &log, &request))?;
         let page = p.answer("read", r)?;
-        p.check_return(
-            &mut inst,
-            "read",
-            page.events.len() + page.next.as_ref().map_or(0, |c| c.len()),
-        )?;
+        p.check_return(&mut inst, "read", page.events.len() + page.next.len())?;
         p.checkin(inst);
         Ok(page)
     }
