@@ -8,3 +8,4 @@ pub mod config;
 pub mod jobs;
 pub mod points;
 pub mod runtime;
+pub mod session;

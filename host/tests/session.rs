@@ -1,0 +1,205 @@
+//! The session layer over the real TCP transport: the agent's secret handshake, and a
+//! stream of output that survives the link being cut mid-way, every message delivered
+//! exactly once and in order.
+
+mod common;
+
+use common::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use trellis::points::bindings::command_transport::Lane;
+use trellis::points::transport::{self, Link, Listener};
+use trellis::runtime::Plugin;
+use trellis::session::Session;
+use trellis::session::link::{HandshakeError, challenge, exchange, introduce, welcome};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn tcp(dir: &std::path::Path) -> Arc<Plugin> {
+    let port = free_port();
+    let rt = runtime(
+        &format!(
+            "[plugins.tcp-transport]\nsockets = {{ bind = [\"127.0.0.1:{port}\"], connect = [\"127.0.0.1:{port}\"] }}\nconfig = {{ address = \"127.0.0.1:{port}\" }}\n"
+        ),
+        dir,
+        &[],
+    );
+    rt.load(&bundle().join("tcp-transport")).await.unwrap()
+}
+
+fn secrets(name: &str) -> Option<String> {
+    (name == "agent-1").then(|| "right-secret".to_string())
+}
+
+/// Connect an agent and run both ends of the handshake.
+async fn handshake(
+    p: &Arc<Plugin>,
+    listener: &Listener,
+    agent: &str,
+    secret: &str,
+    a: &mut Session,
+    c: &mut Session,
+) -> Result<(Link, Link), (HandshakeError, Option<HandshakeError>)> {
+    let agent_link = transport::connect(p.clone(), agent).await.unwrap();
+    let controller_link = listener.accept(2000).await.unwrap().expect("accepted");
+    let agent_received = a.received();
+    let labels = ["linux".to_string()];
+    let (agent_side, controller_side) = tokio::join!(
+        introduce(&agent_link, agent, &labels, secret, agent_received),
+        async {
+            let hello = challenge(&controller_link, secrets).await?;
+            c.resync(hello.received);
+            welcome(&controller_link, c.received()).await?;
+            Ok::<_, HandshakeError>(hello)
+        }
+    );
+    match (agent_side, controller_side) {
+        (Ok(peer), Ok(hello)) => {
+            assert_eq!(hello.labels, vec!["linux"]);
+            a.resync(peer);
+            Ok((agent_link, controller_link))
+        }
+        (Err(e), c) => Err((e, c.err())),
+        (Ok(_), Err(e)) => panic!("controller failed but the agent was welcomed: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_unknown_agent_is_refused_with_the_reason_on_both_sides() {
+    let d = tempfile::tempdir().unwrap();
+    let p = tcp(d.path()).await;
+    let listener = transport::listen(p.clone()).await.unwrap();
+    let (mut a, mut c) = (Session::default(), Session::default());
+    let (agent_err, controller_err) = handshake(&p, &listener, "agent-1", "wrong", &mut a, &mut c)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        agent_err
+            .to_string()
+            .contains("refused agent `agent-1`: wrong secret"),
+        "{agent_err}"
+    );
+    assert!(
+        matches!(controller_err, Some(HandshakeError::WrongSecret { .. })),
+        "{controller_err:?}"
+    );
+    let (agent_err, controller_err) = handshake(&p, &listener, "intruder", "x", &mut a, &mut c)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        agent_err.to_string().contains("unknown agent `intruder`"),
+        "{agent_err}"
+    );
+    assert!(matches!(
+        controller_err,
+        Some(HandshakeError::UnknownAgent { .. })
+    ));
+    // and the right secret is welcomed
+    assert!(
+        handshake(&p, &listener, "agent-1", "right-secret", &mut a, &mut c)
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_survives_a_cut_link_exactly_once_in_order() {
+    let d = tempfile::tempdir().unwrap();
+    let p = tcp(d.path()).await;
+    let listener = transport::listen(p.clone()).await.unwrap();
+    const N: usize = 20_000;
+    let line = |i: usize| format!("line {i} {}", "x".repeat(1000));
+
+    // The controller: accept, check the agent, pump until everything arrived.
+    let controller = tokio::spawn(async move {
+        let mut session = Session::default();
+        let mut got: Vec<(Lane, Vec<u8>)> = Vec::new();
+        let mut links = 0;
+        let t = Instant::now();
+        while got.len() < N + 1 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "controller stalled at {} messages",
+                got.len()
+            );
+            let Some(link) = listener.accept(500).await.unwrap() else {
+                continue;
+            };
+            let Ok(hello) = challenge(&link, secrets).await else {
+                continue;
+            };
+            session.resync(hello.received);
+            if welcome(&link, session.received()).await.is_err() {
+                continue;
+            }
+            links += 1;
+            while got.len() < N + 1 && exchange(&mut session, &link, 20, &mut got).await.is_ok() {}
+            // let the last acks out
+            for _ in 0..5 {
+                let _ = exchange(&mut session, &link, 20, &mut got).await;
+            }
+        }
+        (got, links)
+    });
+
+    // The agent: queue a step's output, then keep (re)connecting; the first three links
+    // are cut after a few rounds, mid-stream.
+    let mut agent = Session::default();
+    for i in 0..N {
+        agent.queue(Lane::Bulk, line(i).into_bytes());
+    }
+    agent.queue(Lane::Control, b"step-done".to_vec());
+    let mut cuts = 0;
+    let t = Instant::now();
+    while agent.unacked() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "agent stalled with {} unacknowledged",
+            agent.unacked()
+        );
+        let link = match transport::connect(p.clone(), "agent-1").await {
+            Ok(l) => l,
+            Err(_) => continue,
+        };
+        let Ok(peer) = introduce(&link, "agent-1", &[], "right-secret", agent.received()).await
+        else {
+            continue;
+        };
+        agent.resync(peer);
+        let rounds = if cuts < 3 { 4 } else { usize::MAX };
+        let mut sink = Vec::new();
+        for _ in 0..rounds {
+            if agent.unacked() == 0 || exchange(&mut agent, &link, 20, &mut sink).await.is_err() {
+                break;
+            }
+        }
+        if agent.unacked() > 0 {
+            cuts += 1; // the agent's connection dies with frames in flight
+        }
+        drop(link);
+    }
+    let (got, links) = controller.await.unwrap();
+    assert!(
+        cuts >= 3 && links >= 4,
+        "the link was cut mid-stream ({cuts} cuts, {links} links)"
+    );
+    let lines: Vec<String> = got
+        .iter()
+        .filter(|(l, _)| *l == Lane::Bulk)
+        .map(|(_, p)| String::from_utf8(p.clone()).unwrap())
+        .collect();
+    assert_eq!(lines.len(), N, "no line lost or duplicated");
+    assert!(
+        lines.iter().enumerate().all(|(i, l)| *l == line(i)),
+        "in order"
+    );
+    assert_eq!(got.iter().filter(|(l, _)| *l == Lane::Control).count(), 1);
+}
