@@ -151,9 +151,9 @@ impl Session {
 
     /// A new link: the peer has everything up to `peer_received`; resend the rest.
     pub fn resync(&mut self, peer_received: [u64; 2]) {
-        for i in 0..2 {
-            self.acked(i, peer_received[i]);
-            self.sent[i] = peer_received[i].max(
+        for (i, &peer) in peer_received.iter().enumerate() {
+            self.acked(i, peer);
+            self.sent[i] = peer.max(
                 self.unacked[i]
                     .front()
                     .map_or(self.next_seq[i], |(s, _)| s - 1),
