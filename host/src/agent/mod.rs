@@ -3,3 +3,4 @@
 
 pub mod exec;
 pub mod mask;
+pub mod worker;

@@ -1,0 +1,400 @@
+//! The controller role: accepts agents, places runs on them, records run state in its
+//! state directory and sends run output to the logging method.
+
+pub mod state;
+
+use crate::capabilities::secrets::SecretStore;
+use crate::jobs::Job;
+use crate::points::bindings::command_transport::Lane;
+use crate::points::bindings::types::LogMetadata;
+use crate::points::logging::LogWriter;
+use crate::points::transport::{self, Link, Listener};
+use crate::protocol::{RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
+use crate::runtime::Plugin;
+use crate::session::Session;
+use crate::session::link::{challenge, exchange, welcome};
+use state::{RunRecord, RunStatus, RunStore, StepStatus};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{broadcast, mpsc};
+use trellis_sdk::events::BatchBuilder;
+
+/// How long an idle agent link waits between polls (the latency of a quiet link).
+const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(5);
+
+pub struct ControllerConfig {
+    /// Names this controller in every log's metadata (JEP-212's instance id).
+    pub instance_id: String,
+    pub state_dir: PathBuf,
+    /// Agent name -> its secret.
+    pub agents: HashMap<String, String>,
+    /// Where jobs' `secrets` are looked up.
+    pub secrets: SecretStore,
+}
+
+/// Something that changed, for followers (CLI, API).
+#[derive(Debug, Clone)]
+pub enum Update {
+    Line {
+        run: String,
+        step: String,
+        seq: u64,
+        text: String,
+    },
+    Run(RunRecord),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(
+        "no connected agent has label `{0}`; start one with that label or change the job's `agent`"
+    )]
+    NoAgent(String),
+    #[error("job `{job}` uses secret `{secret}`, which is not in the controller's secret store")]
+    MissingSecret { job: String, secret: String },
+    #[error("cannot record the run: {0}")]
+    State(#[from] std::io::Error),
+}
+
+struct AgentSlot {
+    labels: Vec<String>,
+    connected: bool,
+    orders: mpsc::Sender<ToAgent>,
+    /// The session and its order queue wait here while the agent is not connected.
+    parked: Option<(Session, mpsc::Receiver<ToAgent>)>,
+}
+
+struct LogState {
+    writer: LogWriter,
+    events: u64,
+}
+
+pub struct Controller {
+    cfg: ControllerConfig,
+    logging: Arc<Plugin>,
+    store: RunStore,
+    agents: Mutex<HashMap<String, AgentSlot>>,
+    logs: tokio::sync::Mutex<HashMap<String, LogState>>,
+    updates: broadcast::Sender<Update>,
+}
+
+impl Controller {
+    /// Load past runs from the state directory and start accepting agents.
+    pub async fn start(
+        cfg: ControllerConfig,
+        transport_plugin: Arc<Plugin>,
+        logging: Arc<Plugin>,
+    ) -> anyhow::Result<Arc<Controller>> {
+        let store = RunStore::open(&cfg.state_dir)?;
+        let listener = transport::listen(transport_plugin)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for agents: {e}"))?;
+        let (updates, _) = broadcast::channel(65536);
+        let c = Arc::new(Controller {
+            cfg,
+            logging,
+            store,
+            agents: Mutex::default(),
+            logs: tokio::sync::Mutex::default(),
+            updates,
+        });
+        tokio::spawn(c.clone().accept_loop(listener));
+        Ok(c)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Update> {
+        self.updates.subscribe()
+    }
+
+    pub fn run(&self, id: &str) -> Option<RunRecord> {
+        self.store.get(id)
+    }
+
+    pub fn runs(&self) -> Vec<RunRecord> {
+        self.store.all()
+    }
+
+    /// Connected agents: (name, labels).
+    pub fn connected_agents(&self) -> Vec<(String, Vec<String>)> {
+        let a = self.agents.lock().unwrap();
+        let mut v: Vec<_> = a
+            .iter()
+            .filter(|(_, s)| s.connected)
+            .map(|(n, s)| (n.clone(), s.labels.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Place a run of `job` on a connected agent carrying its label.
+    pub fn submit(&self, job: &Job) -> Result<RunRecord, SubmitError> {
+        let mut env: Vec<(String, String)> = job
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut mask = Vec::new();
+        for (var, secret) in &job.secrets {
+            let value = self
+                .cfg
+                .secrets
+                .get(secret)
+                .ok_or_else(|| SubmitError::MissingSecret {
+                    job: job.name.clone(),
+                    secret: secret.clone(),
+                })?;
+            env.push((var.clone(), value.to_string()));
+            mask.push(value.to_string());
+        }
+        let agent = {
+            let a = self.agents.lock().unwrap();
+            let mut candidates: Vec<_> = a
+                .iter()
+                .filter(|(_, s)| s.connected && s.labels.contains(&job.agent))
+                .map(|(n, _)| n.clone())
+                .collect();
+            candidates.sort();
+            let busy = self.store.busy_agents();
+            candidates
+                .iter()
+                .find(|n| !busy.contains(*n))
+                .or(candidates.first())
+                .cloned()
+                .ok_or_else(|| SubmitError::NoAgent(job.agent.clone()))?
+        };
+        let record = self.store.create(job, &agent)?;
+        let order = RunOrder {
+            run: record.id.clone(),
+            job: job.name.clone(),
+            steps: job
+                .steps
+                .iter()
+                .map(|s| StepOrder {
+                    name: s.name.clone(),
+                    run: s.run.clone(),
+                    timeout_ms: s.timeout.as_millis() as u64,
+                    workdir: s.workdir.as_ref().map(|p| p.display().to_string()),
+                })
+                .collect(),
+            env,
+            mask,
+        };
+        let tx = self
+            .agents
+            .lock()
+            .unwrap()
+            .get(&agent)
+            .map(|s| s.orders.clone())
+            .expect("chosen above");
+        let _ = tx.try_send(ToAgent::StartRun(order));
+        let _ = self.updates.send(Update::Run(record.clone()));
+        Ok(record)
+    }
+
+    pub fn cancel(&self, run: &str) -> bool {
+        let Some(r) = self.store.get(run) else {
+            return false;
+        };
+        if r.status.is_final() {
+            return false;
+        }
+        let tx = self
+            .agents
+            .lock()
+            .unwrap()
+            .get(&r.agent)
+            .map(|s| s.orders.clone());
+        if let Some(tx) = tx {
+            let _ = tx.try_send(ToAgent::Cancel {
+                run: run.to_string(),
+            });
+        }
+        true
+    }
+
+    /// Accepted channels live in the listener's instance (a resource belongs to the
+    /// store that made it), so nothing here waits *inside* the plugin: accept and
+    /// receive are called with a zero timeout, and the host does the waiting, outside
+    /// the instance's lock, so one agent's link never stalls another's.
+    async fn accept_loop(self: Arc<Self>, listener: Listener) {
+        loop {
+            match listener.accept(0).await {
+                Ok(Some(link)) => {
+                    tokio::spawn(self.clone().serve(link));
+                }
+                Ok(None) => tokio::time::sleep(POLL_IDLE * 5).await,
+                Err(e) => {
+                    tracing::error!("accepting agents failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, link: Link) {
+        let agents = self.cfg.agents.clone();
+        let hello = match challenge(&link, |name| agents.get(name).cloned()).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("refused a connection: {e}");
+                return;
+            }
+        };
+        let name = hello.agent.clone();
+        let (mut session, mut orders) = {
+            let mut a = self.agents.lock().unwrap();
+            let slot = a.entry(name.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(1024);
+                AgentSlot {
+                    labels: vec![],
+                    connected: false,
+                    orders: tx,
+                    parked: Some((Session::default(), rx)),
+                }
+            });
+            let Some(parked) = slot.parked.take() else {
+                tracing::warn!(agent = %name, "already connected; refusing a second connection");
+                return;
+            };
+            slot.labels = hello.labels.clone();
+            slot.connected = true;
+            parked
+        };
+        session.resync(hello.received);
+        if welcome(&link, session.received()).await.is_ok() {
+            tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
+            loop {
+                while let Ok(order) = orders.try_recv() {
+                    session.queue(
+                        Lane::Control,
+                        serde_json::to_vec(&order).expect("serialisable"),
+                    );
+                }
+                let mut delivered = Vec::new();
+                let had_work = session.unacked() > 0;
+                if let Err(e) = exchange(&mut session, &link, 0, &mut delivered).await {
+                    tracing::warn!(agent = %name, "link lost: {e}");
+                    break;
+                }
+                if delivered.is_empty() && !had_work {
+                    tokio::time::sleep(POLL_IDLE).await;
+                }
+                for (_, payload) in delivered {
+                    match serde_json::from_slice::<ToController>(&payload) {
+                        Ok(msg) => self.handle(&name, msg).await,
+                        Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
+                    }
+                }
+            }
+        }
+        let mut a = self.agents.lock().unwrap();
+        if let Some(slot) = a.get_mut(&name) {
+            slot.connected = false;
+            slot.parked = Some((session, orders));
+        }
+    }
+
+    async fn handle(&self, agent: &str, msg: ToController) {
+        match msg {
+            ToController::StepStarted { run, step } => self.update(&run, |r| {
+                r.status = RunStatus::Running;
+                if let Some(s) = r.steps.iter_mut().find(|s| s.name == step) {
+                    s.status = StepStatus::Running;
+                }
+            }),
+            ToController::Output { run, step, lines } => {
+                let mut logs = self.logs.lock().await;
+                if !logs.contains_key(&run) {
+                    let job = self.store.get(&run).map(|r| r.job).unwrap_or_default();
+                    let meta = LogMetadata {
+                        instance_id: self.cfg.instance_id.clone(),
+                        loggable_type: "run".into(),
+                        loggable_id: run.clone(),
+                        job_id: job,
+                    };
+                    match LogWriter::open(self.logging.clone(), meta).await {
+                        Ok(writer) => {
+                            logs.insert(run.clone(), LogState { writer, events: 0 });
+                        }
+                        Err(e) => {
+                            tracing::error!(agent, run, "cannot open the run's log: {e}");
+                            return;
+                        }
+                    }
+                }
+                let log = logs.get_mut(&run).expect("inserted above");
+                let mut b = BatchBuilder::new();
+                for l in &lines {
+                    log.events += 1;
+                    b.push(
+                        log.events,
+                        l.ts_ms,
+                        &step,
+                        &l.text,
+                        &[(
+                            "stream",
+                            if l.stream == "err" {
+                                "stderr"
+                            } else {
+                                "stdout"
+                            },
+                        )],
+                    );
+                    let _ = self.updates.send(Update::Line {
+                        run: run.clone(),
+                        step: step.clone(),
+                        seq: log.events,
+                        text: l.text.clone(),
+                    });
+                }
+                // Keep-and-retry: a failed write stays queued in the writer.
+                if let Err(e) = log.writer.write(b.finish()).await {
+                    tracing::warn!(run, "log write failed, kept for retry: {e}");
+                }
+                let events = log.events;
+                drop(logs);
+                self.update(&run, |r| r.events = events);
+            }
+            ToController::StepFinished { run, step, outcome } => self.update(&run, |r| {
+                if let Some(s) = r.steps.iter_mut().find(|s| s.name == step) {
+                    s.status = if outcome.succeeded() {
+                        StepStatus::Succeeded
+                    } else {
+                        StepStatus::Failed
+                    };
+                    s.outcome = Some(outcome.clone());
+                }
+            }),
+            ToController::RunFinished { run, outcome } => {
+                if let Some(mut log) = self.logs.lock().await.remove(&run)
+                    && let Err(e) = log.writer.close(log.events).await
+                {
+                    tracing::error!(run, "closing the run's log failed: {e}");
+                }
+                self.update(&run, |r| r.finish(outcome.clone()));
+            }
+        }
+    }
+
+    fn update(&self, run: &str, f: impl FnOnce(&mut RunRecord)) {
+        match self.store.update(run, f) {
+            Ok(Some(r)) => {
+                let _ = self.updates.send(Update::Run(r));
+            }
+            Ok(None) => tracing::warn!(run, "update for an unknown run"),
+            Err(e) => tracing::error!(run, "cannot record the run's state: {e}"),
+        }
+    }
+}
+
+impl RunOutcome {
+    pub fn status(&self) -> RunStatus {
+        match self {
+            RunOutcome::Succeeded => RunStatus::Succeeded,
+            RunOutcome::Failed { .. } => RunStatus::Failed,
+            RunOutcome::TimedOut { .. } => RunStatus::TimedOut,
+            RunOutcome::Cancelled => RunStatus::Cancelled,
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Run state in the controller's state directory: one folder per run, each record
+//! written atomically (write a temp file, fsync, rename, fsync the folder), so a crash
+//! leaves either the old record or the new one, never half of one.
+
+use crate::jobs::Job;
+use crate::protocol::{RunOutcome, StepOutcome, now_ms};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// The controller restarted while the run was in flight.
+    Lost,
+}
+
+impl RunStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub name: String,
+    pub status: StepStatus,
+    pub outcome: Option<StepOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub job: String,
+    pub agent: String,
+    pub status: RunStatus,
+    pub steps: Vec<StepRecord>,
+    pub outcome: Option<RunOutcome>,
+    /// Log events recorded so far (the final count once finished).
+    pub events: u64,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+impl RunRecord {
+    pub fn finish(&mut self, outcome: RunOutcome) {
+        self.status = outcome.status();
+        self.outcome = Some(outcome);
+        self.finished_ms = Some(now_ms());
+        for s in &mut self.steps {
+            if matches!(s.status, StepStatus::Pending | StepStatus::Running) {
+                s.status = StepStatus::Skipped;
+            }
+        }
+    }
+}
+
+pub struct RunStore {
+    dir: PathBuf,
+    runs: Mutex<BTreeMap<String, RunRecord>>,
+}
+
+impl RunStore {
+    /// Open (or create) the store and load every past run. Runs that were in flight
+    /// when the controller stopped are marked `lost`.
+    pub fn open(state_dir: &Path) -> io::Result<RunStore> {
+        let dir = state_dir.join("runs");
+        std::fs::create_dir_all(&dir)?;
+        let mut runs = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path().join("run.json");
+            let Ok(text) = std::fs::read(&path) else {
+                continue;
+            };
+            match serde_json::from_slice::<RunRecord>(&text) {
+                Ok(mut r) => {
+                    if !r.status.is_final() {
+                        r.status = RunStatus::Lost;
+                        r.note =
+                            Some("the controller restarted while this run was in flight".into());
+                        write_atomic(&path, &serde_json::to_vec_pretty(&r).expect("serialisable"))?;
+                    }
+                    runs.insert(r.id.clone(), r);
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), "unreadable run record, skipped: {e}")
+                }
+            }
+        }
+        Ok(RunStore {
+            dir,
+            runs: Mutex::new(runs),
+        })
+    }
+
+    fn persist(&self, r: &RunRecord) -> io::Result<()> {
+        let folder = self.dir.join(&r.id);
+        std::fs::create_dir_all(&folder)?;
+        write_atomic(
+            &folder.join("run.json"),
+            &serde_json::to_vec_pretty(r).expect("serialisable"),
+        )
+    }
+
+    pub fn create(&self, job: &Job, agent: &str) -> io::Result<RunRecord> {
+        let mut runs = self.runs.lock().unwrap();
+        let next = runs
+            .keys()
+            .filter_map(|k| k.strip_prefix("r-")?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let r = RunRecord {
+            id: format!("r-{next:06}"),
+            job: job.name.clone(),
+            agent: agent.to_string(),
+            status: RunStatus::Queued,
+            steps: job
+                .steps
+                .iter()
+                .map(|s| StepRecord {
+                    name: s.name.clone(),
+                    status: StepStatus::Pending,
+                    outcome: None,
+                })
+                .collect(),
+            outcome: None,
+            events: 0,
+            created_ms: now_ms(),
+            finished_ms: None,
+            note: None,
+        };
+        self.persist(&r)?;
+        runs.insert(r.id.clone(), r.clone());
+        Ok(r)
+    }
+
+    pub fn update(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut RunRecord),
+    ) -> io::Result<Option<RunRecord>> {
+        let mut runs = self.runs.lock().unwrap();
+        let Some(r) = runs.get_mut(id) else {
+            return Ok(None);
+        };
+        let mut next = r.clone();
+        f(&mut next);
+        if next != *r {
+            self.persist(&next)?;
+            *r = next;
+        }
+        Ok(Some(r.clone()))
+    }
+
+    pub fn get(&self, id: &str) -> Option<RunRecord> {
+        self.runs.lock().unwrap().get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<RunRecord> {
+        self.runs.lock().unwrap().values().cloned().collect()
+    }
+
+    pub fn busy_agents(&self) -> BTreeSet<String> {
+        self.runs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| !r.status.is_final())
+            .map(|r| r.agent.clone())
+            .collect()
+    }
+}
+
+/// Write-temp + fsync + rename + fsync(dir).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+    ));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_survive_a_restart_and_in_flight_ones_are_marked_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let job = Job::parse(
+            "name = \"j\"\nagent = \"a\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
+            "j.toml",
+        )
+        .unwrap();
+        {
+            let s = RunStore::open(d.path()).unwrap();
+            let a = s.create(&job, "agent-1").unwrap();
+            let b = s.create(&job, "agent-1").unwrap();
+            assert_eq!((a.id.as_str(), b.id.as_str()), ("r-000001", "r-000002"));
+            s.update(&a.id, |r| r.finish(RunOutcome::Succeeded))
+                .unwrap();
+            s.update(&b.id, |r| r.status = RunStatus::Running).unwrap();
+        }
+        let s = RunStore::open(d.path()).unwrap();
+        assert_eq!(s.get("r-000001").unwrap().status, RunStatus::Succeeded);
+        let lost = s.get("r-000002").unwrap();
+        assert_eq!(lost.status, RunStatus::Lost);
+        assert!(lost.note.unwrap().contains("restarted"));
+        assert_eq!(
+            s.create(&job, "x").unwrap().id,
+            "r-000003",
+            "ids continue after a restart"
+        );
+        // no temp files left behind
+        let leftovers: Vec<_> = walk(d.path())
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn walk(p: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
+}

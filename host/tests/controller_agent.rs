@@ -1,0 +1,266 @@
+//! Controller and agent end to end, in one process, over the bundled plugins: the TCP
+//! transport, file-logging and file-browser. Jobs run real shell steps.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use trellis::agent::worker::{AgentConfig, AgentError, run_agent};
+use trellis::capabilities::secrets::SecretStore;
+use trellis::controller::state::{RunRecord, RunStatus, StepStatus};
+use trellis::controller::{Controller, ControllerConfig, Update};
+use trellis::jobs::Job;
+use trellis::points::bindings::log_browser::{LogCompleteness, PageRequest};
+use trellis::points::browser::LogReader;
+use trellis::protocol::{RunOutcome, StepOutcome};
+use trellis::runtime::Plugin;
+use trellis_sdk::events::decode;
+
+struct Setup {
+    controller: Arc<Controller>,
+    tcp: Arc<Plugin>,
+    reader: LogReader,
+    dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rt = runtime(
+        &format!(
+            r#"
+            [plugins.tcp-transport]
+            sockets = {{ bind = ["127.0.0.1:{port}"], connect = ["127.0.0.1:{port}"] }}
+            config = {{ address = "127.0.0.1:{port}" }}
+            [plugins.file-logging]
+            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
+            [plugins.file-browser]
+            dirs = [{{ host = "state/logs", guest = "/logs" }}]
+            "#
+        ),
+        dir.path(),
+        &[],
+    );
+    let tcp = rt.load(&bundle().join("tcp-transport")).await.unwrap();
+    let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
+    let reader = LogReader::new(rt.load(&bundle().join("file-browser")).await.unwrap()).unwrap();
+    let cfg = ControllerConfig {
+        instance_id: "test-controller".into(),
+        state_dir: dir.path().join("state"),
+        agents: HashMap::from([("agent-1".to_string(), "agent-secret".to_string())]),
+        secrets: SecretStore::from_pairs([(
+            "deploy-token".to_string(),
+            "hunter2-value".to_string(),
+        )]),
+    };
+    let controller = Controller::start(cfg, tcp.clone(), logging).await.unwrap();
+    Setup {
+        controller,
+        tcp,
+        reader,
+        dir,
+    }
+}
+
+fn agent(
+    s: &Setup,
+    name: &str,
+    secret: &str,
+) -> (
+    tokio::task::JoinHandle<Result<(), AgentError>>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let cfg = AgentConfig {
+        name: name.into(),
+        labels: vec!["linux".into()],
+        secret: secret.into(),
+        workspace: s.dir.path().join(format!("work-{name}")),
+    };
+    (tokio::spawn(run_agent(s.tcp.clone(), cfg, stop)), stop_tx)
+}
+
+async fn wait_connected(c: &Controller) {
+    for _ in 0..200 {
+        if !c.connected_agents().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the agent never connected");
+}
+
+async fn wait_final(c: &Controller, id: &str) -> RunRecord {
+    let mut updates = c.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(r) = c.run(id).filter(|r| r.status.is_final()) {
+            return r;
+        }
+        match tokio::time::timeout_at(deadline, updates.recv()).await {
+            Ok(Ok(Update::Run(r))) if r.id == id && r.status.is_final() => return r,
+            Ok(_) => {}
+            Err(_) => panic!("run {id} did not finish: {:?}", c.run(id)),
+        }
+    }
+}
+
+fn job(text: &str) -> Job {
+    Job::parse(text, "job.toml").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_step_job_runs_and_its_log_is_complete_and_masked() {
+    let s = setup().await;
+    let (_agent, _stop) = agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let run = s
+        .controller
+        .submit(&job(r#"
+            name = "build"
+            agent = "linux"
+            env = { GREETING = "hello" }
+            secrets = { TOKEN = "deploy-token" }
+            [[step]]
+            name = "greet"
+            run = "echo $GREETING; echo token=$TOKEN >&2"
+            [[step]]
+            name = "count"
+            run = "seq 1 5000"
+            "#))
+        .unwrap();
+    let r = wait_final(&s.controller, &run.id).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    assert_eq!(r.events, 5002);
+    assert!(r.steps.iter().all(|st| st.status == StepStatus::Succeeded));
+
+    let meta = meta("build", &run.id);
+    let meta = trellis::points::bindings::types::LogMetadata {
+        instance_id: "test-controller".into(),
+        ..meta
+    };
+    assert!(matches!(
+        s.reader.completeness(&meta).await.unwrap(),
+        LogCompleteness::Complete(5002)
+    ));
+    let greet = s
+        .reader
+        .read(
+            &meta,
+            PageRequest {
+                step: Some("greet".into()),
+                cursor: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    // stdout and stderr are separate pipes: each keeps its order, not their interleaving
+    let mut texts: Vec<String> = decode(&greet.events)
+        .unwrap()
+        .iter()
+        .map(|e| e.message.to_string())
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        vec!["hello", "token=****"],
+        "the secret is masked before it is logged"
+    );
+    let count = s
+        .reader
+        .read(
+            &meta,
+            PageRequest {
+                step: Some("count".into()),
+                cursor: None,
+                limit: 10_000,
+            },
+        )
+        .await
+        .unwrap();
+    let n: Vec<String> = decode(&count.events)
+        .unwrap()
+        .iter()
+        .map(|e| e.message.to_string())
+        .collect();
+    assert_eq!(n, (1..=5000).map(|i| i.to_string()).collect::<Vec<_>>());
+    // the run record is on disk
+    let on_disk =
+        std::fs::read_to_string(s.dir.path().join(format!("state/runs/{}/run.json", run.id)))
+            .unwrap();
+    assert!(on_disk.contains("\"succeeded\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_steps_timeouts_and_cancel() {
+    let s = setup().await;
+    let (_agent, _stop) = agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+
+    let run = s.controller.submit(&job("name = \"f\"\nagent = \"linux\"\n[[step]]\nname = \"a\"\nrun = \"exit 3\"\n[[step]]\nname = \"b\"\nrun = \"true\"\n")).unwrap();
+    let r = wait_final(&s.controller, &run.id).await;
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(
+        r.outcome,
+        Some(RunOutcome::Failed {
+            step: "a".into(),
+            outcome: StepOutcome::Exited { code: 3 }
+        })
+    );
+    assert_eq!(r.steps[1].status, StepStatus::Skipped);
+
+    let run = s.controller.submit(&job("name = \"t\"\nagent = \"linux\"\n[[step]]\nname = \"slow\"\nrun = \"sleep 30\"\ntimeout = \"300ms\"\n")).unwrap();
+    let r = wait_final(&s.controller, &run.id).await;
+    assert_eq!(r.status, RunStatus::TimedOut, "{r:?}");
+
+    let run = s
+        .controller
+        .submit(&job(
+            "name = \"c\"\nagent = \"linux\"\n[[step]]\nname = \"long\"\nrun = \"sleep 30\"\n",
+        ))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.controller.cancel(&run.id));
+    let r = wait_final(&s.controller, &run.id).await;
+    assert_eq!(r.status, RunStatus::Cancelled);
+
+    let err = s
+        .controller
+        .submit(&job(
+            "name = \"x\"\nagent = \"windows\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
+        ))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no connected agent has label `windows`"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_agent_secret_is_refused_and_nothing_runs() {
+    let s = setup().await;
+    let (agent, _stop) = agent(&s, "agent-1", "not-the-secret");
+    let err = tokio::time::timeout(Duration::from_secs(15), agent)
+        .await
+        .expect("the agent gives up")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("wrong secret"), "{err}");
+    assert!(s.controller.connected_agents().is_empty());
+    let e = s
+        .controller
+        .submit(&job(
+            "name = \"x\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
+        ))
+        .unwrap_err();
+    assert!(e.to_string().contains("no connected agent"));
+}
