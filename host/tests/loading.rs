@@ -268,3 +268,69 @@ fn cli_config_check_names_every_mistake() {
         "{out}"
     );
 }
+
+#[test]
+fn cli_up_runs_a_job_and_exits_with_its_status() {
+    let d = tempfile::tempdir().unwrap();
+    let bundle = bundle();
+    let job = d.path().join("ok.toml");
+    std::fs::write(&job, "name = \"ok\"\nagent = \"local\"\n[[step]]\nname = \"hi\"\nrun = \"echo hi from the step; echo to-stderr >&2\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "up",
+            job.to_str().unwrap(),
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--state",
+            d.path().join("s").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("hi from the step") && stdout.contains("to-stderr"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("run r-000001 succeeded"), "{stderr}");
+    assert!(d.path().join("s/logs/ok/r-000001.jsonl").is_file());
+
+    let bad = d.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\nagent = \"local\"\n[[step]]\nname = \"boom\"\nrun = \"exit 7\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "up",
+            bad.to_str().unwrap(),
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--state",
+            d.path().join("s").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("run r-000002 failed") && stderr.contains("\"code\":7"),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "up",
+            "/no/such/job.toml",
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read it"));
+}

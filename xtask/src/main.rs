@@ -17,7 +17,7 @@ tasks:
   test       bundle + fixtures, then run the whole test suite
   lint       cargo fmt --check, clippy (native and wasm32), all with -D warnings
   bench      bundle, then the runtime benchmark (release)
-  demo       bundle, then `trellis plugin list` and `trellis plugin check` over it
+  demo       bundle, then run examples/jobs/hello.toml with `trellis up` (controller + agent, default bundle)
 ";
 
 fn main() -> Result<()> {
@@ -48,13 +48,16 @@ fn main() -> Result<()> {
             let b = bundle(&root)?;
             cargo(&["build", "-q", "-p", "trellis"], &[])?;
             let trellis = target_dir(&root).join("debug/trellis");
-            run(Command::new(&trellis).arg("plugin").arg("list").arg(&b))?;
-            let mut check = Command::new(&trellis);
-            check.arg("plugin").arg("check");
-            for entry in std::fs::read_dir(&b)? {
-                check.arg(entry?.path());
-            }
-            run(&mut check)?;
+            // The main job: an example job through `trellis up` with the default bundle.
+            let state = target_dir(&root).join("demo-state");
+            let _ = std::fs::remove_dir_all(&state);
+            run(Command::new(&trellis)
+                .arg("up")
+                .arg(root.join("examples/jobs/hello.toml"))
+                .arg("--bundle")
+                .arg(&b)
+                .arg("--state")
+                .arg(&state))?;
         }
         "" | "help" | "-h" | "--help" => print!("{HELP}"),
         other => bail!("unknown task `{other}`\n\n{HELP}"),

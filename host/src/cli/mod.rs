@@ -1,6 +1,7 @@
 //! The `trellis` command line.
 
 mod plugin;
+mod up;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -35,6 +36,25 @@ pub enum Command {
     /// Validate a daemon configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run a job on this machine: a controller and local agents in one process, over
+    /// the default bundle (TCP transport on loopback, file logging). Streams the log and
+    /// exits with the run's status.
+    Up {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// The plugin bundle (default: $TRELLIS_BUNDLE_DIR).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Where runs and logs are kept.
+        #[arg(long, default_value = "trellis-state")]
+        state: PathBuf,
+        /// How many local agents to start.
+        #[arg(long, default_value_t = 1)]
+        agents: u32,
+        /// A secrets file (name = "value", mode 0600) for the job's `secrets`.
+        #[arg(long)]
+        secrets: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +117,22 @@ pub fn run(cli: Cli) -> ExitCode {
                 plugin::list(dir.as_deref(), config.as_deref(), json).await
             }
             Command::Config(ConfigCommand::Check { file }) => plugin::check_config(&file),
+            Command::Up {
+                job,
+                bundle,
+                state,
+                agents,
+                secrets,
+            } => {
+                up::up(up::UpOptions {
+                    job,
+                    bundle,
+                    state,
+                    agents,
+                    secrets,
+                })
+                .await
+            }
         }
     });
     match result {
