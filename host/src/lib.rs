@@ -2,6 +2,7 @@
 //! sandboxed WebAssembly plugins. See docs/ARCHITECTURE.md for the map of this crate.
 
 pub mod agent;
+pub mod api;
 pub mod capabilities;
 pub mod cli;
 pub mod config;

@@ -4,98 +4,13 @@
 mod common;
 
 use common::*;
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
-use trellis::agent::worker::{AgentConfig, AgentError, run_agent};
-use trellis::capabilities::secrets::SecretStore;
 use trellis::controller::state::{RunRecord, RunStatus, StepStatus};
-use trellis::controller::{Controller, ControllerConfig, Update};
+use trellis::controller::{Controller, Update};
 use trellis::jobs::Job;
 use trellis::points::bindings::log_browser::{LogCompleteness, PageRequest};
-use trellis::points::browser::LogReader;
 use trellis::protocol::{RunOutcome, StepOutcome};
-use trellis::runtime::Plugin;
 use trellis_sdk::events::decode;
-
-struct Setup {
-    controller: Arc<Controller>,
-    tcp: Arc<Plugin>,
-    reader: LogReader,
-    dir: tempfile::TempDir,
-}
-
-async fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let rt = runtime(
-        &format!(
-            r#"
-            [plugins.tcp-transport]
-            sockets = {{ bind = ["127.0.0.1:{port}"], connect = ["127.0.0.1:{port}"] }}
-            config = {{ address = "127.0.0.1:{port}" }}
-            [plugins.file-logging]
-            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
-            [plugins.file-browser]
-            dirs = [{{ host = "state/logs", guest = "/logs" }}]
-            "#
-        ),
-        dir.path(),
-        &[],
-    );
-    let tcp = rt.load(&bundle().join("tcp-transport")).await.unwrap();
-    let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
-    let reader = LogReader::new(rt.load(&bundle().join("file-browser")).await.unwrap()).unwrap();
-    let cfg = ControllerConfig {
-        instance_id: "test-controller".into(),
-        state_dir: dir.path().join("state"),
-        agents: HashMap::from([("agent-1".to_string(), "agent-secret".to_string())]),
-        secrets: SecretStore::from_pairs([(
-            "deploy-token".to_string(),
-            "hunter2-value".to_string(),
-        )]),
-    };
-    let controller = Controller::start(cfg, tcp.clone(), logging).await.unwrap();
-    Setup {
-        controller,
-        tcp,
-        reader,
-        dir,
-    }
-}
-
-fn agent(
-    s: &Setup,
-    name: &str,
-    secret: &str,
-) -> (
-    tokio::task::JoinHandle<Result<(), AgentError>>,
-    tokio::sync::watch::Sender<bool>,
-) {
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let cfg = AgentConfig {
-        name: name.into(),
-        labels: vec!["linux".into()],
-        secret: secret.into(),
-        workspace: s.dir.path().join(format!("work-{name}")),
-    };
-    (tokio::spawn(run_agent(s.tcp.clone(), cfg, stop)), stop_tx)
-}
-
-async fn wait_connected(c: &Controller) {
-    for _ in 0..200 {
-        if !c.connected_agents().is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the agent never connected");
-}
 
 async fn wait_final(c: &Controller, id: &str) -> RunRecord {
     let mut updates = c.subscribe();
@@ -118,8 +33,8 @@ fn job(text: &str) -> Job {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_step_job_runs_and_its_log_is_complete_and_masked() {
-    let s = setup().await;
-    let (_agent, _stop) = agent(&s, "agent-1", "agent-secret");
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
     wait_connected(&s.controller).await;
     let run = s
         .controller
@@ -201,8 +116,8 @@ async fn a_multi_step_job_runs_and_its_log_is_complete_and_masked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_steps_timeouts_and_cancel() {
-    let s = setup().await;
-    let (_agent, _stop) = agent(&s, "agent-1", "agent-secret");
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
     wait_connected(&s.controller).await;
 
     let run = s.controller.submit(&job("name = \"f\"\nagent = \"linux\"\n[[step]]\nname = \"a\"\nrun = \"exit 3\"\n[[step]]\nname = \"b\"\nrun = \"true\"\n")).unwrap();
@@ -247,8 +162,8 @@ async fn failing_steps_timeouts_and_cancel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_agent_secret_is_refused_and_nothing_runs() {
-    let s = setup().await;
-    let (agent, _stop) = agent(&s, "agent-1", "not-the-secret");
+    let s = stack().await;
+    let (agent, _stop) = start_agent(&s, "agent-1", "not-the-secret");
     let err = tokio::time::timeout(Duration::from_secs(15), agent)
         .await
         .expect("the agent gives up")
@@ -267,8 +182,8 @@ async fn a_wrong_agent_secret_is_refused_and_nothing_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_line_step_is_stored_exactly_once_in_order() {
-    let s = setup().await;
-    let (_agent, _stop) = agent(&s, "agent-1", "agent-secret");
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
     wait_connected(&s.controller).await;
     let t = std::time::Instant::now();
     let run = s.controller.submit(&job("name = \"big\"\nagent = \"linux\"\n[[step]]\nname = \"seq\"\nrun = \"seq 1 1000000\"\n")).unwrap();

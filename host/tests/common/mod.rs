@@ -59,3 +59,98 @@ pub fn batch(from: u64, n: u64) -> Vec<u8> {
     }
     b.finish()
 }
+
+/// A controller with the default bundle (TCP transport on a free loopback port,
+/// file-logging and file-browser under `<dir>/state/logs`), one known agent
+/// (`agent-1` / `agent-secret`) and one job secret (`deploy-token`).
+pub struct Stack {
+    pub controller: Arc<trellis::controller::Controller>,
+    pub runtime: Arc<Runtime>,
+    pub tcp: Arc<trellis::runtime::Plugin>,
+    pub reader: trellis::points::browser::LogReader,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn stack() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rt = runtime(
+        &format!(
+            r#"
+            [plugins.tcp-transport]
+            sockets = {{ bind = ["127.0.0.1:{port}"], connect = ["127.0.0.1:{port}"] }}
+            config = {{ address = "127.0.0.1:{port}" }}
+            [plugins.file-logging]
+            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
+            [plugins.file-browser]
+            dirs = [{{ host = "state/logs", guest = "/logs" }}]
+            "#
+        ),
+        dir.path(),
+        &[],
+    );
+    let tcp = rt.load(&bundle().join("tcp-transport")).await.unwrap();
+    let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
+    let reader = trellis::points::browser::LogReader::new(
+        rt.load(&bundle().join("file-browser")).await.unwrap(),
+    )
+    .unwrap();
+    let cfg = trellis::controller::ControllerConfig {
+        instance_id: "test-controller".into(),
+        state_dir: dir.path().join("state"),
+        agents: std::collections::HashMap::from([(
+            "agent-1".to_string(),
+            "agent-secret".to_string(),
+        )]),
+        secrets: SecretStore::from_pairs([(
+            "deploy-token".to_string(),
+            "hunter2-value".to_string(),
+        )]),
+    };
+    let controller = trellis::controller::Controller::start(cfg, tcp.clone(), logging)
+        .await
+        .unwrap();
+    Stack {
+        controller,
+        runtime: rt,
+        tcp,
+        reader,
+        dir,
+    }
+}
+
+pub type AgentTask = tokio::task::JoinHandle<Result<(), trellis::agent::worker::AgentError>>;
+
+/// Start an in-process agent with label `linux`.
+pub fn start_agent(
+    s: &Stack,
+    name: &str,
+    secret: &str,
+) -> (AgentTask, tokio::sync::watch::Sender<bool>) {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let cfg = trellis::agent::worker::AgentConfig {
+        name: name.into(),
+        labels: vec!["linux".into()],
+        secret: secret.into(),
+        workspace: s.dir.path().join(format!("work-{name}")),
+    };
+    (
+        tokio::spawn(trellis::agent::worker::run_agent(s.tcp.clone(), cfg, stop)),
+        stop_tx,
+    )
+}
+
+pub async fn wait_connected(c: &trellis::controller::Controller) {
+    for _ in 0..200 {
+        if !c.connected_agents().is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the agent never connected");
+}

@@ -1,0 +1,367 @@
+//! The controller's HTTP API (JSON), with live log following as Server-Sent Events.
+//!
+//! | method, path | what |
+//! |---|---|
+//! | `GET /api/runs` | every run, oldest first |
+//! | `POST /api/runs` (body: a job file, TOML) | submit: 201 with the run; 400 naming each mistake; 409 when no agent can take it |
+//! | `GET /api/runs/{id}` | one run with its steps |
+//! | `POST /api/runs/{id}/cancel` | 202; 409 if it already ended |
+//! | `GET /api/runs/{id}/log?cursor=&limit=&step=&tail=` | a page of events and the cursor to continue from, with completeness |
+//! | `GET /api/runs/{id}/log/follow?step=` | SSE: `line` events until the run ended and its log is complete, then `end` |
+//! | `GET /api/agents` | connected agents and their labels |
+//! | `GET /api/plugins` | loaded plugins: points, health, call counts |
+//! | `GET /metrics` | Prometheus text: per-plugin metrics |
+//!
+//! Logs are read through the configured log browser, so following works the same for
+//! any logging method, and a finished run is never shown complete before it is.
+
+use crate::controller::Controller;
+use crate::controller::state::RunRecord;
+use crate::jobs::Job;
+use crate::points::bindings::log_browser::{LogCompleteness, PageRequest};
+use crate::points::bindings::types::LogMetadata;
+use crate::points::browser::LogReader;
+use crate::runtime::Runtime;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Api {
+    pub controller: Arc<Controller>,
+    pub runtime: Arc<Runtime>,
+    pub reader: LogReader,
+    pub instance_id: String,
+}
+
+/// Most events one page returns.
+const MAX_PAGE: u32 = 10_000;
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/runs", get(list_runs).post(submit))
+        .route("/api/runs/{id}", get(show_run))
+        .route("/api/runs/{id}/cancel", post(cancel))
+        .route("/api/runs/{id}/log", get(log_page))
+        .route("/api/runs/{id}/log/follow", get(follow))
+        .route("/api/agents", get(agents))
+        .route("/api/plugins", get(plugins))
+        .route("/metrics", get(metrics))
+        .with_state(api)
+}
+
+/// Serve on `addr` (port 0: any free port). Returns the bound address.
+pub async fn serve(addr: SocketAddr, api: Arc<Api>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(api)).await {
+            tracing::error!("HTTP API stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+async fn list_runs(State(api): State<Arc<Api>>) -> Json<Vec<RunRecord>> {
+    Json(api.controller.runs())
+}
+
+async fn submit(State(api): State<Arc<Api>>, body: String) -> Response {
+    let job = match Job::parse(&body, "(request body)") {
+        Ok(j) => j,
+        Err(p) => return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": "invalid job", "problems": p.items.iter().map(|i| i.to_string()).collect::<Vec<_>>() }))).into_response(),
+    };
+    match api.controller.submit(&job) {
+        Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),
+        Err(e @ crate::controller::SubmitError::NoAgent(_)) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Err(e @ crate::controller::SubmitError::MissingSecret { .. }) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn show_run(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
+    match api.controller.run(&id) {
+        Some(r) => Json(r).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no run `{id}`")),
+    }
+}
+
+async fn cancel(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
+    match api.controller.run(&id) {
+        None => error(StatusCode::NOT_FOUND, format!("no run `{id}`")),
+        Some(r) if r.status.is_final() => {
+            error(StatusCode::CONFLICT, format!("run `{id}` already ended"))
+        }
+        Some(_) => {
+            api.controller.cancel(&id);
+            (
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({ "cancelling": id })),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    cursor: Option<String>,
+    limit: Option<u32>,
+    step: Option<String>,
+    tail: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogEvent {
+    pub seq: u64,
+    pub timestamp_ms: i64,
+    pub step: String,
+    pub stream: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Completeness {
+    state: &'static str,
+    expected: Option<u64>,
+    present: Option<u64>,
+}
+
+fn completeness(c: LogCompleteness) -> Completeness {
+    match c {
+        LogCompleteness::Open => Completeness {
+            state: "open",
+            expected: None,
+            present: None,
+        },
+        LogCompleteness::Complete(n) => Completeness {
+            state: "complete",
+            expected: Some(n),
+            present: Some(n),
+        },
+        LogCompleteness::Incomplete(m) => Completeness {
+            state: "incomplete",
+            expected: Some(m.expected),
+            present: Some(m.present),
+        },
+    }
+}
+
+fn events(buf: &[u8]) -> Vec<LogEvent> {
+    trellis_sdk::events::decode(buf)
+        .map(|evs| {
+            evs.iter()
+                .map(|e| LogEvent {
+                    seq: e.seq,
+                    timestamp_ms: e.timestamp_ms,
+                    step: e.step.to_string(),
+                    stream: e.data_value("stream").unwrap_or("stdout").to_string(),
+                    message: e.message.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn meta(api: &Api, run: &RunRecord) -> LogMetadata {
+    LogMetadata {
+        instance_id: api.instance_id.clone(),
+        loggable_type: "run".into(),
+        loggable_id: run.id.clone(),
+        job_id: run.job.clone(),
+    }
+}
+
+async fn log_page(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let Some(run) = api.controller.run(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no run `{id}`"));
+    };
+    let m = meta(&api, &run);
+    let c = match api.reader.completeness(&m).await {
+        Ok(c) => completeness(c),
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("log store unavailable: {e}"),
+            );
+        }
+    };
+    if let Some(n) = q.tail {
+        return match api.reader.tail(&m, q.step.clone(), n.min(MAX_PAGE)).await {
+            Ok(buf) => Json(serde_json::json!({ "events": events(&buf), "completeness": c }))
+                .into_response(),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("log store unavailable: {e}"),
+            ),
+        };
+    }
+    let req = PageRequest {
+        step: q.step,
+        cursor: q.cursor,
+        limit: q.limit.unwrap_or(1000).clamp(1, MAX_PAGE),
+    };
+    match api.reader.read(&m, req).await {
+        Ok(page) => Json(serde_json::json!({ "events": events(&page.events), "next": page.next, "completeness": c })).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("log store unavailable: {e}")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct FollowQuery {
+    step: Option<String>,
+}
+
+/// Follow a log: pages from the browser as they appear; ends once the run is over and
+/// the browser reports the log complete (an eventually consistent store is waited for).
+async fn follow(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    Query(q): Query<FollowQuery>,
+) -> Response {
+    let Some(run) = api.controller.run(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no run `{id}`"));
+    };
+    let m = meta(&api, &run);
+    struct S {
+        api: Arc<Api>,
+        id: String,
+        meta: LogMetadata,
+        step: Option<String>,
+        cursor: Option<String>,
+        pending: std::collections::VecDeque<Event>,
+        done: bool,
+    }
+    let s = S {
+        api,
+        id,
+        meta: m,
+        step: q.step,
+        cursor: None,
+        pending: Default::default(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(e) = s.pending.pop_front() {
+                return Some((Ok::<Event, Infallible>(e), s));
+            }
+            if s.done {
+                return None;
+            }
+            let req = PageRequest {
+                step: s.step.clone(),
+                cursor: s.cursor.clone(),
+                limit: 1000,
+            };
+            match s.api.reader.read(&s.meta, req).await {
+                Ok(page) => {
+                    let evs = events(&page.events);
+                    s.cursor = Some(page.next);
+                    if !evs.is_empty() {
+                        for e in evs {
+                            s.pending.push_back(
+                                Event::default()
+                                    .event("line")
+                                    .json_data(&e)
+                                    .unwrap_or_default(),
+                            );
+                        }
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    s.pending.push_back(
+                        Event::default()
+                            .event("error")
+                            .data(format!("log store unavailable: {e}")),
+                    );
+                }
+            }
+            let run = s.api.controller.run(&s.id);
+            let finished = run.as_ref().is_some_and(|r| r.status.is_final());
+            if finished
+                && matches!(
+                    s.api.reader.completeness(&s.meta).await,
+                    Ok(LogCompleteness::Complete(_))
+                )
+            {
+                let r = run.expect("finished");
+                s.pending.push_back(
+                    Event::default()
+                        .event("end")
+                        .json_data(&r)
+                        .unwrap_or_default(),
+                );
+                s.done = true;
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn agents(State(api): State<Arc<Api>>) -> Response {
+    let list: Vec<_> = api
+        .controller
+        .connected_agents()
+        .into_iter()
+        .map(|(name, labels)| serde_json::json!({ "name": name, "labels": labels }))
+        .collect();
+    Json(list).into_response()
+}
+
+async fn plugins(State(api): State<Arc<Api>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let list: Vec<_> = api
+        .runtime
+        .plugins()
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.manifest.name,
+                "version": p.manifest.version,
+                "points": p.info.points().iter().map(|x| x.interface()).collect::<Vec<_>>(),
+                "health": format!("{:?}", p.health()),
+                "calls": p.metrics.calls(),
+                "errors": p.metrics.errors.load(Relaxed),
+                "traps": p.metrics.traps.load(Relaxed),
+                "deadlines": p.metrics.deadlines.load(Relaxed),
+            })
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        api.runtime.render_metrics(),
+    )
+        .into_response()
+}

@@ -1,0 +1,203 @@
+//! The HTTP API over a live controller and agent: submit, show, list, log pages (cursor,
+//! step, tail), live follow over SSE to the end, cancel, agents, plugins, metrics.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use trellis::api::{Api, serve};
+use trellis::points::browser::LogReader;
+
+/// One request, `Connection: close`; returns (status, body).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/toml\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+const JOB: &str = r#"
+name = "api-job"
+agent = "linux"
+secrets = { TOKEN = "deploy-token" }
+[[step]]
+name = "one"
+run = "for i in $(seq 1 300); do echo line $i; done; echo token=$TOKEN"
+[[step]]
+name = "two"
+run = "sleep 0.3; echo last"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_end_to_end() {
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let reader = LogReader::new(s.runtime.get("file-browser").unwrap()).unwrap();
+    let api = Arc::new(Api {
+        controller: s.controller.clone(),
+        runtime: s.runtime.clone(),
+        reader,
+        instance_id: "test-controller".into(),
+    });
+    let addr = serve("127.0.0.1:0".parse().unwrap(), api).await.unwrap();
+
+    // bad input is named
+    let (code, body) = http(
+        addr,
+        "POST",
+        "/api/runs",
+        "name = \"x\"\nagent = \"linux\"\n",
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(body.contains("no steps"), "{body}");
+    let (code, body) = http(
+        addr,
+        "POST",
+        "/api/runs",
+        &JOB.replace("agent = \"linux\"", "agent = \"arm\""),
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+
+    // submit, then follow live until the end
+    let (code, body) = http(addr, "POST", "/api/runs", JOB).await;
+    assert_eq!(code, 201, "{body}");
+    let id = json(&body)["id"].as_str().unwrap().to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET /api/runs/{id}/log/follow HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n").as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let (mut messages, mut ended) = (Vec::new(), None);
+    let mut event = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ended.is_none() {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("follow stalled")
+            .unwrap()
+            .expect("stream ended early");
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            match event.as_str() {
+                "line" => messages.push(json(d)["message"].as_str().unwrap().to_string()),
+                "end" => ended = Some(json(d)),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(ended.unwrap()["status"], "succeeded");
+    assert_eq!(messages.len(), 302, "every line once, then the end");
+    assert_eq!(messages[0], "line 1");
+    assert_eq!(messages[299], "line 300");
+    assert_eq!(messages[300], "token=****");
+    assert_eq!(messages[301], "last");
+
+    // pages, step filter, tail
+    let (code, body) = http(addr, "GET", &format!("/api/runs/{id}/log?limit=100"), "").await;
+    assert_eq!(code, 200);
+    let page = json(&body);
+    assert_eq!(page["events"].as_array().unwrap().len(), 100);
+    assert_eq!(page["completeness"]["state"], "complete");
+    let next = page["next"].as_str().unwrap();
+    let (_, body) = http(
+        addr,
+        "GET",
+        &format!("/api/runs/{id}/log?cursor={next}&limit=1"),
+        "",
+    )
+    .await;
+    assert_eq!(json(&body)["events"][0]["message"], "line 101");
+    let (_, body) = http(addr, "GET", &format!("/api/runs/{id}/log?step=two"), "").await;
+    assert_eq!(json(&body)["events"].as_array().unwrap().len(), 1);
+    let (_, body) = http(addr, "GET", &format!("/api/runs/{id}/log?tail=2"), "").await;
+    let tail: Vec<_> = json(&body)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(tail, vec!["token=****", "last"]);
+
+    // show, list, cancel of a finished run, unknown run
+    let (code, body) = http(addr, "GET", &format!("/api/runs/{id}"), "").await;
+    assert_eq!(code, 200);
+    assert_eq!(json(&body)["steps"].as_array().unwrap().len(), 2);
+    let (_, body) = http(addr, "GET", "/api/runs", "").await;
+    assert_eq!(json(&body).as_array().unwrap().len(), 1);
+    assert_eq!(
+        http(addr, "POST", &format!("/api/runs/{id}/cancel"), "")
+            .await
+            .0,
+        409
+    );
+    assert_eq!(http(addr, "GET", "/api/runs/r-999999", "").await.0, 404);
+
+    // cancel a running one
+    let (_, body) = http(
+        addr,
+        "POST",
+        "/api/runs",
+        "name = \"long\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"sleep 30\"\n",
+    )
+    .await;
+    let long = json(&body)["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        http(addr, "POST", &format!("/api/runs/{long}/cancel"), "")
+            .await
+            .0,
+        202
+    );
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = json(&http(addr, "GET", &format!("/api/runs/{long}"), "").await.1)["status"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if status == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "cancelled");
+
+    // agents, plugins, metrics
+    let (_, body) = http(addr, "GET", "/api/agents", "").await;
+    assert_eq!(json(&body)[0]["name"], "agent-1");
+    let (_, body) = http(addr, "GET", "/api/plugins", "").await;
+    let names: Vec<_> = json(&body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.contains(&"file-logging".to_string()) && names.contains(&"tcp-transport".to_string()),
+        "{names:?}"
+    );
+    let (code, body) = http(addr, "GET", "/metrics", "").await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("trellis_plugin_calls_total{plugin=\"file-logging\"}"),
+        "{body}"
+    );
+}
