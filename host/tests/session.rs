@@ -11,7 +11,9 @@ use trellis::points::bindings::command_transport::Lane;
 use trellis::points::transport::{self, Link, Listener};
 use trellis::runtime::Plugin;
 use trellis::session::Session;
-use trellis::session::link::{HandshakeError, challenge, exchange, introduce, welcome};
+use trellis::session::link::{
+    AgentSession, HandshakeError, challenge, exchange, introduce, welcome,
+};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -43,26 +45,22 @@ async fn handshake(
     listener: &Listener,
     agent: &str,
     secret: &str,
-    a: &mut Session,
+    a: &mut AgentSession,
     c: &mut Session,
 ) -> Result<(Link, Link), (HandshakeError, Option<HandshakeError>)> {
     let agent_link = transport::connect(p.clone(), agent).await.unwrap();
     let controller_link = listener.accept(2000).await.unwrap().expect("accepted");
-    let agent_received = a.received();
     let labels = ["linux".to_string()];
-    let (agent_side, controller_side) = tokio::join!(
-        introduce(&agent_link, agent, &labels, secret, agent_received),
-        async {
-            let hello = challenge(&controller_link, secrets).await?;
+    let (agent_side, controller_side) =
+        tokio::join!(introduce(&agent_link, agent, &labels, secret, a), async {
+            let hello = challenge(&controller_link, "epoch-1", secrets).await?;
             c.resync(hello.received);
             welcome(&controller_link, c.received()).await?;
             Ok::<_, HandshakeError>(hello)
-        }
-    );
+        });
     match (agent_side, controller_side) {
-        (Ok(peer), Ok(hello)) => {
+        (Ok(()), Ok(hello)) => {
             assert_eq!(hello.labels, vec!["linux"]);
-            a.resync(peer);
             Ok((agent_link, controller_link))
         }
         (Err(e), c) => Err((e, c.err())),
@@ -75,7 +73,7 @@ async fn a_wrong_or_unknown_agent_is_refused_with_the_reason_on_both_sides() {
     let d = tempfile::tempdir().unwrap();
     let p = tcp(d.path()).await;
     let listener = transport::listen(p.clone()).await.unwrap();
-    let (mut a, mut c) = (Session::default(), Session::default());
+    let (mut a, mut c) = (AgentSession::new(), Session::default());
     let (agent_err, controller_err) = handshake(&p, &listener, "agent-1", "wrong", &mut a, &mut c)
         .await
         .err()
@@ -133,7 +131,7 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             let Some(link) = listener.accept(500).await.unwrap() else {
                 continue;
             };
-            let Ok(hello) = challenge(&link, secrets).await else {
+            let Ok(hello) = challenge(&link, "epoch-1", secrets).await else {
                 continue;
             };
             session.resync(hello.received);
@@ -152,36 +150,41 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
 
     // The agent: queue a step's output, then keep (re)connecting; the first three links
     // are cut after a few rounds, mid-stream.
-    let mut agent = Session::default();
+    let mut agent = AgentSession::new();
     for i in 0..N {
-        agent.queue(Lane::Bulk, line(i).into_bytes());
+        agent.session.queue(Lane::Bulk, line(i).into_bytes());
     }
-    agent.queue(Lane::Control, b"step-done".to_vec());
+    agent.session.queue(Lane::Control, b"step-done".to_vec());
     let mut cuts = 0;
     let t = Instant::now();
-    while agent.unacked() > 0 {
+    while agent.session.unacked() > 0 {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "agent stalled with {} unacknowledged",
-            agent.unacked()
+            agent.session.unacked()
         );
         let link = match transport::connect(p.clone(), "agent-1").await {
             Ok(l) => l,
             Err(_) => continue,
         };
-        let Ok(peer) = introduce(&link, "agent-1", &[], "right-secret", agent.received()).await
-        else {
+        if introduce(&link, "agent-1", &[], "right-secret", &mut agent)
+            .await
+            .is_err()
+        {
             continue;
-        };
-        agent.resync(peer);
+        }
         let rounds = if cuts < 3 { 4 } else { usize::MAX };
         let mut sink = Vec::new();
         for _ in 0..rounds {
-            if agent.unacked() == 0 || exchange(&mut agent, &link, 20, &mut sink).await.is_err() {
+            if agent.session.unacked() == 0
+                || exchange(&mut agent.session, &link, 20, &mut sink)
+                    .await
+                    .is_err()
+            {
                 break;
             }
         }
-        if agent.unacked() > 0 {
+        if agent.session.unacked() > 0 {
             cuts += 1; // the agent's connection dies with frames in flight
         }
         drop(link);

@@ -65,11 +65,26 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The workspace being worked on, found at run time: `cargo run` sets
+/// CARGO_MANIFEST_DIR for the process. (Not `env!`: with a target directory shared
+/// between checkouts, an xtask binary built in another checkout would otherwise build
+/// and test that checkout instead of this one.)
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        if let Some(root) = Path::new(&dir).parent() {
+            return root.to_path_buf();
+        }
+    }
+    let mut dir = std::env::current_dir().expect("a current directory");
+    loop {
+        let manifest = dir.join("Cargo.toml");
+        if std::fs::read_to_string(&manifest).is_ok_and(|t| t.contains("[workspace]")) {
+            return dir;
+        }
+        if !dir.pop() {
+            panic!("not inside the Trellis workspace");
+        }
+    }
 }
 
 fn target_dir(root: &Path) -> PathBuf {

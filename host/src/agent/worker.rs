@@ -8,8 +8,7 @@ use crate::points::bindings::command_transport::Lane;
 use crate::points::transport;
 use crate::protocol::{OutLine, RunOrder, RunOutcome, StepOutcome, ToAgent, ToController, now_ms};
 use crate::runtime::Plugin;
-use crate::session::Session;
-use crate::session::link::{HandshakeError, exchange, introduce};
+use crate::session::link::{AgentSession, HandshakeError, exchange, introduce};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,7 +40,7 @@ pub async fn run_agent(
     cfg: AgentConfig,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
-    let mut session = Session::default();
+    let mut agent_session = AgentSession::new();
     let (out_tx, mut out_rx) = mpsc::channel::<(Lane, ToController)>(1024);
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
@@ -55,16 +54,16 @@ pub async fn run_agent(
                 continue;
             }
         };
-        let peer = match introduce(
+        match introduce(
             &link,
             &cfg.name,
             &cfg.labels,
             &cfg.secret,
-            session.received(),
+            &mut agent_session,
         )
         .await
         {
-            Ok(p) => p,
+            Ok(()) => {}
             Err(e @ HandshakeError::Refused { .. }) => {
                 tracing::error!(agent = %cfg.name, "{e}");
                 return Err(AgentError::Refused(e));
@@ -74,7 +73,7 @@ pub async fn run_agent(
                 continue;
             }
         };
-        session.resync(peer);
+        let session = &mut agent_session.session;
         backoff = Duration::from_millis(100);
         tracing::info!(agent = %cfg.name, "connected to the controller");
         loop {
@@ -85,7 +84,7 @@ pub async fn run_agent(
                 session.queue(lane, serde_json::to_vec(&msg).expect("serialisable"));
             }
             let mut delivered = Vec::new();
-            if let Err(e) = exchange(&mut session, &link, 20, &mut delivered).await {
+            if let Err(e) = exchange(session, &link, 20, &mut delivered).await {
                 tracing::warn!(agent = %cfg.name, "link lost: {e}; reconnecting");
                 break;
             }

@@ -1,5 +1,7 @@
 //! The `trellis` command line.
 
+mod client;
+mod daemon;
 mod plugin;
 mod up;
 
@@ -36,6 +38,61 @@ pub enum Command {
     /// Validate a daemon configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the controller: accept agents, place runs, serve the HTTP API.
+    Controller {
+        /// The daemon configuration (TOML) with a [controller] section.
+        #[arg(long)]
+        config: PathBuf,
+        /// Check the configuration (and that its plugins load), then exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Run an agent: connect to the controller and run the steps it orders.
+    Agent {
+        /// The daemon configuration (TOML) with an [agent] section.
+        #[arg(long)]
+        config: PathBuf,
+        /// Check the configuration (and that its transport loads), then exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Submit a job to the controller; with --follow, stream its log and exit with its status.
+    Run {
+        job: PathBuf,
+        #[arg(long)]
+        follow: bool,
+        /// The controller (default: $TRELLIS_SERVER or http://127.0.0.1:8080).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// List runs.
+    Runs {
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Print a run's log (all of it, one step, or the last N lines), or follow it.
+    Logs {
+        run: String,
+        #[arg(long)]
+        step: Option<String>,
+        #[arg(long)]
+        tail: Option<u32>,
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Cancel a run.
+    Cancel {
+        run: String,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// List connected agents.
+    Agents {
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Run a job on this machine: a controller and local agents in one process, over
     /// the default bundle (TCP transport on loopback, file logging). Streams the log and
     /// exits with the run's status.
@@ -117,6 +174,31 @@ pub fn run(cli: Cli) -> ExitCode {
                 plugin::list(dir.as_deref(), config.as_deref(), json).await
             }
             Command::Config(ConfigCommand::Check { file }) => plugin::check_config(&file),
+            Command::Controller {
+                config,
+                check_config,
+            } => daemon::controller(&config, check_config).await,
+            Command::Agent {
+                config,
+                check_config,
+            } => daemon::agent(&config, check_config).await,
+            Command::Run {
+                job,
+                follow,
+                server,
+            } => client::run(&client::Server::new(server)?, &job, follow).await,
+            Command::Runs { server } => client::runs(&client::Server::new(server)?).await,
+            Command::Logs {
+                run,
+                step,
+                tail,
+                follow,
+                server,
+            } => client::logs(&client::Server::new(server)?, &run, step, tail, follow).await,
+            Command::Cancel { run, server } => {
+                client::cancel(&client::Server::new(server)?, &run).await
+            }
+            Command::Agents { server } => client::agents(&client::Server::new(server)?).await,
             Command::Up {
                 job,
                 bundle,

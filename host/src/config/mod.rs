@@ -20,6 +20,62 @@ pub struct DaemonConfig {
     /// `[plugins.<name>]`: the grants of each plugin, by the name in its manifest.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginGrants>,
+    /// `[controller]`: for `trellis controller`.
+    pub controller: Option<ControllerSection>,
+    /// `[agent]`: for `trellis agent`.
+    pub agent: Option<AgentSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ControllerSection {
+    /// Runs and their records live here (on shared storage in HA setups).
+    pub state_dir: PathBuf,
+    /// Names this controller in every log's metadata.
+    #[serde(default = "default_instance_id")]
+    pub instance_id: String,
+    /// Where the HTTP API and web page listen.
+    #[serde(default = "default_http")]
+    pub http: String,
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    #[serde(default = "default_logging")]
+    pub logging: String,
+    #[serde(default = "default_browser")]
+    pub browser: String,
+    /// Agent name -> the name of the secret (in the secrets file) that agent must prove.
+    #[serde(default)]
+    pub agents: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentSection {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// The name of this agent's secret in the secrets file (never the value itself).
+    pub secret: String,
+    /// Runs get `<workspace>/<run-id>/`.
+    pub workspace: PathBuf,
+    #[serde(default = "default_transport")]
+    pub transport: String,
+}
+
+fn default_instance_id() -> String {
+    "trellis".into()
+}
+fn default_http() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_transport() -> String {
+    "tcp-transport".into()
+}
+fn default_logging() -> String {
+    "file-logging".into()
+}
+fn default_browser() -> String {
+    "file-browser".into()
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -242,6 +298,12 @@ impl DaemonConfig {
         if let Some(p) = self.secrets.file.as_mut() {
             abs(p)
         }
+        if let Some(c) = self.controller.as_mut() {
+            abs(&mut c.state_dir)
+        }
+        if let Some(a) = self.agent.as_mut() {
+            abs(&mut a.workspace)
+        }
         for g in self.plugins.values_mut() {
             if let Some(p) = g.path.as_mut() {
                 abs(p)
@@ -272,6 +334,45 @@ impl DaemonConfig {
                 problem: format!("{} does not exist", f.display()),
                 fix: "create it (name = \"value\" lines, mode 0600) or remove the key".into(),
             });
+        }
+        if let Some(c) = &self.controller {
+            if c.http.parse::<std::net::SocketAddr>().is_err() {
+                out.push(Problem {
+                    field: "controller.http".into(),
+                    problem: format!("`{}` is not an ip:port address", c.http),
+                    fix: "write e.g. 127.0.0.1:8080".into(),
+                });
+            }
+            if c.agents.is_empty() {
+                out.push(Problem {
+                    field: "controller.agents".into(),
+                    problem: "no agents: nothing could run".into(),
+                    fix: "add agents = { \"build-1\" = \"agent-build-1\" } (agent name = the name of its secret in the secrets file)".into(),
+                });
+            }
+            if !c.agents.is_empty() && self.secrets.file.is_none() {
+                out.push(Problem {
+                    field: "secrets.file".into(),
+                    problem: "agents need secrets, but no secrets file is set".into(),
+                    fix: "set [secrets] file = \"/etc/trellis/secrets.toml\" (mode 0600)".into(),
+                });
+            }
+        }
+        if let Some(a) = &self.agent {
+            if a.name.is_empty() {
+                out.push(Problem {
+                    field: "agent.name".into(),
+                    problem: "empty".into(),
+                    fix: "name this agent, as the controller's [controller.agents] knows it".into(),
+                });
+            }
+            if self.secrets.file.is_none() {
+                out.push(Problem {
+                    field: "secrets.file".into(),
+                    problem: "the agent's secret must come from a secrets file".into(),
+                    fix: "set [secrets] file = \"/etc/trellis/secrets.toml\" (mode 0600)".into(),
+                });
+            }
         }
         for (name, g) in &self.plugins {
             let at = format!("plugins.{name}");

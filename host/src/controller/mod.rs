@@ -60,6 +60,8 @@ pub enum SubmitError {
 struct AgentSlot {
     labels: Vec<String>,
     connected: bool,
+    /// The agent process the session belongs to (see `Hello::session`).
+    agent_session: String,
     orders: mpsc::Sender<ToAgent>,
     /// The session and its order queue wait here while the agent is not connected.
     parked: Option<(Session, mpsc::Receiver<ToAgent>)>,
@@ -75,6 +77,8 @@ pub struct Controller {
     logging: Arc<Plugin>,
     store: RunStore,
     agents: Mutex<HashMap<String, AgentSlot>>,
+    /// Identifies this controller process to agents (a new one: sessions start afresh).
+    epoch: String,
     logs: tokio::sync::Mutex<HashMap<String, LogState>>,
     updates: broadcast::Sender<Update>,
 }
@@ -96,6 +100,7 @@ impl Controller {
             logging,
             store,
             agents: Mutex::default(),
+            epoch: hex::encode(&crate::session::auth::nonce()[..8]),
             logs: tokio::sync::Mutex::default(),
             updates,
         });
@@ -234,7 +239,7 @@ impl Controller {
 
     async fn serve(self: Arc<Self>, link: Link) {
         let agents = self.cfg.agents.clone();
-        let hello = match challenge(&link, |name| agents.get(name).cloned()).await {
+        let hello = match challenge(&link, &self.epoch, |name| agents.get(name).cloned()).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!("refused a connection: {e}");
@@ -249,14 +254,24 @@ impl Controller {
                 AgentSlot {
                     labels: vec![],
                     connected: false,
+                    agent_session: String::new(),
                     orders: tx,
                     parked: Some((Session::default(), rx)),
                 }
             });
-            let Some(parked) = slot.parked.take() else {
+            let Some(mut parked) = slot.parked.take() else {
                 tracing::warn!(agent = %name, "already connected; refusing a second connection");
                 return;
             };
+            if slot.agent_session != hello.session {
+                // A restarted agent process: its session starts afresh (orders it had not
+                // acknowledged are gone with it).
+                if !slot.agent_session.is_empty() {
+                    tracing::info!(agent = %name, "the agent restarted: starting a new session");
+                }
+                parked.0 = Session::default();
+                slot.agent_session = hello.session.clone();
+            }
             slot.labels = hello.labels.clone();
             slot.connected = true;
             parked

@@ -1,4 +1,16 @@
 //! Driving a `Session` over a transport `Link`: the handshake, and the exchange rounds.
+//!
+//! Handshake (all seq-0 signals on the control lane):
+//!
+//! ```text
+//! controller -> agent   CHALLENGE  nonce(32) epoch          (epoch: this controller process)
+//! agent -> controller   HELLO      {agent, labels, proof, received, session}
+//! controller -> agent   WELCOME    {received}   or   REFUSED reason
+//! ```
+//!
+//! Sessions outlive links, not processes: an agent that sees a new controller epoch, and
+//! a controller that sees a new agent session id, start that session afresh — otherwise
+//! the new process's first messages (seq 1) would look like duplicates of the old ones.
 
 use super::{Incoming, Session, auth, signal};
 use crate::points::bindings::command_transport::{Frame, Lane};
@@ -18,6 +30,8 @@ pub struct Hello {
     pub proof: String,
     /// How far the agent has received, per lane (control, bulk).
     pub received: [u64; 2],
+    /// Identifies the agent process (random per process).
+    pub session: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,8 +66,7 @@ fn sig(kind: u8, body: &[u8]) -> Frame {
     }
 }
 
-/// Wait for the next link-local signal (frames with seq 0); other frames are left for
-/// the session (none are expected before the handshake ends).
+/// Wait for the next link-local signal (frames with seq 0).
 async fn next_signal(link: &Link, deadline: Instant) -> Result<Vec<u8>, HandshakeError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -68,15 +81,19 @@ async fn next_signal(link: &Link, deadline: Instant) -> Result<Vec<u8>, Handshak
     }
 }
 
-/// Controller side: challenge a new link and check the agent's proof. `secret_of`
-/// gives an agent's secret (None: unknown agent). On success the caller resyncs the
-/// agent's session with `hello.received` and calls `welcome`.
+/// Controller side: challenge a new link and check the agent's proof. `epoch`
+/// identifies this controller process; `secret_of` gives an agent's secret (None:
+/// unknown agent). On success the caller resyncs the agent's session with
+/// `hello.received` (afresh if `hello.session` is new) and calls `welcome`.
 pub async fn challenge(
     link: &Link,
+    epoch: &str,
     secret_of: impl Fn(&str) -> Option<String>,
 ) -> Result<Hello, HandshakeError> {
     let nonce = auth::nonce();
-    link.send(vec![sig(signal::CHALLENGE, &nonce)]).await?;
+    let mut body = nonce.to_vec();
+    body.extend_from_slice(epoch.as_bytes());
+    link.send(vec![sig(signal::CHALLENGE, &body)]).await?;
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let msg = next_signal(link, deadline).await?;
     if msg.first() != Some(&signal::HELLO) {
@@ -110,26 +127,60 @@ pub async fn welcome(link: &Link, received: [u64; 2]) -> Result<(), HandshakeErr
     Ok(())
 }
 
-/// Agent side: answer the challenge. Returns how far the controller has received, for
-/// `Session::resync`.
+/// The agent's side of its session with the controller.
+#[derive(Debug)]
+pub struct AgentSession {
+    pub session: Session,
+    /// Random per agent process (see `Hello::session`).
+    pub id: String,
+    /// The controller process last talked to.
+    pub controller_epoch: Option<String>,
+}
+
+impl AgentSession {
+    pub fn new() -> AgentSession {
+        AgentSession {
+            session: Session::default(),
+            id: hex::encode(&auth::nonce()[..8]),
+            controller_epoch: None,
+        }
+    }
+}
+
+impl Default for AgentSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Agent side: answer the challenge, then resync the session with the controller
+/// (afresh if the controller is a new process).
 pub async fn introduce(
     link: &Link,
     agent: &str,
     labels: &[String],
     secret: &str,
-    received: [u64; 2],
-) -> Result<[u64; 2], HandshakeError> {
+    s: &mut AgentSession,
+) -> Result<(), HandshakeError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let msg = next_signal(link, deadline).await?;
-    if msg.first() != Some(&signal::CHALLENGE) {
+    if msg.first() != Some(&signal::CHALLENGE) || msg.len() < 33 {
         return Err(HandshakeError::Protocol("expected a challenge".into()));
     }
-    let proof = hex::encode(auth::proof(secret, agent, &msg[1..]));
+    let (nonce, epoch) = msg[1..].split_at(32);
+    let epoch = String::from_utf8_lossy(epoch).into_owned();
+    if s.controller_epoch.as_ref().is_some_and(|e| *e != epoch) {
+        tracing::info!(agent, "the controller restarted: starting a new session");
+        s.session = Session::default();
+    }
+    s.controller_epoch = Some(epoch);
+    let proof = hex::encode(auth::proof(secret, agent, nonce));
     let hello = Hello {
         agent: agent.to_string(),
         labels: labels.to_vec(),
         proof,
-        received,
+        received: s.session.received(),
+        session: s.id.clone(),
     };
     link.send(vec![sig(
         signal::HELLO,
@@ -141,7 +192,8 @@ pub async fn introduce(
         Some(&signal::WELCOME) => {
             let w: Welcome = serde_json::from_slice(&msg[1..])
                 .map_err(|e| HandshakeError::Protocol(format!("bad welcome: {e}")))?;
-            Ok(w.received)
+            s.session.resync(w.received);
+            Ok(())
         }
         Some(&signal::REFUSED) => Err(HandshakeError::Refused {
             agent: agent.to_string(),

@@ -1,0 +1,239 @@
+//! CLI commands that talk to a controller's HTTP API: run, runs, logs, cancel, agents.
+//! Plain HTTP/1.1 over loopback or a trusted network; the server is `--server` or
+//! `$TRELLIS_SERVER` (default http://127.0.0.1:8080).
+
+use std::process::ExitCode;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+pub struct Server(String);
+
+impl Server {
+    pub fn new(given: Option<String>) -> anyhow::Result<Server> {
+        let url = given
+            .or_else(|| std::env::var("TRELLIS_SERVER").ok())
+            .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let host = url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow::anyhow!("`{url}`: only http:// servers are supported"))?;
+        Ok(Server(host.trim_end_matches('/').to_string()))
+    }
+
+    async fn connect(&self) -> anyhow::Result<tokio::net::TcpStream> {
+        tokio::net::TcpStream::connect(&self.0)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the controller at http://{}: {e}", self.0))
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let mut s = self.connect().await?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            self.0,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        let text = String::from_utf8_lossy(&resp);
+        let status: u16 = text
+            .get(9..12)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("not an HTTP response from {}", self.0))?;
+        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        let json =
+            serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string()));
+        Ok((status, json))
+    }
+}
+
+fn fail(status: u16, v: &serde_json::Value) -> anyhow::Error {
+    let mut msg = v
+        .get("error")
+        .and_then(|e| e.as_str())
+        .unwrap_or("request failed")
+        .to_string();
+    if let Some(p) = v.get("problems").and_then(|p| p.as_array()) {
+        for i in p {
+            msg.push_str(&format!("\n  - {}", i.as_str().unwrap_or_default()));
+        }
+    }
+    anyhow::anyhow!("{msg} (HTTP {status})")
+}
+
+fn outcome_code(run: &serde_json::Value) -> ExitCode {
+    if run["status"] == "succeeded" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub async fn run(server: &Server, job: &std::path::Path, follow: bool) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(job).map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?;
+    let (status, v) = server.request("POST", "/api/runs", &text).await?;
+    if status != 201 {
+        return Err(fail(status, &v));
+    }
+    let id = v["id"].as_str().unwrap_or_default().to_string();
+    eprintln!(
+        "trellis: run {id} of job `{}` on {}",
+        v["job"].as_str().unwrap_or_default(),
+        v["agent"].as_str().unwrap_or_default()
+    );
+    if !follow {
+        println!("{id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow_log(server, &id, None).await
+}
+
+/// Stream a run's log until it ended and the log is complete; exit with its status.
+pub async fn follow_log(server: &Server, id: &str, step: Option<&str>) -> anyhow::Result<ExitCode> {
+    let mut s = server.connect().await?;
+    let q = step.map(|s| format!("?step={s}")).unwrap_or_default();
+    s.write_all(format!("GET /api/runs/{id}/log/follow{q} HTTP/1.1\r\nhost: {}\r\naccept: text/event-stream\r\n\r\n", server.0).as_bytes()).await?;
+    let mut lines = BufReader::new(s).lines();
+    let first = lines.next_line().await?.unwrap_or_default();
+    if !first.contains(" 200 ") {
+        anyhow::bail!("cannot follow run `{id}`: {first}");
+    }
+    let mut event = String::new();
+    let mut step_shown = String::new();
+    while let Some(line) = lines.next_line().await? {
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            let v: serde_json::Value = serde_json::from_str(d).unwrap_or_default();
+            match event.as_str() {
+                "line" => {
+                    let st = v["step"].as_str().unwrap_or_default();
+                    if st != step_shown {
+                        eprintln!("trellis: ── step {st}");
+                        step_shown = st.to_string();
+                    }
+                    println!("{}", v["message"].as_str().unwrap_or_default());
+                }
+                "error" => eprintln!("trellis: {d}"),
+                "end" => {
+                    eprintln!(
+                        "trellis: run {id} {}",
+                        v["status"].as_str().unwrap_or_default()
+                    );
+                    return Ok(outcome_code(&v));
+                }
+                _ => {}
+            }
+        }
+    }
+    anyhow::bail!("the controller closed the stream before run {id} ended")
+}
+
+pub async fn runs(server: &Server) -> anyhow::Result<ExitCode> {
+    let (status, v) = server.request("GET", "/api/runs", "").await?;
+    if status != 200 {
+        return Err(fail(status, &v));
+    }
+    println!(
+        "{:<10} {:<24} {:<12} {:<10} EVENTS",
+        "RUN", "JOB", "AGENT", "STATUS"
+    );
+    for r in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<10} {:<24} {:<12} {:<10} {}",
+            r["id"].as_str().unwrap_or_default(),
+            r["job"].as_str().unwrap_or_default(),
+            r["agent"].as_str().unwrap_or_default(),
+            r["status"].as_str().unwrap_or_default(),
+            r["events"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn logs(
+    server: &Server,
+    id: &str,
+    step: Option<String>,
+    tail: Option<u32>,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
+    if follow {
+        return follow_log(server, id, step.as_deref()).await;
+    }
+    let mut q = Vec::new();
+    if let Some(s) = &step {
+        q.push(format!("step={s}"));
+    }
+    if let Some(n) = tail {
+        q.push(format!("tail={n}"));
+    }
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut qq = q.clone();
+        if let Some(c) = &cursor {
+            qq.push(format!("cursor={c}"));
+        }
+        let path = format!(
+            "/api/runs/{id}/log{}{}",
+            if qq.is_empty() { "" } else { "?" },
+            qq.join("&")
+        );
+        let (status, v) = server.request("GET", &path, "").await?;
+        if status != 200 {
+            return Err(fail(status, &v));
+        }
+        let events = v["events"].as_array().cloned().unwrap_or_default();
+        for e in &events {
+            println!("{}", e["message"].as_str().unwrap_or_default());
+        }
+        if tail.is_some() || events.is_empty() {
+            if v["completeness"]["state"] == "incomplete" {
+                eprintln!(
+                    "trellis: the log store has {} of {} events so far",
+                    v["completeness"]["present"], v["completeness"]["expected"]
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        cursor = v["next"].as_str().map(str::to_string);
+    }
+}
+
+pub async fn cancel(server: &Server, id: &str) -> anyhow::Result<ExitCode> {
+    let (status, v) = server
+        .request("POST", &format!("/api/runs/{id}/cancel"), "")
+        .await?;
+    if status != 202 {
+        return Err(fail(status, &v));
+    }
+    eprintln!("trellis: cancelling {id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agents(server: &Server) -> anyhow::Result<ExitCode> {
+    let (status, v) = server.request("GET", "/api/agents", "").await?;
+    if status != 200 {
+        return Err(fail(status, &v));
+    }
+    println!("{:<16} LABELS", "AGENT");
+    for a in v.as_array().into_iter().flatten() {
+        let labels: Vec<_> = a["labels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str())
+            .collect();
+        println!(
+            "{:<16} {}",
+            a["name"].as_str().unwrap_or_default(),
+            labels.join(",")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

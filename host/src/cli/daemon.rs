@@ -1,0 +1,154 @@
+//! `trellis controller` and `trellis agent`: the two roles as long-running daemons.
+
+use crate::agent::worker::{AgentConfig, run_agent};
+use crate::api::{Api, serve};
+use crate::capabilities::secrets::SecretStore;
+use crate::config::DaemonConfig;
+use crate::controller::{Controller, ControllerConfig};
+use crate::points::browser::LogReader;
+use crate::runtime::{Plugin, Runtime};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn load(file: &Path) -> anyhow::Result<DaemonConfig> {
+    DaemonConfig::load(file).map_err(|p| anyhow::anyhow!("{p}"))
+}
+
+fn plugin_dir(cfg: &DaemonConfig) -> anyhow::Result<PathBuf> {
+    cfg.runtime
+        .plugin_dir
+        .clone()
+        .or_else(|| std::env::var_os("TRELLIS_BUNDLE_DIR").map(PathBuf::from))
+        .ok_or_else(|| {
+            anyhow::anyhow!("no plugin directory: set [runtime] plugin-dir (or TRELLIS_BUNDLE_DIR)")
+        })
+}
+
+async fn load_plugin(rt: &Runtime, dir: &Path, name: &str) -> anyhow::Result<Arc<Plugin>> {
+    let path = rt
+        .config
+        .plugins
+        .get(name)
+        .and_then(|g| g.path.clone())
+        .unwrap_or_else(|| dir.join(name));
+    rt.load(&path).await.map_err(|p| anyhow::anyhow!("{p}"))
+}
+
+fn secret(store: &SecretStore, name: &str, whose: &str) -> anyhow::Result<String> {
+    store
+        .get(name)
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("{whose}: secret `{name}` is not in the secrets file"))
+}
+
+pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
+    let cfg = load(file)?;
+    let Some(c) = cfg.controller.clone() else {
+        anyhow::bail!("{}: no [controller] section", file.display())
+    };
+    let secrets = match &cfg.secrets.file {
+        Some(f) => SecretStore::load(f)?,
+        None => SecretStore::default(),
+    };
+    let mut agents = HashMap::new();
+    for (agent, secret_name) in &c.agents {
+        agents.insert(
+            agent.clone(),
+            secret(&secrets, secret_name, &format!("controller.agents.{agent}"))?,
+        );
+    }
+    let dir = plugin_dir(&cfg)?;
+    let rt = Runtime::with_secrets(cfg, secrets.clone())?;
+    let transport = load_plugin(&rt, &dir, &c.transport).await?;
+    let logging = load_plugin(&rt, &dir, &c.logging).await?;
+    let browser = load_plugin(&rt, &dir, &c.browser).await?;
+    if check_only {
+        println!(
+            "{}: ok (controller; plugins {}, {}, {} load; {} agent(s))",
+            file.display(),
+            c.transport,
+            c.logging,
+            c.browser,
+            agents.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::create_dir_all(&c.state_dir)?;
+    let controller = Controller::start(
+        ControllerConfig {
+            instance_id: c.instance_id.clone(),
+            state_dir: c.state_dir.clone(),
+            agents,
+            secrets,
+        },
+        transport,
+        logging,
+    )
+    .await?;
+    let api = Arc::new(Api {
+        controller,
+        runtime: rt.clone(),
+        reader: LogReader::new(browser)?,
+        instance_id: c.instance_id.clone(),
+    });
+    let addr = serve(c.http.parse()?, api).await?;
+    tracing::info!("controller `{}` serving http://{addr}", c.instance_id);
+    eprintln!(
+        "trellis controller: http://{addr} (state in {})",
+        c.state_dir.display()
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
+    let cfg = load(file)?;
+    let Some(a) = cfg.agent.clone() else {
+        anyhow::bail!("{}: no [agent] section", file.display())
+    };
+    let secrets = match &cfg.secrets.file {
+        Some(f) => SecretStore::load(f)?,
+        None => SecretStore::default(),
+    };
+    let agent_secret = secret(&secrets, &a.secret, "agent.secret")?;
+    let dir = plugin_dir(&cfg)?;
+    let rt = Runtime::with_secrets(cfg, secrets)?;
+    let transport = load_plugin(&rt, &dir, &a.transport).await?;
+    if check_only {
+        println!(
+            "{}: ok (agent `{}`; plugin {} loads)",
+            file.display(),
+            a.name,
+            a.transport
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::create_dir_all(&a.workspace)?;
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    eprintln!(
+        "trellis agent `{}` (labels {:?}) starting",
+        a.name, a.labels
+    );
+    let agent = run_agent(
+        transport,
+        AgentConfig {
+            name: a.name.clone(),
+            labels: a.labels.clone(),
+            secret: agent_secret,
+            workspace: a.workspace.clone(),
+        },
+        stop,
+    );
+    tokio::select! {
+        r = agent => match r {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        _ = tokio::signal::ctrl_c() => Ok(ExitCode::SUCCESS),
+    }
+}
