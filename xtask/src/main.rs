@@ -70,10 +70,10 @@ fn main() -> Result<()> {
 /// between checkouts, an xtask binary built in another checkout would otherwise build
 /// and test that checkout instead of this one.)
 fn workspace_root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
-        if let Some(root) = Path::new(&dir).parent() {
-            return root.to_path_buf();
-        }
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR")
+        && let Some(root) = Path::new(&dir).parent()
+    {
+        return root.to_path_buf();
     }
     let mut dir = std::env::current_dir().expect("a current directory");
     loop {
