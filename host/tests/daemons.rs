@@ -148,22 +148,20 @@ fn daemons_and_cli() {
     let d = tempfile::tempdir().unwrap();
     let (controller_cfg, agent_cfg, http) = write_configs(d.path(), "the-agent-secret");
     let server = format!("http://127.0.0.1:{http}");
-    let (code, out, err) = (|| {
-        let o = trellis()
-            .args([
-                "controller",
-                "--config",
-                controller_cfg.to_str().unwrap(),
-                "--check-config",
-            ])
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    })();
+    let o = trellis()
+        .args([
+            "controller",
+            "--config",
+            controller_cfg.to_str().unwrap(),
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    let (code, out, err) = (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ok (controller"), "{out}");
 
