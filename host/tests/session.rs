@@ -15,14 +15,6 @@ use trellis::session::link::{
     AgentSession, HandshakeError, challenge, exchange, introduce, welcome,
 };
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn tcp(dir: &std::path::Path) -> Arc<Plugin> {
     let port = free_port();
     let rt = runtime(

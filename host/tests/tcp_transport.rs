@@ -10,14 +10,6 @@ use trellis::points::bindings::command_transport::{Frame, Lane};
 use trellis::points::transport::{self, Link};
 use trellis::runtime::{ErrorKind, Plugin, PluginError};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn plugin(dir: &std::path::Path, port: u16, granted: bool) -> Arc<Plugin> {
     let sockets = if granted {
         format!("sockets = {{ bind = [\"127.0.0.1:{port}\"], connect = [\"127.0.0.1:{port}\"] }}")

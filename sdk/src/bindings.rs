@@ -72,6 +72,20 @@ impl Error {
     pub fn denied(msg: impl Into<String>) -> Self {
         Error::Denied(msg.into())
     }
+
+    /// A file-system error, classified for the host: permission problems are `denied`,
+    /// bad data or input `permanent`, anything else (disk full, I/O) `retryable`.
+    /// `what` says what was being done, e.g. "write".
+    pub fn from_io(what: &str, e: &std::io::Error) -> Self {
+        let msg = format!("{what}: {e}");
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Error::Denied(msg),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+                Error::Permanent(msg)
+            }
+            _ => Error::Retryable(msg),
+        }
+    }
 }
 
 impl LogMetadata {

@@ -79,13 +79,7 @@ impl GuestWriter for JsonlWriter {
 
 fn io_error(what: &str, e: std::io::Error) -> Error {
     log::warn(&format!("{what} failed: {e}"));
-    match e.kind() {
-        std::io::ErrorKind::PermissionDenied => Error::denied(format!("{what}: {e}")),
-        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
-            Error::permanent(format!("{what}: {e}"))
-        }
-        _ => Error::retryable(format!("{what}: {e}")),
-    }
+    Error::from_io(what, &e)
 }
 
 trellis_sdk::export_logging_method!(Component);

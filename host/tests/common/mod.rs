@@ -74,11 +74,7 @@ pub struct Stack {
 pub async fn stack() -> Stack {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let rt = runtime(
         &format!(
             r#"
@@ -153,4 +149,13 @@ pub async fn wait_connected(c: &trellis::controller::Controller) {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     panic!("the agent never connected");
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

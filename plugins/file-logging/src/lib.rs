@@ -41,7 +41,8 @@ mod component {
             let root = ROOT
                 .get()
                 .ok_or_else(|| Error::permanent("open before init"))?;
-            let w = RunWriter::open(root, &meta.as_meta()).map_err(|e| io_error("open", e))?;
+            let w =
+                RunWriter::open(root, &meta.as_meta()).map_err(|e| Error::from_io("open", &e))?;
             Ok(Writer::new(FileWriter(RefCell::new(w))))
         }
     }
@@ -53,7 +54,7 @@ mod component {
             self.0
                 .borrow_mut()
                 .write(&batch)
-                .map_err(|e| io_error("write", e))
+                .map_err(|e| Error::from_io("write", &e))
         }
         fn flush(&self) -> Result<(), Error> {
             Ok(())
@@ -62,17 +63,7 @@ mod component {
             self.0
                 .borrow_mut()
                 .close(final_count)
-                .map_err(|e| io_error("close", e))
-        }
-    }
-
-    fn io_error(what: &str, e: std::io::Error) -> Error {
-        match e.kind() {
-            std::io::ErrorKind::PermissionDenied => Error::denied(format!("{what}: {e}")),
-            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
-                Error::permanent(format!("{what}: {e}"))
-            }
-            _ => Error::retryable(format!("{what}: {e}")),
+                .map_err(|e| Error::from_io("close", &e))
         }
     }
 

@@ -106,12 +106,18 @@ impl RunWriter {
     }
 }
 
-/// The last complete line's seq and the file's usable end; cuts off a torn last line.
-fn recover(file: &mut File) -> io::Result<(u64, u64)> {
+/// The end of a log's complete lines and the last one's seq, read from its final MiB.
+struct Tail {
+    seq: u64,
+    /// Where the last complete line ends; a torn line may follow up to `len`.
+    end: u64,
+    len: u64,
+    /// A file longer than a MiB with no newline in its last MiB.
+    overlong: bool,
+}
+
+fn read_tail(file: &mut File) -> io::Result<Tail> {
     let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
-        return Ok((0, 0));
-    }
     let start = len.saturating_sub(1 << 20);
     let mut tail = Vec::new();
     file.seek(SeekFrom::Start(start))?;
@@ -120,18 +126,15 @@ fn recover(file: &mut File) -> io::Result<(u64, u64)> {
         Some(i) => i + 1,
         None if start == 0 => 0,
         None => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "last line longer than 1 MiB",
-            ));
+            return Ok(Tail {
+                seq: 0,
+                end: start,
+                len,
+                overlong: true,
+            });
         }
     };
-    let end = start + keep as u64;
-    if end < len {
-        file.set_len(end)?;
-    }
-    let complete = &tail[..keep];
-    let last = complete[..keep.saturating_sub(1)]
+    let last = tail[..keep.saturating_sub(1)]
         .rsplit(|&b| b == b'\n')
         .next()
         .unwrap_or(&[]);
@@ -140,7 +143,27 @@ fn recover(file: &mut File) -> io::Result<(u64, u64)> {
     } else {
         parse_line(last)?.seq
     };
-    Ok((seq, end))
+    Ok(Tail {
+        seq,
+        end: start + keep as u64,
+        len,
+        overlong: false,
+    })
+}
+
+/// The last complete line's seq and the file's usable end; cuts off a torn last line.
+fn recover(file: &mut File) -> io::Result<(u64, u64)> {
+    let t = read_tail(file)?;
+    if t.overlong {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "last line longer than 1 MiB",
+        ));
+    }
+    if t.end < t.len {
+        file.set_len(t.end)?;
+    }
+    Ok((t.seq, t.end))
 }
 
 #[derive(Deserialize)]
@@ -296,31 +319,17 @@ impl RunReader {
         };
         let present = match self.open()? {
             None => 0,
-            Some(mut f) => recover_read_only(&mut f)?,
+            // Without modifying the file: a torn line is simply not counted.
+            Some(mut f) => {
+                let t = read_tail(&mut f)?;
+                if t.overlong { 0 } else { t.seq }
+            }
         };
         Ok(if present >= expected {
             Completeness::Complete(expected)
         } else {
             Completeness::Incomplete { expected, present }
         })
-    }
-}
-
-/// The last complete line's seq, without modifying the file.
-fn recover_read_only(f: &mut File) -> io::Result<u64> {
-    let len = f.seek(SeekFrom::End(0))?;
-    let start = len.saturating_sub(1 << 20);
-    let mut tail = Vec::new();
-    f.seek(SeekFrom::Start(start))?;
-    f.read_to_end(&mut tail)?;
-    let Some(keep) = tail.iter().rposition(|&b| b == b'\n') else {
-        return Ok(0);
-    };
-    let last = tail[..keep].rsplit(|&b| b == b'\n').next().unwrap_or(&[]);
-    if last.is_empty() {
-        Ok(0)
-    } else {
-        Ok(parse_line(last)?.seq)
     }
 }
 
