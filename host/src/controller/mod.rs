@@ -340,6 +340,7 @@ impl Controller {
                 }
                 let log = logs.get_mut(&run).expect("inserted above");
                 let mut b = BatchBuilder::new();
+                let following = self.updates.receiver_count() > 0;
                 for l in &lines {
                     log.events += 1;
                     b.push(
@@ -356,12 +357,15 @@ impl Controller {
                             },
                         )],
                     );
-                    let _ = self.updates.send(Update::Line {
-                        run: run.clone(),
-                        step: step.clone(),
-                        seq: log.events,
-                        text: l.text.clone(),
-                    });
+                    // Copies for followers only when someone follows.
+                    if following {
+                        let _ = self.updates.send(Update::Line {
+                            run: run.clone(),
+                            step: step.clone(),
+                            seq: log.events,
+                            text: l.text.clone(),
+                        });
+                    }
                 }
                 // Keep-and-retry: a failed write stays queued in the writer.
                 if let Err(e) = log.writer.write(b.finish()).await {
