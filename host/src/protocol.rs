@@ -1,8 +1,33 @@
 //! The messages controller and agent exchange over a session (JSON in frames).
 //! Orders (start, cancel) travel on the control lane, which overtakes bulk traffic;
-//! step output and step/run results on the bulk lane, in the order they happened.
+//! step output, artifacts and step/run results on the bulk lane, in the order they
+//! happened.
+//!
+//! A message is its JSON, optionally followed by a 0 byte and raw data (artifact
+//! chunks travel as they are, not inflated by an encoding; JSON never holds a raw 0).
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// A message, with `data` after it when there is any.
+pub fn encode<T: Serialize>(msg: &T, data: &[u8]) -> Vec<u8> {
+    let mut out = serde_json::to_vec(msg).expect("serialisable");
+    if !data.is_empty() {
+        out.reserve(data.len() + 1);
+        out.push(0);
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// A message and the data after it (empty when there is none).
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> serde_json::Result<(T, &[u8])> {
+    let (json, data) = match payload.iter().position(|&b| b == 0) {
+        Some(i) => (&payload[..i], &payload[i + 1..]),
+        None => (payload, &payload[..0]),
+    };
+    Ok((serde_json::from_slice(json)?, data))
+}
 
 /// Controller -> agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +46,9 @@ pub struct RunOrder {
     pub env: Vec<(String, String)>,
     /// Values to mask in the output (the secrets' values).
     pub mask: Vec<String>,
+    /// The job's log size limit in bytes (see `agent::budget`).
+    #[serde(default)]
+    pub log_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +57,9 @@ pub struct StepOrder {
     pub run: String,
     pub timeout_ms: u64,
     pub workdir: Option<String>,
+    /// Globs, relative to the step's workdir, of files to keep after the step.
+    #[serde(default)]
+    pub artifacts: Vec<String>,
 }
 
 /// Agent -> controller.
@@ -49,10 +80,41 @@ pub enum ToController {
         step: String,
         outcome: StepOutcome,
     },
+    /// A piece of an artifact's content (the message's data), in order from offset 0;
+    /// the last piece carries the size and checksum of the whole.
+    ArtifactChunk {
+        run: String,
+        /// The step that produced it (None: the run itself, e.g. the full log).
+        step: Option<String>,
+        /// Its path relative to the step's workdir.
+        name: String,
+        offset: u64,
+        end: Option<ArtifactEnd>,
+    },
     RunFinished {
         run: String,
         outcome: RunOutcome,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactEnd {
+    pub size: u64,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+}
+
+impl ToController {
+    /// The run a message is about.
+    pub fn run(&self) -> &str {
+        match self {
+            ToController::StepStarted { run, .. }
+            | ToController::Output { run, .. }
+            | ToController::StepFinished { run, .. }
+            | ToController::ArtifactChunk { run, .. }
+            | ToController::RunFinished { run, .. } => run,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,4 +169,29 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_after_a_message_round_trips_and_plain_json_still_reads() {
+        let msg = ToController::ArtifactChunk {
+            run: "r-1".into(),
+            step: Some("build".into()),
+            name: "out/a.bin".into(),
+            offset: 0,
+            end: None,
+        };
+        let data = [0u8, 1, 2, 0, 255];
+        let wire = encode(&msg, &data);
+        let (back, got): (ToController, &[u8]) = decode(&wire).unwrap();
+        assert_eq!((back, got), (msg.clone(), &data[..]));
+        let plain = encode(&msg, &[]);
+        assert!(!plain.contains(&0), "no data, no separator");
+        let (back, got): (ToController, &[u8]) = decode(&plain).unwrap();
+        assert_eq!((back, got.len()), (msg, 0));
+        assert!(decode::<ToController>(b"{\"type\":\"nope\"}").is_err());
+    }
 }

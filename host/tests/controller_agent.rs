@@ -223,3 +223,263 @@ async fn a_million_line_step_is_stored_exactly_once_in_order() {
         1e6 / took.as_secs_f64()
     );
 }
+
+/// A run must end even when its agent does not come back: an agent out of contact
+/// longer than `agent_lost_after` (3 s here) has its run marked `lost`, with the log
+/// closed on what arrived; an agent that restarts has its old runs marked at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_restarted_agent_has_its_run_marked_lost_not_hung() {
+    let s = stack().await;
+    let long = job(r#"
+        name = "long"
+        agent = "linux"
+        [[step]]
+        name = "wait"
+        run = "echo started; sleep 8"
+        "#);
+    let started = |c: &Controller, id: &str| {
+        c.run(id)
+            .is_some_and(|r| r.status == RunStatus::Running && r.events == 1)
+    };
+
+    // 1. The agent goes away for good.
+    let (agent, stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let run = s.controller.submit(&long).unwrap();
+    for _ in 0..200 {
+        if started(&s.controller, &run.id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        started(&s.controller, &run.id),
+        "{:?}",
+        s.controller.run(&run.id)
+    );
+    stop.send(true).unwrap();
+    agent.await.unwrap().unwrap();
+    let gone = std::time::Instant::now();
+    let r = wait_final(&s.controller, &run.id).await;
+    let took = gone.elapsed();
+    assert_eq!(r.status, RunStatus::Lost, "{r:?}");
+    let note = r.note.clone().unwrap_or_default();
+    assert!(note.contains("agent `agent-1` lost"), "{note}");
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
+        "marked after {took:?}, configured 3 s"
+    );
+    assert_eq!(r.steps[0].status, StepStatus::Skipped);
+    let meta = trellis::points::bindings::types::LogMetadata {
+        instance_id: "test-controller".into(),
+        ..meta("long", &run.id)
+    };
+    assert!(matches!(
+        s.reader.completeness(&meta).await.unwrap(),
+        LogCompleteness::Complete(1)
+    ));
+
+    // 2. The agent restarts (a new process: a new session) while a run is in flight.
+    let (_agent, stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let run = s.controller.submit(&long).unwrap();
+    for _ in 0..200 {
+        if started(&s.controller, &run.id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(started(&s.controller, &run.id));
+    stop.send(true).unwrap();
+    let restarted = std::time::Instant::now();
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    let r = wait_final(&s.controller, &run.id).await;
+    assert_eq!(r.status, RunStatus::Lost, "{r:?}");
+    assert!(
+        r.note.as_deref().unwrap_or_default().contains("restarted"),
+        "{r:?}"
+    );
+    assert!(
+        restarted.elapsed() < Duration::from_millis(2900),
+        "a restart is known at once, not after the lost-agent timeout"
+    );
+    // and the restarted agent (connected before its old run was marked) runs new work
+    let ok = s
+        .controller
+        .submit(&job(r#"
+            name = "after"
+            agent = "linux"
+            [[step]]
+            name = "hi"
+            run = "echo hi"
+            "#))
+        .unwrap();
+    assert_eq!(
+        wait_final(&s.controller, &ok.id).await.status,
+        RunStatus::Succeeded
+    );
+}
+
+/// Artifacts: globbed after the step, streamed in chunks, stored byte-exact with the
+/// agent's checksum. A log limit keeps the head and the tail in the log store, and the
+/// whole output (masked) as a compressed artifact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_arrive_checked_and_a_log_limit_keeps_head_tail_and_the_whole() {
+    use std::io::Read;
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let run = s
+        .controller
+        .submit(&job(r#"
+            name = "limited"
+            agent = "linux"
+            log-limit = "20KiB"
+            secrets = { TOKEN = "deploy-token" }
+            [[step]]
+            name = "gen"
+            run = """
+                seq 1 20000 | sed 's/^/line /'
+                echo token=$TOKEN
+                mkdir -p out/deep
+                head -c 3000000 /dev/urandom > out/big.bin
+                printf small > out/deep/small.txt
+            """
+            artifacts = ["out/*.bin", "out/**/*.txt", "nothing/*"]
+            [[step]]
+            name = "after"
+            run = "echo done"
+            "#))
+        .unwrap();
+    let r = wait_final(&s.controller, &run.id).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+
+    // The artifacts, byte-exact against the agent's workspace.
+    let names: Vec<_> = r.artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "out/big.bin",
+            "out/deep/small.txt",
+            "trellis-full-log.txt.gz"
+        ]
+    );
+    let workspace = s.dir.path().join("work-agent-1").join(&run.id);
+    for a in &r.artifacts[..2] {
+        let stored = std::fs::read(s.controller.artifact_path(&run.id, &a.name).unwrap()).unwrap();
+        let original = std::fs::read(workspace.join(&a.name)).unwrap();
+        assert!(stored == original, "{} differs", a.name);
+        assert_eq!(a.size, original.len() as u64);
+        assert_eq!(a.step.as_deref(), Some("gen"));
+        let (_, sha) = trellis::controller::artifacts::hash_file(&workspace.join(&a.name)).unwrap();
+        assert_eq!(a.sha256, sha);
+    }
+    assert_eq!(r.artifacts[2].step, None);
+
+    // The stored log: head, a note at the cut, a note counting what was left out, tail.
+    let meta = trellis::points::bindings::types::LogMetadata {
+        instance_id: "test-controller".into(),
+        ..meta("limited", &run.id)
+    };
+    assert!(matches!(
+        s.reader.completeness(&meta).await.unwrap(),
+        LogCompleteness::Complete(n) if n == r.events
+    ));
+    let page = s
+        .reader
+        .read(
+            &meta,
+            PageRequest {
+                step: None,
+                cursor: None,
+                limit: 10_000,
+            },
+        )
+        .await
+        .unwrap();
+    let events = decode(&page.events).unwrap();
+    let texts: Vec<&str> = events.iter().map(|e| e.message).collect();
+    let cut = texts
+        .iter()
+        .position(|t| t.contains("reached its limit"))
+        .expect("a note at the cut");
+    assert_eq!(texts[0], "line 1");
+    assert!(
+        texts[..cut]
+            .iter()
+            .enumerate()
+            .all(|(i, t)| *t == format!("line {}", i + 1))
+    );
+    let head_bytes: usize = texts[..cut].iter().map(|t| t.len() + 1).sum();
+    assert!(
+        head_bytes <= 10 << 10 && head_bytes > (10 << 10) - 20,
+        "{head_bytes}"
+    );
+    // between the two notes, only the agent's own notes (they bypass the limit)
+    let at = texts
+        .iter()
+        .position(|t| t.contains("left out here"))
+        .expect("a note counting what was left out");
+    assert!(
+        texts[cut + 1..at]
+            .iter()
+            .all(|t| t.starts_with("[trellis] "))
+    );
+    let left_out = texts[at];
+    let tail = &texts[at + 1..];
+    assert_eq!(tail.last(), Some(&"done"));
+    assert_eq!(tail[tail.len() - 2], "token=****");
+    assert_eq!(tail[tail.len() - 3], "line 20000");
+    let tail_bytes: usize = tail.iter().map(|t| t.len() + 1).sum();
+    assert!(
+        tail_bytes <= 10 << 10 && tail_bytes > (10 << 10) - 20,
+        "{tail_bytes}"
+    );
+    let shown = cut + tail.len() - 2; // "line N" shown: without token and done
+    let omitted: usize = left_out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(
+        shown + omitted,
+        20_000,
+        "every line is either shown or counted"
+    );
+
+    // The full log: every line, masked, with step headers.
+    let gz = s
+        .controller
+        .artifact_path(&run.id, "trellis-full-log.txt.gz")
+        .unwrap();
+    let mut full = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
+        .read_to_string(&mut full)
+        .unwrap();
+    let lines: Vec<&str> = full.lines().collect();
+    assert_eq!(lines.len(), 20_000 + 2 + 2);
+    assert_eq!(lines[0], "==> step gen <==");
+    assert!((1..=20_000).all(|i| lines[i] == format!("line {i}")));
+    assert_eq!(lines[20_001], "token=****");
+    assert_eq!(&lines[20_002..], ["==> step after <==", "done"]);
+    assert!(!full.contains("hunter2"));
+
+    // A pattern matching nothing is said in the step's log, not silently skipped.
+    let gen_log = s
+        .reader
+        .read(
+            &meta,
+            PageRequest {
+                step: Some("gen".into()),
+                cursor: None,
+                limit: 10_000,
+            },
+        )
+        .await
+        .unwrap();
+    let gen_log = decode(&gen_log.events).unwrap();
+    assert!(gen_log.iter().any(|e| {
+        e.message
+            .contains("no file matches artifact pattern `nothing/*`")
+    }),);
+}

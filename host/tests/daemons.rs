@@ -162,7 +162,7 @@ fn daemons_and_cli() {
     wait_for_agent(&server);
 
     let job = d.path().join("job.toml");
-    std::fs::write(&job, "name = \"cli-job\"\nagent = \"linux\"\nsecrets = { T = \"deploy-token\" }\n[[step]]\nname = \"a\"\nrun = \"echo one; echo secret=$T\"\n[[step]]\nname = \"b\"\nrun = \"echo two\"\n").unwrap();
+    std::fs::write(&job, "name = \"cli-job\"\nagent = \"linux\"\nsecrets = { T = \"deploy-token\" }\n[[step]]\nname = \"a\"\nrun = \"echo one; echo secret=$T\"\n[[step]]\nname = \"b\"\nrun = \"echo two; mkdir -p out; head -c 700000 /dev/urandom > 'out/a blob.bin'\"\nartifacts = [\"out/*\"]\n").unwrap();
     let (code, out, err) = cli(&server, &["run", job.to_str().unwrap(), "--follow"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out, "one\nsecret=****\ntwo\n", "{err}");
@@ -178,6 +178,32 @@ fn daemons_and_cli() {
     assert_eq!(out, "two\n");
     let (_, out, _) = cli(&server, &["logs", "r-000001", "--step", "a"]);
     assert_eq!(out, "one\nsecret=****\n");
+    // Artifacts: listed, downloaded and checked, byte-exact.
+    let (code, out, err) = cli(&server, &["artifacts", "r-000001"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("700000") && out.contains("out/a blob.bin"),
+        "{out}"
+    );
+    let got = d.path().join("got.bin");
+    let (code, _, err) = cli(
+        &server,
+        &[
+            "artifacts",
+            "r-000001",
+            "--get",
+            "out/a blob.bin",
+            "-o",
+            got.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("checked"), "{err}");
+    let original = std::fs::read(d.path().join("work/r-000001/out/a blob.bin")).unwrap();
+    assert!(std::fs::read(&got).unwrap() == original);
+    let (code, _, err) = cli(&server, &["artifacts", "r-000001", "--get", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no artifact `nope`"), "{err}");
     let (code, _, err) = cli(&server, &["cancel", "r-000001"]);
     assert_eq!(code, 1);
     assert!(err.contains("already ended"), "{err}");
@@ -204,6 +230,8 @@ fn daemons_and_cli() {
             && out.contains("failed"),
         "{out}"
     );
+    let (code, out, _) = cli(&server, &["artifacts", "r-000001"]);
+    assert!(code == 0 && out.contains("out/a blob.bin"), "{out}");
     wait_for_agent(&server);
     let (code, out, _) = cli(&server, &["run", job.to_str().unwrap(), "--follow"]);
     assert_eq!(code, 0);

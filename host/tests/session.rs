@@ -12,7 +12,7 @@ use trellis::points::transport::{self, Link, Listener};
 use trellis::runtime::Plugin;
 use trellis::session::Session;
 use trellis::session::link::{
-    AgentSession, HandshakeError, challenge, exchange, introduce, welcome,
+    AgentSession, HandshakeError, LinkDown, Liveness, challenge, exchange, introduce, welcome,
 };
 
 async fn tcp(dir: &std::path::Path) -> Arc<Plugin> {
@@ -131,10 +131,15 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
                 continue;
             }
             links += 1;
-            while got.len() < N + 1 && exchange(&mut session, &link, 20, &mut got).await.is_ok() {}
+            let mut live = Liveness::new(Duration::from_secs(1));
+            while got.len() < N + 1
+                && exchange(&mut session, &link, &mut live, 20, &mut got)
+                    .await
+                    .is_ok()
+            {}
             // let the last acks out
             for _ in 0..5 {
-                let _ = exchange(&mut session, &link, 20, &mut got).await;
+                let _ = exchange(&mut session, &link, &mut live, 20, &mut got).await;
             }
         }
         (got, links)
@@ -167,9 +172,10 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
         }
         let rounds = if cuts < 3 { 4 } else { usize::MAX };
         let mut sink = Vec::new();
+        let mut live = Liveness::new(Duration::from_secs(1));
         for _ in 0..rounds {
             if agent.session.unacked() == 0
-                || exchange(&mut agent.session, &link, 20, &mut sink)
+                || exchange(&mut agent.session, &link, &mut live, 20, &mut sink)
                     .await
                     .is_err()
             {
@@ -197,4 +203,47 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
         "in order"
     );
     assert_eq!(got.iter().filter(|(l, _)| *l == Lane::Control).count(), 1);
+}
+
+/// Heartbeats keep an idle link up; a peer that falls silent (frozen, or a half-open
+/// connection) is noticed within 5 intervals, instead of being waited on forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_links_heartbeat_and_a_silent_peer_is_given_up() {
+    let d = tempfile::tempdir().unwrap();
+    let p = tcp(d.path()).await;
+    let listener = transport::listen(p.clone()).await.unwrap();
+    let (mut a, mut c) = (AgentSession::new(), Session::default());
+    let (agent_link, controller_link) =
+        handshake(&p, &listener, "agent-1", "right-secret", &mut a, &mut c)
+            .await
+            .expect("welcomed");
+    let interval = Duration::from_millis(50);
+    let (mut agent_live, mut controller_live) = (Liveness::new(interval), Liveness::new(interval));
+    let mut sink = Vec::new();
+    // Both sides idle for 20 intervals, each heartbeating: the link stays up.
+    let t = Instant::now();
+    while t.elapsed() < interval * 20 {
+        exchange(&mut a.session, &agent_link, &mut agent_live, 5, &mut sink)
+            .await
+            .expect("an idle agent link with heartbeats stays up");
+        exchange(&mut c, &controller_link, &mut controller_live, 5, &mut sink)
+            .await
+            .expect("an idle controller link with heartbeats stays up");
+    }
+    assert!(sink.is_empty(), "heartbeats are not messages");
+    // The controller freezes (keeps the connection open, says nothing).
+    let t = Instant::now();
+    let err = loop {
+        match exchange(&mut a.session, &agent_link, &mut agent_live, 5, &mut sink).await {
+            Ok(()) => assert!(t.elapsed() < Duration::from_secs(5), "never noticed"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, LinkDown::Silent(_)), "{err}");
+    let took = t.elapsed();
+    assert!(
+        took >= interval * 4 && took < interval * 5 + Duration::from_millis(500),
+        "gave up after {took:?}"
+    );
+    drop(controller_link);
 }

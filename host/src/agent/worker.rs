@@ -2,13 +2,17 @@
 //! run what the controller orders, streaming output back. The session outlives links:
 //! a dropped connection is re-established and nothing is lost or repeated.
 
+use crate::agent::artifacts;
+use crate::agent::budget::{FULL_LOG, LogBudget};
 use crate::agent::exec::{self, Output, StepCommand, Stream};
 use crate::agent::mask::Masker;
 use crate::points::bindings::command_transport::Lane;
 use crate::points::transport;
-use crate::protocol::{OutLine, RunOrder, RunOutcome, StepOutcome, ToAgent, ToController, now_ms};
+use crate::protocol::{
+    self, OutLine, RunOrder, RunOutcome, StepOutcome, ToAgent, ToController, now_ms,
+};
 use crate::runtime::Plugin;
-use crate::session::link::{AgentSession, HandshakeError, exchange, introduce};
+use crate::session::link::{AgentSession, HandshakeError, Liveness, exchange, introduce};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +22,18 @@ use tokio::sync::{mpsc, watch};
 /// Lines per output message: bounds message size and latency.
 const LINES_PER_MESSAGE: usize = 512;
 
+/// Messages the session holds unacknowledged before the agent stops taking more from
+/// its runs: beyond it, steps wait (their output is back-pressured, never dropped).
+const MAX_UNACKED: usize = 256;
+
+/// Messages for the controller, encoded, on the bulk lane (control-lane messages go
+/// from the agent only as link signals).
+type Out = mpsc::Sender<Vec<u8>>;
+
+async fn send(out: &Out, msg: &ToController) -> bool {
+    out.send(protocol::encode(msg, &[])).await.is_ok()
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: String,
@@ -25,6 +41,8 @@ pub struct AgentConfig {
     pub secret: String,
     /// Each run gets `<workspace>/<run-id>/`.
     pub workspace: PathBuf,
+    /// How often an idle link says it is alive (see `session::link::Liveness`).
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +59,7 @@ pub async fn run_agent(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let mut agent_session = AgentSession::new();
-    let (out_tx, mut out_rx) = mpsc::channel::<(Lane, ToController)>(1024);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
@@ -76,15 +94,18 @@ pub async fn run_agent(
         let session = &mut agent_session.session;
         backoff = Duration::from_millis(100);
         tracing::info!(agent = %cfg.name, "connected to the controller");
+        let mut live = Liveness::new(cfg.heartbeat);
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            while let Ok((lane, msg)) = out_rx.try_recv() {
-                session.queue(lane, serde_json::to_vec(&msg).expect("serialisable"));
+            while session.unacked() < MAX_UNACKED
+                && let Ok(msg) = out_rx.try_recv()
+            {
+                session.queue(Lane::Bulk, msg);
             }
             let mut delivered = Vec::new();
-            if let Err(e) = exchange(session, &link, 20, &mut delivered).await {
+            if let Err(e) = exchange(session, &link, &mut live, 20, &mut delivered).await {
                 tracing::warn!(agent = %cfg.name, "link lost: {e}; reconnecting");
                 break;
             }
@@ -111,17 +132,14 @@ pub async fn run_agent(
 }
 
 /// Run one order's steps in sequence, stopping at the first that does not succeed.
-/// Step and run results travel on the bulk lane, after the step's output: they must not
-/// overtake it (a run is complete only once all its output arrived).
-async fn run(
-    order: RunOrder,
-    workspace: PathBuf,
-    out: mpsc::Sender<(Lane, ToController)>,
-    cancel: watch::Receiver<bool>,
-) {
+/// Everything goes on the bulk lane in the order it happened: step results and the run
+/// result must not overtake the output and artifacts before them (a run is complete only
+/// once all of it arrived).
+async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Receiver<bool>) {
     let dir = workspace.join(&order.run);
     let masker = Masker::new(&order.mask);
     let mut outcome = RunOutcome::Succeeded;
+    let mut budget = None;
     if let Err(e) = std::fs::create_dir_all(&dir) {
         outcome = RunOutcome::Failed {
             step: order
@@ -133,53 +151,38 @@ async fn run(
                 reason: format!("cannot create workspace {}: {e}", dir.display()),
             },
         };
+    } else if let Some(limit) = order.log_limit {
+        match LogBudget::new(limit, &dir) {
+            Ok(b) => budget = Some(b),
+            Err(e) => {
+                let step = order.steps.first().map(|s| s.name.as_str()).unwrap_or("");
+                let text = format!("[trellis] cannot apply the log limit (kept whole): {e}");
+                notes(&out, &order.run, step, vec![text]).await;
+            }
+        }
     }
     for step in &order.steps {
         if outcome != RunOutcome::Succeeded {
             break;
         }
-        let _ = out
-            .send((
-                Lane::Bulk,
-                ToController::StepStarted {
-                    run: order.run.clone(),
-                    step: step.name.clone(),
-                },
-            ))
-            .await;
+        send(
+            &out,
+            &ToController::StepStarted {
+                run: order.run.clone(),
+                step: step.name.clone(),
+            },
+        )
+        .await;
         let step_dir = step.workdir.as_ref().map_or(dir.clone(), |w| dir.join(w));
         let _ = std::fs::create_dir_all(&step_dir);
-        let (lines_tx, mut lines_rx) = mpsc::channel::<Output>(4096);
-        let forward = {
-            let (out, run, name) = (out.clone(), order.run.clone(), step.name.clone());
-            tokio::spawn(async move {
-                let mut batch = Vec::new();
-                while let Some(first) = lines_rx.recv().await {
-                    batch.push(line(first));
-                    while batch.len() < LINES_PER_MESSAGE {
-                        match lines_rx.try_recv() {
-                            Ok(o) => batch.push(line(o)),
-                            Err(_) => break,
-                        }
-                    }
-                    let lines = std::mem::take(&mut batch);
-                    if out
-                        .send((
-                            Lane::Bulk,
-                            ToController::Output {
-                                run: run.clone(),
-                                step: name.clone(),
-                                lines,
-                            },
-                        ))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            })
-        };
+        let (lines_tx, lines_rx) = mpsc::channel::<Output>(4096);
+        let forward = tokio::spawn(forward(
+            lines_rx,
+            out.clone(),
+            order.run.clone(),
+            step.name.clone(),
+            budget.take(),
+        ));
         let cmd = StepCommand {
             run: &step.run,
             dir: &step_dir,
@@ -190,17 +193,26 @@ async fn run(
         let end: StepOutcome = exec::run_step(cmd, &masker, lines_tx, cancel.clone())
             .await
             .into();
-        let _ = forward.await;
-        let _ = out
-            .send((
-                Lane::Bulk,
-                ToController::StepFinished {
-                    run: order.run.clone(),
-                    step: step.name.clone(),
-                    outcome: end.clone(),
-                },
-            ))
-            .await;
+        budget = forward.await.ok().flatten();
+        send(
+            &out,
+            &ToController::StepFinished {
+                run: order.run.clone(),
+                step: step.name.clone(),
+                outcome: end.clone(),
+            },
+        )
+        .await;
+        if !step.artifacts.is_empty() {
+            let (found, mut problems) = artifacts::find(&dir, &step_dir, &step.artifacts);
+            for f in &found {
+                if let Err(e) = artifacts::send(&order.run, Some(&step.name), f, &out).await {
+                    problems.push(format!("artifact `{}` not sent: {e}", f.name));
+                }
+            }
+            let problems = problems.into_iter().map(|p| format!("[trellis] {p}"));
+            notes(&out, &order.run, &step.name, problems.collect()).await;
+        }
         outcome = match end {
             e if e.succeeded() => RunOutcome::Succeeded,
             StepOutcome::TimedOut => RunOutcome::TimedOut {
@@ -213,15 +225,118 @@ async fn run(
             },
         };
     }
-    let _ = out
-        .send((
-            Lane::Bulk,
-            ToController::RunFinished {
-                run: order.run,
-                outcome,
-            },
-        ))
-        .await;
+    if let Some(b) = budget {
+        finish_budget(b, &order.run, &out).await;
+    }
+    send(
+        &out,
+        &ToController::RunFinished {
+            run: order.run,
+            outcome,
+        },
+    )
+    .await;
+}
+
+/// Carry a step's output to the controller in messages of up to `LINES_PER_MESSAGE`
+/// lines, through the run's log budget when it has one (handed back at the end).
+async fn forward(
+    mut lines: mpsc::Receiver<Output>,
+    out: Out,
+    run: String,
+    step: String,
+    mut budget: Option<LogBudget>,
+) -> Option<LogBudget> {
+    let mut batch = Vec::new();
+    while let Some(first) = lines.recv().await {
+        let mut next = Some(first);
+        while let Some(o) = next {
+            match budget.as_mut() {
+                Some(b) => match b.admit(&step, line(o)) {
+                    Ok(admitted) => batch.extend(admitted),
+                    Err(e) => {
+                        // The full log cannot be kept: stop limiting rather than lose lines.
+                        tracing::error!(run, "the full log cannot be written, limit lifted: {e}");
+                        budget = None;
+                    }
+                },
+                None => batch.push(line(o)),
+            }
+            next = if batch.len() < LINES_PER_MESSAGE {
+                lines.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let msg = ToController::Output {
+            run: run.clone(),
+            step: step.clone(),
+            lines: std::mem::take(&mut batch),
+        };
+        if !send(&out, &msg).await {
+            break;
+        }
+    }
+    budget
+}
+
+/// The run ended with a log budget: send the kept tail, then the full log artifact.
+async fn finish_budget(b: LogBudget, run: &str, out: &Out) {
+    let (tail, full) = match b.finish() {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(run, "cannot finish the full log: {e}");
+            return;
+        }
+    };
+    let mut tail = tail.into_iter().peekable();
+    while let Some((step, first)) = tail.next() {
+        let mut lines = vec![first];
+        while lines.len() < LINES_PER_MESSAGE
+            && let Some((_, l)) = tail.next_if(|(s, _)| *s == step)
+        {
+            lines.push(l);
+        }
+        let msg = ToController::Output {
+            run: run.to_string(),
+            step,
+            lines,
+        };
+        send(out, &msg).await;
+    }
+    if let Some(path) = full {
+        let f = artifacts::Found {
+            name: FULL_LOG.into(),
+            path,
+        };
+        if let Err(e) = artifacts::send(run, None, &f, out).await {
+            tracing::error!(run, "the full log artifact was not sent: {e}");
+        }
+    }
+}
+
+/// Lines from the agent itself into a step's log (on stderr).
+async fn notes(out: &Out, run: &str, step: &str, texts: Vec<String>) {
+    if texts.is_empty() {
+        return;
+    }
+    let lines = texts
+        .into_iter()
+        .map(|text| OutLine {
+            stream: "err".into(),
+            text,
+            ts_ms: now_ms(),
+        })
+        .collect();
+    let msg = ToController::Output {
+        run: run.to_string(),
+        step: step.to_string(),
+        lines,
+    };
+    send(out, &msg).await;
 }
 
 fn line(o: Output) -> OutLine {

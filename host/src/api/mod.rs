@@ -8,6 +8,8 @@
 //! | `POST /api/runs/{id}/cancel` | 202; 409 if it already ended |
 //! | `GET /api/runs/{id}/log?cursor=&limit=&step=&tail=` | a page of events and the cursor to continue from, with completeness |
 //! | `GET /api/runs/{id}/log/follow?step=` | SSE: `line` events until the run ended and its log is complete, then `end` |
+//! | `GET /api/runs/{id}/artifacts` | the run's artifacts: name, step, size, sha256 |
+//! | `GET /api/runs/{id}/artifacts/{name}` | download one (`name` may contain `/`); `x-checksum-sha256` header |
 //! | `GET /api/agents` | connected agents and their labels |
 //! | `GET /api/plugins` | loaded plugins: points, health, call counts |
 //! | `GET /metrics` | Prometheus text: per-plugin metrics |
@@ -51,6 +53,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/runs/{id}/cancel", post(cancel))
         .route("/api/runs/{id}/log", get(log_page))
         .route("/api/runs/{id}/log/follow", get(follow))
+        .route("/api/runs/{id}/artifacts", get(list_artifacts))
+        .route("/api/runs/{id}/artifacts/{*name}", get(download_artifact))
         .route("/api/agents", get(agents))
         .route("/api/plugins", get(plugins))
         .route("/metrics", get(metrics))
@@ -116,6 +120,65 @@ async fn cancel(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response
                 .into_response()
         }
     }
+}
+
+async fn list_artifacts(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
+    match api.controller.run(&id) {
+        Some(r) => Json(r.artifacts).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no run `{id}`")),
+    }
+}
+
+/// Streams the file, with its length and checksum in the headers.
+async fn download_artifact(
+    State(api): State<Arc<Api>>,
+    Path((id, name)): Path<(String, String)>,
+) -> Response {
+    let Some(run) = api.controller.run(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no run `{id}`"));
+    };
+    let Some(a) = run.artifacts.iter().find(|a| a.name == name) else {
+        let known: Vec<_> = run.artifacts.iter().map(|a| a.name.as_str()).collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("run `{id}` has no artifact `{name}` (it has: {known:?})"),
+        );
+    };
+    let Some(path) = api.controller.artifact_path(&id, &a.name) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("bad artifact name `{name}`"),
+        );
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("artifact `{name}` is listed but cannot be read: {e}"),
+            );
+        }
+    };
+    let file_name = name.rsplit('/').next().unwrap_or(&name).replace('"', "");
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, a.size.to_string()),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file_name}\""),
+            ),
+            (
+                axum::http::HeaderName::from_static("x-checksum-sha256"),
+                a.sha256.clone(),
+            ),
+        ],
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    )
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,4 +1,5 @@
-//! CLI commands that talk to a controller's HTTP API: run, runs, logs, cancel, agents.
+//! CLI commands that talk to a controller's HTTP API: run, runs, logs, cancel, agents,
+//! artifacts.
 //! Plain HTTP/1.1 over loopback or a trusted network; the server is `--server` or
 //! `$TRELLIS_SERVER` (default http://127.0.0.1:8080).
 
@@ -233,6 +234,130 @@ pub async fn agents(server: &Server) -> anyhow::Result<ExitCode> {
             "{:<16} {}",
             a["name"].as_str().unwrap_or_default(),
             labels.join(",")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn artifacts(server: &Server, id: &str) -> anyhow::Result<ExitCode> {
+    let (status, v) = server
+        .request("GET", &format!("/api/runs/{id}/artifacts"), "")
+        .await?;
+    if status != 200 {
+        return Err(fail(status, &v));
+    }
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        eprintln!("trellis: run {id} has no artifacts");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:>12}  {:<16} {:<16} NAME", "SIZE", "STEP", "SHA256");
+    for a in &list {
+        let sha = a["sha256"].as_str().unwrap_or_default();
+        println!(
+            "{:>12}  {:<16} {:<16} {}",
+            a["size"].as_u64().unwrap_or_default(),
+            a["step"].as_str().unwrap_or("(run)"),
+            sha.get(..16).unwrap_or(sha),
+            a["name"].as_str().unwrap_or_default(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Percent-encode a path, keeping its `/` separators.
+fn encode_path(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Download one artifact, streaming it to `output` (default: its file name here), and
+/// check it against the SHA-256 the controller recorded; a mismatch removes the file.
+pub async fn get_artifact(
+    server: &Server,
+    id: &str,
+    name: &str,
+    output: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use sha2::Digest;
+    let mut s = server.connect().await?;
+    let req = format!(
+        "GET /api/runs/{id}/artifacts/{} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+        encode_path(name),
+        server.0
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 || line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let status: u16 = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    if status != 200 {
+        let mut body = String::new();
+        r.read_to_string(&mut body).await?;
+        let v = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+        return Err(fail(status, &v));
+    }
+    let header = |h: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(h).then(|| v.trim().to_string())
+        })
+    };
+    let expected = header("x-checksum-sha256").unwrap_or_default();
+    let size: u64 = header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let to_stdout = output.as_deref() == Some(std::path::Path::new("-"));
+    let path = output.unwrap_or_else(|| name.rsplit('/').next().unwrap_or(name).into());
+    let mut sink: Box<dyn tokio::io::AsyncWrite + Unpin> = if to_stdout {
+        Box::new(tokio::io::stdout())
+    } else {
+        Box::new(
+            tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        )
+    };
+    let mut hash = sha2::Sha256::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut body = r.take(size);
+    loop {
+        let n = body.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        sink.write_all(&buf[..n]).await?;
+        got += n as u64;
+    }
+    sink.flush().await?;
+    let actual = hex::encode(hash.finalize());
+    if got != size || actual != expected {
+        if !to_stdout {
+            let _ = std::fs::remove_file(&path);
+        }
+        anyhow::bail!(
+            "artifact `{name}` arrived damaged ({got} of {size} bytes, SHA-256 {actual}, expected {expected}); removed"
+        );
+    }
+    if !to_stdout {
+        eprintln!(
+            "trellis: {} ({size} bytes, SHA-256 {expected}) checked",
+            path.display()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -82,6 +82,8 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             state_dir: c.state_dir.clone(),
             agents,
             secrets,
+            heartbeat: c.heartbeat.0,
+            agent_lost_after: c.agent_lost_after.0,
         },
         transport,
         logging,
@@ -138,6 +140,7 @@ pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
             labels: a.labels.clone(),
             secret: agent_secret,
             workspace: a.workspace.clone(),
+            heartbeat: a.heartbeat.0,
         },
         stop,
     );

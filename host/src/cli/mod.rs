@@ -88,6 +88,18 @@ pub enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// List a run's artifacts, or download one (checked against its SHA-256).
+    Artifacts {
+        run: String,
+        /// Download this artifact (its name as listed).
+        #[arg(long, value_name = "NAME")]
+        get: Option<String>,
+        /// Where to write it (default: its file name, in the current directory; `-`: stdout).
+        #[arg(long, short, value_name = "FILE", requires = "get")]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// List connected agents.
     Agents {
         #[arg(long)]
@@ -199,6 +211,18 @@ pub fn run(cli: Cli) -> ExitCode {
                 client::cancel(&client::Server::new(server)?, &run).await
             }
             Command::Agents { server } => client::agents(&client::Server::new(server)?).await,
+            Command::Artifacts {
+                run,
+                get,
+                output,
+                server,
+            } => {
+                let server = client::Server::new(server)?;
+                match get {
+                    Some(name) => client::get_artifact(&server, &run, &name, output).await,
+                    None => client::artifacts(&server, &run).await,
+                }
+            }
             Command::Up {
                 job,
                 bundle,

@@ -98,6 +98,8 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
                 .map(|n| (n.clone(), agent_secret.clone()))
                 .collect::<HashMap<_, _>>(),
             secrets,
+            heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
+            agent_lost_after: crate::controller::DEFAULT_AGENT_LOST_AFTER,
         },
         tcp.clone(),
         logging,
@@ -112,6 +114,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             labels: vec!["local".into(), job.agent.clone()],
             secret: agent_secret.clone(),
             workspace: o.state.join("workspace").join(name),
+            heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
         };
         tokio::spawn(run_agent(tcp.clone(), cfg, stop.clone()));
     }

@@ -46,6 +46,12 @@ pub struct ControllerSection {
     /// Agent name -> the name of the secret (in the secrets file) that agent must prove.
     #[serde(default)]
     pub agents: BTreeMap<String, String>,
+    /// How often an idle agent link says it is alive; 5 silent intervals end the link.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: HumanDuration,
+    /// An agent out of contact this long has its in-flight runs marked `lost`.
+    #[serde(default = "default_agent_lost_after")]
+    pub agent_lost_after: HumanDuration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,8 +66,17 @@ pub struct AgentSection {
     pub workspace: PathBuf,
     #[serde(default = "default_transport")]
     pub transport: String,
+    /// How often an idle link to the controller says it is alive.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: HumanDuration,
 }
 
+fn default_heartbeat() -> HumanDuration {
+    HumanDuration(crate::session::link::DEFAULT_HEARTBEAT)
+}
+fn default_agent_lost_after() -> HumanDuration {
+    HumanDuration(crate::controller::DEFAULT_AGENT_LOST_AFTER)
+}
 fn default_instance_id() -> String {
     "trellis".into()
 }

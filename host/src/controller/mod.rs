@@ -1,6 +1,7 @@
 //! The controller role: accepts agents, places runs on them, records run state in its
 //! state directory and sends run output to the logging method.
 
+pub mod artifacts;
 pub mod state;
 
 use crate::capabilities::secrets::SecretStore;
@@ -9,19 +10,20 @@ use crate::points::bindings::command_transport::Lane;
 use crate::points::bindings::types::LogMetadata;
 use crate::points::logging::LogWriter;
 use crate::points::transport::{self, Link, Listener};
-use crate::protocol::{RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
+use crate::protocol::{self, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
 use crate::runtime::Plugin;
 use crate::session::Session;
-use crate::session::link::{challenge, exchange, welcome};
+use crate::session::link::{Liveness, challenge, exchange, welcome};
 use state::{RunRecord, RunStatus, RunStore, StepStatus};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 use trellis_sdk::events::BatchBuilder;
 
 /// How long an idle agent link waits between polls (the latency of a quiet link).
-const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(5);
+const POLL_IDLE: Duration = Duration::from_millis(5);
 
 pub struct ControllerConfig {
     /// Names this controller in every log's metadata (JEP-212's instance id).
@@ -31,7 +33,15 @@ pub struct ControllerConfig {
     pub agents: HashMap<String, String>,
     /// Where jobs' `secrets` are looked up.
     pub secrets: SecretStore,
+    /// How often an idle link says it is alive (see `session::link::Liveness`).
+    pub heartbeat: Duration,
+    /// An agent out of contact this long has its in-flight runs marked `lost`. Long
+    /// enough to ride out a reconnect: a cut link resumes without losing the run.
+    pub agent_lost_after: Duration,
 }
+
+/// Default for `ControllerConfig::agent_lost_after`.
+pub const DEFAULT_AGENT_LOST_AFTER: Duration = Duration::from_secs(60);
 
 /// Something that changed, for followers (CLI, API).
 #[derive(Debug, Clone)]
@@ -60,6 +70,10 @@ pub enum SubmitError {
 struct AgentSlot {
     labels: Vec<String>,
     connected: bool,
+    /// Since when the agent is out of contact (None while connected).
+    away_since: Option<Instant>,
+    /// Numbers the agent's links; only the newest one serves it.
+    link: u64,
     /// The agent process the session belongs to (see `Hello::session`).
     agent_session: String,
     orders: mpsc::Sender<ToAgent>,
@@ -105,6 +119,7 @@ impl Controller {
             updates,
         });
         tokio::spawn(c.clone().accept_loop(listener));
+        tokio::spawn(c.clone().watch_agents());
         Ok(c)
     }
 
@@ -114,6 +129,11 @@ impl Controller {
 
     pub fn run(&self, id: &str) -> Option<RunRecord> {
         self.store.get(id)
+    }
+
+    /// Where a finished artifact of `run` is stored (None: not a valid name).
+    pub fn artifact_path(&self, run: &str, name: &str) -> Option<PathBuf> {
+        artifacts::path(&self.store.run_dir(run), name)
     }
 
     pub fn runs(&self) -> Vec<RunRecord> {
@@ -180,10 +200,12 @@ impl Controller {
                     run: s.run.clone(),
                     timeout_ms: s.timeout.as_millis() as u64,
                     workdir: s.workdir.as_ref().map(|p| p.display().to_string()),
+                    artifacts: s.artifacts.clone(),
                 })
                 .collect(),
             env,
             mask,
+            log_limit: job.log_limit,
         };
         let tx = self
             .agents
@@ -247,39 +269,80 @@ impl Controller {
             }
         };
         let name = hello.agent.clone();
-        let (mut session, mut orders) = {
+        let mut restarted = false;
+        // An agent keeps one link at a time: a new one supersedes the old (which is
+        // dead or dying, e.g. half-open), whose loop hands the session back.
+        let my_link = {
             let mut a = self.agents.lock().unwrap();
             let slot = a.entry(name.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(1024);
                 AgentSlot {
                     labels: vec![],
                     connected: false,
+                    away_since: None,
                     agent_session: String::new(),
+                    link: 0,
                     orders: tx,
                     parked: Some((Session::default(), rx)),
                 }
             });
-            let Some(mut parked) = slot.parked.take() else {
-                tracing::warn!(agent = %name, "already connected; refusing a second connection");
-                return;
-            };
-            if slot.agent_session != hello.session {
-                // A restarted agent process: its session starts afresh (orders it had not
-                // acknowledged are gone with it).
-                if !slot.agent_session.is_empty() {
-                    tracing::info!(agent = %name, "the agent restarted: starting a new session");
-                }
-                parked.0 = Session::default();
-                slot.agent_session = hello.session.clone();
-            }
-            slot.labels = hello.labels.clone();
-            slot.connected = true;
-            parked
+            slot.link += 1;
+            slot.link
         };
+        let taken_over = Instant::now();
+        let (mut session, mut orders) = loop {
+            let parked = {
+                let mut a = self.agents.lock().unwrap();
+                let slot = a.get_mut(&name).expect("created above");
+                if slot.link != my_link {
+                    return; // superseded in turn while waiting
+                }
+                slot.parked.take().map(|mut parked| {
+                    if slot.agent_session != hello.session {
+                        // A restarted agent process: its session starts afresh (orders it
+                        // had not acknowledged are gone with it).
+                        if !slot.agent_session.is_empty() {
+                            tracing::info!(agent = %name, "the agent restarted: starting a new session");
+                            restarted = true;
+                        }
+                        parked.0 = Session::default();
+                        slot.agent_session = hello.session.clone();
+                    }
+                    slot.labels = hello.labels.clone();
+                    slot.connected = true;
+                    slot.away_since = None;
+                    parked
+                })
+            };
+            match parked {
+                Some(p) => break p,
+                None if taken_over.elapsed() > Duration::from_secs(10) => {
+                    tracing::error!(agent = %name, "the agent's previous link never let go");
+                    return;
+                }
+                None => tokio::time::sleep(POLL_IDLE).await,
+            }
+        };
+        if restarted {
+            // Its runs died with the old process; nothing will ever finish them.
+            self.mark_lost(&name, "the agent restarted while this run was in flight")
+                .await;
+        }
         session.resync(hello.received);
         if welcome(&link, session.received()).await.is_ok() {
             tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
+            let mut live = Liveness::new(self.cfg.heartbeat);
             loop {
+                let superseded = self
+                    .agents
+                    .lock()
+                    .unwrap()
+                    .get(&name)
+                    .is_some_and(|s| s.link != my_link);
+                if superseded {
+                    tracing::info!(agent = %name, "the agent reconnected: leaving the old link");
+                    break;
+                }
                 while let Ok(order) = orders.try_recv() {
                     session.queue(
                         Lane::Control,
@@ -288,7 +351,7 @@ impl Controller {
                 }
                 let mut delivered = Vec::new();
                 let had_work = session.unacked() > 0;
-                if let Err(e) = exchange(&mut session, &link, 0, &mut delivered).await {
+                if let Err(e) = exchange(&mut session, &link, &mut live, 0, &mut delivered).await {
                     tracing::warn!(agent = %name, "link lost: {e}");
                     break;
                 }
@@ -296,8 +359,8 @@ impl Controller {
                     tokio::time::sleep(POLL_IDLE).await;
                 }
                 for (_, payload) in delivered {
-                    match serde_json::from_slice::<ToController>(&payload) {
-                        Ok(msg) => self.handle(&name, msg).await,
+                    match protocol::decode::<ToController>(&payload) {
+                        Ok((msg, data)) => self.handle(&name, msg, data).await,
                         Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
                     }
                 }
@@ -305,12 +368,94 @@ impl Controller {
         }
         let mut a = self.agents.lock().unwrap();
         if let Some(slot) = a.get_mut(&name) {
-            slot.connected = false;
+            if slot.link == my_link {
+                slot.connected = false;
+                slot.away_since = Some(Instant::now());
+            }
             slot.parked = Some((session, orders));
         }
     }
 
-    async fn handle(&self, agent: &str, msg: ToController) {
+    /// Agents out of contact longer than `agent_lost_after` lose their in-flight runs:
+    /// they are marked `lost` (a run must end, not hang on an agent that is gone).
+    async fn watch_agents(self: Arc<Self>) {
+        let every = self.cfg.heartbeat.min(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let gone: Vec<String> = {
+                let a = self.agents.lock().unwrap();
+                a.iter()
+                    .filter(|(_, s)| {
+                        s.away_since
+                            .is_some_and(|t| t.elapsed() >= self.cfg.agent_lost_after)
+                    })
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            };
+            for name in gone {
+                let note = format!(
+                    "agent `{name}` lost: out of contact for more than {:?}",
+                    self.cfg.agent_lost_after
+                );
+                self.mark_lost(&name, &note).await;
+            }
+        }
+    }
+
+    /// Mark `agent`'s in-flight runs `lost`, close their logs with what arrived, and
+    /// queue a cancel so the agent stops them should it come back.
+    async fn mark_lost(&self, agent: &str, note: &str) {
+        let runs: Vec<String> = self
+            .store
+            .all()
+            .into_iter()
+            .filter(|r| r.agent == agent && !r.status.is_final())
+            .map(|r| r.id)
+            .collect();
+        for run in runs {
+            tracing::warn!(agent, run, "{note}");
+            if let Some(mut log) = self.logs.lock().await.remove(&run)
+                && let Err(e) = log.writer.close(log.events).await
+            {
+                tracing::error!(run, "closing the run's log failed: {e}");
+            }
+            self.update(&run, |r| {
+                r.status = RunStatus::Lost;
+                r.note = Some(note.to_string());
+                r.finished_ms = Some(crate::protocol::now_ms());
+                for s in &mut r.steps {
+                    if matches!(s.status, StepStatus::Pending | StepStatus::Running) {
+                        s.status = StepStatus::Skipped;
+                    }
+                }
+            });
+            let tx = self
+                .agents
+                .lock()
+                .unwrap()
+                .get(agent)
+                .map(|s| s.orders.clone());
+            if let Some(tx) = tx {
+                let _ = tx.try_send(ToAgent::Cancel { run });
+            }
+        }
+    }
+
+    async fn handle(&self, agent: &str, msg: ToController, data: &[u8]) {
+        let run = msg.run();
+        if self
+            .store
+            .get(run)
+            .is_some_and(|r| r.status == RunStatus::Lost)
+        {
+            // Marked lost while the agent was away: the record stays as it was decided.
+            tracing::warn!(
+                agent,
+                run,
+                "a message for a run already marked lost, ignored"
+            );
+            return;
+        }
         match msg {
             ToController::StepStarted { run, step } => self.update(&run, |r| {
                 r.status = RunStatus::Running;
@@ -385,6 +530,48 @@ impl Controller {
                     s.outcome = Some(outcome.clone());
                 }
             }),
+            ToController::ArtifactChunk {
+                run,
+                step,
+                name,
+                offset,
+                end,
+            } => {
+                let dir = self.store.run_dir(&run);
+                let data = data.to_vec();
+                let got = tokio::task::spawn_blocking({
+                    let (step, name) = (step.clone(), name.clone());
+                    move || {
+                        artifacts::receive(
+                            &dir,
+                            step.as_deref(),
+                            &name,
+                            offset,
+                            &data,
+                            end.as_ref(),
+                        )
+                    }
+                })
+                .await
+                .expect("artifact receipt does not panic");
+                match got {
+                    Ok(Some(record)) => self.update(&run, |r| {
+                        r.artifacts.retain(|a| a.name != record.name);
+                        r.artifacts.push(record);
+                    }),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(agent, run, "{e}");
+                        self.update(&run, |r| {
+                            let note = r.note.get_or_insert_with(String::new);
+                            if !note.is_empty() {
+                                note.push('\n');
+                            }
+                            note.push_str(&e.to_string());
+                        });
+                    }
+                }
+            }
             ToController::RunFinished { run, outcome } => {
                 if let Some(mut log) = self.logs.lock().await.remove(&run)
                     && let Err(e) = log.writer.close(log.events).await

@@ -19,7 +19,8 @@ pub enum RunStatus {
     Failed,
     TimedOut,
     Cancelled,
-    /// The controller restarted while the run was in flight.
+    /// The run cannot end normally: the controller restarted while it was in flight,
+    /// or its agent was lost (restarted, or out of contact too long). `note` says which.
     Lost,
 }
 
@@ -60,6 +61,9 @@ pub struct RunRecord {
     pub finished_ms: Option<i64>,
     #[serde(default)]
     pub note: Option<String>,
+    /// Artifacts received and checked, in the order they arrived.
+    #[serde(default)]
+    pub artifacts: Vec<super::artifacts::ArtifactRecord>,
 }
 
 impl RunRecord {
@@ -149,6 +153,7 @@ impl RunStore {
             created_ms: now_ms(),
             finished_ms: None,
             note: None,
+            artifacts: Vec::new(),
         };
         self.persist(&r)?;
         runs.insert(r.id.clone(), r.clone());
@@ -171,6 +176,11 @@ impl RunStore {
             *r = next;
         }
         Ok(Some(r.clone()))
+    }
+
+    /// The run's folder (its record, artifacts).
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
     }
 
     pub fn get(&self, id: &str) -> Option<RunRecord> {

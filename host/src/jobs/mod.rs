@@ -84,7 +84,7 @@ fn is_env_name(s: &str) -> bool {
 }
 
 /// A relative path that stays inside its root (no `..`, not absolute).
-fn contained(p: &str) -> Option<PathBuf> {
+pub fn contained(p: &str) -> Option<PathBuf> {
     let path = Path::new(p);
     if p.is_empty() || path.is_absolute() {
         return None;

@@ -209,20 +209,74 @@ pub async fn introduce(
 /// artifact.
 pub const BULK_PER_ROUND: usize = 1 << 20;
 
-/// One round: send what is due, then take what arrived (waiting at most `wait_ms` when
-/// nothing is due to go out), delivering new messages in order into `delivered`.
+/// How often an idle side says it is alive, unless configured otherwise.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// A link silent for this many heartbeat intervals is given up.
+pub const SILENT_INTERVALS: u32 = 5;
+
+/// Keeps one link honest. An idle side sends a heartbeat each interval; a side that has
+/// heard nothing for `SILENT_INTERVALS` intervals gives the link up, so a half-open TCP
+/// connection or a frozen peer is noticed instead of waited on forever.
+#[derive(Debug)]
+pub struct Liveness {
+    interval: Duration,
+    last_heard: Instant,
+    last_sent: Instant,
+}
+
+impl Liveness {
+    pub fn new(interval: Duration) -> Liveness {
+        let now = Instant::now();
+        Liveness {
+            interval,
+            last_heard: now,
+            last_sent: now,
+        }
+    }
+
+    fn silence_limit(&self) -> Duration {
+        self.interval * SILENT_INTERVALS
+    }
+}
+
+/// Why an exchange round gave the link up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkDown {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("the peer has been silent for {0:?} (no heartbeat)")]
+    Silent(Duration),
+}
+
+/// One round: send what is due (a heartbeat when nothing was sent for an interval),
+/// then take what arrived (waiting at most `wait_ms` when nothing is due to go out),
+/// delivering new messages in order into `delivered`.
 pub async fn exchange(
     session: &mut Session,
     link: &Link,
+    live: &mut Liveness,
     wait_ms: u32,
     delivered: &mut Vec<(Lane, Vec<u8>)>,
-) -> Result<(), PluginError> {
-    let out = session.outgoing(BULK_PER_ROUND);
+) -> Result<(), LinkDown> {
+    let mut out = session.outgoing(BULK_PER_ROUND);
     let busy = !out.is_empty();
-    if busy {
-        link.send(out).await?;
+    if !busy && live.last_sent.elapsed() >= live.interval {
+        out.push(sig(signal::HEARTBEAT, &[]));
     }
-    for f in link.receive(if busy { 0 } else { wait_ms }).await? {
+    if !out.is_empty() {
+        link.send(out).await?;
+        live.last_sent = Instant::now();
+    }
+    let frames = link.receive(if busy { 0 } else { wait_ms }).await?;
+    if frames.is_empty() {
+        if live.last_heard.elapsed() > live.silence_limit() {
+            return Err(LinkDown::Silent(live.silence_limit()));
+        }
+    } else {
+        live.last_heard = Instant::now();
+    }
+    for f in frames {
         if let Incoming::Message(lane, payload) = session.on_frame(f) {
             delivered.push((lane, payload));
         }

@@ -107,6 +107,10 @@ pub async fn stack() -> Stack {
             "deploy-token".to_string(),
             "hunter2-value".to_string(),
         )]),
+        // Short, so the lost-agent test is quick; a cut link still reconnects well
+        // within it.
+        heartbeat: std::time::Duration::from_millis(200),
+        agent_lost_after: std::time::Duration::from_secs(3),
     };
     let controller = trellis::controller::Controller::start(cfg, tcp.clone(), logging)
         .await
@@ -134,6 +138,7 @@ pub fn start_agent(
         labels: vec!["linux".into()],
         secret: secret.into(),
         workspace: s.dir.path().join(format!("work-{name}")),
+        heartbeat: std::time::Duration::from_millis(200),
     };
     (
         tokio::spawn(trellis::agent::worker::run_agent(s.tcp.clone(), cfg, stop)),
