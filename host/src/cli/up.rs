@@ -156,6 +156,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             Err(_) => anyhow::bail!("the controller stopped"),
         }
     };
+    controller.stop();
     let took = t0.elapsed().as_secs_f64();
     let how = match &finished.outcome {
         Some(o) => serde_json::to_string(o).unwrap_or_default(),
@@ -172,6 +173,20 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             .join(format!("{}.jsonl", finished.id))
             .display()
     );
+    for a in &finished.artifacts {
+        eprintln!(
+            "trellis: artifact {} ({} bytes, sha256 {}) in {}",
+            a.name,
+            a.size,
+            a.sha256,
+            o.state
+                .join("runs")
+                .join(&finished.id)
+                .join("artifacts")
+                .join(&a.name)
+                .display()
+        );
+    }
     Ok(if finished.status == RunStatus::Succeeded {
         ExitCode::SUCCESS
     } else {

@@ -95,6 +95,8 @@ pub struct Controller {
     epoch: String,
     logs: tokio::sync::Mutex<HashMap<String, LogState>>,
     updates: broadcast::Sender<Update>,
+    /// Set by `stop`: links end quietly (the process is going away).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Controller {
@@ -117,10 +119,17 @@ impl Controller {
             epoch: hex::encode(&crate::session::auth::nonce()[..8]),
             logs: tokio::sync::Mutex::default(),
             updates,
+            stopping: Default::default(),
         });
         tokio::spawn(c.clone().accept_loop(listener));
         tokio::spawn(c.clone().watch_agents());
         Ok(c)
+    }
+
+    /// The process is about to exit: agents' links end without being reported lost.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Update> {
@@ -352,7 +361,9 @@ impl Controller {
                 let mut delivered = Vec::new();
                 let had_work = session.unacked() > 0;
                 if let Err(e) = exchange(&mut session, &link, &mut live, 0, &mut delivered).await {
-                    tracing::warn!(agent = %name, "link lost: {e}");
+                    if !self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(agent = %name, "link lost: {e}");
+                    }
                     break;
                 }
                 if delivered.is_empty() && !had_work {
