@@ -483,3 +483,125 @@ async fn artifacts_arrive_checked_and_a_log_limit_keeps_head_tail_and_the_whole(
             .contains("no file matches artifact pattern `nothing/*`")
     }),);
 }
+
+/// A TCP proxy between agent and controller whose connections the test can cut: the
+/// link dies, the agent process does not.
+struct Proxy {
+    port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(to: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut a, _)) = listener.accept().await {
+                let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let t = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                });
+                held.lock().unwrap().push(t.abort_handle());
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    /// Kill every connection through the proxy (both sockets close mid-stream).
+    fn cut(&self) -> usize {
+        let conns = std::mem::take(&mut *self.conns.lock().unwrap());
+        for c in &conns {
+            c.abort();
+        }
+        conns.len()
+    }
+}
+
+/// The TCP connection is killed mid-step, three times (the agent lives on): the agent
+/// reconnects, the session resends what was not acknowledged, and the log is complete,
+/// in order, each line once; the run is not marked lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
+    let s = stack().await;
+    let proxy = Proxy::start(s.port).await;
+    let agent_rt = runtime(
+        &format!(
+            "[plugins.tcp-transport]\nsockets = {{ connect = [\"127.0.0.1:{0}\"] }}\nconfig = {{ address = \"127.0.0.1:{0}\" }}\n",
+            proxy.port
+        ),
+        s.dir.path(),
+        &[],
+    );
+    let tcp = agent_rt
+        .load(&bundle().join("tcp-transport"))
+        .await
+        .unwrap();
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let cfg = trellis::agent::worker::AgentConfig {
+        name: "agent-1".into(),
+        labels: vec!["linux".into()],
+        secret: "agent-secret".into(),
+        workspace: s.dir.path().join("work"),
+        heartbeat: Duration::from_millis(200),
+    };
+    tokio::spawn(trellis::agent::worker::run_agent(tcp, cfg, stop));
+    wait_connected(&s.controller).await;
+
+    const N: u64 = 120_000;
+    let run = s
+        .controller
+        .submit(&job(r#"
+            name = "cut"
+            agent = "linux"
+            [[step]]
+            name = "waves"
+            run = "for i in 1 2 3 4 5 6; do seq $((i*20000-19999)) $((i*20000)); sleep 0.4; done"
+            "#))
+        .unwrap();
+    let mut cuts = 0;
+    while cuts < 3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = s.controller.run(&run.id).unwrap();
+        assert!(!r.status.is_final(), "finished before three cuts: {r:?}");
+        if r.events > 0 && proxy.cut() > 0 {
+            cuts += 1;
+        }
+    }
+    let r = wait_final(&s.controller, &run.id).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    assert_eq!(r.events, N);
+    let meta = trellis::points::bindings::types::LogMetadata {
+        instance_id: "test-controller".into(),
+        ..meta("cut", &run.id)
+    };
+    let mut cursor = None;
+    let mut n = 0u64;
+    loop {
+        let page = s
+            .reader
+            .read(
+                &meta,
+                PageRequest {
+                    step: None,
+                    cursor: cursor.clone(),
+                    limit: 10_000,
+                },
+            )
+            .await
+            .unwrap();
+        let events = decode(&page.events).unwrap();
+        if events.is_empty() {
+            break;
+        }
+        for e in &events {
+            n += 1;
+            assert_eq!((e.seq, e.message), (n, n.to_string().as_str()));
+        }
+        cursor = Some(page.next);
+    }
+    assert_eq!(n, N, "every line once, in order, through {cuts} cuts");
+}

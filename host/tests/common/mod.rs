@@ -69,6 +69,8 @@ pub struct Stack {
     pub tcp: Arc<trellis::runtime::Plugin>,
     pub reader: trellis::points::browser::LogReader,
     pub dir: tempfile::TempDir,
+    /// Where the controller listens for agents.
+    pub port: u16,
 }
 
 pub async fn stack() -> Stack {
@@ -121,6 +123,7 @@ pub async fn stack() -> Stack {
         tcp,
         reader,
         dir,
+        port,
     }
 }
 
