@@ -7,7 +7,7 @@
 //! | `GET /api/runs/{id}` | one run with its steps |
 //! | `POST /api/runs/{id}/cancel` | 202; 409 if it already ended |
 //! | `GET /api/runs/{id}/log?cursor=&limit=&step=&tail=` | a page of events and the cursor to continue from, with completeness |
-//! | `GET /api/runs/{id}/log/follow?step=` | SSE: `line` events until the run ended and its log is complete, then `end` |
+//! | `GET /api/runs/{id}/log/follow?step=&cursor=` | SSE: `line` events (from `cursor`, a page's `next`, if given) until the run ended and its log is complete, then `end` |
 //! | `GET /api/agents` | connected agents and their labels |
 //! | `GET /api/plugins` | loaded plugins: points, health, call counts |
 //! | `GET /metrics` | Prometheus text: per-plugin metrics |
@@ -229,6 +229,8 @@ async fn log_page(
 #[derive(Debug, Deserialize)]
 struct FollowQuery {
     step: Option<String>,
+    /// Start here (a page's `next`) instead of at the beginning.
+    cursor: Option<String>,
 }
 
 /// Follow a log: pages from the browser as they appear; ends once the run is over and
@@ -256,7 +258,7 @@ async fn follow(
         id,
         meta: m,
         step: q.step,
-        cursor: None,
+        cursor: q.cursor,
         pending: Default::default(),
         done: false,
     };
