@@ -29,6 +29,37 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, S
     (status, body)
 }
 
+/// Follow `path` (SSE) to its `end`: the `line` events' messages and the `end` payload.
+async fn follow(addr: SocketAddr, path: &str) -> (Vec<String>, serde_json::Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let (mut messages, mut event) = (Vec::new(), String::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("follow stalled")
+            .unwrap()
+            .expect("stream ended early");
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            match event.as_str() {
+                "line" => messages.push(json(d)["message"].as_str().unwrap().to_string()),
+                "end" => return (messages, json(d)),
+                _ => {}
+            }
+        }
+    }
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -82,29 +113,8 @@ async fn the_api_end_to_end() {
     let (code, body) = http(addr, "POST", "/api/runs", JOB).await;
     assert_eq!(code, 201, "{body}");
     let id = json(&body)["id"].as_str().unwrap().to_string();
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET /api/runs/{id}/log/follow HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n").as_bytes()).await.unwrap();
-    let mut lines = BufReader::new(stream).lines();
-    let (mut messages, mut ended) = (Vec::new(), None);
-    let mut event = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while ended.is_none() {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .expect("follow stalled")
-            .unwrap()
-            .expect("stream ended early");
-        if let Some(e) = line.strip_prefix("event: ") {
-            event = e.to_string();
-        } else if let Some(d) = line.strip_prefix("data: ") {
-            match event.as_str() {
-                "line" => messages.push(json(d)["message"].as_str().unwrap().to_string()),
-                "end" => ended = Some(json(d)),
-                _ => {}
-            }
-        }
-    }
-    assert_eq!(ended.unwrap()["status"], "succeeded");
+    let (messages, ended) = follow(addr, &format!("/api/runs/{id}/log/follow")).await;
+    assert_eq!(ended["status"], "succeeded");
     assert_eq!(messages.len(), 302, "every line once, then the end");
     assert_eq!(messages[0], "line 1");
     assert_eq!(messages[299], "line 300");
@@ -126,6 +136,10 @@ async fn the_api_end_to_end() {
     )
     .await;
     assert_eq!(json(&body)["events"][0]["message"], "line 101");
+    // following from a page's cursor starts there
+    let (rest, _) = follow(addr, &format!("/api/runs/{id}/log/follow?cursor={next}")).await;
+    assert_eq!(rest.len(), 202);
+    assert_eq!(rest[0], "line 101");
     let (_, body) = http(addr, "GET", &format!("/api/runs/{id}/log?step=two"), "").await;
     assert_eq!(json(&body)["events"].as_array().unwrap().len(), 1);
     let (_, body) = http(addr, "GET", &format!("/api/runs/{id}/log?tail=2"), "").await;

@@ -1,13 +1,16 @@
-//! The controller's HTTP API (JSON), with live log following as Server-Sent Events.
+//! The controller's HTTP API (JSON), with live log following as Server-Sent Events, and
+//! a small web page over it.
 //!
 //! | method, path | what |
 //! |---|---|
+//! | `GET /`, `GET /runs/{id}` | the web page (`page.html`): the runs list, or one run with its live log |
+//! | `GET /app.js` | the page's script (`app.js`; separate so the page's CSP can say `script-src 'self'`) |
 //! | `GET /api/runs` | every run, oldest first |
 //! | `POST /api/runs` (body: a job file, TOML) | submit: 201 with the run; 400 naming each mistake; 409 when no agent can take it |
 //! | `GET /api/runs/{id}` | one run with its steps |
 //! | `POST /api/runs/{id}/cancel` | 202; 409 if it already ended |
 //! | `GET /api/runs/{id}/log?cursor=&limit=&step=&tail=` | a page of events and the cursor to continue from, with completeness |
-//! | `GET /api/runs/{id}/log/follow?step=` | SSE: `line` events until the run ended and its log is complete, then `end` |
+//! | `GET /api/runs/{id}/log/follow?step=&cursor=` | SSE: `line` events (from `cursor`, a page's `next`, if given) until the run ended and its log is complete, then `end` |
 //! | `GET /api/runs/{id}/artifacts` | the run's artifacts: name, step, size, sha256 |
 //! | `GET /api/runs/{id}/artifacts/{name}` | download one (`name` may contain `/`); `x-checksum-sha256` header |
 //! | `GET /api/agents` | connected agents and their labels |
@@ -48,6 +51,9 @@ const MAX_PAGE: u32 = 10_000;
 
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/runs/{id}", get(page))
+        .route("/app.js", get(app_js))
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(show_run))
         .route("/api/runs/{id}/cancel", post(cancel))
@@ -71,6 +77,42 @@ pub async fn serve(addr: SocketAddr, api: Arc<Api>) -> std::io::Result<SocketAdd
         }
     });
     Ok(bound)
+}
+
+/// The web page and its script, embedded. The page reads the JSON API and nothing else.
+const PAGE: &str = include_str!("page.html");
+const APP_JS: &str = include_str!("app.js");
+/// Scripts only from this server (no inline script), the page's own `<style>`, requests
+/// only to this server, and no framing.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
+                   connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+async fn page() -> Response {
+    use axum::http::header;
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn app_js() -> Response {
+    use axum::http::header;
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        APP_JS,
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -292,6 +334,8 @@ async fn log_page(
 #[derive(Debug, Deserialize)]
 struct FollowQuery {
     step: Option<String>,
+    /// Start here (a page's `next`) instead of at the beginning.
+    cursor: Option<String>,
 }
 
 /// Follow a log: pages from the browser as they appear; ends once the run is over and
@@ -319,7 +363,7 @@ async fn follow(
         id,
         meta: m,
         step: q.step,
-        cursor: None,
+        cursor: q.cursor,
         pending: Default::default(),
         done: false,
     };
