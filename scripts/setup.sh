@@ -16,4 +16,18 @@ if ! command -v chromium >/dev/null; then
     apt-get install -y chromium
 fi
 
+# Kafka-protocol broker for the Kafka transport's tests (a real one, on loopback).
+# The default build has no working storage engine: enable dynostore and libsql.
+if ! command -v tansu >/dev/null; then
+    echo "setup: installing the tansu Kafka broker (about 12 minutes)"
+    cargo install tansu --version '^0.6' --locked --features dynostore,libsql
+fi
+
+# An independent Kafka client (pure Python) to read what Trellis wrote to the topics.
+if ! python3 -c 'import kafka' 2>/dev/null; then
+    echo "setup: installing kafka-python"
+    python3 -m pip install -q kafka-python 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages kafka-python
+fi
+
 echo "setup: ok"

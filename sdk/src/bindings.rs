@@ -46,6 +46,7 @@ pub mod base {
                 import trellis:plugin/types@0.1.0;
                 import trellis:host/log@0.1.0;
                 import trellis:host/secrets@0.1.0;
+                import trellis:host/kafka@0.1.0;
             }
         ",
         world: "trellis:sdk/base",
@@ -137,6 +138,22 @@ pub mod secrets {
     }
 }
 
+/// Kafka through the host's client (capability `kafka` in plugin.toml; topics under the
+/// prefixes the operator granted). The cluster and its credentials are the host's.
+pub mod kafka {
+    pub use super::base::trellis::host::kafka::*;
+
+    impl From<KafkaError> for super::Error {
+        fn from(e: KafkaError) -> Self {
+            match e {
+                KafkaError::Denied(m) => super::Error::Denied(m),
+                KafkaError::Retryable(m) => super::Error::Retryable(m),
+                KafkaError::Permanent(m) => super::Error::Permanent(m),
+            }
+        }
+    }
+}
+
 macro_rules! world {
     ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal) => {
         #[cfg(feature = $feature)]
@@ -149,6 +166,7 @@ macro_rules! world {
                     "trellis:plugin/types@0.1.0": crate::bindings::base::trellis::plugin::types,
                     "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
                     "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
+                    "trellis:host/kafka@0.1.0": crate::bindings::base::trellis::host::kafka,
                 },
                 pub_export_macro: true,
                 export_macro_name: $macro_name,

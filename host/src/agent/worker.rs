@@ -12,7 +12,9 @@ use crate::protocol::{
     self, OutLine, RunOrder, RunOutcome, StepOutcome, ToAgent, ToController, now_ms,
 };
 use crate::runtime::Plugin;
-use crate::session::link::{AgentSession, HandshakeError, Liveness, exchange, introduce};
+use crate::session::link::{
+    AgentSession, HandshakeError, Liveness, commit_handled, exchange, introduce,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -95,6 +97,7 @@ pub async fn run_agent(
         backoff = Duration::from_millis(100);
         tracing::info!(agent = %cfg.name, "connected to the controller");
         let mut live = Liveness::new(cfg.heartbeat);
+        let mut committed = [0u64; 2];
         loop {
             if *stop.borrow() {
                 return Ok(());
@@ -109,6 +112,7 @@ pub async fn run_agent(
                 tracing::warn!(agent = %cfg.name, "link lost: {e}; reconnecting");
                 break;
             }
+            let handled = !delivered.is_empty();
             for (_, payload) in delivered {
                 match serde_json::from_slice::<ToAgent>(&payload) {
                     Ok(ToAgent::StartRun(order)) => {
@@ -125,6 +129,9 @@ pub async fn run_agent(
                         tracing::error!(agent = %cfg.name, "unreadable order from the controller: {e}")
                     }
                 }
+            }
+            if handled {
+                commit_handled(session, &link, &mut committed).await;
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod http;
+pub mod kafka;
 pub mod log;
 pub mod secrets;
 pub mod sockets;

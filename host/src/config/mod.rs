@@ -20,6 +20,8 @@ pub struct DaemonConfig {
     /// `[plugins.<name>]`: the grants of each plugin, by the name in its manifest.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginGrants>,
+    /// `[kafka]`: the cluster for plugins granted the `kafka` capability.
+    pub kafka: Option<KafkaSection>,
     /// `[controller]`: for `trellis controller`.
     pub controller: Option<ControllerSection>,
     /// `[agent]`: for `trellis agent`.
@@ -183,11 +185,36 @@ pub struct PluginGrants {
     /// Names of secrets the plugin may read (needs `secrets`).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Kafka topic prefixes the plugin may use (needs `kafka`; the cluster is `[kafka]`).
+    #[serde(default)]
+    pub kafka: KafkaGrant,
     /// The plugin's configuration, checked against its manifest's `[config]` schema.
     #[serde(default)]
     pub config: toml::Table,
     #[serde(default)]
     pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KafkaGrant {
+    /// Topic (and consumer group) name prefixes, e.g. "trellis.".
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+/// `[kafka]`: the cluster plugins with the `kafka` capability reach, through the host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KafkaSection {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// librdkafka settings: security.protocol, ssl.ca.location, sasl.mechanism, ...
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    pub sasl_username: Option<String>,
+    /// The name of the SASL password in the secrets file (never the value).
+    pub sasl_password_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

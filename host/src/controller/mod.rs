@@ -13,7 +13,7 @@ use crate::points::transport::{self, Link, Listener};
 use crate::protocol::{self, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
 use crate::runtime::Plugin;
 use crate::session::Session;
-use crate::session::link::{Liveness, challenge, exchange, welcome};
+use crate::session::link::{Liveness, challenge, commit_handled, exchange, welcome};
 use state::{RunRecord, RunStatus, RunStore, StepStatus};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -341,6 +341,7 @@ impl Controller {
         if welcome(&link, session.received()).await.is_ok() {
             tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
             let mut live = Liveness::new(self.cfg.heartbeat);
+            let mut committed = [0u64; 2];
             loop {
                 let superseded = self
                     .agents
@@ -369,11 +370,15 @@ impl Controller {
                 if delivered.is_empty() && !had_work {
                     tokio::time::sleep(POLL_IDLE).await;
                 }
+                let handled = !delivered.is_empty();
                 for (_, payload) in delivered {
                     match protocol::decode::<ToController>(&payload) {
                         Ok((msg, data)) => self.handle(&name, msg, data).await,
                         Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
                     }
+                }
+                if handled {
+                    commit_handled(&session, &link, &mut committed).await;
                 }
             }
         }

@@ -9,10 +9,13 @@ wasmtime::component::bindgen!({
     world: "trellis:plugin/host",
     imports: { default: async },
     exports: { default: async },
+    with: {
+        "trellis:host/kafka.consumer": crate::capabilities::kafka::Consumer,
+    },
 });
 
 pub use exports::trellis::plugin::{
     command_transport, fence_agent, lifecycle, log_browser, logging_method,
 };
-pub use trellis::host::{log as host_log, secrets as host_secrets};
+pub use trellis::host::{kafka as host_kafka, log as host_log, secrets as host_secrets};
 pub use trellis::plugin::types;

@@ -158,7 +158,7 @@ impl Capability {
 
     /// Whether this host version serves it.
     pub fn served(self) -> bool {
-        !matches!(self, Capability::Kafka | Capability::Exec)
+        !matches!(self, Capability::Exec)
     }
 
     pub fn parse(s: &str) -> Option<Capability> {

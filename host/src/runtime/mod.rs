@@ -19,7 +19,8 @@ use crate::capabilities::sockets::SocketGrant;
 use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
 use crate::points::Point;
 use crate::points::bindings::{
-    command_transport, fence_agent, host_log, host_secrets, lifecycle, log_browser, logging_method,
+    command_transport, fence_agent, host_kafka, host_log, host_secrets, lifecycle, log_browser,
+    logging_method,
 };
 pub use errors::{ErrorKind, PluginError};
 use inspect::ComponentInfo;
@@ -44,6 +45,8 @@ pub struct Runtime {
     pub config: DaemonConfig,
     secrets: Arc<SecretStore>,
     plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
+    /// The `[kafka]` cluster's client, made on first use by a plugin granted Kafka.
+    kafka: std::sync::Mutex<Option<Arc<crate::capabilities::kafka::KafkaClient>>>,
 }
 
 impl Runtime {
@@ -62,6 +65,46 @@ impl Runtime {
         Self::with_engine(config, secrets, engine::build_engine()?)
     }
 
+    /// The shared Kafka client (None: no `[kafka]` section).
+    fn kafka_client(
+        &self,
+    ) -> Result<Option<Arc<crate::capabilities::kafka::KafkaClient>>, Problem> {
+        let Some(k) = &self.config.kafka else {
+            return Ok(None);
+        };
+        let mut slot = self.kafka.lock().unwrap();
+        if let Some(c) = slot.as_ref() {
+            return Ok(Some(c.clone()));
+        }
+        let sasl_password =
+            match &k.sasl_password_secret {
+                None => None,
+                Some(name) => Some(self.secrets.get(name).map(str::to_string).ok_or_else(
+                    || Problem {
+                        field: "kafka.sasl-password-secret".into(),
+                        problem: format!("secret `{name}` is not in the secret store"),
+                        fix: "add it to the file named by [secrets] file".into(),
+                    },
+                )?),
+            };
+        let client = crate::capabilities::kafka::KafkaClient::new(
+            crate::capabilities::kafka::ClusterSettings {
+                brokers: k.brokers.clone(),
+                properties: k.properties.clone(),
+                sasl_username: k.sasl_username.clone(),
+                sasl_password,
+            },
+        )
+        .map_err(|e| Problem {
+            field: "kafka".into(),
+            problem: e.to_string(),
+            fix: "check the [kafka] settings".into(),
+        })?;
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok(Some(client))
+    }
+
     /// With a given engine (e.g. one without the pooling allocator, for comparisons).
     pub fn with_engine(
         config: DaemonConfig,
@@ -74,6 +117,7 @@ impl Runtime {
             config,
             secrets: Arc::new(secrets),
             plugins: RwLock::default(),
+            kafka: Default::default(),
         }))
     }
 
@@ -96,10 +140,19 @@ impl Runtime {
             .unwrap_or_default();
 
         let mut problems = Vec::new();
-        let grants = resolve_grants(&manifest, &operator, &self.secrets, &at).unwrap_or_else(|p| {
-            problems.extend(p);
-            Grants::default()
-        });
+        let kafka = if manifest.capabilities.contains(&Capability::Kafka) {
+            self.kafka_client().unwrap_or_else(|p| {
+                problems.push(p);
+                None
+            })
+        } else {
+            None
+        };
+        let grants = resolve_grants(&manifest, &operator, &self.secrets, kafka, &at)
+            .unwrap_or_else(|p| {
+                problems.extend(p);
+                Grants::default()
+            });
         let config_json = manifest
             .resolve_config(&operator.config, &format!("{at}.config"))
             .unwrap_or_else(|p| {
@@ -274,6 +327,9 @@ fn linker_for(
     if caps.contains(&Capability::Secrets) {
         host_secrets::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
     }
+    if caps.contains(&Capability::Kafka) {
+        host_kafka::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
+    }
     Ok(l)
 }
 
@@ -308,6 +364,7 @@ fn resolve_grants(
     m: &Manifest,
     g: &PluginGrants,
     store: &SecretStore,
+    kafka: Option<Arc<crate::capabilities::kafka::KafkaClient>>,
     at: &str,
 ) -> Result<Grants, Vec<Problem>> {
     let mut problems = Vec::new();
@@ -328,6 +385,18 @@ fn resolve_grants(
         "sockets",
     );
     needs(!g.secrets.is_empty(), Capability::Secrets, "secrets");
+    needs(!g.kafka.topics.is_empty(), Capability::Kafka, "kafka");
+    // No `[kafka]` cluster is not a load error (like a missing directory grant): the
+    // plugin's Kafka calls are denied, saying what to add.
+    for (i, t) in g.kafka.topics.iter().enumerate() {
+        if t.is_empty() {
+            problems.push(Problem {
+                field: format!("{at}.kafka.topics[{i}]"),
+                problem: "an empty prefix would grant every topic".into(),
+                fix: "name a prefix, e.g. \"trellis.\"".into(),
+            });
+        }
+    }
     let mut http = Vec::new();
     for (i, h) in g.http.iter().enumerate() {
         match Authority::parse(h) {
@@ -390,5 +459,9 @@ fn resolve_grants(
         http: Arc::new(http),
         sockets: Arc::new(sockets),
         secrets: Arc::new(g.secrets.iter().cloned().collect()),
+        kafka: crate::capabilities::kafka::KafkaGate {
+            prefixes: Arc::new(g.kafka.topics.clone()),
+            client: kafka,
+        },
     })
 }

@@ -24,6 +24,7 @@ pub struct Grants {
     pub http: Arc<Vec<Authority>>,
     pub sockets: Arc<SocketGrant>,
     pub secrets: Arc<BTreeSet<String>>,
+    pub kafka: crate::capabilities::kafka::KafkaGate,
 }
 
 pub struct InstanceState {
@@ -33,6 +34,7 @@ pub struct InstanceState {
     pub http_ctx: WasiHttpCtx,
     pub http: HttpGate,
     pub secrets: SecretsGate,
+    pub kafka: crate::capabilities::kafka::KafkaGate,
     pub log: LogGate,
     pub limiter: Limiter,
     pub metrics: Arc<PluginMetrics>,
@@ -85,6 +87,7 @@ impl InstanceState {
                 store: store.clone(),
                 granted: grants.secrets.clone(),
             },
+            kafka: grants.kafka.clone(),
             log: LogGate::default(),
             limiter: Limiter {
                 memory: limits.memory as usize,

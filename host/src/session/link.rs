@@ -209,6 +209,22 @@ pub async fn introduce(
 /// artifact.
 pub const BULK_PER_ROUND: usize = 1 << 20;
 
+/// Tell the transport that everything received so far has been handled (a transport
+/// with a durable medium, like Kafka, moves its committed read position). `done` is
+/// how far this link has committed, per lane. A failed commit is only logged: the
+/// frames are handled, and at worst a later reader skips them as duplicates.
+pub async fn commit_handled(session: &Session, link: &Link, done: &mut [u64; 2]) {
+    for (i, lane) in super::LANES.into_iter().enumerate() {
+        let received = session.received()[i];
+        if received > done[i] {
+            match link.commit(lane, received).await {
+                Ok(()) => done[i] = received,
+                Err(e) => tracing::warn!("committing the transport's read position: {e}"),
+            }
+        }
+    }
+}
+
 /// How often an idle side says it is alive, unless configured otherwise.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
 

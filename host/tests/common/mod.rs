@@ -167,3 +167,57 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A tansu Kafka broker on a free loopback port, with a fresh in-memory store (or a
+/// SQLite file, which survives restarts). Killed on drop.
+pub struct Tansu {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Tansu {
+    pub fn start(storage: &str) -> Tansu {
+        let port = free_port();
+        Self::start_on(port, storage)
+    }
+
+    pub fn start_on(port: u16, storage: &str) -> Tansu {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                storage,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start the tansu Kafka broker ({e}): run ./scripts/setup.sh, which installs it")
+            });
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(20),
+                "tansu did not listen on {port} within 20 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Tansu { port, child }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,386 @@
+//! `trellis:host/kafka`: produce and consume through the host's librdkafka client.
+//!
+//! The cluster (brokers, TLS, SASL, credentials) is the operator's `[kafka]` section;
+//! a plugin names only topics, and only under the prefixes granted to it
+//! (`[plugins.<name>] kafka = { topics = ["trellis."] }`). One producer and one admin
+//! client serve every plugin; each `consume` makes a consumer with manual assignment
+//! and manual commits, owned by the plugin instance that asked for it.
+
+use crate::points::bindings::host_kafka::{
+    Header, Host, HostConsumer, Incoming, KafkaError, Outgoing, Start,
+};
+use crate::runtime::state::InstanceState;
+use futures_util::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::message::{Header as RdHeader, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use wasmtime::component::Resource;
+
+/// Largest payload a plugin may produce in one record: under the broker default
+/// `message.max.bytes` (1 MB) with room for key, headers and batch overhead.
+pub const MAX_PAYLOAD: u32 = 900 << 10;
+
+/// How long a produce may take before it is reported `retryable`.
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The operator's cluster settings, resolved (the password already read from the store).
+#[derive(Clone)]
+pub struct ClusterSettings {
+    pub brokers: String,
+    /// librdkafka properties (security.protocol, ssl.ca.location, sasl.mechanism, ...).
+    pub properties: BTreeMap<String, String>,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<String>,
+}
+
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("brokers", &self.brokers)
+            .field("properties", &self.properties)
+            .field("sasl_username", &self.sasl_username)
+            .finish_non_exhaustive() // never the password
+    }
+}
+
+/// The host's client for one cluster, shared by every plugin granted Kafka.
+pub struct KafkaClient {
+    settings: ClusterSettings,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+impl KafkaClient {
+    /// Make the clients. librdkafka connects lazily, so a broker that is down is not an
+    /// error here; it shows as `retryable` on first use.
+    pub fn new(settings: ClusterSettings) -> anyhow::Result<KafkaClient> {
+        let base = base_config(&settings);
+        let producer: FutureProducer = base
+            .clone()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.max.bytes", (MAX_PAYLOAD + (64 << 10)).to_string())
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot make the Kafka producer: {e}"))?;
+        let admin = base
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot make the Kafka admin client: {e}"))?;
+        Ok(KafkaClient {
+            settings,
+            producer,
+            admin,
+        })
+    }
+}
+
+fn base_config(s: &ClusterSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &s.brokers);
+    for (k, v) in &s.properties {
+        c.set(k, v);
+    }
+    if let Some(u) = &s.sasl_username {
+        c.set("sasl.username", u);
+    }
+    if let Some(p) = &s.sasl_password {
+        c.set("sasl.password", p);
+    }
+    c
+}
+
+/// One plugin's access: its topic prefixes, the shared client.
+#[derive(Clone, Default)]
+pub struct KafkaGate {
+    pub prefixes: Arc<Vec<String>>,
+    pub client: Option<Arc<KafkaClient>>,
+}
+
+impl std::fmt::Debug for KafkaGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaGate")
+            .field("prefixes", &self.prefixes)
+            .field("cluster", &self.client.as_ref().map(|c| &c.settings))
+            .finish()
+    }
+}
+
+/// A consumer made for a plugin (lives in its instance's resource table).
+pub struct Consumer {
+    inner: StreamConsumer,
+}
+
+fn classify(e: &RdError) -> KafkaError {
+    let code = e.rdkafka_error_code();
+    let msg = e.to_string();
+    match code {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed,
+        ) => KafkaError::Permanent(msg),
+        _ => KafkaError::Retryable(msg),
+    }
+}
+
+impl InstanceState {
+    fn kafka_client(&self) -> Result<Arc<KafkaClient>, KafkaError> {
+        self.kafka.client.clone().ok_or_else(|| {
+            KafkaError::Denied(
+                "no Kafka cluster is configured: the operator adds a [kafka] section with `brokers`"
+                    .into(),
+            )
+        })
+    }
+
+    fn check_topic(&self, topic: &str) -> Result<(), KafkaError> {
+        if self.kafka.prefixes.iter().any(|p| topic.starts_with(p)) {
+            return Ok(());
+        }
+        self.metrics.denials.fetch_add(1, Relaxed);
+        tracing::warn!(
+            plugin = %self.plugin,
+            "denied Kafka topic `{topic}`: not under a granted prefix {:?}; to allow it add its prefix to [plugins.{}] kafka.topics",
+            self.kafka.prefixes,
+            self.plugin
+        );
+        Err(KafkaError::Denied(format!(
+            "topic `{topic}` is not under a prefix granted to plugin `{}`",
+            self.plugin
+        )))
+    }
+}
+
+impl Host for InstanceState {
+    async fn produce(&mut self, records: Vec<Outgoing>) -> Result<Vec<i64>, KafkaError> {
+        let client = self.kafka_client()?;
+        for r in &records {
+            self.check_topic(&r.topic)?;
+            if r.payload.len() > MAX_PAYLOAD as usize {
+                return Err(KafkaError::Permanent(format!(
+                    "a payload of {} bytes is over the {MAX_PAYLOAD}-byte limit: split it (max-payload)",
+                    r.payload.len()
+                )));
+            }
+        }
+        // Queue all, then wait for all: in order per partition (idempotent producer).
+        let mut pending = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for h in &r.headers {
+                headers = headers.insert(RdHeader {
+                    key: &h.key,
+                    value: Some(&h.value),
+                });
+            }
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic)
+                .payload(&r.payload[..])
+                .headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(&k[..]);
+            }
+            if let Some(p) = r.partition {
+                rec = rec.partition(p);
+            }
+            match client.producer.send_result(rec) {
+                Ok(f) => pending.push(f),
+                Err((e, _)) => return Err(classify(&e)),
+            }
+        }
+        let mut offsets = Vec::with_capacity(pending.len());
+        for f in pending {
+            match tokio::time::timeout(PRODUCE_TIMEOUT, f).await {
+                Ok(Ok(Ok(d))) => offsets.push(d.offset),
+                Ok(Ok(Err((e, _)))) => return Err(classify(&e)),
+                Ok(Err(_)) => return Err(KafkaError::Retryable("the producer went away".into())),
+                Err(_) => {
+                    return Err(KafkaError::Retryable(format!(
+                        "no acknowledgement from the broker within {PRODUCE_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+        Ok(offsets)
+    }
+
+    async fn ensure_topic(&mut self, topic: String, partitions: u32) -> Result<(), KafkaError> {
+        let client = self.kafka_client()?;
+        self.check_topic(&topic)?;
+        let t = NewTopic::new(&topic, partitions as i32, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = client
+            .admin
+            .create_topics([&t], &opts)
+            .await
+            .map_err(|e| classify(&e))?;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(classify(&RdError::AdminOp(code)).with_context(&name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn max_payload(&mut self) -> u32 {
+        MAX_PAYLOAD
+    }
+
+    async fn consume(
+        &mut self,
+        group: String,
+        partitions: Vec<(String, i32)>,
+        at: Start,
+    ) -> Result<Resource<Consumer>, KafkaError> {
+        let client = self.kafka_client()?;
+        for (t, _) in &partitions {
+            self.check_topic(t)?;
+        }
+        if !self.kafka.prefixes.iter().any(|p| group.starts_with(p)) {
+            return Err(KafkaError::Denied(format!(
+                "consumer group `{group}` is not under a prefix granted to plugin `{}`",
+                self.plugin
+            )));
+        }
+        let consumer: StreamConsumer = base_config(&client.settings)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            .set(
+                "fetch.message.max.bytes",
+                (MAX_PAYLOAD + (64 << 10)).to_string(),
+            )
+            .create()
+            .map_err(|e| classify(&e))?;
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &partitions {
+            let offset = match at {
+                Start::Committed => Offset::Stored,
+                // The end *now*, as a concrete offset: `Offset::End` would be resolved
+                // only when fetching starts, skipping what is produced in between.
+                Start::Latest => Offset::Offset(
+                    blocking(|| consumer.fetch_watermarks(t, *p, Duration::from_secs(10)))
+                        .map_err(|e| classify(&e).with_context(&format!("{t}:{p}")))?
+                        .1,
+                ),
+                Start::Offset(o) => Offset::Offset(o),
+            };
+            tpl.add_partition_offset(t, *p, offset)
+                .map_err(|e| classify(&e))?;
+        }
+        consumer.assign(&tpl).map_err(|e| classify(&e))?;
+        self.table
+            .push(Consumer { inner: consumer })
+            .map_err(|e| KafkaError::Retryable(format!("too many open consumers: {e}")))
+    }
+}
+
+/// librdkafka's synchronous calls (watermarks, commits) block: keep them off the
+/// async workers' backs where the runtime allows it.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl KafkaError {
+    fn with_context(self, what: &str) -> KafkaError {
+        match self {
+            KafkaError::Denied(m) => KafkaError::Denied(format!("{what}: {m}")),
+            KafkaError::Retryable(m) => KafkaError::Retryable(format!("{what}: {m}")),
+            KafkaError::Permanent(m) => KafkaError::Permanent(format!("{what}: {m}")),
+        }
+    }
+}
+
+impl HostConsumer for InstanceState {
+    async fn poll(
+        &mut self,
+        this: Resource<Consumer>,
+        max: u32,
+        timeout_ms: u32,
+    ) -> Result<Vec<Incoming>, KafkaError> {
+        let c = self
+            .table
+            .get(&this)
+            .map_err(|e| KafkaError::Permanent(format!("no such consumer: {e}")))?;
+        let mut out = Vec::new();
+        let first =
+            tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.inner.recv()).await;
+        let mut next = match first {
+            Err(_) => return Ok(out),
+            Ok(m) => Some(m),
+        };
+        while let Some(m) = next.take() {
+            let m = m.map_err(|e| classify(&e))?;
+            out.push(Incoming {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| Header {
+                                key: h.key.to_string(),
+                                value: h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                timestamp_ms: m.timestamp().to_millis(),
+            });
+            if out.len() < max as usize {
+                // Only what is already here: the wait was for the first record.
+                next = c.inner.recv().now_or_never();
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit(
+        &mut self,
+        this: Resource<Consumer>,
+        topic: String,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), KafkaError> {
+        self.check_topic(&topic)?;
+        let c = self
+            .table
+            .get(&this)
+            .map_err(|e| KafkaError::Permanent(format!("no such consumer: {e}")))?;
+        let mut tpl = TopicPartitionList::new();
+        // Kafka's committed offset is the next one to read.
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
+            .map_err(|e| classify(&e))?;
+        blocking(|| c.inner.commit(&tpl, CommitMode::Sync)).map_err(|e| classify(&e))
+    }
+
+    async fn drop(&mut self, this: Resource<Consumer>) -> wasmtime::Result<()> {
+        self.table.delete(this)?;
+        Ok(())
+    }
+}

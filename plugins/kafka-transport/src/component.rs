@@ -1,0 +1,291 @@
+//! The component: `command-transport` over Kafka, through the host's `kafka` capability.
+
+use crate::{Piece, Reassembly, connect_topic, split, to_agent_topic, to_controller_topic};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
+use trellis_sdk::command_transport::{
+    Channel, Frame, Guest, GuestChannel, GuestListener, Lane, Lifecycle, Listener,
+};
+use trellis_sdk::config::Config;
+use trellis_sdk::kafka::{self, Consumer, Header, Outgoing, Start};
+use trellis_sdk::{Error, log};
+
+static PREFIX: OnceLock<String> = OnceLock::new();
+
+fn prefix() -> Result<&'static str, Error> {
+    PREFIX
+        .get()
+        .map(String::as_str)
+        .ok_or_else(|| Error::permanent("used before init"))
+}
+
+struct Component;
+
+impl Lifecycle for Component {
+    fn init(config: String) -> Result<(), Error> {
+        let c = Config::parse(&config).map_err(Error::bad_config)?;
+        let p = c
+            .string("prefix")
+            .map_err(Error::bad_config)?
+            .unwrap_or("trellis")
+            .to_string();
+        if p.is_empty()
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(Error::bad_config(format!(
+                "config key `prefix`: `{p}` is not a Kafka topic name part (letters, digits, . _ -)"
+            )));
+        }
+        let _ = PREFIX.set(p);
+        Ok(())
+    }
+}
+
+/// A random id for a new link (std's hasher seeds come from wasi:random).
+fn link_id() -> String {
+    let a = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let b = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{a:016x}{b:016x}")
+}
+
+/// Both lane partitions of a topic.
+fn lanes(topic: &str) -> Vec<(String, i32)> {
+    vec![(topic.to_string(), 0), (topic.to_string(), 1)]
+}
+
+impl Guest for Component {
+    type Channel = KafkaChannel;
+    type Listener = KafkaListener;
+
+    fn listen() -> Result<Listener, Error> {
+        let p = prefix()?;
+        let topic = connect_topic(p);
+        kafka::ensure_topic(&topic, 1)?;
+        // Only announcements from now on: an agent that announced before keeps retrying.
+        let consumer = kafka::consume(
+            &format!("{p}.controller"),
+            &[(topic.clone(), 0)],
+            Start::Latest,
+        )?;
+        Ok(Listener::new(KafkaListener { consumer }))
+    }
+
+    fn connect(agent: String) -> Result<Channel, Error> {
+        let p = prefix()?;
+        let (to_agent, to_controller) = (to_agent_topic(p, &agent), to_controller_topic(p, &agent));
+        kafka::ensure_topic(&to_agent, 2)?;
+        kafka::ensure_topic(&to_controller, 2)?;
+        kafka::ensure_topic(&connect_topic(p), 1)?;
+        // Position the reader first, then announce: the controller's first frame on
+        // this link is produced after it read the announcement, so it cannot be missed.
+        let consumer = kafka::consume(
+            &format!("{p}.{agent}.agent"),
+            &lanes(&to_agent),
+            Start::Latest,
+        )?;
+        let link = link_id();
+        kafka::produce(&[Outgoing {
+            topic: connect_topic(p),
+            partition: Some(0),
+            key: Some(agent.clone().into_bytes()),
+            headers: vec![Header {
+                key: crate::LINK.into(),
+                value: link.clone().into_bytes(),
+            }],
+            payload: Vec::new(),
+        }])?;
+        Ok(Channel::new(KafkaChannel::new(
+            agent,
+            link,
+            to_controller,
+            to_agent,
+            consumer,
+        )))
+    }
+}
+
+pub struct KafkaListener {
+    consumer: Consumer,
+}
+
+impl GuestListener for KafkaListener {
+    fn accept(&self, timeout_ms: u32) -> Result<Option<Channel>, Error> {
+        let p = prefix()?;
+        for r in self.consumer.poll(1, timeout_ms)? {
+            let agent = r
+                .key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .map(str::to_string);
+            let link = r
+                .headers
+                .iter()
+                .find(|h| h.key == crate::LINK)
+                .and_then(|h| String::from_utf8(h.value.clone()).ok());
+            let (Some(agent), Some(link)) = (agent, link) else {
+                log::error(&format!(
+                    "skipped a record at {}:{} offset {} that is not an agent announcement",
+                    r.topic, r.partition, r.offset
+                ));
+                continue;
+            };
+            let (to_agent, to_controller) =
+                (to_agent_topic(p, &agent), to_controller_topic(p, &agent));
+            let consumer = kafka::consume(
+                &format!("{p}.{agent}.controller"),
+                &lanes(&to_controller),
+                Start::Latest,
+            )?;
+            return Ok(Some(Channel::new(KafkaChannel::new(
+                agent,
+                link,
+                to_agent,
+                to_controller,
+                consumer,
+            ))));
+        }
+        Ok(None)
+    }
+}
+
+pub struct KafkaChannel {
+    agent: String,
+    link: String,
+    out_topic: String,
+    in_topic: String,
+    consumer: Consumer,
+    max_payload: usize,
+    reassembly: RefCell<Reassembly>,
+    /// (seq, offset of its last piece) per lane, for `commit`.
+    offsets: RefCell<[VecDeque<(u64, i64)>; 2]>,
+}
+
+impl KafkaChannel {
+    fn new(
+        agent: String,
+        link: String,
+        out_topic: String,
+        in_topic: String,
+        consumer: Consumer,
+    ) -> KafkaChannel {
+        KafkaChannel {
+            agent,
+            link,
+            out_topic,
+            in_topic,
+            consumer,
+            max_payload: kafka::max_payload() as usize,
+            reassembly: RefCell::default(),
+            offsets: RefCell::default(),
+        }
+    }
+}
+
+fn lane_index(l: Lane) -> u8 {
+    match l {
+        Lane::Control => 0,
+        Lane::Bulk => 1,
+    }
+}
+
+impl GuestChannel for KafkaChannel {
+    fn send(&self, frames: Vec<Frame>) -> Result<(), Error> {
+        let mut records = Vec::new();
+        for f in &frames {
+            let lane = lane_index(f.lane);
+            let pieces = split(&f.payload, self.max_payload);
+            let chunks = pieces.len() as u32;
+            for (i, data) in pieces.into_iter().enumerate() {
+                let piece = Piece {
+                    link: self.link.clone(),
+                    lane,
+                    seq: f.seq,
+                    chunk: i as u32,
+                    chunks,
+                };
+                records.push(Outgoing {
+                    topic: self.out_topic.clone(),
+                    partition: Some(lane as i32),
+                    key: Some(self.agent.clone().into_bytes()),
+                    headers: piece
+                        .headers()
+                        .into_iter()
+                        .map(|(key, value)| Header { key, value })
+                        .collect(),
+                    payload: data.to_vec(),
+                });
+            }
+        }
+        kafka::produce(&records)?;
+        Ok(())
+    }
+
+    fn receive(&self, timeout_ms: u32) -> Result<Vec<Frame>, Error> {
+        let mut frames = Vec::new();
+        let mut errors = Vec::new();
+        let mut reassembly = self.reassembly.borrow_mut();
+        for r in self.consumer.poll(512, timeout_ms)? {
+            let piece = match Piece::parse(r.headers.iter().map(|h| (h.key.as_str(), &h.value[..])))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    log::error(&format!(
+                        "{}:{} offset {}: {e}; skipped",
+                        r.topic, r.partition, r.offset
+                    ));
+                    continue;
+                }
+            };
+            if piece.link != self.link {
+                continue; // another (older) link's record
+            }
+            if piece.lane as i32 != r.partition {
+                log::error(&format!(
+                    "{}:{} offset {}: a lane-{} frame on partition {}; skipped",
+                    r.topic, r.partition, r.offset, piece.lane, r.partition
+                ));
+                continue;
+            }
+            if let Some((lane, seq, payload)) = reassembly.push(&piece, &r.payload, &mut errors) {
+                self.offsets.borrow_mut()[lane as usize].push_back((seq, r.offset));
+                frames.push(Frame {
+                    lane: if lane == 0 { Lane::Control } else { Lane::Bulk },
+                    seq,
+                    payload,
+                });
+            }
+        }
+        for e in errors {
+            log::error(&format!("{}: {e}", self.in_topic));
+        }
+        // Control first; each lane keeps its order (the sort is stable).
+        frames.sort_by_key(|f| lane_index(f.lane));
+        Ok(frames)
+    }
+
+    fn commit(&self, lane: Lane, seq: u64) -> Result<(), Error> {
+        let i = lane_index(lane);
+        let mut upto = None;
+        {
+            let mut offsets = self.offsets.borrow_mut();
+            let q = &mut offsets[i as usize];
+            while q.front().is_some_and(|(s, _)| *s <= seq) {
+                upto = q.pop_front().map(|(_, o)| o);
+            }
+        }
+        if let Some(offset) = upto {
+            self.consumer.commit(&self.in_topic, i as i32, offset)?;
+        }
+        Ok(())
+    }
+}
+
+trellis_sdk::export_command_transport!(Component);

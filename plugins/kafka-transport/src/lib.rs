@@ -1,0 +1,245 @@
+//! The Kafka command transport.
+//!
+//! Topics (for prefix `P`; readable with any Kafka client):
+//!
+//! ```text
+//! P.connect                  1 partition   agents announce a new link: key = agent name
+//! P.<agent>.to-agent         2 partitions  controller -> agent: partition 0 control, 1 bulk
+//! P.<agent>.to-controller    2 partitions  agent -> controller: same
+//! ```
+//!
+//! One partition per lane keeps each lane in order and lets control frames overtake
+//! bulk ones (a reader takes control first). Every record's key is the agent's name;
+//! its headers say which link, lane and frame it carries:
+//!
+//! ```text
+//! trellis-link   the link's id (random per connect); records of other links are skipped
+//! trellis-lane   "control" or "bulk"
+//! trellis-seq    the host's sequence number, decimal
+//! trellis-chunk  "i/n": a frame larger than the host's max payload is split in n records
+//! ```
+//!
+//! The host numbers, acknowledges, resends and de-duplicates frames; this plugin moves
+//! them and reassembles chunks. The codec here is plain Rust, tested natively; the
+//! component (Kafka calls) is in `component.rs`.
+
+#[cfg(target_arch = "wasm32")]
+mod component;
+
+pub const LINK: &str = "trellis-link";
+pub const LANE: &str = "trellis-lane";
+pub const SEQ: &str = "trellis-seq";
+pub const CHUNK: &str = "trellis-chunk";
+
+pub fn connect_topic(prefix: &str) -> String {
+    format!("{prefix}.connect")
+}
+pub fn to_agent_topic(prefix: &str, agent: &str) -> String {
+    format!("{prefix}.{agent}.to-agent")
+}
+pub fn to_controller_topic(prefix: &str, agent: &str) -> String {
+    format!("{prefix}.{agent}.to-controller")
+}
+
+/// What a record's headers say about the frame piece it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub link: String,
+    /// 0 = control, 1 = bulk (also the partition).
+    pub lane: u8,
+    pub seq: u64,
+    /// This piece's index and the frame's number of pieces.
+    pub chunk: u32,
+    pub chunks: u32,
+}
+
+impl Piece {
+    pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        vec![
+            (LINK.into(), self.link.clone().into_bytes()),
+            (
+                LANE.into(),
+                if self.lane == 0 { "control" } else { "bulk" }.into(),
+            ),
+            (SEQ.into(), self.seq.to_string().into_bytes()),
+            (
+                CHUNK.into(),
+                format!("{}/{}", self.chunk, self.chunks).into_bytes(),
+            ),
+        ]
+    }
+
+    /// Read a record's headers; a record that is not a Trellis frame piece is an error
+    /// naming what is wrong.
+    pub fn parse<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<Piece, String> {
+        let (mut link, mut lane, mut seq, mut chunk) = (None, None, None, None);
+        for (k, v) in headers {
+            let v = std::str::from_utf8(v).map_err(|_| format!("header {k} is not UTF-8"))?;
+            match k {
+                LINK => link = Some(v.to_string()),
+                LANE => {
+                    lane = Some(match v {
+                        "control" => 0,
+                        "bulk" => 1,
+                        _ => return Err(format!("unknown lane `{v}`")),
+                    })
+                }
+                SEQ => seq = Some(v.parse::<u64>().map_err(|_| format!("bad seq `{v}`"))?),
+                CHUNK => {
+                    let (i, n) = v
+                        .split_once('/')
+                        .and_then(|(i, n)| Some((i.parse::<u32>().ok()?, n.parse::<u32>().ok()?)))
+                        .filter(|(i, n)| i < n)
+                        .ok_or_else(|| format!("bad chunk `{v}`"))?;
+                    chunk = Some((i, n));
+                }
+                _ => {}
+            }
+        }
+        let missing = |h: &str| format!("no {h} header: not a Trellis frame");
+        let (chunk, chunks) = chunk.ok_or_else(|| missing(CHUNK))?;
+        Ok(Piece {
+            link: link.ok_or_else(|| missing(LINK))?,
+            lane: lane.ok_or_else(|| missing(LANE))?,
+            seq: seq.ok_or_else(|| missing(SEQ))?,
+            chunk,
+            chunks,
+        })
+    }
+}
+
+/// Split a payload into pieces of at most `max` bytes (an empty payload is one piece).
+pub fn split(payload: &[u8], max: usize) -> Vec<&[u8]> {
+    if payload.is_empty() {
+        return vec![payload];
+    }
+    payload.chunks(max.max(1)).collect()
+}
+
+/// Reassembles frames from pieces, per lane. Pieces of a frame arrive in order on
+/// their lane's partition; anything else (a gap, another frame's piece in the middle)
+/// is a damaged frame: it is dropped with an error, and the host's resend recovers it.
+#[derive(Debug, Default)]
+pub struct Reassembly {
+    partial: [Option<(u64, u32, Vec<u8>)>; 2],
+}
+
+impl Reassembly {
+    /// Take one piece; the whole frame `(lane, seq, payload)` when it was the last.
+    /// Damage found on the way (a frame broken off, a piece out of place) is added to
+    /// `errors`; the damaged frame is dropped and the host's resend recovers it.
+    pub fn push(
+        &mut self,
+        p: &Piece,
+        data: &[u8],
+        errors: &mut Vec<String>,
+    ) -> Option<(u8, u64, Vec<u8>)> {
+        let slot = &mut self.partial[(p.lane as usize).min(1)];
+        if p.chunk == 0 {
+            if let Some((seq, got, _)) = slot.take() {
+                errors.push(format!(
+                    "frame {seq} broke off after {got} piece(s), frame {} started; dropped",
+                    p.seq
+                ));
+            }
+            if p.chunks == 1 {
+                return Some((p.lane, p.seq, data.to_vec()));
+            }
+            *slot = Some((p.seq, 1, data.to_vec()));
+            return None;
+        }
+        match slot {
+            Some((seq, next, buf)) if *seq == p.seq && *next == p.chunk => {
+                buf.extend_from_slice(data);
+                *next += 1;
+                if *next < p.chunks {
+                    return None;
+                }
+                let (seq, _, buf) = slot.take().expect("present");
+                Some((p.lane, seq, buf))
+            }
+            _ => {
+                errors.push(match slot.take() {
+                    Some((seq, next, _)) => format!(
+                        "frame {seq}: expected piece {next}, got piece {} of frame {}; dropped",
+                        p.chunk, p.seq
+                    ),
+                    None => format!(
+                        "frame {}: piece {} of {} without its start; dropped",
+                        p.seq, p.chunk, p.chunks
+                    ),
+                });
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(lane: u8, seq: u64, chunk: u32, chunks: u32) -> Piece {
+        Piece {
+            link: "L1".into(),
+            lane,
+            seq,
+            chunk,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_and_foreign_records_are_named() {
+        let p = piece(1, 42, 2, 5);
+        let h = p.headers();
+        let back = Piece::parse(h.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).unwrap();
+        assert_eq!(back, p);
+        let e = Piece::parse([("other", &b"x"[..])]).unwrap_err();
+        assert!(e.contains("not a Trellis frame"), "{e}");
+        let e = Piece::parse([(CHUNK, &b"3/3"[..])]).unwrap_err();
+        assert!(e.contains("bad chunk"), "{e}");
+    }
+
+    #[test]
+    fn frames_split_and_reassemble_per_lane() {
+        let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let parts = split(&big, 3000);
+        assert_eq!(parts.len(), 4);
+        assert_eq!(split(b"", 10).len(), 1);
+        let mut r = Reassembly::default();
+        let mut errors = Vec::new();
+        let n = parts.len() as u32;
+        let mut got = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            // a control frame in the middle of the bulk frame's pieces
+            if i == 2 {
+                got.extend(r.push(&piece(0, 7, 0, 1), b"cancel", &mut errors));
+            }
+            got.extend(r.push(&piece(1, 3, i as u32, n), part, &mut errors));
+        }
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(got, vec![(0, 7, b"cancel".to_vec()), (1, 3, big)]);
+    }
+
+    #[test]
+    fn damaged_frames_are_dropped_with_an_error_and_the_next_one_survives() {
+        let mut r = Reassembly::default();
+        let mut errors = Vec::new();
+        // a piece without its start
+        assert!(r.push(&piece(1, 1, 1, 2), b"x", &mut errors).is_none());
+        // a gap: piece 0, then piece 2
+        assert!(r.push(&piece(1, 2, 0, 3), b"a", &mut errors).is_none());
+        assert!(r.push(&piece(1, 2, 2, 3), b"c", &mut errors).is_none());
+        // broken off: a new frame starts before the last one ended
+        assert!(r.push(&piece(1, 3, 0, 2), b"a", &mut errors).is_none());
+        let whole = r.push(&piece(1, 4, 0, 1), b"whole", &mut errors);
+        assert_eq!(whole, Some((1, 4, b"whole".to_vec())));
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("without its start"));
+        assert!(errors[1].contains("expected piece 1, got piece 2"));
+        assert!(errors[2].contains("broke off"));
+    }
+}
