@@ -185,3 +185,98 @@ async fn topics_outside_the_granted_prefixes_are_denied() {
             > 0
     );
 }
+
+/// A 50 MiB frame crosses in pieces under the broker's message limit and comes out
+/// whole; records that are not this link's frames (no headers, another link) are
+/// skipped with a logged error instead of breaking the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mib_frame_crosses_whole_and_foreign_records_are_skipped() {
+    use trellis::points::bindings::command_transport::{Frame, Lane};
+    use trellis::points::transport;
+    let broker = Tansu::start("memory://tansu/");
+    let d = tempfile::tempdir().unwrap();
+    let rt = runtime(
+        &format!(
+            r#"
+            [kafka]
+            brokers = "{}"
+            [plugins.kafka-transport]
+            kafka = {{ topics = ["trellis."] }}
+            limits = {{ memory = "1GiB", call-timeout = "120s", max-return = "256MiB" }}
+            "#,
+            broker.brokers()
+        ),
+        d.path(),
+        &[],
+    );
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let listener = transport::listen(kafka.clone()).await.unwrap();
+    let agent = transport::connect(kafka.clone(), "agent-1").await.unwrap();
+    let mut controller = None;
+    for _ in 0..20 {
+        if let Some(l) = listener.accept(500).await.unwrap() {
+            controller = Some(l);
+            break;
+        }
+    }
+    let controller = controller.expect("the agent's announcement arrived");
+
+    // Junk on the agent's bulk partition, read before the real frames.
+    let script = format!(
+        r#"
+from kafka import KafkaProducer
+p = KafkaProducer(bootstrap_servers="{}")
+t = "trellis.agent-1.to-controller"
+p.send(t, partition=1, value=b"no headers at all")
+p.send(t, partition=1, value=b"x", headers=[("trellis-link", b"someone-else"), ("trellis-lane", b"bulk"), ("trellis-seq", b"1"), ("trellis-chunk", b"0/1")])
+p.flush()
+"#,
+        broker.brokers()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let big: Vec<u8> = (0..50u32 << 20).map(|i| (i % 251) as u8).collect();
+    agent
+        .send(vec![
+            Frame {
+                lane: Lane::Bulk,
+                seq: 1,
+                payload: big.clone(),
+            },
+            Frame {
+                lane: Lane::Control,
+                seq: 1,
+                payload: b"cancel".to_vec(),
+            },
+        ])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let t = std::time::Instant::now();
+    while got.len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "got {} frames",
+            got.len()
+        );
+        got.extend(controller.receive(500).await.unwrap());
+    }
+    assert_eq!(
+        got.len(),
+        2,
+        "the junk records were not delivered as frames"
+    );
+    let bulk = got.iter().find(|f| f.lane == Lane::Bulk).unwrap();
+    assert_eq!(bulk.seq, 1);
+    assert!(bulk.payload == big, "the 50 MiB frame came back different");
+    let control = got.iter().find(|f| f.lane == Lane::Control).unwrap();
+    assert_eq!(control.payload, b"cancel");
+}
