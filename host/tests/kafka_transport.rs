@@ -280,3 +280,75 @@ p.flush()
     let control = got.iter().find(|f| f.lane == Lane::Control).unwrap();
     assert_eq!(control.payload, b"cancel");
 }
+
+/// The broker restarts mid-run (its SQLite store keeps the topics): links break, the
+/// agent reconnects, the session resends what was not acknowledged, and the run ends
+/// with every line stored once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
+    let d = tempfile::tempdir().unwrap();
+    let store = "sqlite://tansu.db";
+    let port = free_port();
+    let broker = Tansu::start_on(port, store, d.path());
+    let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let c = controller(&rt, d.path(), kafka.clone()).await;
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let agent = trellis::agent::worker::AgentConfig {
+        name: "agent-1".into(),
+        labels: vec!["linux".into()],
+        secret: "agent-secret".into(),
+        workspace: d.path().join("work"),
+        heartbeat: Duration::from_millis(500),
+    };
+    tokio::spawn(trellis::agent::worker::run_agent(kafka, agent, stop));
+    wait_connected(&c).await;
+    let job = Job::parse(
+        r#"
+        name = "restart"
+        agent = "linux"
+        [[step]]
+        name = "waves"
+        run = "for i in 1 2 3 4 5 6 7 8; do seq $((i*1000-999)) $((i*1000)); sleep 0.5; done"
+        "#,
+        "job.toml",
+    )
+    .unwrap();
+    let run = c.submit(&job).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        c.run(&run.id)
+            .is_some_and(|r| r.events > 0 && !r.status.is_final())
+    );
+    drop(broker);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _broker = Tansu::start_on(port, store, d.path());
+
+    let mut updates = c.subscribe();
+    let r = loop {
+        if let Some(r) = c.run(&run.id).filter(|r| r.status.is_final()) {
+            break r;
+        }
+        match tokio::time::timeout(Duration::from_secs(120), updates.recv()).await {
+            Ok(Ok(Update::Run(r))) if r.id == run.id && r.status.is_final() => break r,
+            Ok(_) => {}
+            Err(_) => panic!("the run did not finish: {:?}", c.run(&run.id)),
+        }
+    };
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    assert_eq!(r.events, 8000);
+    let text = std::fs::read_to_string(
+        d.path()
+            .join(format!("state/logs/restart/{}.jsonl", run.id)),
+    )
+    .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 8000);
+    for (i, l) in lines.iter().enumerate() {
+        let n = i + 1;
+        assert!(
+            l.contains(&format!("\"seq\":{n},")) && l.contains(&format!("\"message\":\"{n}\"")),
+            "line {n}: {l}"
+        );
+    }
+}

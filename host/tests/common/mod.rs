@@ -178,10 +178,11 @@ pub struct Tansu {
 impl Tansu {
     pub fn start(storage: &str) -> Tansu {
         let port = free_port();
-        Self::start_on(port, storage)
+        Self::start_on(port, storage, Path::new("."))
     }
 
-    pub fn start_on(port: u16, storage: &str) -> Tansu {
+    /// On `port`, in `dir` (tansu takes `sqlite://FILE` relative to its directory).
+    pub fn start_on(port: u16, storage: &str, dir: &Path) -> Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
         let child = std::process::Command::new("tansu")
             .args([
@@ -193,6 +194,7 @@ impl Tansu {
                 "--storage-engine",
                 storage,
             ])
+            .current_dir(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
