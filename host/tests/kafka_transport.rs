@@ -352,3 +352,37 @@ async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
         );
     }
 }
+
+/// KafkaSecretManager's rule over our handshake: an agent with a wrong secret is told
+/// why, stops, and nothing runs on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_agent_secret_is_refused_over_kafka() {
+    let broker = Tansu::start("memory://tansu/");
+    let d = tempfile::tempdir().unwrap();
+    let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let c = controller(&rt, d.path(), kafka.clone()).await;
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let agent = trellis::agent::worker::AgentConfig {
+        name: "agent-1".into(),
+        labels: vec!["linux".into()],
+        secret: "not-the-secret".into(),
+        workspace: d.path().join("work"),
+        heartbeat: Duration::from_millis(500),
+    };
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        trellis::agent::worker::run_agent(kafka, agent, stop),
+    )
+    .await
+    .expect("the agent was answered")
+    .expect_err("refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("wrong secret for agent `agent-1`"),
+        "{refused}"
+    );
+    assert!(c.connected_agents().is_empty());
+    assert!(!d.path().join("work").exists(), "nothing ran");
+}
