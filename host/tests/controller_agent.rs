@@ -266,7 +266,7 @@ async fn a_lost_or_restarted_agent_has_its_run_marked_lost_not_hung() {
     let note = r.note.clone().unwrap_or_default();
     assert!(note.contains("agent `agent-1` lost"), "{note}");
     assert!(
-        took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(10),
         "marked after {took:?}, configured 3 s"
     );
     assert_eq!(r.steps[0].status, StepStatus::Skipped);
