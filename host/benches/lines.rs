@@ -144,6 +144,9 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             state_dir: dir.join("state"),
             agents: [("agent-1".to_string(), "agent-secret".to_string())].into(),
             secrets: SecretStore::default(),
+            // The daemons' defaults.
+            heartbeat: trellis::session::link::DEFAULT_HEARTBEAT,
+            agent_lost_after: trellis::controller::DEFAULT_AGENT_LOST_AFTER,
         },
         tcp.clone(),
         logging,
@@ -158,6 +161,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             labels: vec!["linux".into()],
             secret: "agent-secret".into(),
             workspace: dir.join("work"),
+            heartbeat: trellis::session::link::DEFAULT_HEARTBEAT,
         },
         stop,
     ));
