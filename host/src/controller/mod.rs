@@ -370,7 +370,7 @@ impl Controller {
                     tokio::time::sleep(POLL_IDLE).await;
                 }
                 for (_, payload) in delivered {
-                    match protocol::decode::<ToController>(&payload) {
+                    match protocol::decode_to_controller(&payload) {
                         Ok((msg, data)) => self.handle(&name, msg, data).await,
                         Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
                     }
