@@ -259,7 +259,7 @@ template(name="line" type="string" string="%rawmsg%\n")
 main_queue(queue.workerThreads="1")
 ruleset(name="copy") {{
   action(type="omfile" file="{d}/out.log" template="line"
-         asyncWriting="on" flushOnTXEnd="on" ioBufferSize="64k")
+         asyncWriting="on" flushOnTXEnd="on" ioBufferSize="256k")
 }}
 input(type="imfile" file="{d}/watch/in.log" tag="bench" ruleset="copy"
       readMode="0" maxSubmitAtOnce="1024" freshStartTail="off")
