@@ -30,4 +30,37 @@ if ! python3 -c 'import kafka' 2>/dev/null; then
         || python3 -m pip install -q --break-system-packages kafka-python
 fi
 
+# rsyslog: only the binary, as a baseline for the lines benchmark (`cargo xtask bench`),
+# which runs its own rsyslogd instance with its own config. The package must not leave
+# a system logger running (or enabled) behind: a policy-rc.d that refuses every start is
+# in place while it installs (Docker images usually have one already), and on a systemd
+# machine the unit it enables is disabled again.
+if ! command -v rsyslogd >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
+    echo "setup: installing rsyslog (for the lines benchmark; not started as a service)"
+    policy=/usr/sbin/policy-rc.d
+    own_policy=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# trellis scripts/setup.sh: no service starts while rsyslog installs\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+        own_policy=true
+        trap '"${sudo[@]}" rm -f "$policy"' EXIT
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends rsyslog
+    if $own_policy; then
+        "${sudo[@]}" rm -f "$policy"
+        trap - EXIT
+    fi
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${sudo[@]}" systemctl disable --now rsyslog.service >/dev/null 2>&1 || true
+    fi
+    # Whatever the init system, nothing the install started may keep running.
+    if [ -s /run/rsyslogd.pid ] && kill -0 "$(cat /run/rsyslogd.pid)" 2>/dev/null; then
+        echo "setup: stopping the rsyslogd the package started (pid $(cat /run/rsyslogd.pid))"
+        "${sudo[@]}" kill "$(cat /run/rsyslogd.pid)"
+    fi
+fi
+
 echo "setup: ok"

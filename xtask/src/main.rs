@@ -16,9 +16,14 @@ tasks:
   fixtures   build the test fixture plugins (tests/fixtures/*) into <target>/fixtures
   test       bundle + fixtures, then run the whole test suite
   lint       cargo fmt --check, clippy (native and wasm32), all with -D warnings
-  bench      bundle, then the runtime benchmark (release)
+  bench      bundle, then the benchmarks in release: runtime, then lines
+             (`bench runtime` or `bench lines` runs one; lines compares with rsyslog,
+             which ./scripts/setup.sh installs)
   demo       bundle, then run examples/jobs/hello.toml with `trellis up` (controller + agent, default bundle)
 ";
+
+/// The host's benchmarks, in the order `cargo xtask bench` runs them.
+const BENCHES: &[&str] = &["runtime", "lines"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
@@ -38,11 +43,18 @@ fn main() -> Result<()> {
         }
         "lint" => lint(&root)?,
         "bench" => {
+            let which: Vec<String> = match std::env::args().nth(2) {
+                None => BENCHES.iter().map(|b| b.to_string()).collect(),
+                Some(b) if BENCHES.contains(&b.as_str()) => vec![b],
+                Some(b) => bail!("unknown benchmark `{b}` (there are: {BENCHES:?})\n\n{HELP}"),
+            };
             let b = bundle(&root)?;
-            cargo(
-                &["bench", "-p", "trellis", "--bench", "runtime"],
-                &[("TRELLIS_BUNDLE_DIR", &b)],
-            )?;
+            for bench in &which {
+                cargo(
+                    &["bench", "-p", "trellis", "--bench", bench],
+                    &[("TRELLIS_BUNDLE_DIR", &b)],
+                )?;
+            }
         }
         "demo" => {
             let b = bundle(&root)?;

@@ -372,7 +372,7 @@ impl Controller {
                 }
                 let handled = !delivered.is_empty();
                 for (_, payload) in delivered {
-                    match protocol::decode::<ToController>(&payload) {
+                    match protocol::decode_to_controller(&payload) {
                         Ok((msg, data)) => self.handle(&name, msg, data).await,
                         Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
                     }
@@ -534,7 +534,7 @@ impl Controller {
                 }
                 let events = log.events;
                 drop(logs);
-                self.update(&run, |r| r.events = events);
+                self.publish(&run, self.store.progress(&run, events));
             }
             ToController::StepFinished { run, step, outcome } => self.update(&run, |r| {
                 if let Some(s) = r.steps.iter_mut().find(|s| s.name == step) {
@@ -600,7 +600,11 @@ impl Controller {
     }
 
     fn update(&self, run: &str, f: impl FnOnce(&mut RunRecord)) {
-        match self.store.update(run, f) {
+        self.publish(run, self.store.update(run, f));
+    }
+
+    fn publish(&self, run: &str, updated: std::io::Result<Option<RunRecord>>) {
+        match updated {
             Ok(Some(r)) => {
                 let _ = self.updates.send(Update::Run(r));
             }
