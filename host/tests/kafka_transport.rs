@@ -388,3 +388,79 @@ async fn a_wrong_agent_secret_is_refused_over_kafka() {
     assert!(c.connected_agents().is_empty());
     assert!(!d.path().join("work").exists(), "nothing ran");
 }
+
+/// An agent process killed mid-step and started again (a new session) over Kafka: its
+/// run is reported `lost` at once (the state is clear, nothing is resumed twice), and
+/// the new process takes new work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug (see the stop note): after the restart the run is marked lost, but \
+            new work submitted right after sometimes stays queued over Kafka (3 of 4 runs)"]
+async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work() {
+    let broker = Tansu::start("memory://tansu/");
+    let d = tempfile::tempdir().unwrap();
+    let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let c = controller(&rt, d.path(), kafka.clone()).await;
+    let agent = |stop| {
+        let cfg = trellis::agent::worker::AgentConfig {
+            name: "agent-1".into(),
+            labels: vec!["linux".into()],
+            secret: "agent-secret".into(),
+            workspace: d.path().join("work"),
+            heartbeat: Duration::from_millis(500),
+        };
+        tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop))
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let first = agent(stop);
+    wait_connected(&c).await;
+    let long = Job::parse(
+        "name = \"long\"\nagent = \"linux\"\n[[step]]\nname = \"wait\"\nrun = \"echo started; sleep 20\"\n",
+        "job.toml",
+    )
+    .unwrap();
+    let run = c.submit(&long).unwrap();
+    let t = std::time::Instant::now();
+    while c.run(&run.id).is_none_or(|r| r.events == 0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the step never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_tx.send(true).unwrap(); // the process goes away mid-step...
+    first.await.unwrap().unwrap();
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let _second = agent(stop); // ...and a new one starts
+    let mut updates = c.subscribe();
+    let r = loop {
+        if let Some(r) = c.run(&run.id).filter(|r| r.status.is_final()) {
+            break r;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), updates.recv()).await {
+            Ok(_) => {}
+            Err(_) => panic!("not marked: {:?}", c.run(&run.id)),
+        }
+    };
+    assert_eq!(r.status, RunStatus::Lost, "{r:?}");
+    assert!(
+        r.note.as_deref().unwrap_or_default().contains("restarted"),
+        "{r:?}"
+    );
+    wait_connected(&c).await;
+    let ok = c
+        .submit(
+            &Job::parse(
+                "name = \"after\"\nagent = \"linux\"\n[[step]]\nname = \"hi\"\nrun = \"echo hi\"\n",
+                "job.toml",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !c.run(&ok.id).is_some_and(|r| r.status.is_final()) {
+        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", c.run(&ok.id));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.run(&ok.id).unwrap().status, RunStatus::Succeeded);
+}
