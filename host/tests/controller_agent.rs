@@ -5,27 +5,12 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use trellis::controller::state::{RunRecord, RunStatus, StepStatus};
+use trellis::controller::state::{RunStatus, StepStatus};
 use trellis::controller::{Controller, Update};
 use trellis::jobs::Job;
 use trellis::points::bindings::log_browser::{LogCompleteness, PageRequest};
 use trellis::protocol::{RunOutcome, StepOutcome};
 use trellis_sdk::events::decode;
-
-async fn wait_final(c: &Controller, id: &str) -> RunRecord {
-    let mut updates = c.subscribe();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(r) = c.run(id).filter(|r| r.status.is_final()) {
-            return r;
-        }
-        match tokio::time::timeout_at(deadline, updates.recv()).await {
-            Ok(Ok(Update::Run(r))) if r.id == id && r.status.is_final() => return r,
-            Ok(_) => {}
-            Err(_) => panic!("run {id} did not finish: {:?}", c.run(id)),
-        }
-    }
-}
 
 fn job(text: &str) -> Job {
     Job::parse(text, "job.toml").unwrap()
@@ -51,7 +36,7 @@ async fn a_multi_step_job_runs_and_its_log_is_complete_and_masked() {
             run = "seq 1 5000"
             "#))
         .unwrap();
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     assert_eq!(r.events, 5002);
     assert!(r.steps.iter().all(|st| st.status == StepStatus::Succeeded));
@@ -121,7 +106,7 @@ async fn failing_steps_timeouts_and_cancel() {
     wait_connected(&s.controller).await;
 
     let run = s.controller.submit(&job("name = \"f\"\nagent = \"linux\"\n[[step]]\nname = \"a\"\nrun = \"exit 3\"\n[[step]]\nname = \"b\"\nrun = \"true\"\n")).unwrap();
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Failed);
     assert_eq!(
         r.outcome,
@@ -133,7 +118,7 @@ async fn failing_steps_timeouts_and_cancel() {
     assert_eq!(r.steps[1].status, StepStatus::Skipped);
 
     let run = s.controller.submit(&job("name = \"t\"\nagent = \"linux\"\n[[step]]\nname = \"slow\"\nrun = \"sleep 30\"\ntimeout = \"300ms\"\n")).unwrap();
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::TimedOut, "{r:?}");
 
     let run = s
@@ -144,7 +129,7 @@ async fn failing_steps_timeouts_and_cancel() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(s.controller.cancel(&run.id));
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Cancelled);
 
     let err = s
@@ -260,7 +245,7 @@ async fn a_lost_or_restarted_agent_has_its_run_marked_lost_not_hung() {
     stop.send(true).unwrap();
     agent.await.unwrap().unwrap();
     let gone = std::time::Instant::now();
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     let took = gone.elapsed();
     assert_eq!(r.status, RunStatus::Lost, "{r:?}");
     let note = r.note.clone().unwrap_or_default();
@@ -293,7 +278,7 @@ async fn a_lost_or_restarted_agent_has_its_run_marked_lost_not_hung() {
     stop.send(true).unwrap();
     let restarted = std::time::Instant::now();
     let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Lost, "{r:?}");
     assert!(
         r.note.as_deref().unwrap_or_default().contains("restarted"),
@@ -315,7 +300,9 @@ async fn a_lost_or_restarted_agent_has_its_run_marked_lost_not_hung() {
             "#))
         .unwrap();
     assert_eq!(
-        wait_final(&s.controller, &ok.id).await.status,
+        wait_final(&s.controller, &ok.id, Duration::from_secs(30))
+            .await
+            .status,
         RunStatus::Succeeded
     );
 }
@@ -351,7 +338,7 @@ async fn artifacts_arrive_checked_and_a_log_limit_keeps_head_tail_and_the_whole(
             run = "echo done"
             "#))
         .unwrap();
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
 
     // The artifacts, byte-exact against the agent's workspace.
@@ -571,7 +558,7 @@ async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
             cuts += 1;
         }
     }
-    let r = wait_final(&s.controller, &run.id).await;
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     assert_eq!(r.events, N);
     let meta = trellis::points::bindings::types::LogMetadata {

@@ -9,7 +9,7 @@ use common::*;
 use std::sync::Arc;
 use std::time::Duration;
 use trellis::controller::state::RunStatus;
-use trellis::controller::{Controller, ControllerConfig, Update};
+use trellis::controller::{Controller, ControllerConfig};
 use trellis::jobs::Job;
 use trellis::points::bindings::log_browser::PageRequest;
 use trellis::runtime::{Plugin, Runtime};
@@ -58,6 +58,25 @@ async fn controller(
     .unwrap()
 }
 
+/// An in-process agent `agent-1` (label `linux`) over `kafka`; it stops when the
+/// returned sender is dropped or set.
+fn spawn_agent(
+    kafka: Arc<Plugin>,
+    dir: &std::path::Path,
+    secret: &str,
+) -> tokio::sync::watch::Sender<bool> {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let cfg = trellis::agent::worker::AgentConfig {
+        name: "agent-1".into(),
+        labels: vec!["linux".into()],
+        secret: secret.into(),
+        workspace: dir.join("work"),
+        heartbeat: Duration::from_millis(500),
+    };
+    tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
+    stop_tx
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_over_kafka_and_its_output_is_readable_on_the_topics() {
     let broker = Tansu::start("memory://tansu/");
@@ -65,15 +84,7 @@ async fn a_job_runs_over_kafka_and_its_output_is_readable_on_the_topics() {
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
     let c = controller(&rt, d.path(), kafka.clone()).await;
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let agent = trellis::agent::worker::AgentConfig {
-        name: "agent-1".into(),
-        labels: vec!["linux".into()],
-        secret: "agent-secret".into(),
-        workspace: d.path().join("work"),
-        heartbeat: Duration::from_millis(500),
-    };
-    tokio::spawn(trellis::agent::worker::run_agent(kafka, agent, stop));
+    let _stop = spawn_agent(kafka, d.path(), "agent-secret");
     wait_connected(&c).await;
 
     let job = Job::parse(
@@ -91,17 +102,7 @@ async fn a_job_runs_over_kafka_and_its_output_is_readable_on_the_topics() {
     )
     .unwrap();
     let run = c.submit(&job).unwrap();
-    let mut updates = c.subscribe();
-    let r = loop {
-        if let Some(r) = c.run(&run.id).filter(|r| r.status.is_final()) {
-            break r;
-        }
-        match tokio::time::timeout(Duration::from_secs(60), updates.recv()).await {
-            Ok(Ok(Update::Run(r))) if r.id == run.id && r.status.is_final() => break r,
-            Ok(_) => {}
-            Err(_) => panic!("the run did not finish: {:?}", c.run(&run.id)),
-        }
-    };
+    let r = wait_final(&c, &run.id, Duration::from_secs(60)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     assert_eq!(r.events, 3002);
 
@@ -293,15 +294,7 @@ async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
     let c = controller(&rt, d.path(), kafka.clone()).await;
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let agent = trellis::agent::worker::AgentConfig {
-        name: "agent-1".into(),
-        labels: vec!["linux".into()],
-        secret: "agent-secret".into(),
-        workspace: d.path().join("work"),
-        heartbeat: Duration::from_millis(500),
-    };
-    tokio::spawn(trellis::agent::worker::run_agent(kafka, agent, stop));
+    let _stop = spawn_agent(kafka, d.path(), "agent-secret");
     wait_connected(&c).await;
     let job = Job::parse(
         r#"
@@ -326,17 +319,7 @@ async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let _broker = Tansu::start_on(port, store, d.path());
 
-    let mut updates = c.subscribe();
-    let r = loop {
-        if let Some(r) = c.run(&run.id).filter(|r| r.status.is_final()) {
-            break r;
-        }
-        match tokio::time::timeout(Duration::from_secs(120), updates.recv()).await {
-            Ok(Ok(Update::Run(r))) if r.id == run.id && r.status.is_final() => break r,
-            Ok(_) => {}
-            Err(_) => panic!("the run did not finish: {:?}", c.run(&run.id)),
-        }
-    };
+    let r = wait_final(&c, &run.id, Duration::from_secs(120)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     assert_eq!(r.events, 12_000);
     let text = std::fs::read_to_string(
@@ -432,16 +415,7 @@ async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work()
     first.await.unwrap().unwrap();
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let _second = agent(stop); // ...and a new one starts
-    let mut updates = c.subscribe();
-    let r = loop {
-        if let Some(r) = c.run(&run.id).filter(|r| r.status.is_final()) {
-            break r;
-        }
-        match tokio::time::timeout(Duration::from_secs(30), updates.recv()).await {
-            Ok(_) => {}
-            Err(_) => panic!("not marked: {:?}", c.run(&run.id)),
-        }
-    };
+    let r = wait_final(&c, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Lost, "{r:?}");
     assert!(
         r.note.as_deref().unwrap_or_default().contains("restarted"),

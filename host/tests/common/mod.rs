@@ -149,6 +149,27 @@ pub fn start_agent(
     )
 }
 
+/// Wait for run `id` to end (at most `within`); its final record.
+pub async fn wait_final(
+    c: &trellis::controller::Controller,
+    id: &str,
+    within: std::time::Duration,
+) -> trellis::controller::state::RunRecord {
+    use trellis::controller::Update;
+    let mut updates = c.subscribe();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(r) = c.run(id).filter(|r| r.status.is_final()) {
+            return r;
+        }
+        match tokio::time::timeout_at(deadline, updates.recv()).await {
+            Ok(Ok(Update::Run(r))) if r.id == id && r.status.is_final() => return r,
+            Ok(_) => {}
+            Err(_) => panic!("run {id} did not end within {within:?}: {:?}", c.run(id)),
+        }
+    }
+}
+
 pub async fn wait_connected(c: &trellis::controller::Controller) {
     for _ in 0..200 {
         if !c.connected_agents().is_empty() {
