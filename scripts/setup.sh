@@ -23,6 +23,16 @@ if ! command -v tansu >/dev/null; then
     cargo install tansu --version '^0.6' --locked --features dynostore,libsql
 fi
 
+# TLS terminator in front of tansu for the Kafka transport's TLS tests (tansu 0.6's own
+# TLS does not come up). The tests run their own stunnel with their own config; the
+# package starts nothing by itself (no config in /etc/stunnel).
+if ! command -v stunnel4 >/dev/null && ! command -v stunnel >/dev/null; then
+    echo "setup: installing stunnel4 (TLS terminator for the Kafka TLS tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y stunnel4
+fi
+
 # An independent Kafka client (pure Python) to read what Trellis wrote to the topics.
 if ! python3 -c 'import kafka' 2>/dev/null; then
     echo "setup: installing kafka-python"

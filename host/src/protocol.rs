@@ -37,12 +37,27 @@ pub fn decode_to_controller(payload: &[u8]) -> serde_json::Result<(ToController,
         run: String,
         step: String,
         lines: Vec<OutLine>,
+        #[serde(default)]
+        first: u64,
     }
     if payload.starts_with(br#"{"type":"output","#) {
         let (json, data) = split(payload);
         // The tag is an unknown field to `Output`, skipped.
-        let Output { run, step, lines } = serde_json::from_slice(json)?;
-        return Ok((ToController::Output { run, step, lines }, data));
+        let Output {
+            run,
+            step,
+            lines,
+            first,
+        } = serde_json::from_slice(json)?;
+        return Ok((
+            ToController::Output {
+                run,
+                step,
+                lines,
+                first,
+            },
+            data,
+        ));
     }
     decode(payload)
 }
@@ -95,10 +110,16 @@ pub enum ToController {
         run: String,
         step: String,
     },
+    /// Lines of a step's output. The agent numbers a run's lines from 1, in the order it
+    /// sends them: `first` is the number of `lines[0]`. The numbers are the log's event
+    /// seqs, so a message sent again (to a restarted controller) writes the same events,
+    /// which the logging method stores once. 0: not numbered (the controller counts).
     Output {
         run: String,
         step: String,
         lines: Vec<OutLine>,
+        #[serde(default)]
+        first: u64,
     },
     StepFinished {
         run: String,
@@ -119,6 +140,9 @@ pub enum ToController {
     RunFinished {
         run: String,
         outcome: RunOutcome,
+        /// How many lines the run's log has (the last `Output` line's number).
+        #[serde(default)]
+        lines: u64,
     },
 }
 
@@ -237,6 +261,7 @@ mod tests {
                     ts_ms: -1,
                 },
             ],
+            first: 41,
         };
         let others = [
             ToController::StepStarted {
@@ -246,6 +271,7 @@ mod tests {
             ToController::RunFinished {
                 run: "r-1".into(),
                 outcome: RunOutcome::Succeeded,
+                lines: 42,
             },
         ];
         let wire = encode(&output, &[]);

@@ -513,6 +513,11 @@ impl Proxy {
 /// in order, each line once; the run is not marked lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
+    if over_kafka() {
+        // The cut is made by a TCP proxy; over Kafka the broker restart test cuts the link.
+        eprintln!("skipped over Kafka: this test cuts a TCP connection");
+        return;
+    }
     let s = stack().await;
     let proxy = Proxy::start(s.port).await;
     let agent_rt = runtime(

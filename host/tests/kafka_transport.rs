@@ -41,12 +41,23 @@ async fn controller(
     dir: &std::path::Path,
     kafka: Arc<Plugin>,
 ) -> Arc<Controller> {
+    let agents = [("agent-1".to_string(), "agent-secret".to_string())].into();
+    controller_for(rt, dir, kafka, agents).await
+}
+
+/// A controller over `kafka` accepting `agents` (name -> secret).
+async fn controller_for(
+    rt: &Arc<Runtime>,
+    dir: &std::path::Path,
+    kafka: Arc<Plugin>,
+    agents: std::collections::HashMap<String, String>,
+) -> Arc<Controller> {
     let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
     Controller::start(
         ControllerConfig {
             instance_id: "kafka-test".into(),
             state_dir: dir.join("state"),
-            agents: [("agent-1".to_string(), "agent-secret".to_string())].into(),
+            agents,
             secrets: Default::default(),
             heartbeat: Duration::from_millis(500),
             agent_lost_after: Duration::from_secs(30),
@@ -311,7 +322,7 @@ async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
     // Mid-run: output is flowing (a loaded machine may take a while to get there).
     let t = std::time::Instant::now();
     while c.run(&run.id).is_none_or(|r| r.events == 0) {
-        assert!(t.elapsed() < Duration::from_secs(30), "no output yet");
+        assert!(t.elapsed() < Duration::from_secs(90), "no output yet");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!c.run(&run.id).unwrap().status.is_final());
@@ -437,4 +448,330 @@ async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(c.run(&ok.id).unwrap().status, RunStatus::Succeeded);
+}
+
+/// Many agents, one broker: 20 agents on one controller through one tansu, each running
+/// a job at the same time; every log complete and in order. Prints the throughput and
+/// the command latency (submit -> the agent reports the step started), recorded in
+/// docs/PERFORMANCE.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_agents_on_one_broker_run_jobs_at_once_with_complete_logs() {
+    const AGENTS: usize = 20;
+    const LINES: usize = 2000;
+    let broker = Tansu::start("memory://tansu/");
+    let d = tempfile::tempdir().unwrap();
+    let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let names: Vec<String> = (1..=AGENTS).map(|i| format!("agent-{i:02}")).collect();
+    let secrets = names
+        .iter()
+        .map(|n| (n.clone(), format!("secret-of-{n}")))
+        .collect();
+    let c = controller_for(&rt, d.path(), kafka.clone(), secrets).await;
+    let mut stops = Vec::new();
+    for n in &names {
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let cfg = trellis::agent::worker::AgentConfig {
+            name: n.clone(),
+            labels: vec![n.clone()], // each job goes to its own agent
+            secret: format!("secret-of-{n}"),
+            workspace: d.path().join("work").join(n),
+            heartbeat: Duration::from_millis(500),
+        };
+        tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop));
+        stops.push(stop_tx);
+    }
+    let t = std::time::Instant::now();
+    while c.connected_agents().len() < AGENTS {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "only {} of {AGENTS} agents connected",
+            c.connected_agents().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut updates = c.subscribe();
+    let start = std::time::Instant::now();
+    let mut submitted = std::collections::HashMap::new();
+    for n in &names {
+        let job = Job::parse(
+            &format!(
+                "name = \"job-{n}\"\nagent = \"{n}\"\n[[step]]\nname = \"count\"\nrun = \"seq 1 {LINES} | sed 's/^/{n} line /'\"\n"
+            ),
+            "job.toml",
+        )
+        .unwrap();
+        let r = c.submit(&job).unwrap();
+        submitted.insert(r.id.clone(), (n.clone(), std::time::Instant::now()));
+    }
+    // Command latency: from submit to the step reported running by its agent.
+    let mut latencies = Vec::new();
+    let mut finished = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while finished.len() < AGENTS {
+        match tokio::time::timeout_at(deadline, updates.recv()).await {
+            Ok(Ok(trellis::controller::Update::Run(r))) if submitted.contains_key(&r.id) => {
+                if r.status == RunStatus::Running && latencies.len() < AGENTS {
+                    let (_, at) = submitted.get_mut(&r.id).unwrap();
+                    if *at != start {
+                        latencies.push(at.elapsed());
+                        *at = start; // counted once
+                    }
+                }
+                if r.status.is_final() {
+                    finished.insert(r.id.clone());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => panic!("only {} of {AGENTS} runs ended", finished.len()),
+        }
+    }
+    let wall = start.elapsed();
+    let reader = trellis::points::browser::LogReader::new(
+        rt.load(&bundle().join("file-browser")).await.unwrap(),
+    )
+    .unwrap();
+    for (id, (n, _)) in &submitted {
+        let r = c.run(id).unwrap();
+        assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+        let meta = trellis::points::bindings::types::LogMetadata {
+            instance_id: "kafka-test".into(),
+            ..meta(&format!("job-{n}"), id)
+        };
+        let page = reader
+            .read(
+                &meta,
+                PageRequest {
+                    step: None,
+                    cursor: None,
+                    limit: 10_000,
+                },
+            )
+            .await
+            .unwrap();
+        let events = decode(&page.events).unwrap();
+        assert_eq!(events.len(), LINES, "{id} on {n}: every line");
+        assert!(
+            events
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.message == format!("{n} line {}", i + 1)),
+            "{id} on {n}: in order, its own lines only"
+        );
+    }
+    latencies.sort();
+    let p = |q: f64| {
+        latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    eprintln!(
+        "{AGENTS} agents over one broker: {} lines in {wall:.2?} = {:.0} lines/s; command latency p50 {:.1?}, p99 {:.1?} ({} samples)",
+        AGENTS * LINES,
+        (AGENTS * LINES) as f64 / wall.as_secs_f64(),
+        p(0.5),
+        p(0.99),
+        latencies.len()
+    );
+    assert_eq!(latencies.len(), AGENTS, "every run was seen running");
+}
+
+/// Traffic prioritisation: a cancel reaches the agent while a 50 MiB artifact is still
+/// streaming to the controller on the same pair (the control lane overtakes the bulk
+/// lane). Prints the cancel latency under that load and on an idle pair (recorded in
+/// docs/PERFORMANCE.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_overtakes_a_50_mib_artifact_in_flight() {
+    let broker = Tansu::start("memory://tansu/");
+    let d = tempfile::tempdir().unwrap();
+    let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let c = controller(&rt, d.path(), kafka.clone()).await;
+    let _stop = spawn_agent(kafka, d.path(), "agent-secret");
+    wait_connected(&c).await;
+    // The second step waits to be cancelled; its TERM trap records when that happened.
+    let waiting = "trap 'date +%s%N > cancelled-at; exit 1' TERM; touch waiting; sleep 60 & wait";
+    let idle = Job::parse(
+        &format!(
+            "name = \"idle\"\nagent = \"linux\"\n[[step]]\nname = \"wait\"\nrun = \"{waiting}\"\n"
+        ),
+        "job.toml",
+    )
+    .unwrap();
+    let loaded = Job::parse(
+        &format!(
+            "name = \"loaded\"\nagent = \"linux\"\n[[step]]\nname = \"make\"\nrun = \"head -c 52428800 /dev/urandom > big.bin\"\nartifacts = [\"big.bin\"]\n[[step]]\nname = \"wait\"\nrun = \"{waiting}\"\n"
+        ),
+        "job.toml",
+    )
+    .unwrap();
+    let mut results = Vec::new();
+    for job in [&idle, &loaded] {
+        let run = c.submit(job).unwrap();
+        let work = d.path().join("work").join(&run.id);
+        let t = std::time::Instant::now();
+        while !work.join("waiting").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{} never waited",
+                job.name
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let artifact_done = |c: &Controller| !c.run(&run.id).unwrap().artifacts.is_empty();
+        let in_flight = !artifact_done(&c);
+        let sent_at = std::time::SystemTime::now();
+        assert!(c.cancel(&run.id));
+        let t = std::time::Instant::now();
+        let marker = work.join("cancelled-at");
+        let at_ns = loop {
+            if let Some(ns) = std::fs::read_to_string(&marker)
+                .ok()
+                .and_then(|s| s.trim().parse::<u128>().ok())
+            {
+                break ns;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{}: the cancel never arrived",
+                job.name
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let arrived_with_artifact_pending = !artifact_done(&c);
+        let sent_ns = sent_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let latency = Duration::from_nanos(at_ns.saturating_sub(sent_ns) as u64);
+        let r = wait_final(&c, &run.id, Duration::from_secs(120)).await;
+        assert_eq!(r.status, RunStatus::Cancelled, "{r:?}");
+        if job.name == "loaded" {
+            assert!(
+                in_flight,
+                "the artifact had fully arrived before the cancel: no load to overtake"
+            );
+            assert!(
+                arrived_with_artifact_pending,
+                "the cancel waited for the 50 MiB artifact (latency {latency:?})"
+            );
+            assert_eq!(
+                r.artifacts.len(),
+                1,
+                "the artifact still arrives whole: {r:?}"
+            );
+            assert_eq!(r.artifacts[0].size, 52_428_800);
+        }
+        results.push((job.name.clone(), latency));
+    }
+    eprintln!(
+        "cancel latency over kafka: idle pair {:.1?}; with a 50 MiB artifact in flight {:.1?}",
+        results[0].1, results[1].1
+    );
+}
+
+/// TLS to the broker, through a TLS terminator: Debian's stunnel4 in front of tansu, which
+/// advertises the stunnel address (tansu 0.6 accepts `--cert`/`--key` but does not use
+/// them). The operator's `[kafka]` properties turn TLS on (checking the broker's
+/// certificate against a CA made here, with an IP SAN for 127.0.0.1), and a job runs over
+/// it with its log complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hangs (not yet understood): kafka-python and librdkafka 2.16 (confluent-kafka) \
+            work through the same stunnel + tansu setup, the host's rdkafka client has not \
+            yet; see the issue 5 note"]
+async fn a_job_runs_over_kafka_through_tls() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-ec", script])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=trellis-test-ca -addext basicConstraints=critical,CA:TRUE 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext 2>/dev/null");
+    let (plain, tls) = (free_port(), free_port());
+    std::fs::write(
+        dir.join("stunnel.conf"),
+        format!(
+            "foreground = yes\npid =\noutput = {log}\n[kafka]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{plain}\ncert = {cert}\nkey = {key}\n",
+            log = dir.join("stunnel.log").display(),
+            cert = dir.join("server.pem").display(),
+            key = dir.join("server.key").display(),
+        ),
+    )
+    .unwrap();
+    let bin = ["stunnel4", "stunnel"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {b}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("stunnel4 is not installed: run ./scripts/setup.sh");
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _stunnel = Killed(
+        std::process::Command::new(bin)
+            .arg(dir.join("stunnel.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _broker = Tansu::start_advertising(plain, tls, "memory://tansu/", dir);
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", tls)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "stunnel did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
+    let rt = runtime(
+        &format!(
+            r#"
+            [kafka]
+            brokers = "127.0.0.1:{tls}"
+            properties = {{ "security.protocol" = "ssl", "ssl.ca.location" = "{ca}" }}
+            [plugins.kafka-transport]
+            kafka = {{ topics = ["trellis."] }}
+            config = {{ prefix = "trellis" }}
+            [plugins.file-logging]
+            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
+            "#,
+            ca = dir.join("ca.pem").display()
+        ),
+        dir,
+        &[],
+    );
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let c = controller(&rt, dir, kafka.clone()).await;
+    let _stop = spawn_agent(kafka, dir, "agent-secret");
+    wait_connected(&c).await;
+    let job = Job::parse(
+        "name = \"tls\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 500\"\n",
+        "job.toml",
+    )
+    .unwrap();
+    let run = c.submit(&job).unwrap();
+    let r = wait_final(&c, &run.id, Duration::from_secs(60)).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    assert_eq!(r.events, 500);
+    // The frames did cross stunnel: it logged TLS connections it accepted.
+    let log = std::fs::read_to_string(dir.join("stunnel.log")).unwrap_or_default();
+    assert!(log.contains("accepted connection"), "{log}");
 }

@@ -43,13 +43,15 @@ async fn handshake(
     let agent_link = transport::connect(p.clone(), agent).await.unwrap();
     let controller_link = listener.accept(2000).await.unwrap().expect("accepted");
     let labels = ["linux".to_string()];
-    let (agent_side, controller_side) =
-        tokio::join!(introduce(&agent_link, agent, &labels, secret, a), async {
+    let (agent_side, controller_side) = tokio::join!(
+        introduce(&agent_link, agent, &labels, secret, vec![], a),
+        async {
             let hello = challenge(&controller_link, "epoch-1", secrets).await?;
             c.resync(hello.received);
             welcome(&controller_link, c.received()).await?;
             Ok::<_, HandshakeError>(hello)
-        });
+        }
+    );
     match (agent_side, controller_side) {
         (Ok(()), Ok(hello)) => {
             assert_eq!(hello.labels, vec!["linux"]);
@@ -164,7 +166,7 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             Ok(l) => l,
             Err(_) => continue,
         };
-        if introduce(&link, "agent-1", &[], "right-secret", &mut agent)
+        if introduce(&link, "agent-1", &[], "right-secret", vec![], &mut agent)
             .await
             .is_err()
         {

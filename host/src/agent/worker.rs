@@ -15,9 +15,10 @@ use crate::runtime::Plugin;
 use crate::session::link::{
     AgentSession, HandshakeError, Liveness, commit_handled, exchange, introduce,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -31,6 +32,22 @@ const MAX_UNACKED: usize = 256;
 /// Messages for the controller, encoded, on the bulk lane (control-lane messages go
 /// from the agent only as link signals).
 type Out = mpsc::Sender<Vec<u8>>;
+
+/// Run ids this agent process remembers having been given, for the handshake (see
+/// `Hello::runs`).
+const RUNS_REMEMBERED: usize = 1024;
+
+/// An output message, its lines numbered on from `numbered` (a run's line count so far;
+/// see `ToController::Output`).
+fn output(run: &str, step: &str, lines: Vec<OutLine>, numbered: &AtomicU64) -> ToController {
+    let first = numbered.fetch_add(lines.len() as u64, Ordering::Relaxed) + 1;
+    ToController::Output {
+        run: run.to_string(),
+        step: step.to_string(),
+        lines,
+        first,
+    }
+}
 
 async fn send(out: &Out, msg: &ToController) -> bool {
     out.send(protocol::encode(msg, &[])).await.is_ok()
@@ -63,6 +80,7 @@ pub async fn run_agent(
     let mut agent_session = AgentSession::new();
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
+    let mut given: VecDeque<String> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
         let link = match transport::connect(transport_plugin.clone(), &cfg.name).await {
@@ -79,6 +97,7 @@ pub async fn run_agent(
             &cfg.name,
             &cfg.labels,
             &cfg.secret,
+            given.iter().cloned().collect(),
             &mut agent_session,
         )
         .await
@@ -117,7 +136,13 @@ pub async fn run_agent(
                 match serde_json::from_slice::<ToAgent>(&payload) {
                     Ok(ToAgent::StartRun(order)) => {
                         let (tx, rx) = watch::channel(false);
+                        // Runs that ended have dropped their receiver.
+                        cancels.retain(|_, c| !c.is_closed());
                         cancels.insert(order.run.clone(), tx);
+                        if given.len() == RUNS_REMEMBERED {
+                            given.pop_front();
+                        }
+                        given.push_back(order.run.clone());
                         tokio::spawn(run(order, cfg.workspace.clone(), out_tx.clone(), rx));
                     }
                     Ok(ToAgent::Cancel { run }) => {
@@ -145,6 +170,7 @@ pub async fn run_agent(
 async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Receiver<bool>) {
     let dir = workspace.join(&order.run);
     let masker = Masker::new(&order.mask);
+    let numbered = Arc::new(AtomicU64::new(0));
     let mut outcome = RunOutcome::Succeeded;
     let mut budget = None;
     if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -164,7 +190,7 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
             Err(e) => {
                 let step = order.steps.first().map(|s| s.name.as_str()).unwrap_or("");
                 let text = format!("[trellis] cannot apply the log limit (kept whole): {e}");
-                notes(&out, &order.run, step, vec![text]).await;
+                notes(&out, &order.run, step, vec![text], &numbered).await;
             }
         }
     }
@@ -189,6 +215,7 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
             order.run.clone(),
             step.name.clone(),
             budget.take(),
+            numbered.clone(),
         ));
         let cmd = StepCommand {
             run: &step.run,
@@ -218,7 +245,7 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
                 }
             }
             let problems = problems.into_iter().map(|p| format!("[trellis] {p}"));
-            notes(&out, &order.run, &step.name, problems.collect()).await;
+            notes(&out, &order.run, &step.name, problems.collect(), &numbered).await;
         }
         outcome = match end {
             e if e.succeeded() => RunOutcome::Succeeded,
@@ -233,13 +260,14 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
         };
     }
     if let Some(b) = budget {
-        finish_budget(b, &order.run, &out).await;
+        finish_budget(b, &order.run, &out, &numbered).await;
     }
     send(
         &out,
         &ToController::RunFinished {
             run: order.run,
             outcome,
+            lines: numbered.load(Ordering::Relaxed),
         },
     )
     .await;
@@ -253,6 +281,7 @@ async fn forward(
     run: String,
     step: String,
     mut budget: Option<LogBudget>,
+    numbered: Arc<AtomicU64>,
 ) -> Option<LogBudget> {
     let mut batch = Vec::new();
     while let Some(first) = lines.recv().await {
@@ -278,11 +307,7 @@ async fn forward(
         if batch.is_empty() {
             continue;
         }
-        let msg = ToController::Output {
-            run: run.clone(),
-            step: step.clone(),
-            lines: std::mem::take(&mut batch),
-        };
+        let msg = output(&run, &step, std::mem::take(&mut batch), &numbered);
         if !send(&out, &msg).await {
             break;
         }
@@ -291,7 +316,7 @@ async fn forward(
 }
 
 /// The run ended with a log budget: send the kept tail, then the full log artifact.
-async fn finish_budget(b: LogBudget, run: &str, out: &Out) {
+async fn finish_budget(b: LogBudget, run: &str, out: &Out, numbered: &AtomicU64) {
     let (tail, full) = match b.finish() {
         Ok(x) => x,
         Err(e) => {
@@ -307,12 +332,7 @@ async fn finish_budget(b: LogBudget, run: &str, out: &Out) {
         {
             lines.push(l);
         }
-        let msg = ToController::Output {
-            run: run.to_string(),
-            step,
-            lines,
-        };
-        send(out, &msg).await;
+        send(out, &output(run, &step, lines, numbered)).await;
     }
     if let Some(path) = full {
         let f = artifacts::Found {
@@ -326,7 +346,7 @@ async fn finish_budget(b: LogBudget, run: &str, out: &Out) {
 }
 
 /// Lines from the agent itself into a step's log (on stderr).
-async fn notes(out: &Out, run: &str, step: &str, texts: Vec<String>) {
+async fn notes(out: &Out, run: &str, step: &str, texts: Vec<String>, numbered: &AtomicU64) {
     if texts.is_empty() {
         return;
     }
@@ -338,12 +358,7 @@ async fn notes(out: &Out, run: &str, step: &str, texts: Vec<String>) {
             ts_ms: now_ms(),
         })
         .collect();
-    let msg = ToController::Output {
-        run: run.to_string(),
-        step: step.to_string(),
-        lines,
-    };
-    send(out, &msg).await;
+    send(out, &output(run, step, lines, numbered)).await;
 }
 
 fn line(o: Output) -> OutLine {

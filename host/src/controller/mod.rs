@@ -13,7 +13,7 @@ use crate::points::transport::{self, Link, Listener};
 use crate::protocol::{self, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
 use crate::runtime::Plugin;
 use crate::session::Session;
-use crate::session::link::{Liveness, challenge, commit_handled, exchange, welcome};
+use crate::session::link::{Hello, Liveness, challenge, commit_handled, exchange, welcome};
 use state::{RunRecord, RunStatus, RunStore, StepStatus};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -81,6 +81,22 @@ struct AgentSlot {
     parked: Option<(Session, mpsc::Receiver<ToAgent>)>,
 }
 
+impl AgentSlot {
+    /// An agent this controller process has not heard from yet.
+    fn unknown() -> AgentSlot {
+        let (tx, rx) = mpsc::channel(1024);
+        AgentSlot {
+            labels: vec![],
+            connected: false,
+            away_since: Some(Instant::now()),
+            agent_session: String::new(),
+            link: 0,
+            orders: tx,
+            parked: Some((Session::default(), rx)),
+        }
+    }
+}
+
 struct LogState {
     writer: LogWriter,
     events: u64,
@@ -107,6 +123,13 @@ impl Controller {
         logging: Arc<Plugin>,
     ) -> anyhow::Result<Arc<Controller>> {
         let store = RunStore::open(&cfg.state_dir)?;
+        // Runs in flight when the last controller process stopped: their agents may still
+        // be working on them. Each agent gets `agent_lost_after` from now to come back.
+        let mut agents = HashMap::new();
+        for r in store.all().into_iter().filter(|r| !r.status.is_final()) {
+            tracing::info!(run = %r.id, agent = %r.agent, "in flight before the restart: waiting for its agent");
+            agents.entry(r.agent).or_insert_with(AgentSlot::unknown);
+        }
         let listener = transport::listen(transport_plugin)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for agents: {e}"))?;
@@ -115,7 +138,7 @@ impl Controller {
             cfg,
             logging,
             store,
-            agents: Mutex::default(),
+            agents: Mutex::new(agents),
             epoch: hex::encode(&crate::session::auth::nonce()[..8]),
             logs: tokio::sync::Mutex::default(),
             updates,
@@ -181,7 +204,7 @@ impl Controller {
             env.push((var.clone(), value.to_string()));
             mask.push(value.to_string());
         }
-        let agent = {
+        let (agent, agent_session) = {
             let a = self.agents.lock().unwrap();
             let mut candidates: Vec<_> = a
                 .iter()
@@ -190,14 +213,16 @@ impl Controller {
                 .collect();
             candidates.sort();
             let busy = self.store.busy_agents();
-            candidates
+            let agent = candidates
                 .iter()
                 .find(|n| !busy.contains(*n))
                 .or(candidates.first())
                 .cloned()
-                .ok_or_else(|| SubmitError::NoAgent(job.agent.clone()))?
+                .ok_or_else(|| SubmitError::NoAgent(job.agent.clone()))?;
+            let session = a[&agent].agent_session.clone();
+            (agent, session)
         };
-        let record = self.store.create(job, &agent)?;
+        let record = self.store.create(job, &agent, &agent_session)?;
         let order = RunOrder {
             run: record.id.clone(),
             job: job.name.clone(),
@@ -278,28 +303,16 @@ impl Controller {
             }
         };
         let name = hello.agent.clone();
-        let mut restarted = false;
         // An agent keeps one link at a time: a new one supersedes the old (which is
         // dead or dying, e.g. half-open), whose loop hands the session back.
         let my_link = {
             let mut a = self.agents.lock().unwrap();
-            let slot = a.entry(name.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(1024);
-                AgentSlot {
-                    labels: vec![],
-                    connected: false,
-                    away_since: None,
-                    agent_session: String::new(),
-                    link: 0,
-                    orders: tx,
-                    parked: Some((Session::default(), rx)),
-                }
-            });
+            let slot = a.entry(name.clone()).or_insert_with(AgentSlot::unknown);
             slot.link += 1;
             slot.link
         };
         let taken_over = Instant::now();
-        let (mut session, mut orders) = loop {
+        let ((mut session, mut orders), first_contact) = loop {
             let parked = {
                 let mut a = self.agents.lock().unwrap();
                 let slot = a.get_mut(&name).expect("created above");
@@ -307,12 +320,13 @@ impl Controller {
                     return; // superseded in turn while waiting
                 }
                 slot.parked.take().map(|mut parked| {
+                    // The first time this controller process hears from the agent.
+                    let first_contact = slot.agent_session.is_empty();
                     if slot.agent_session != hello.session {
                         // A restarted agent process: its session starts afresh (orders it
-                        // had not acknowledged are gone with it).
-                        if !slot.agent_session.is_empty() {
+                        // had not acknowledged are gone with it; `reconcile` ends its runs).
+                        if !first_contact {
                             tracing::info!(agent = %name, "the agent restarted: starting a new session");
-                            restarted = true;
                         }
                         parked.0 = Session::default();
                         slot.agent_session = hello.session.clone();
@@ -320,7 +334,7 @@ impl Controller {
                     slot.labels = hello.labels.clone();
                     slot.connected = true;
                     slot.away_since = None;
-                    parked
+                    (parked, first_contact)
                 })
             };
             match parked {
@@ -332,11 +346,10 @@ impl Controller {
                 None => tokio::time::sleep(POLL_IDLE).await,
             }
         };
-        if restarted {
-            // Its runs died with the old process; nothing will ever finish them.
-            self.mark_lost(&name, "the agent restarted while this run was in flight")
-                .await;
-        }
+        self.reconcile(&hello, first_contact).await;
+        // After a controller restart the agent's messages resume where the last process
+        // acknowledged them (see `Session::adopt_peer_acked`).
+        session.adopt_peer_acked(hello.acked);
         session.resync(hello.received);
         if welcome(&link, session.received()).await.is_ok() {
             tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
@@ -418,8 +431,39 @@ impl Controller {
         }
     }
 
-    /// Mark `agent`'s in-flight runs `lost`, close their logs with what arrived, and
-    /// queue a cancel so the agent stops them should it come back.
+    /// An agent (re)connected: end its in-flight runs that nothing will ever finish —
+    /// those given to another process of the agent (it restarted), and, when this
+    /// controller process has not heard from it before, those still queued whose order
+    /// the agent never received (it died with the previous controller process).
+    async fn reconcile(&self, hello: &Hello, first_contact: bool) {
+        let (mut restarted, mut never_given) = (Vec::new(), Vec::new());
+        for r in self.store.all() {
+            if r.agent != hello.agent || r.status.is_final() {
+                continue;
+            }
+            if r.agent_session != hello.session {
+                restarted.push(r.id);
+            } else if first_contact && r.status == RunStatus::Queued && !hello.runs.contains(&r.id)
+            {
+                never_given.push(r.id);
+            }
+        }
+        let agent = &hello.agent;
+        self.mark_runs_lost(
+            agent,
+            restarted,
+            "the agent restarted while this run was in flight",
+        )
+        .await;
+        self.mark_runs_lost(
+            agent,
+            never_given,
+            "the controller restarted before the agent received this run; submit it again",
+        )
+        .await;
+    }
+
+    /// Mark `agent`'s in-flight runs `lost` (see `mark_runs_lost`).
     async fn mark_lost(&self, agent: &str, note: &str) {
         let runs: Vec<String> = self
             .store
@@ -428,6 +472,12 @@ impl Controller {
             .filter(|r| r.agent == agent && !r.status.is_final())
             .map(|r| r.id)
             .collect();
+        self.mark_runs_lost(agent, runs, note).await;
+    }
+
+    /// Mark runs of `agent` `lost`, close their logs with what arrived, and queue a
+    /// cancel so the agent stops them should it come back.
+    async fn mark_runs_lost(&self, agent: &str, runs: Vec<String>, note: &str) {
         for run in runs {
             tracing::warn!(agent, run, "{note}");
             if let Some(mut log) = self.logs.lock().await.remove(&run)
@@ -479,31 +529,25 @@ impl Controller {
                     s.status = StepStatus::Running;
                 }
             }),
-            ToController::Output { run, step, lines } => {
+            ToController::Output {
+                run,
+                step,
+                lines,
+                first,
+            } => {
                 let mut logs = self.logs.lock().await;
-                if !logs.contains_key(&run) {
-                    let job = self.store.get(&run).map(|r| r.job).unwrap_or_default();
-                    let meta = LogMetadata {
-                        instance_id: self.cfg.instance_id.clone(),
-                        loggable_type: "run".into(),
-                        loggable_id: run.clone(),
-                        job_id: job,
-                    };
-                    match LogWriter::open(self.logging.clone(), meta).await {
-                        Ok(writer) => {
-                            logs.insert(run.clone(), LogState { writer, events: 0 });
-                        }
-                        Err(e) => {
-                            tracing::error!(agent, run, "cannot open the run's log: {e}");
-                            return;
-                        }
-                    }
-                }
-                let log = logs.get_mut(&run).expect("inserted above");
+                let Some(log) = self.log_of(&mut logs, agent, &run).await else {
+                    return;
+                };
                 let mut b = BatchBuilder::new();
                 let following = self.updates.receiver_count() > 0;
-                for l in &lines {
-                    log.events += 1;
+                // Numbered by the agent; unnumbered lines are counted here.
+                let first = if first == 0 { log.events + 1 } else { first };
+                for (seq, l) in (first..).zip(&lines) {
+                    if seq <= log.events {
+                        continue; // sent again after a controller restart: already logged
+                    }
+                    log.events = seq;
                     b.push(
                         log.events,
                         l.ts_ms,
@@ -529,7 +573,9 @@ impl Controller {
                     }
                 }
                 // Keep-and-retry: a failed write stays queued in the writer.
-                if let Err(e) = log.writer.write(b.finish()).await {
+                if !b.is_empty()
+                    && let Err(e) = log.writer.write(b.finish()).await
+                {
                     tracing::warn!(run, "log write failed, kept for retry: {e}");
                 }
                 let events = log.events;
@@ -588,15 +634,64 @@ impl Controller {
                     }
                 }
             }
-            ToController::RunFinished { run, outcome } => {
-                if let Some(mut log) = self.logs.lock().await.remove(&run)
-                    && let Err(e) = log.writer.close(log.events).await
-                {
-                    tracing::error!(run, "closing the run's log failed: {e}");
-                }
-                self.update(&run, |r| r.finish(outcome.clone()));
+            ToController::RunFinished {
+                run,
+                outcome,
+                lines,
+            } => {
+                let mut logs = self.logs.lock().await;
+                // A log to close: the run had output (after a controller restart its log
+                // may not be open in this process yet).
+                let events = if lines > 0 || logs.contains_key(&run) {
+                    let Some(log) = self.log_of(&mut logs, agent, &run).await else {
+                        return;
+                    };
+                    let count = log.events.max(lines);
+                    if let Err(e) = log.writer.close(count).await {
+                        tracing::error!(run, "closing the run's log failed: {e}");
+                    }
+                    logs.remove(&run);
+                    count
+                } else {
+                    0
+                };
+                drop(logs);
+                self.update(&run, |r| {
+                    r.finish(outcome.clone());
+                    r.events = r.events.max(events);
+                });
             }
         }
+    }
+
+    /// The run's open log, opened now if it is not (first output, or first since a
+    /// controller restart: then the count so far comes from the run's record).
+    async fn log_of<'a>(
+        &self,
+        logs: &'a mut HashMap<String, LogState>,
+        agent: &str,
+        run: &str,
+    ) -> Option<&'a mut LogState> {
+        if !logs.contains_key(run) {
+            let record = self.store.get(run);
+            let meta = LogMetadata {
+                instance_id: self.cfg.instance_id.clone(),
+                loggable_type: "run".into(),
+                loggable_id: run.to_string(),
+                job_id: record.as_ref().map(|r| r.job.clone()).unwrap_or_default(),
+            };
+            match LogWriter::open(self.logging.clone(), meta).await {
+                Ok(writer) => {
+                    let events = record.map_or(0, |r| r.events);
+                    logs.insert(run.to_string(), LogState { writer, events });
+                }
+                Err(e) => {
+                    tracing::error!(agent, run, "cannot open the run's log: {e}");
+                    return None;
+                }
+            }
+        }
+        logs.get_mut(run)
     }
 
     fn update(&self, run: &str, f: impl FnOnce(&mut RunRecord)) {

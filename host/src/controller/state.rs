@@ -24,8 +24,9 @@ pub enum RunStatus {
     Failed,
     TimedOut,
     Cancelled,
-    /// The run cannot end normally: the controller restarted while it was in flight,
-    /// or its agent was lost (restarted, or out of contact too long). `note` says which.
+    /// The run cannot end normally: its agent was lost (restarted, or out of contact
+    /// too long), or its order never reached the agent before the controller
+    /// restarted. `note` says which.
     Lost,
 }
 
@@ -57,6 +58,10 @@ pub struct RunRecord {
     pub id: String,
     pub job: String,
     pub agent: String,
+    /// The agent process the run was given to (`Hello::session`): another process of the
+    /// same agent cannot finish it.
+    #[serde(default)]
+    pub agent_session: String,
     pub status: RunStatus,
     pub steps: Vec<StepRecord>,
     pub outcome: Option<RunOutcome>,
@@ -93,7 +98,8 @@ pub struct RunStore {
 
 impl RunStore {
     /// Open (or create) the store and load every past run. Runs that were in flight
-    /// when the controller stopped are marked `lost`.
+    /// when the controller stopped stay in flight: their agent may still be working on
+    /// them (the controller decides when the agent comes back, or does not).
     pub fn open(state_dir: &Path) -> io::Result<RunStore> {
         let dir = state_dir.join("runs");
         std::fs::create_dir_all(&dir)?;
@@ -104,13 +110,7 @@ impl RunStore {
                 continue;
             };
             match serde_json::from_slice::<RunRecord>(&text) {
-                Ok(mut r) => {
-                    if !r.status.is_final() {
-                        r.status = RunStatus::Lost;
-                        r.note =
-                            Some("the controller restarted while this run was in flight".into());
-                        write_atomic(&path, &serde_json::to_vec_pretty(&r).expect("serialisable"))?;
-                    }
+                Ok(r) => {
                     runs.insert(r.id.clone(), r);
                 }
                 Err(e) => {
@@ -141,7 +141,7 @@ impl RunStore {
         Ok(())
     }
 
-    pub fn create(&self, job: &Job, agent: &str) -> io::Result<RunRecord> {
+    pub fn create(&self, job: &Job, agent: &str, agent_session: &str) -> io::Result<RunRecord> {
         let mut runs = self.runs.lock().unwrap();
         let next = runs
             .keys()
@@ -153,6 +153,7 @@ impl RunStore {
             id: format!("r-{next:06}"),
             job: job.name.clone(),
             agent: agent.to_string(),
+            agent_session: agent_session.to_string(),
             status: RunStatus::Queued,
             steps: job
                 .steps
@@ -259,7 +260,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_survive_a_restart_and_in_flight_ones_are_marked_lost() {
+    fn runs_survive_a_restart_and_in_flight_ones_stay_in_flight() {
         let d = tempfile::tempdir().unwrap();
         let job = Job::parse(
             "name = \"j\"\nagent = \"a\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
@@ -268,8 +269,8 @@ mod tests {
         .unwrap();
         {
             let s = RunStore::open(d.path()).unwrap();
-            let a = s.create(&job, "agent-1").unwrap();
-            let b = s.create(&job, "agent-1").unwrap();
+            let a = s.create(&job, "agent-1", "p1").unwrap();
+            let b = s.create(&job, "agent-1", "p1").unwrap();
             assert_eq!((a.id.as_str(), b.id.as_str()), ("r-000001", "r-000002"));
             s.update(&a.id, |r| r.finish(RunOutcome::Succeeded))
                 .unwrap();
@@ -277,11 +278,11 @@ mod tests {
         }
         let s = RunStore::open(d.path()).unwrap();
         assert_eq!(s.get("r-000001").unwrap().status, RunStatus::Succeeded);
-        let lost = s.get("r-000002").unwrap();
-        assert_eq!(lost.status, RunStatus::Lost);
-        assert!(lost.note.unwrap().contains("restarted"));
+        let running = s.get("r-000002").unwrap();
+        assert_eq!(running.status, RunStatus::Running);
+        assert_eq!(running.agent_session, "p1");
         assert_eq!(
-            s.create(&job, "x").unwrap().id,
+            s.create(&job, "x", "p2").unwrap().id,
             "r-000003",
             "ids continue after a restart"
         );
@@ -302,7 +303,7 @@ mod tests {
         )
         .unwrap();
         let s = RunStore::open(d.path()).unwrap();
-        let id = s.create(&job, "agent-1").unwrap().id;
+        let id = s.create(&job, "agent-1", "p1").unwrap().id;
         let on_disk = || RunStore::open(d.path()).unwrap().get(&id).unwrap().events;
         assert_eq!(s.progress(&id, 5).unwrap().unwrap().events, 5);
         assert_eq!(s.get(&id).unwrap().events, 5);

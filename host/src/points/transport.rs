@@ -125,3 +125,30 @@ impl Link {
         self.inst.lock().await.is_poisoned()
     }
 }
+
+/// An accepted link shares the listener's instance, which lives on: its channel must be
+/// dropped in the guest explicitly, or every reconnect would leave one behind (with
+/// whatever it holds — a socket, a Kafka consumer still fetching). A link with an
+/// instance of its own goes away with the instance.
+impl Drop for Link {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.inst) == 1 {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (plugin, inst, channel) = (self.plugin.clone(), self.inst.clone(), self.channel);
+        rt.spawn(async move {
+            let mut inst = inst.lock().await;
+            if inst.is_poisoned() {
+                return;
+            }
+            let r = crate::guarded!(*plugin, &mut inst, "drop-channel", |store| channel
+                .resource_drop_async(store));
+            if let Err(e) = r {
+                tracing::warn!("dropping a closed link's channel: {e}");
+            }
+        });
+    }
+}

@@ -8,9 +8,14 @@
 //! controller -> agent   WELCOME    {received}   or   REFUSED reason
 //! ```
 //!
-//! Sessions outlive links, not processes: an agent that sees a new controller epoch, and
-//! a controller that sees a new agent session id, start that session afresh — otherwise
-//! the new process's first messages (seq 1) would look like duplicates of the old ones.
+//! Sessions outlive links, and the agent's side outlives the controller process: an
+//! agent that sees a new controller epoch forgets what it received from the old one (the
+//! new process numbers from 1 again) but keeps every message of its own the old one had
+//! not acknowledged; the new controller, knowing nothing, takes the agent's
+//! `acked` as where the agent's messages resume. So a run's output survives a
+//! controller restart: what was acknowledged was handled, the rest is sent again. A
+//! controller that sees a new agent session id (a restarted agent process) starts that
+//! session afresh.
 
 use super::{Incoming, Session, auth, signal};
 use crate::points::bindings::command_transport::{Frame, Lane};
@@ -32,6 +37,14 @@ pub struct Hello {
     pub received: [u64; 2],
     /// Identifies the agent process (random per process).
     pub session: String,
+    /// Per lane, the last of the agent's messages the controller acknowledged; the agent
+    /// still holds everything after it (`Session::acked_through`).
+    #[serde(default)]
+    pub acked: [u64; 2],
+    /// The runs this agent process has been given, so a restarted controller can tell
+    /// a run the agent is working on from one whose order never reached it.
+    #[serde(default)]
+    pub runs: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -160,6 +173,7 @@ pub async fn introduce(
     agent: &str,
     labels: &[String],
     secret: &str,
+    runs: Vec<String>,
     s: &mut AgentSession,
 ) -> Result<(), HandshakeError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
@@ -170,8 +184,11 @@ pub async fn introduce(
     let (nonce, epoch) = msg[1..].split_at(32);
     let epoch = String::from_utf8_lossy(epoch).into_owned();
     if s.controller_epoch.as_ref().is_some_and(|e| *e != epoch) {
-        tracing::info!(agent, "the controller restarted: starting a new session");
-        s.session = Session::default();
+        tracing::info!(
+            agent,
+            "the controller restarted: resending what it had not acknowledged"
+        );
+        s.session.peer_restarted();
     }
     s.controller_epoch = Some(epoch);
     let proof = hex::encode(auth::proof(secret, agent, nonce));
@@ -181,6 +198,8 @@ pub async fn introduce(
         proof,
         received: s.session.received(),
         session: s.id.clone(),
+        acked: s.session.acked_through(),
+        runs,
     };
     link.send(vec![sig(
         signal::HELLO,

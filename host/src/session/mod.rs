@@ -149,6 +149,36 @@ impl Session {
         self.received
     }
 
+    /// Per lane, the last seq the peer acknowledged: everything up to it has been handled
+    /// and dropped here; everything after it is still held (sent in the handshake, so a
+    /// peer that lost its state — a restarted controller — knows where this side's
+    /// messages resume).
+    pub fn acked_through(&self) -> [u64; 2] {
+        std::array::from_fn(|i| {
+            self.unacked[i]
+                .front()
+                .map_or(self.next_seq[i], |(s, _)| s - 1)
+        })
+    }
+
+    /// The peer is a new process that never saw anything of ours, while what we sent
+    /// stays ours to deliver: forget what we received (its numbering starts again at 1)
+    /// and keep every unacknowledged message, to be sent again on the new link.
+    pub fn peer_restarted(&mut self) {
+        self.received = [0; 2];
+        self.ack_due = [false; 2];
+    }
+
+    /// The peer says it has had everything up to `peer_acked` acknowledged (see
+    /// `acked_through`). A side that lost its state (a new controller process) takes
+    /// that as how far it has received, so it accepts the peer's next message instead
+    /// of waiting for a seq 1 that was handled long ago. Never moves backwards.
+    pub fn adopt_peer_acked(&mut self, peer_acked: [u64; 2]) {
+        for (received, peer) in self.received.iter_mut().zip(peer_acked) {
+            *received = (*received).max(peer);
+        }
+    }
+
     /// A new link: the peer has everything up to `peer_received`; resend the rest.
     pub fn resync(&mut self, peer_received: [u64; 2]) {
         for (i, &peer) in peer_received.iter().enumerate() {
@@ -213,6 +243,52 @@ mod tests {
             agent.on_frame(f);
         }
         assert_eq!(agent.unacked(), 0, "everything acknowledged");
+    }
+
+    #[test]
+    fn a_restarted_peer_gets_everything_it_had_not_acknowledged() {
+        let (mut agent, mut old) = (Session::default(), Session::default());
+        let mut got = Vec::new();
+        for i in 0..10u32 {
+            agent.queue(Lane::Bulk, i.to_le_bytes().to_vec());
+        }
+        old.queue(Lane::Control, b"order".to_vec());
+        carry(&mut old, &mut agent, usize::MAX, &mut got);
+        carry(&mut agent, &mut old, 7, &mut got); // the ack for the order, then 6 messages
+        for f in old.outgoing(1 << 20) {
+            agent.on_frame(f); // acks 1..=6
+        }
+        carry(&mut agent, &mut old, usize::MAX, &mut got); // 7..=10 handled, not acked
+        assert_eq!(agent.acked_through(), [0, 6]);
+        // The controller dies; a new one knows nothing. The agent keeps its messages.
+        let mut new = Session::default();
+        agent.peer_restarted();
+        new.adopt_peer_acked(agent.acked_through());
+        agent.resync(new.received());
+        new.resync(agent.received());
+        let mut again = Vec::new();
+        new.queue(Lane::Control, b"next order".to_vec());
+        carry(&mut new, &mut agent, usize::MAX, &mut again);
+        carry(&mut agent, &mut new, usize::MAX, &mut again);
+        let seen: Vec<Vec<u8>> = again;
+        assert_eq!(
+            seen[0], b"next order",
+            "the new controller's seq 1 is accepted"
+        );
+        let resent: Vec<u32> = seen[1..]
+            .iter()
+            .map(|p| u32::from_le_bytes(p[..4].try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            resent,
+            vec![6, 7, 8, 9],
+            "exactly the unacknowledged ones again"
+        );
+        for f in new.outgoing(1 << 20) {
+            agent.on_frame(f);
+        }
+        assert_eq!(agent.unacked(), 0);
+        assert_eq!(agent.acked_through(), [0, 10]);
     }
 
     #[test]

@@ -63,26 +63,55 @@ pub fn batch(from: u64, n: u64) -> Vec<u8> {
 /// A controller with the default bundle (TCP transport on a free loopback port,
 /// file-logging and file-browser under `<dir>/state/logs`), one known agent
 /// (`agent-1` / `agent-secret`) and one job secret (`deploy-token`).
+///
+/// With `TRELLIS_TEST_TRANSPORT=kafka` the stack uses the Kafka transport instead, on a
+/// tansu broker of its own: `cargo xtask test` runs the controller/agent suite both ways.
 pub struct Stack {
     pub controller: Arc<trellis::controller::Controller>,
     pub runtime: Arc<Runtime>,
-    pub tcp: Arc<trellis::runtime::Plugin>,
+    /// The command transport both sides use.
+    pub transport: Arc<trellis::runtime::Plugin>,
+    /// The Kafka broker, when the stack runs over Kafka.
+    pub broker: Option<Tansu>,
     pub reader: trellis::points::browser::LogReader,
     pub dir: tempfile::TempDir,
     /// Where the controller listens for agents.
     pub port: u16,
 }
 
+/// True when `TRELLIS_TEST_TRANSPORT=kafka` (see `Stack`).
+pub fn over_kafka() -> bool {
+    std::env::var("TRELLIS_TEST_TRANSPORT").is_ok_and(|t| t == "kafka")
+}
+
 pub async fn stack() -> Stack {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
     let port = free_port();
-    let rt = runtime(
-        &format!(
+    let broker = over_kafka().then(|| Tansu::start("memory://tansu/"));
+    let transport = match &broker {
+        Some(b) => format!(
+            r#"
+            [kafka]
+            brokers = "{}"
+            [plugins.kafka-transport]
+            kafka = {{ topics = ["trellis."] }}
+            config = {{ prefix = "trellis" }}
+            "#,
+            b.brokers()
+        ),
+        None => format!(
             r#"
             [plugins.tcp-transport]
             sockets = {{ bind = ["127.0.0.1:{port}"], connect = ["127.0.0.1:{port}"] }}
             config = {{ address = "127.0.0.1:{port}" }}
+            "#
+        ),
+    };
+    let rt = runtime(
+        &format!(
+            r#"
+            {transport}
             [plugins.file-logging]
             dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
             [plugins.file-browser]
@@ -92,7 +121,12 @@ pub async fn stack() -> Stack {
         dir.path(),
         &[],
     );
-    let tcp = rt.load(&bundle().join("tcp-transport")).await.unwrap();
+    let name = if broker.is_some() {
+        "kafka-transport"
+    } else {
+        "tcp-transport"
+    };
+    let transport = rt.load(&bundle().join(name)).await.unwrap();
     let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
     let reader = trellis::points::browser::LogReader::new(
         rt.load(&bundle().join("file-browser")).await.unwrap(),
@@ -114,13 +148,14 @@ pub async fn stack() -> Stack {
         heartbeat: std::time::Duration::from_millis(200),
         agent_lost_after: std::time::Duration::from_secs(3),
     };
-    let controller = trellis::controller::Controller::start(cfg, tcp.clone(), logging)
+    let controller = trellis::controller::Controller::start(cfg, transport.clone(), logging)
         .await
         .unwrap();
     Stack {
         controller,
         runtime: rt,
-        tcp,
+        transport,
+        broker,
         reader,
         dir,
         port,
@@ -144,7 +179,11 @@ pub fn start_agent(
         heartbeat: std::time::Duration::from_millis(200),
     };
     (
-        tokio::spawn(trellis::agent::worker::run_agent(s.tcp.clone(), cfg, stop)),
+        tokio::spawn(trellis::agent::worker::run_agent(
+            s.transport.clone(),
+            cfg,
+            stop,
+        )),
         stop_tx,
     )
 }
@@ -204,14 +243,21 @@ impl Tansu {
 
     /// On `port`, in `dir` (tansu takes `sqlite://FILE` relative to its directory).
     pub fn start_on(port: u16, storage: &str, dir: &Path) -> Tansu {
+        Self::start_advertising(port, port, storage, dir)
+    }
+
+    /// On `port`, telling clients to come back on `advertised` (a TLS terminator in
+    /// front of it, say).
+    pub fn start_advertising(port: u16, advertised: u16, storage: &str, dir: &Path) -> Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let child = std::process::Command::new("tansu")
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 storage,
             ])

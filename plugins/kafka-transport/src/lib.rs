@@ -76,6 +76,10 @@ impl Piece {
     ) -> Result<Piece, String> {
         let (mut link, mut lane, mut seq, mut chunk) = (None, None, None, None);
         for (k, v) in headers {
+            // Other headers (a tracing interceptor's, say) may hold any bytes: not ours.
+            if ![LINK, LANE, SEQ, CHUNK].contains(&k) {
+                continue;
+            }
             let v = std::str::from_utf8(v).map_err(|_| format!("header {k} is not UTF-8"))?;
             match k {
                 LINK => link = Some(v.to_string()),
@@ -123,7 +127,8 @@ pub fn split(payload: &[u8], max: usize) -> Vec<&[u8]> {
 /// is a damaged frame: it is dropped with an error, and the host's resend recovers it.
 #[derive(Debug, Default)]
 pub struct Reassembly {
-    partial: [Option<(u64, u32, Vec<u8>)>; 2],
+    /// Per lane: (seq, next piece expected, pieces in all, bytes so far).
+    partial: [Option<(u64, u32, u32, Vec<u8>)>; 2],
 }
 
 impl Reassembly {
@@ -136,9 +141,13 @@ impl Reassembly {
         data: &[u8],
         errors: &mut Vec<String>,
     ) -> Option<(u8, u64, Vec<u8>)> {
-        let slot = &mut self.partial[(p.lane as usize).min(1)];
+        if p.lane > 1 {
+            errors.push(format!("frame {}: no lane {}; dropped", p.seq, p.lane));
+            return None;
+        }
+        let slot = &mut self.partial[p.lane as usize];
         if p.chunk == 0 {
-            if let Some((seq, got, _)) = slot.take() {
+            if let Some((seq, got, _, _)) = slot.take() {
                 errors.push(format!(
                     "frame {seq} broke off after {got} piece(s), frame {} started; dropped",
                     p.seq
@@ -147,24 +156,26 @@ impl Reassembly {
             if p.chunks == 1 {
                 return Some((p.lane, p.seq, data.to_vec()));
             }
-            *slot = Some((p.seq, 1, data.to_vec()));
+            *slot = Some((p.seq, 1, p.chunks, data.to_vec()));
             return None;
         }
         match slot {
-            Some((seq, next, buf)) if *seq == p.seq && *next == p.chunk => {
+            Some((seq, next, chunks, buf))
+                if *seq == p.seq && *next == p.chunk && *chunks == p.chunks =>
+            {
                 buf.extend_from_slice(data);
                 *next += 1;
                 if *next < p.chunks {
                     return None;
                 }
-                let (seq, _, buf) = slot.take().expect("present");
+                let (seq, _, _, buf) = slot.take().expect("present");
                 Some((p.lane, seq, buf))
             }
             _ => {
                 errors.push(match slot.take() {
-                    Some((seq, next, _)) => format!(
-                        "frame {seq}: expected piece {next}, got piece {} of frame {}; dropped",
-                        p.chunk, p.seq
+                    Some((seq, next, chunks, _)) => format!(
+                        "frame {seq}: expected piece {next} of {chunks}, got piece {}/{} of frame {}; dropped",
+                        p.chunk, p.chunks, p.seq
                     ),
                     None => format!(
                         "frame {}: piece {} of {} without its start; dropped",
@@ -239,7 +250,25 @@ mod tests {
         assert_eq!(whole, Some((1, 4, b"whole".to_vec())));
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(errors[0].contains("without its start"));
-        assert!(errors[1].contains("expected piece 1, got piece 2"));
+        assert!(errors[1].contains("expected piece 1 of 3, got piece 2/3"));
         assert!(errors[2].contains("broke off"));
+        // a piece that changes the frame's piece count, and a lane that does not exist
+        errors.clear();
+        assert!(r.push(&piece(1, 5, 0, 3), b"a", &mut errors).is_none());
+        assert!(r.push(&piece(1, 5, 1, 2), b"b", &mut errors).is_none());
+        assert!(r.push(&piece(2, 6, 0, 1), b"x", &mut errors).is_none());
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[1].contains("no lane 2"), "{errors:?}");
+    }
+
+    /// Found by the fuzz target (fuzz/fuzz_targets/frame_codec.rs): a binary header that
+    /// is not ours (added by an interceptor, say) must not make a good record unreadable.
+    #[test]
+    fn headers_that_are_not_ours_may_hold_any_bytes() {
+        let p = piece(0, 9, 0, 1);
+        let mut h = p.headers();
+        h.push(("x-trace".into(), vec![0x92, 0x00]));
+        let back = Piece::parse(h.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).unwrap();
+        assert_eq!(back, p);
     }
 }

@@ -1,0 +1,265 @@
+//! The headline of the Kafka transport issue: a build survives losing its controller.
+//! The controller and agent run as real processes; mid-step the controller is killed
+//! with SIGKILL and started again on the same state directory while the agent keeps
+//! working. The run must complete, with every line of its log exactly once, in order —
+//! over the default TCP transport and over Kafka (a real tansu broker on loopback).
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Lines the job prints, one every 10 ms: long enough to kill the controller mid-step.
+const LINES: usize = 600;
+
+fn trellis() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    c.env("TRELLIS_LOG", "warn");
+    c
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(role: &str, config: &Path, log: &Path) -> Daemon {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Daemon(
+        trellis()
+            .args([role, "--config", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
+    let out = trellis()
+        .args(args)
+        .env("TRELLIS_SERVER", server)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The transport section of both configs, and of the controller's and agent's
+/// `[runtime]`-level settings.
+enum Transport {
+    Tcp { port: u16 },
+    Kafka { brokers: String },
+}
+
+impl Transport {
+    fn sections(&self, role: &str) -> String {
+        match self {
+            Transport::Tcp { port } => {
+                let grant = if role == "controller" {
+                    "bind"
+                } else {
+                    "connect"
+                };
+                format!(
+                    "[plugins.tcp-transport]\nsockets = {{ {grant} = [\"127.0.0.1:{port}\"] }}\nconfig = {{ address = \"127.0.0.1:{port}\" }}\n"
+                )
+            }
+            Transport::Kafka { brokers } => format!(
+                "[kafka]\nbrokers = \"{brokers}\"\n[plugins.kafka-transport]\nkafka = {{ topics = [\"trellis.\"] }}\nconfig = {{ prefix = \"trellis\" }}\n"
+            ),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Transport::Tcp { .. } => "tcp-transport",
+            Transport::Kafka { .. } => "kafka-transport",
+        }
+    }
+}
+
+/// Controller and agent configs in `dir`; the controller's API port.
+fn write_configs(dir: &Path, t: &Transport) -> (PathBuf, PathBuf, u16) {
+    let http = free_port();
+    let b = bundle();
+    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
+    for (f, body) in [
+        ("secrets.toml", "agent-build-1 = \"the-agent-secret\"\n"),
+        (
+            "agent-secrets.toml",
+            "agent-build-1 = \"the-agent-secret\"\n",
+        ),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(dir.join(f), body).unwrap();
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let controller = dir.join("controller.toml");
+    std::fs::write(
+        &controller,
+        format!(
+            r#"[runtime]
+plugin-dir = "{b}"
+[secrets]
+file = "secrets.toml"
+[controller]
+state-dir = "state"
+http = "127.0.0.1:{http}"
+transport = "{name}"
+heartbeat = "500ms"
+agents = {{ "build-1" = "agent-build-1" }}
+[plugins.file-logging]
+dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
+[plugins.file-browser]
+dirs = [{{ host = "state/logs", guest = "/logs" }}]
+{sections}"#,
+            b = b.display(),
+            name = t.name(),
+            sections = t.sections("controller"),
+        ),
+    )
+    .unwrap();
+    let agent = dir.join("agent.toml");
+    std::fs::write(
+        &agent,
+        format!(
+            r#"[runtime]
+plugin-dir = "{b}"
+[secrets]
+file = "agent-secrets.toml"
+[agent]
+name = "build-1"
+labels = ["linux"]
+secret = "agent-build-1"
+workspace = "work"
+transport = "{name}"
+heartbeat = "500ms"
+{sections}"#,
+            b = b.display(),
+            name = t.name(),
+            sections = t.sections("agent"),
+        ),
+    )
+    .unwrap();
+    (controller, agent, http)
+}
+
+fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < within, "{what} (waited {within:?})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn controller_restarted_mid_step(t: Transport) {
+    let d = tempfile::tempdir().unwrap();
+    let (controller_cfg, agent_cfg, http) = write_configs(d.path(), &t);
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = d.path().join("daemons.log");
+    let mut controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    wait_until(
+        &format!("the agent did not connect: {}", logs()),
+        Duration::from_secs(30),
+        || cli(&server, &["agents"]).1.contains("build-1"),
+    );
+
+    let job = d.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"survivor\"\nagent = \"linux\"\n[[step]]\nname = \"count\"\nrun = \"for i in $(seq 1 {LINES}); do echo line $i; sleep 0.01; done\"\n[[step]]\nname = \"after\"\nrun = \"echo done\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let run = "r-000001";
+    // Kill the controller once some output has been logged, with the step still going.
+    wait_until(
+        "no output logged before the kill",
+        Duration::from_secs(30),
+        || cli(&server, &["logs", run]).1.lines().count() >= 50,
+    );
+    let before = cli(&server, &["logs", run]).1.lines().count();
+    controller.0.kill().unwrap(); // SIGKILL: no chance to save or say goodbye
+    controller.0.wait().unwrap();
+    assert!(
+        before < LINES,
+        "the step ended before the kill ({before} lines)"
+    );
+    std::thread::sleep(Duration::from_secs(1)); // the agent keeps working meanwhile
+
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let mut status = String::new();
+    wait_until(
+        &format!(
+            "the run did not end after the restart: {status}\n{}",
+            logs()
+        ),
+        Duration::from_secs(90),
+        || {
+            let (code, out, _) = cli(&server, &["runs"]);
+            status = out.clone();
+            code == 0
+                && out
+                    .lines()
+                    .any(|l| l.contains(run) && !l.contains("running") && !l.contains("queued"))
+        },
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains(run) && l.contains("succeeded")),
+        "{status}\n{}",
+        logs()
+    );
+    let (code, log, err) = cli(&server, &["logs", run]);
+    assert_eq!(code, 0, "{err}");
+    let expected: Vec<String> = (1..=LINES)
+        .map(|i| format!("line {i}"))
+        .chain(["done".to_string()])
+        .collect();
+    let got: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "every line exactly once (killed at {before} lines)"
+    );
+    assert!(
+        got.iter().zip(&expected).all(|(g, e)| g == e),
+        "in order, none missing, none repeated"
+    );
+    // The log is reported complete (its final count was recorded at close).
+    let (code, out, err) = cli(&server, &["logs", run, "--tail", "1"]);
+    assert_eq!((code, out.as_str()), (0, "done\n"), "{err}");
+}
+
+#[test]
+fn a_run_survives_a_controller_restart_over_tcp() {
+    controller_restarted_mid_step(Transport::Tcp { port: free_port() });
+}
+
+#[test]
+fn a_run_survives_a_controller_restart_over_kafka() {
+    let broker = Tansu::start("memory://tansu/");
+    controller_restarted_mid_step(Transport::Kafka {
+        brokers: broker.brokers(),
+    });
+}
