@@ -376,7 +376,13 @@ impl HostConsumer for InstanceState {
         // Kafka's committed offset is the next one to read.
         tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
             .map_err(|e| classify(&e))?;
-        blocking(|| c.inner.commit(&tpl, CommitMode::Sync)).map_err(|e| classify(&e))
+        // Asynchronous: a synchronous commit has no timeout and blocks its thread for as
+        // long as the broker is away (it hung links, and the runtime's shutdown, during
+        // broker outages). A commit only moves where a reader restarts; a lost one means
+        // records read again, which the host's session drops as duplicates.
+        c.inner
+            .commit(&tpl, CommitMode::Async)
+            .map_err(|e| classify(&e))
     }
 
     async fn drop(&mut self, this: Resource<Consumer>) -> wasmtime::Result<()> {

@@ -85,6 +85,13 @@ pub fn over_kafka() -> bool {
 }
 
 pub async fn stack() -> Stack {
+    // TRELLIS_TEST_LOG=debug (an env filter) shows the host's logs while debugging a test.
+    if let Ok(filter) = std::env::var("TRELLIS_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
     let port = free_port();
