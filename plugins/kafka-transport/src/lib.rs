@@ -127,9 +127,12 @@ pub fn split(payload: &[u8], max: usize) -> Vec<&[u8]> {
 /// is a damaged frame: it is dropped with an error, and the host's resend recovers it.
 #[derive(Debug, Default)]
 pub struct Reassembly {
-    /// Per lane: (seq, next piece expected, pieces in all, bytes so far).
-    partial: [Option<(u64, u32, u32, Vec<u8>)>; 2],
+    /// Per lane, the frame being put together.
+    partial: [Option<Partial>; 2],
 }
+
+/// (seq, next piece expected, pieces in all, bytes so far).
+type Partial = (u64, u32, u32, Vec<u8>);
 
 impl Reassembly {
     /// Take one piece; the whole frame `(lane, seq, payload)` when it was the last.
