@@ -674,9 +674,6 @@ async fn a_cancel_overtakes_a_50_mib_artifact_in_flight() {
 /// certificate against a CA made here, with an IP SAN for 127.0.0.1), and a job runs over
 /// it with its log complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hangs (not yet understood): kafka-python and librdkafka 2.16 (confluent-kafka) \
-            work through the same stunnel + tansu setup, the host's rdkafka client has not \
-            yet; see the issue 5 note"]
 async fn a_job_runs_over_kafka_through_tls() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();

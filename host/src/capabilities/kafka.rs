@@ -116,7 +116,28 @@ impl std::fmt::Debug for KafkaGate {
 
 /// A consumer made for a plugin (lives in its instance's resource table).
 pub struct Consumer {
-    inner: StreamConsumer,
+    /// Always Some until dropped (see `Drop`).
+    inner: Option<StreamConsumer>,
+}
+
+impl Consumer {
+    fn get(&self) -> &StreamConsumer {
+        self.inner.as_ref().expect("present until dropped")
+    }
+}
+
+/// librdkafka's consumer close waits for the group coordinator with no timeout: with the
+/// broker away, dropping a consumer on a runtime thread froze that thread — and the
+/// runtime's shutdown — for good. It closes on a thread of its own instead (which ends
+/// when the broker answers, or with the process).
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-consumer-close".into())
+                .spawn(move || drop(inner));
+        }
+    }
 }
 
 fn classify(e: &RdError) -> KafkaError {
@@ -289,7 +310,9 @@ impl Host for InstanceState {
         }
         consumer.assign(&tpl).map_err(|e| classify(&e))?;
         self.table
-            .push(Consumer { inner: consumer })
+            .push(Consumer {
+                inner: Some(consumer),
+            })
             .map_err(|e| KafkaError::Retryable(format!("too many open consumers: {e}")))
     }
 }
@@ -326,7 +349,7 @@ impl HostConsumer for InstanceState {
             .map_err(|e| KafkaError::Permanent(format!("no such consumer: {e}")))?;
         let mut out = Vec::new();
         let first =
-            tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.inner.recv()).await;
+            tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.get().recv()).await;
         let mut next = match first {
             Err(_) => return Ok(out),
             Ok(m) => Some(m),
@@ -354,7 +377,7 @@ impl HostConsumer for InstanceState {
             });
             if out.len() < max as usize {
                 // Only what is already here: the wait was for the first record.
-                next = c.inner.recv().now_or_never();
+                next = c.get().recv().now_or_never();
             }
         }
         Ok(out)
@@ -380,7 +403,7 @@ impl HostConsumer for InstanceState {
         // long as the broker is away (it hung links, and the runtime's shutdown, during
         // broker outages). A commit only moves where a reader restarts; a lost one means
         // records read again, which the host's session drops as duplicates.
-        c.inner
+        c.get()
             .commit(&tpl, CommitMode::Async)
             .map_err(|e| classify(&e))
     }
