@@ -387,8 +387,6 @@ async fn a_wrong_agent_secret_is_refused_over_kafka() {
 /// run is reported `lost` at once (the state is clear, nothing is resumed twice), and
 /// the new process takes new work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug (see the stop note): after the restart the run is marked lost, but \
-            new work submitted right after sometimes stays queued over Kafka (3 of 4 runs)"]
 async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work() {
     let broker = Tansu::start("memory://tansu/");
     let d = tempfile::tempdir().unwrap();

@@ -53,7 +53,7 @@ async fn handshake(
         }
     );
     match (agent_side, controller_side) {
-        (Ok(()), Ok(hello)) => {
+        (Ok(_), Ok(hello)) => {
             assert_eq!(hello.labels, vec!["linux"]);
             Ok((agent_link, controller_link))
         }

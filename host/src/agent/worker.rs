@@ -12,6 +12,7 @@ use crate::protocol::{
     self, OutLine, RunOrder, RunOutcome, StepOutcome, ToAgent, ToController, now_ms,
 };
 use crate::runtime::Plugin;
+use crate::session::Incoming;
 use crate::session::link::{
     AgentSession, HandshakeError, Liveness, commit_handled, exchange, introduce,
 };
@@ -92,7 +93,7 @@ pub async fn run_agent(
                 continue;
             }
         };
-        match introduce(
+        let introduce_result = introduce(
             &link,
             &cfg.name,
             &cfg.labels,
@@ -100,9 +101,9 @@ pub async fn run_agent(
             given.iter().cloned().collect(),
             &mut agent_session,
         )
-        .await
-        {
-            Ok(()) => {}
+        .await;
+        let mut early = match introduce_result {
+            Ok(frames) => frames,
             Err(e @ HandshakeError::Refused { .. }) => {
                 tracing::error!(agent = %cfg.name, "{e}");
                 return Err(AgentError::Refused(e));
@@ -127,6 +128,12 @@ pub async fn run_agent(
                 session.queue(Lane::Bulk, msg);
             }
             let mut delivered = Vec::new();
+            // Frames that came in with the welcome, first.
+            for f in early.drain(..) {
+                if let Incoming::Message(lane, payload) = session.on_frame(f) {
+                    delivered.push((lane, payload));
+                }
+            }
             if let Err(e) = exchange(session, &link, &mut live, 20, &mut delivered).await {
                 tracing::warn!(agent = %cfg.name, "link lost: {e}; reconnecting");
                 break;

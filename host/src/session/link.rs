@@ -79,15 +79,27 @@ fn sig(kind: u8, body: &[u8]) -> Frame {
     }
 }
 
-/// Wait for the next link-local signal (frames with seq 0).
-async fn next_signal(link: &Link, deadline: Instant) -> Result<Vec<u8>, HandshakeError> {
+/// Wait for the next link-local signal (frames with seq 0). Frames that came after it in
+/// the same batch go to `after`: a transport that delivers in batches (Kafka) can hand
+/// over the welcome together with the controller's first messages, and dropping those
+/// would leave a gap the session never fills.
+async fn next_signal(
+    link: &Link,
+    deadline: Instant,
+    after: &mut Vec<Frame>,
+) -> Result<Vec<u8>, HandshakeError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT));
         }
-        for f in link.receive(left.as_millis().min(500) as u32).await? {
+        let mut frames = link
+            .receive(left.as_millis().min(500) as u32)
+            .await?
+            .into_iter();
+        while let Some(f) = frames.next() {
             if f.seq == 0 && f.payload.first() != Some(&signal::HEARTBEAT) {
+                after.extend(frames);
                 return Ok(f.payload);
             }
         }
@@ -108,7 +120,8 @@ pub async fn challenge(
     body.extend_from_slice(epoch.as_bytes());
     link.send(vec![sig(signal::CHALLENGE, &body)]).await?;
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let msg = next_signal(link, deadline).await?;
+    // The agent sends nothing else before it is welcomed.
+    let msg = next_signal(link, deadline, &mut Vec::new()).await?;
     if msg.first() != Some(&signal::HELLO) {
         return Err(HandshakeError::Protocol("expected hello".into()));
     }
@@ -167,7 +180,8 @@ impl Default for AgentSession {
 }
 
 /// Agent side: answer the challenge, then resync the session with the controller
-/// (afresh if the controller is a new process).
+/// (afresh if the controller is a new process). Returns the frames that arrived right
+/// behind the welcome, for the caller to take into the session like any others.
 pub async fn introduce(
     link: &Link,
     agent: &str,
@@ -175,9 +189,10 @@ pub async fn introduce(
     secret: &str,
     runs: Vec<String>,
     s: &mut AgentSession,
-) -> Result<(), HandshakeError> {
+) -> Result<Vec<Frame>, HandshakeError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let msg = next_signal(link, deadline).await?;
+    let mut after = Vec::new();
+    let msg = next_signal(link, deadline, &mut after).await?;
     if msg.first() != Some(&signal::CHALLENGE) || msg.len() < 33 {
         return Err(HandshakeError::Protocol("expected a challenge".into()));
     }
@@ -206,13 +221,14 @@ pub async fn introduce(
         &serde_json::to_vec(&hello).expect("serialisable"),
     )])
     .await?;
-    let msg = next_signal(link, deadline).await?;
+    after.clear(); // before our hello nothing is for this session
+    let msg = next_signal(link, deadline, &mut after).await?;
     match msg.first() {
         Some(&signal::WELCOME) => {
             let w: Welcome = serde_json::from_slice(&msg[1..])
                 .map_err(|e| HandshakeError::Protocol(format!("bad welcome: {e}")))?;
             s.session.resync(w.received);
-            Ok(())
+            Ok(after)
         }
         Some(&signal::REFUSED) => Err(HandshakeError::Refused {
             agent: agent.to_string(),
