@@ -124,15 +124,42 @@ fn run(c: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// `cargo test --workspace`, echoing its output, then one summary line over all test
-/// binaries (cargo prints one `test result:` per binary, the last often a doctest run).
+/// `cargo test --workspace`, then the controller/agent end-to-end suite again over the
+/// Kafka transport (`TRELLIS_TEST_TRANSPORT=kafka`, see host/tests/common), echoing
+/// their output, then one summary line over all test binaries.
 fn test(env: &[(&str, &Path)]) -> Result<()> {
+    let all = cargo_test(&["test", "--workspace"], env, None)?;
+    println!("\n== the controller/agent suite again, over the Kafka transport ==");
+    let kafka = cargo_test(
+        &["test", "-p", "trellis", "--test", "controller_agent"],
+        env,
+        Some("kafka"),
+    )?;
+    let [passed, failed, ignored] = [0, 1, 2].map(|i| all.0[i] + kafka.0[i]);
+    println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
+    all.1?;
+    kafka.1?;
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// One `cargo test` run, echoing its output: its (passed, failed, ignored) summed over
+/// the test binaries (cargo prints one `test result:` per binary), and whether it passed.
+fn cargo_test(
+    args: &[&str],
+    env: &[(&str, &Path)],
+    transport: Option<&str>,
+) -> Result<([u64; 3], Result<()>)> {
     use std::io::{BufRead, BufReader};
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.args(["test", "--workspace"])
-        .stdout(std::process::Stdio::piped());
+    c.args(args).stdout(std::process::Stdio::piped());
     for (k, v) in env {
         c.env(k, v);
+    }
+    if let Some(t) = transport {
+        c.env("TRELLIS_TEST_TRANSPORT", t);
     }
     let mut child = c.spawn().context("running cargo test")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
@@ -156,14 +183,12 @@ fn test(env: &[(&str, &Path)]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
-    if !status.success() {
-        bail!("cargo test failed ({status})");
-    }
-    if passed == 0 {
-        bail!("no test ran");
-    }
-    Ok(())
+    let outcome = if status.success() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{c:?} failed ({status})"))
+    };
+    Ok(([passed, failed, ignored], outcome))
 }
 
 /// A plugin crate: a directory with Cargo.toml and plugin.toml.
