@@ -88,6 +88,21 @@ fn spawn_agent(
     stop_tx
 }
 
+/// The first 10,000 events of run `run` of `job` (this file's controllers' instance id),
+/// as a packed event batch.
+async fn whole_log(reader: &trellis::points::browser::LogReader, job: &str, run: &str) -> Vec<u8> {
+    let meta = trellis::points::bindings::types::LogMetadata {
+        instance_id: "kafka-test".into(),
+        ..meta(job, run)
+    };
+    let request = PageRequest {
+        step: None,
+        cursor: None,
+        limit: 10_000,
+    };
+    reader.read(&meta, request).await.unwrap().events
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_over_kafka_and_its_output_is_readable_on_the_topics() {
     let broker = Tansu::start("memory://tansu/");
@@ -121,22 +136,8 @@ async fn a_job_runs_over_kafka_and_its_output_is_readable_on_the_topics() {
         rt.load(&bundle().join("file-browser")).await.unwrap(),
     )
     .unwrap();
-    let meta = trellis::points::bindings::types::LogMetadata {
-        instance_id: "kafka-test".into(),
-        ..meta("over-kafka", &run.id)
-    };
-    let page = reader
-        .read(
-            &meta,
-            PageRequest {
-                step: None,
-                cursor: None,
-                limit: 10_000,
-            },
-        )
-        .await
-        .unwrap();
-    let events = decode(&page.events).unwrap();
+    let page = whole_log(&reader, "over-kafka", &run.id).await;
+    let events = decode(&page).unwrap();
     let texts: Vec<&str> = events.iter().map(|e| e.message).collect();
     assert_eq!(texts[0], "hello-from-kafka");
     assert!((1..=3000).all(|i| texts[i] == i.to_string()));
@@ -532,22 +533,8 @@ async fn twenty_agents_on_one_broker_run_jobs_at_once_with_complete_logs() {
     for (id, (n, _)) in &submitted {
         let r = c.run(id).unwrap();
         assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
-        let meta = trellis::points::bindings::types::LogMetadata {
-            instance_id: "kafka-test".into(),
-            ..meta(&format!("job-{n}"), id)
-        };
-        let page = reader
-            .read(
-                &meta,
-                PageRequest {
-                    step: None,
-                    cursor: None,
-                    limit: 10_000,
-                },
-            )
-            .await
-            .unwrap();
-        let events = decode(&page.events).unwrap();
+        let page = whole_log(&reader, &format!("job-{n}"), id).await;
+        let events = decode(&page).unwrap();
         assert_eq!(events.len(), LINES, "{id} on {n}: every line");
         assert!(
             events
