@@ -757,3 +757,95 @@ async fn a_job_runs_over_kafka_through_tls() {
     let log = std::fs::read_to_string(dir.join("stunnel.log")).unwrap_or_default();
     assert!(log.contains("accepted connection"), "{log}");
 }
+
+/// SASL/SCRAM-SHA-512 to a broker that requires authentication (tansu 0.6 `--authentication`
+/// on a SQLite store; it offers SCRAM only). The password comes from the secrets store by
+/// name. tansu grants 60 s sessions and then refuses librdkafka's re-authentication on the
+/// same connection, so the step runs longer than that: the link must ride out the
+/// reconnects that follow, with every line once. A wrong password is refused by the
+/// broker and the error says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_over_kafka_with_sasl_scram_past_the_session_lifetime() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let port = free_port();
+    let broker = Tansu::start_authenticating(port, dir, "trellis", "s3cret-pw");
+    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
+    let config = |secret: &str| {
+        format!(
+            r#"
+            [kafka]
+            brokers = "{brokers}"
+            sasl-username = "trellis"
+            sasl-password-secret = "{secret}"
+            properties = {{ "security.protocol" = "sasl_plaintext", "sasl.mechanisms" = "SCRAM-SHA-512" }}
+            [plugins.kafka-transport]
+            kafka = {{ topics = ["trellis."] }}
+            config = {{ prefix = "trellis" }}
+            [plugins.file-logging]
+            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
+            [plugins.file-browser]
+            dirs = [{{ host = "state/logs", guest = "/logs" }}]
+            "#,
+            brokers = broker.brokers()
+        )
+    };
+    let secrets = [("kafka-password", "s3cret-pw"), ("wrong-password", "guess")];
+
+    // The wrong password first: the controller cannot open its link, and says why.
+    let wrong = runtime(&config("wrong-password"), dir, &secrets);
+    let kafka = wrong.load(&bundle().join("kafka-transport")).await.unwrap();
+    let logging = wrong.load(&bundle().join("file-logging")).await.unwrap();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(90),
+        Controller::start(
+            ControllerConfig {
+                instance_id: "kafka-test".into(),
+                state_dir: dir.join("state"),
+                agents: Default::default(),
+                secrets: Default::default(),
+                heartbeat: Duration::from_millis(500),
+                agent_lost_after: Duration::from_secs(30),
+            },
+            kafka,
+            logging,
+        ),
+    )
+    .await
+    .expect("the controller gave up on a refused login");
+    let err = refused
+        .err()
+        .expect("a wrong SASL password must not open a link");
+    eprintln!("refused as expected: {err}");
+    assert!(
+        err.to_string().to_lowercase().contains("authentication"),
+        "the error must name the failed authentication: {err}"
+    );
+    drop(wrong);
+
+    let rt = runtime(&config("kafka-password"), dir, &secrets);
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let c = controller(&rt, dir, kafka.clone()).await;
+    let _stop = spawn_agent(kafka, dir, "agent-secret");
+    wait_connected(&c).await;
+    let job = Job::parse(
+        "name = \"sasl\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"for i in $(seq 1 80); do echo line-$i; sleep 1; done\"\n",
+        "job.toml",
+    )
+    .unwrap();
+    let run = c.submit(&job).unwrap();
+    let r = wait_final(&c, &run.id, Duration::from_secs(180)).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    let reader = trellis::points::browser::LogReader::new(
+        rt.load(&bundle().join("file-browser")).await.unwrap(),
+    )
+    .unwrap();
+    let log = whole_log(&reader, "sasl", &run.id).await;
+    let lines: Vec<String> = decode(&log)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.message.to_string())
+        .collect();
+    let want: Vec<String> = (1..=80).map(|i| format!("line-{i}")).collect();
+    assert_eq!(lines, want);
+}

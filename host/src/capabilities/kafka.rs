@@ -12,17 +12,17 @@ use crate::points::bindings::host_kafka::{
 use crate::runtime::state::InstanceState;
 use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{Header as RdHeader, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
 
 /// Largest payload a plugin may produce in one record: under the broker default
@@ -52,33 +52,109 @@ impl std::fmt::Debug for ClusterSettings {
     }
 }
 
+/// How long admin requests and watermark look-ups may take: under a plugin's default
+/// 10 s call deadline, so the plugin gets an error that says what went wrong instead of
+/// being cut off.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The host's client for one cluster, shared by every plugin granted Kafka.
 pub struct KafkaClient {
     settings: ClusterSettings,
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer<ClusterContext>,
+    admin: AdminClient<ClusterContext>,
+    context: ClusterContext,
 }
+
+/// librdkafka reports cluster-wide trouble (a refused login, a broker that cannot be
+/// reached, a bad certificate) through a callback, not on the request that then times
+/// out. The context keeps the latest few distinct errors so a timeout can say *why*
+/// ("timed out" alone sends an operator looking in the wrong place). Several, because the
+/// cause (a refused login) is followed at once by its consequence ("all brokers down").
+#[derive(Clone, Default)]
+pub struct ClusterContext {
+    recent_errors: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+/// How many distinct recent errors a timeout reports.
+const RECENT_ERRORS: usize = 3;
+
+/// Errors older than this are not blamed for a timeout.
+const BLAME_WINDOW: Duration = Duration::from_secs(60);
+
+impl ClusterContext {
+    /// " (the cluster's recent errors: ...; ...)", or nothing when all was quiet.
+    fn explain(&self) -> String {
+        let recent = self.recent_errors.lock().unwrap();
+        let fresh: Vec<&str> = recent
+            .iter()
+            .filter(|(at, _)| at.elapsed() < BLAME_WINDOW)
+            .map(|(_, e)| e.as_str())
+            .collect();
+        if fresh.is_empty() {
+            return String::new();
+        }
+        let mut hints: Vec<&str> = fresh.iter().map(|e| hint(e)).collect();
+        hints.dedup();
+        let hints = hints.concat();
+        format!(
+            " (the cluster's recent errors: {}{hints})",
+            fresh.join("; ")
+        )
+    }
+
+    fn record(&self, error: String) {
+        let mut recent = self.recent_errors.lock().unwrap();
+        recent.retain(|(_, e)| *e != error);
+        recent.push((Instant::now(), error));
+        if recent.len() > RECENT_ERRORS {
+            recent.remove(0);
+        }
+    }
+}
+
+/// The operator's fix for errors with a known cause.
+fn hint(error: &str) -> &'static str {
+    let e = error.to_lowercase();
+    if e.contains("authentication") || e.contains("sasl") {
+        "; check [kafka] sasl-username, the secret named by sasl-password-secret and \"sasl.mechanisms\""
+    } else if e.contains("ssl") || e.contains("certificate") {
+        "; check [kafka] properties \"security.protocol\" and \"ssl.ca.location\""
+    } else {
+        ""
+    }
+}
+
+impl ClientContext for ClusterContext {
+    fn error(&self, error: RdError, reason: &str) {
+        tracing::warn!(target: "trellis::kafka", "{error}: {reason}");
+        self.record(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for ClusterContext {}
 
 impl KafkaClient {
     /// Make the clients. librdkafka connects lazily, so a broker that is down is not an
     /// error here; it shows as `retryable` on first use.
     pub fn new(settings: ClusterSettings) -> anyhow::Result<KafkaClient> {
         let base = base_config(&settings);
-        let producer: FutureProducer = base
+        let context = ClusterContext::default();
+        let producer: FutureProducer<ClusterContext> = base
             .clone()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
             .set("message.max.bytes", (MAX_PAYLOAD + (64 << 10)).to_string())
-            .create()
+            .create_with_context(context.clone())
             .map_err(|e| anyhow::anyhow!("cannot make the Kafka producer: {e}"))?;
         let admin = base
-            .create()
+            .create_with_context(context.clone())
             .map_err(|e| anyhow::anyhow!("cannot make the Kafka admin client: {e}"))?;
         Ok(KafkaClient {
             settings,
             producer,
             admin,
+            context,
         })
     }
 }
@@ -117,11 +193,12 @@ impl std::fmt::Debug for KafkaGate {
 /// A consumer made for a plugin (lives in its instance's resource table).
 pub struct Consumer {
     /// Always Some until dropped (see `Drop`).
-    inner: Option<StreamConsumer>,
+    inner: Option<StreamConsumer<ClusterContext>>,
+    context: ClusterContext,
 }
 
 impl Consumer {
-    fn get(&self) -> &StreamConsumer {
+    fn get(&self) -> &StreamConsumer<ClusterContext> {
         self.inner.as_ref().expect("present until dropped")
     }
 }
@@ -230,7 +307,8 @@ impl Host for InstanceState {
                 Ok(Err(_)) => return Err(KafkaError::Retryable("the producer went away".into())),
                 Err(_) => {
                     return Err(KafkaError::Retryable(format!(
-                        "no acknowledgement from the broker within {PRODUCE_TIMEOUT:?}"
+                        "no acknowledgement from the broker within {PRODUCE_TIMEOUT:?}{}",
+                        client.context.explain()
                     )));
                 }
             }
@@ -242,12 +320,14 @@ impl Host for InstanceState {
         let client = self.kafka_client()?;
         self.check_topic(&topic)?;
         let t = NewTopic::new(&topic, partitions as i32, TopicReplication::Fixed(1));
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(REQUEST_TIMEOUT))
+            .request_timeout(Some(REQUEST_TIMEOUT));
         let results = client
             .admin
             .create_topics([&t], &opts)
             .await
-            .map_err(|e| classify(&e))?;
+            .map_err(|e| classify(&e).explained(&client.context))?;
         for r in results {
             match r {
                 Ok(_) => {}
@@ -280,7 +360,7 @@ impl Host for InstanceState {
                 self.plugin
             )));
         }
-        let consumer: StreamConsumer = base_config(&client.settings)
+        let consumer: StreamConsumer<ClusterContext> = base_config(&client.settings)
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -290,7 +370,7 @@ impl Host for InstanceState {
                 "fetch.message.max.bytes",
                 (MAX_PAYLOAD + (64 << 10)).to_string(),
             )
-            .create()
+            .create_with_context(client.context.clone())
             .map_err(|e| classify(&e))?;
         let mut tpl = TopicPartitionList::new();
         for (t, p) in &partitions {
@@ -299,8 +379,12 @@ impl Host for InstanceState {
                 // The end *now*, as a concrete offset: `Offset::End` would be resolved
                 // only when fetching starts, skipping what is produced in between.
                 Start::Latest => Offset::Offset(
-                    blocking(|| consumer.fetch_watermarks(t, *p, Duration::from_secs(10)))
-                        .map_err(|e| classify(&e).with_context(&format!("{t}:{p}")))?
+                    blocking(|| consumer.fetch_watermarks(t, *p, REQUEST_TIMEOUT))
+                        .map_err(|e| {
+                            classify(&e)
+                                .with_context(&format!("{t}:{p}"))
+                                .explained(&client.context)
+                        })?
                         .1,
                 ),
                 Start::Offset(o) => Offset::Offset(o),
@@ -312,6 +396,7 @@ impl Host for InstanceState {
         self.table
             .push(Consumer {
                 inner: Some(consumer),
+                context: client.context.clone(),
             })
             .map_err(|e| KafkaError::Retryable(format!("too many open consumers: {e}")))
     }
@@ -327,6 +412,16 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl KafkaError {
+    /// With the cluster's last error appended, if it had one lately.
+    fn explained(self, context: &ClusterContext) -> KafkaError {
+        let why = context.explain();
+        match self {
+            KafkaError::Denied(m) => KafkaError::Denied(m + &why),
+            KafkaError::Retryable(m) => KafkaError::Retryable(m + &why),
+            KafkaError::Permanent(m) => KafkaError::Permanent(m + &why),
+        }
+    }
+
     fn with_context(self, what: &str) -> KafkaError {
         match self {
             KafkaError::Denied(m) => KafkaError::Denied(format!("{what}: {m}")),
@@ -355,7 +450,7 @@ impl HostConsumer for InstanceState {
             Ok(m) => Some(m),
         };
         while let Some(m) = next.take() {
-            let m = m.map_err(|e| classify(&e))?;
+            let m = m.map_err(|e| classify(&e).explained(&c.context))?;
             out.push(Incoming {
                 topic: m.topic().to_string(),
                 partition: m.partition(),

@@ -256,6 +256,32 @@ impl Tansu {
     /// On `port`, telling clients to come back on `advertised` (a TLS terminator in
     /// front of it, say).
     pub fn start_advertising(port: u16, advertised: u16, storage: &str, dir: &Path) -> Tansu {
+        Self::launch(port, advertised, storage, dir, &[])
+    }
+
+    /// On `port`, with a SQLite store in `dir` holding one SCRAM-SHA-512 user, and
+    /// client authentication required. tansu's `user create` speaks Kafka without SASL,
+    /// so the user is made on a first, open broker, which is then restarted with
+    /// `--authentication` on the same store.
+    pub fn start_authenticating(port: u16, dir: &Path, user: &str, password: &str) -> Tansu {
+        let storage = "sqlite://./tansu-auth.db";
+        let open = Self::launch(port, port, storage, dir, &[]);
+        let out = std::process::Command::new("tansu")
+            .args(["user", "create", "--mechanism", "scram512", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .args([user, password])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(open);
+        Self::launch(port, port, storage, dir, &["--authentication"])
+    }
+
+    fn launch(port: u16, advertised: u16, storage: &str, dir: &Path, extra: &[&str]) -> Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{advertised}");
         let child = std::process::Command::new("tansu")
@@ -268,6 +294,7 @@ impl Tansu {
                 "--storage-engine",
                 storage,
             ])
+            .args(extra)
             .current_dir(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
