@@ -44,8 +44,9 @@
 //! lane, seq, chunk), to tell the cost of the headers from the cost of the layers;
 //! TRELLIS_BENCH_RAW_PARTITIONS=2 gives the raw topics two partitions (the plugin's
 //! per-lane layout; the consumers still read both), for the same purpose;
-//! TRELLIS_BENCH_FETCH_WAIT_MS sets the raw consumers' `fetch.wait.max.ms` (default 10,
-//! the host's), to show what the broker's fetch wait costs in latency.
+//! TRELLIS_BENCH_FETCH_WAIT_MS sets `fetch.wait.max.ms` (default 10, the host's) for the
+//! raw consumers and, through the operator's `[kafka] properties`, for kafka-transport's:
+//! what the broker's fetch wait costs in latency.
 //! TRELLIS_BENCH_PINGS, _WARMUP, _FRAMES, _BATCH and _PAYLOAD are as above.
 //!
 //! The throughput lines also give CPU time per frame, of this process (both ends,
@@ -761,13 +762,15 @@ async fn main() {
         r#"
         [kafka]
         brokers = "{brokers}"
+        properties = {{ "fetch.wait.max.ms" = "{fetch_wait}" }}
         [plugins.kafka-transport]
         kafka = {{ topics = ["trellis."] }}
         config = {{ prefix = "trellis" }}
         [plugins.tcp-transport]
         sockets = {{ bind = ["127.0.0.1:{tcp_port}"], connect = ["127.0.0.1:{tcp_port}"] }}
         config = {{ address = "127.0.0.1:{tcp_port}" }}
-        "#
+        "#,
+        fetch_wait = k.fetch_wait_ms
     );
     let cfg = DaemonConfig::parse(&config, "bench.toml", base.path())
         .unwrap_or_else(|p| panic!("bad bench config: {p}"));
@@ -784,7 +787,7 @@ async fn main() {
     );
     if k.raw_headers || k.raw_partitions > 1 || k.fetch_wait_ms != 10 {
         println!(
-            "raw rdkafka variant: headers {}, {} partition(s) per topic, fetch.wait.max.ms {}",
+            "raw rdkafka variant: headers {}, {} partition(s) per topic, fetch.wait.max.ms {} (kafka-transport too)",
             if k.raw_headers {
                 "as the plugin's"
             } else {

@@ -31,6 +31,7 @@
 pub mod config;
 pub mod events;
 pub mod fs;
+pub mod records;
 
 #[cfg(feature = "bindings")]
 mod bindings;

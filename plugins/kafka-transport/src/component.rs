@@ -1,6 +1,8 @@
 //! The component: `command-transport` over Kafka, through the host's `kafka` capability.
 
-use crate::{Piece, Reassembly, connect_topic, split, to_agent_topic, to_controller_topic};
+use crate::{
+    Piece, Reassembly, connect_topic, piece_headers, split, to_agent_topic, to_controller_topic,
+};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
@@ -10,6 +12,7 @@ use trellis_sdk::command_transport::{
 };
 use trellis_sdk::config::Config;
 use trellis_sdk::kafka::{self, Consumer, Header, Outgoing, Start};
+use trellis_sdk::records::{self, RecordsWriter};
 use trellis_sdk::{Error, log};
 
 static PREFIX: OnceLock<String> = OnceLock::new();
@@ -198,33 +201,29 @@ fn lane_index(l: Lane) -> u8 {
 
 impl GuestChannel for KafkaChannel {
     fn send(&self, frames: Vec<Frame>) -> Result<(), Error> {
-        let mut records = Vec::new();
+        // Packed: one buffer across the component boundary, not a dozen values per
+        // record (see the SDK's `records` module).
+        let bytes: usize = frames.iter().map(|f| f.payload.len() + 160).sum();
+        let mut records = RecordsWriter::with_capacity(bytes);
         for f in &frames {
             let lane = lane_index(f.lane);
             let pieces = split(&f.payload, self.max_payload);
             let chunks = pieces.len() as u32;
             for (i, data) in pieces.into_iter().enumerate() {
-                let piece = Piece {
-                    link: self.link.clone(),
-                    lane,
-                    seq: f.seq,
-                    chunk: i as u32,
-                    chunks,
-                };
-                records.push(Outgoing {
-                    topic: self.out_topic.clone(),
-                    partition: Some(lane as i32),
-                    key: Some(self.agent.clone().into_bytes()),
-                    headers: piece
-                        .headers()
-                        .into_iter()
-                        .map(|(key, value)| Header { key, value })
-                        .collect(),
-                    payload: data.to_vec(),
+                records.record(
+                    &self.out_topic,
+                    lane as i32,
+                    -1,
+                    -1,
+                    Some(self.agent.as_bytes()),
+                );
+                piece_headers(&self.link, lane, f.seq, i as u32, chunks, |k, v| {
+                    records.header(k, v);
                 });
+                records.payload(data);
             }
         }
-        kafka::produce(&records)?;
+        kafka::produce_packed(&records.finish())?;
         Ok(())
     }
 
@@ -232,9 +231,16 @@ impl GuestChannel for KafkaChannel {
         let mut frames = Vec::new();
         let mut errors = Vec::new();
         let mut reassembly = self.reassembly.borrow_mut();
-        for r in self.consumer.poll(512, timeout_ms)? {
-            let piece = match Piece::parse(r.headers.iter().map(|h| (h.key.as_str(), &h.value[..])))
+        let batch = self.consumer.poll_packed(512, timeout_ms)?;
+        let batch = records::decode(&batch)
+            .map_err(|e| Error::permanent(format!("the host's packed records: {e}")))?;
+        for r in batch {
+            if r.header(crate::LINK)
+                .is_some_and(|l| l != self.link.as_bytes())
             {
+                continue; // another (older) link's record: skipped before parsing
+            }
+            let piece = match Piece::parse(r.headers()) {
                 Ok(p) => p,
                 Err(e) => {
                     log::error(&format!(
@@ -254,7 +260,7 @@ impl GuestChannel for KafkaChannel {
                 ));
                 continue;
             }
-            if let Some((lane, seq, payload)) = reassembly.push(&piece, &r.payload, &mut errors) {
+            if let Some((lane, seq, payload)) = reassembly.push(&piece, r.payload, &mut errors) {
                 self.offsets.borrow_mut()[lane as usize].push_back((seq, r.offset));
                 frames.push(Frame {
                     lane: if lane == 0 { Lane::Control } else { Lane::Bulk },

@@ -55,18 +55,15 @@ pub struct Piece {
 
 impl Piece {
     pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
-        vec![
-            (LINK.into(), self.link.clone().into_bytes()),
-            (
-                LANE.into(),
-                if self.lane == 0 { "control" } else { "bulk" }.into(),
-            ),
-            (SEQ.into(), self.seq.to_string().into_bytes()),
-            (
-                CHUNK.into(),
-                format!("{}/{}", self.chunk, self.chunks).into_bytes(),
-            ),
-        ]
+        let mut out = Vec::with_capacity(4);
+        self.each_header(|k, v| out.push((k.to_string(), v.to_vec())));
+        out
+    }
+
+    /// The headers, one by one, without allocating (the send path's version of
+    /// [`headers`](Self::headers)).
+    pub fn each_header(&self, f: impl FnMut(&str, &[u8])) {
+        piece_headers(&self.link, self.lane, self.seq, self.chunk, self.chunks, f)
     }
 
     /// Read a record's headers; a record that is not a Trellis frame piece is an error
@@ -112,6 +109,30 @@ impl Piece {
             chunks,
         })
     }
+}
+
+/// A piece's headers, one by one, without allocating: what [`Piece::headers`] gives,
+/// for the send path (no `Piece` to build per record).
+pub fn piece_headers(
+    link: &str,
+    lane: u8,
+    seq: u64,
+    chunk: u32,
+    chunks: u32,
+    mut f: impl FnMut(&str, &[u8]),
+) {
+    use std::io::Write;
+    f(LINK, link.as_bytes());
+    f(LANE, if lane == 0 { b"control" } else { b"bulk" });
+    let mut buf = [0u8; 41]; // u64 (20 digits) or u32/u32 (10 + 1 + 10)
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{seq}");
+    let n = 41 - w.len();
+    f(SEQ, &buf[..n]);
+    let mut w = &mut buf[..];
+    let _ = write!(w, "{chunk}/{chunks}");
+    let n = 41 - w.len();
+    f(CHUNK, &buf[..n]);
 }
 
 /// Split a payload into pieces of at most `max` bytes (an empty payload is one piece).
