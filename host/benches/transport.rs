@@ -52,6 +52,10 @@
 //! The throughput lines also give CPU time per frame, of this process (both ends,
 //! wasm, librdkafka's threads) and of the broker, read from /proc.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Tansu, free_port, runtime};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -62,8 +66,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use trellis::capabilities::secrets::SecretStore;
-use trellis::config::DaemonConfig;
 use trellis::points::bindings::command_transport::{Frame, Lane};
 use trellis::points::transport::{self, Link};
 use trellis::runtime::{Plugin, Runtime};
@@ -135,6 +137,19 @@ struct Round {
 }
 
 /// Throughput and CPU time per frame of one throughput run.
+impl Round {
+    fn of((rtt, send): (Vec<Duration>, Vec<Duration>), t: Throughput) -> Round {
+        Round {
+            rtt,
+            send,
+            rate: t.rate,
+            batch: t.batch,
+            cpu: t.cpu,
+            broker_cpu: t.broker_cpu,
+        }
+    }
+}
+
 struct Throughput {
     rate: f64,
     batch: Duration,
@@ -259,66 +274,6 @@ fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
-}
-
-// ---------------------------------------------------------------------------------
-// The broker
-
-/// A tansu broker with a fresh in-memory store on a free loopback port; killed on drop.
-struct Tansu {
-    port: u16,
-    child: std::process::Child,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Tansu {
-    fn start() -> Tansu {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start the tansu Kafka broker ({e}): run ./scripts/setup.sh, which installs it")
-            });
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "tansu did not listen on {port} within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Tansu { port, child }
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -487,16 +442,8 @@ async fn link_throughput(p: &mut Pair, k: &Knobs) -> Throughput {
 }
 
 async fn link_round(p: &mut Pair, k: &Knobs) -> Round {
-    let (rtt, send) = link_rtt(p, k).await;
-    let t = link_throughput(p, k).await;
-    Round {
-        rtt,
-        send,
-        rate: t.rate,
-        batch: t.batch,
-        cpu: t.cpu,
-        broker_cpu: t.broker_cpu,
-    }
+    let rtts = link_rtt(p, k).await;
+    Round::of(rtts, link_throughput(p, k).await)
 }
 
 // ---------------------------------------------------------------------------------
@@ -733,16 +680,8 @@ async fn raw_throughput(r: &mut Raw, k: &Knobs) -> Throughput {
 }
 
 async fn raw_round(r: &mut Raw, k: &Knobs) -> Round {
-    let (rtt, send) = raw_rtt(r, k).await;
-    let t = raw_throughput(r, k).await;
-    Round {
-        rtt,
-        send,
-        rate: t.rate,
-        batch: t.batch,
-        cpu: t.cpu,
-        broker_cpu: t.broker_cpu,
-    }
+    let rtts = raw_rtt(r, k).await;
+    Round::of(rtts, raw_throughput(r, k).await)
 }
 
 // ---------------------------------------------------------------------------------
@@ -753,8 +692,8 @@ async fn main() {
         .map(std::path::PathBuf::from)
         .expect("run with `cargo xtask bench transport` (TRELLIS_BUNDLE_DIR is not set)");
     let k = Knobs::from_env();
-    let broker = Tansu::start();
-    let _ = BROKER_PID.set(broker.child.id());
+    let broker = Tansu::start("memory://tansu/");
+    let _ = BROKER_PID.set(broker.pid());
     let brokers = broker.brokers();
     let tcp_port = free_port();
     let base = tempfile::tempdir().unwrap();
@@ -772,9 +711,7 @@ async fn main() {
         "#,
         fetch_wait = k.fetch_wait_ms
     );
-    let cfg = DaemonConfig::parse(&config, "bench.toml", base.path())
-        .unwrap_or_else(|p| panic!("bad bench config: {p}"));
-    let rt = Runtime::with_secrets(cfg, SecretStore::default()).expect("runtime");
+    let rt = runtime(&config, base.path(), &[]);
 
     println!(
         "trellis transport benchmark: round trips of one {}-byte frame ({} after {} warm-up), \

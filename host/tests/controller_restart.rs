@@ -8,26 +8,10 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Lines the job prints, one every 10 ms: long enough to kill the controller mid-step.
 const LINES: usize = 600;
-
-fn trellis() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_trellis"));
-    c.env("TRELLIS_LOG", "warn");
-    c
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start(role: &str, config: &Path, log: &Path) -> Daemon {
     let log = std::fs::OpenOptions::new()
@@ -35,27 +19,7 @@ fn start(role: &str, config: &Path, log: &Path) -> Daemon {
         .append(true)
         .open(log)
         .unwrap();
-    Daemon(
-        trellis()
-            .args([role, "--config", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
-    let out = trellis()
-        .args(args)
-        .env("TRELLIS_SERVER", server)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    daemon(role, config, log.into())
 }
 
 /// The transport section of both configs, and of the controller's and agent's

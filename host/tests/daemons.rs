@@ -5,23 +5,8 @@
 mod common;
 
 use common::*;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-fn trellis() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_trellis"));
-    c.env("TRELLIS_LOG", "warn");
-    c
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn write_configs(
     dir: &std::path::Path,
@@ -97,27 +82,7 @@ config = {{ address = "127.0.0.1:{tp}" }}
 }
 
 fn start(role: &str, config: &std::path::Path) -> Daemon {
-    Daemon(
-        trellis()
-            .args([role, "--config", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
-    let out = trellis()
-        .args(args)
-        .env("TRELLIS_SERVER", server)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    daemon(role, config, Stdio::piped())
 }
 
 fn wait_for_agent(server: &str) {

@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+mod processes;
+#[allow(unused_imports)]
+pub use processes::*;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use trellis::capabilities::secrets::SecretStore;
@@ -315,6 +319,11 @@ impl Tansu {
 
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's process id (the transport bench reads its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
