@@ -227,3 +227,234 @@ fn a_run_survives_a_controller_restart_over_kafka() {
         brokers: broker.brokers(),
     });
 }
+
+/// The durable log buffer: the logging plugin fails every write (a store that is down)
+/// for a whole run, and the controller is SIGKILLed while the run's output and close are
+/// still owed to it. The run still succeeds (logging does not fail builds); once the
+/// store is back and a new controller process starts on the same state directory, every
+/// event reaches the plugin exactly once, in order, and the buffer is emptied.
+#[test]
+fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
+    const N: u64 = 300;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (controller_cfg, agent_cfg, http) =
+        write_configs(dir, &Transport::Tcp { port: free_port() });
+    // The logging plugin is the `hostile` fixture's "flaky" writer: it traps on every
+    // write while ctl/fail exists, and appends each delivered event's seq to ctl/seen.
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for p in ["tcp-transport", "file-browser", "file-logging"] {
+        std::os::unix::fs::symlink(bundle().join(p), plugins.join(p)).unwrap();
+    }
+    std::os::unix::fs::symlink(fixtures().join("hostile"), plugins.join("hostile")).unwrap();
+    std::fs::create_dir_all(dir.join("ctl")).unwrap();
+    let cfg = std::fs::read_to_string(&controller_cfg)
+        .unwrap()
+        .replace(
+            &format!("plugin-dir = \"{}\"", bundle().display()),
+            &format!("plugin-dir = \"{}\"", plugins.display()),
+        )
+        .replace(
+            "transport = \"tcp-transport\"\n",
+            "transport = \"tcp-transport\"\nlogging = \"hostile\"\n",
+        )
+        + "[runtime.quarantine]\nafter = 100000\n[plugins.hostile]\ndirs = [{ host = \"ctl\", guest = \"/ctl\", mode = \"read-write\" }]\n";
+    std::fs::write(&controller_cfg, cfg).unwrap();
+    let fail = dir.join("ctl/fail");
+    let seen = dir.join("ctl/seen");
+    std::fs::write(&fail, "").unwrap();
+
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let mut controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_until(
+        &format!("the agent did not connect: {}", logs()),
+        Duration::from_secs(30),
+        || cli(&server, &["agents"]).1.contains("build-1"),
+    );
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"flaky\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 {N}\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let run = "r-000001";
+    let mut status = String::new();
+    wait_until(
+        &format!("the run did not end: {status}\n{}", logs()),
+        Duration::from_secs(60),
+        || {
+            status = cli(&server, &["runs"]).1;
+            status
+                .lines()
+                .any(|l| l.contains(run) && l.contains("succeeded"))
+        },
+    );
+    // Nothing reached the store; all of it waits in the buffer, and /metrics says so.
+    assert!(!seen.exists(), "the plugin was failing every write");
+    let metrics = http_get(http, "/metrics");
+    let buffered: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_log_buffer_bytes{plugin=\"hostile\"} "))
+        .unwrap_or_else(|| panic!("no buffer depth in /metrics:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(buffered > 0, "{metrics}");
+    let wal_files = || {
+        std::fs::read_dir(dir.join("state/log-buffer/hostile"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "wal"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(wal_files(), 1);
+
+    controller.0.kill().unwrap(); // SIGKILL with the output and the close still owed
+    controller.0.wait().unwrap();
+    std::fs::remove_file(&fail).unwrap(); // the store is back
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    wait_until(
+        &format!("the buffer was not delivered and emptied: {}", logs()),
+        Duration::from_secs(60),
+        || wal_files() == 0,
+    );
+    let got: Vec<u64> = std::fs::read_to_string(&seen)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        (1..=N).collect::<Vec<_>>(),
+        "every event exactly once, in order"
+    );
+}
+
+/// A plain HTTP/1.0 GET on loopback; the body.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(out)
+}
+
+/// A full log buffer holds the step's output back instead of dropping it: with a 16 KiB
+/// bound and the store down, a step printing far more than that cannot finish; when the
+/// store comes back it does, and every event arrives exactly once, in order.
+#[test]
+fn a_full_log_buffer_holds_the_output_back_and_drops_nothing() {
+    const N: u64 = 5000;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (controller_cfg, agent_cfg, http) =
+        write_configs(dir, &Transport::Tcp { port: free_port() });
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for p in ["tcp-transport", "file-browser", "file-logging"] {
+        std::os::unix::fs::symlink(bundle().join(p), plugins.join(p)).unwrap();
+    }
+    std::os::unix::fs::symlink(fixtures().join("hostile"), plugins.join("hostile")).unwrap();
+    std::fs::create_dir_all(dir.join("ctl")).unwrap();
+    let cfg = std::fs::read_to_string(&controller_cfg)
+        .unwrap()
+        .replace(
+            &format!("plugin-dir = \"{}\"", bundle().display()),
+            &format!("plugin-dir = \"{}\"", plugins.display()),
+        )
+        .replace(
+            "transport = \"tcp-transport\"\n",
+            "transport = \"tcp-transport\"\nlogging = \"hostile\"\nlog-buffer-limit = \"16KiB\"\n",
+        )
+        + "[runtime.quarantine]\nafter = 100000\n[plugins.hostile]\ndirs = [{ host = \"ctl\", guest = \"/ctl\", mode = \"read-write\" }]\n";
+    std::fs::write(&controller_cfg, cfg).unwrap();
+    let fail = dir.join("ctl/fail");
+    std::fs::write(&fail, "").unwrap();
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_until(
+        &format!("the agent did not connect: {}", logs()),
+        Duration::from_secs(30),
+        || cli(&server, &["agents"]).1.contains("build-1"),
+    );
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"flaky\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 {N}\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let run = "r-000001";
+    // Held back: the buffer stops growing once past its bound (by at most what the
+    // controller had already taken from the link), and the step waits.
+    let buffered = || -> u64 {
+        http_get(http, "/metrics")
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("trellis_log_buffer_bytes{plugin=\"hostile\"} ")
+                    .map(|v| v.parse().unwrap())
+            })
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let first = buffered();
+    std::thread::sleep(Duration::from_secs(2));
+    let second = buffered();
+    assert!(first >= 16 << 10, "the buffer should be full: {first}");
+    assert_eq!(
+        first, second,
+        "the buffer kept growing: output was not held back"
+    );
+    let runs = cli(&server, &["runs"]).1;
+    assert!(
+        runs.lines()
+            .any(|l| l.contains(run) && l.contains("running")),
+        "the step should be held back while the buffer is full: {runs}\n{}",
+        logs()
+    );
+    std::fs::remove_file(&fail).unwrap(); // the store is back
+    let mut status = String::new();
+    wait_until(
+        &format!("the run did not end: {status}\n{}", logs()),
+        Duration::from_secs(90),
+        || {
+            status = cli(&server, &["runs"]).1;
+            status
+                .lines()
+                .any(|l| l.contains(run) && l.contains("succeeded"))
+        },
+    );
+    wait_until("the log was not closed", Duration::from_secs(30), || {
+        std::fs::read_dir(dir.join("state/log-buffer/hostile"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(false)
+    });
+    let got: Vec<u64> = std::fs::read_to_string(dir.join("ctl/seen"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        (1..=N).collect::<Vec<_>>(),
+        "every event exactly once, in order"
+    );
+}

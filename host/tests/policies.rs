@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use trellis::points::bindings::fence_agent::FenceAction;
 use trellis::points::fence::{FenceDevice, FenceOutcome};
-use trellis::points::logging::LogWriter;
+use trellis::points::logging::{LogError, LogWriter};
 use trellis::points::{FailurePolicy, Point};
 use trellis::runtime::PluginError;
 
@@ -84,7 +84,10 @@ async fn logging_keeps_events_through_traps_and_delivers_each_once() {
     // The store "breaks": the plugin traps on every write; the host keeps the batches.
     for i in 0..3 {
         let e = w.write(batch(101 + i * 100, 100)).await.unwrap_err();
-        assert!(matches!(e, PluginError::Trap { .. }), "{e}");
+        assert!(
+            matches!(e, LogError::Plugin(PluginError::Trap { .. })),
+            "{e}"
+        );
     }
     assert_eq!(w.pending_batches(), 3);
     std::fs::remove_file(&fail).unwrap();

@@ -135,13 +135,13 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             links += 1;
             let mut live = Liveness::new(Duration::from_secs(1));
             while got.len() < N + 1
-                && exchange(&mut session, &link, &mut live, 20, &mut got)
+                && exchange(&mut session, &link, &mut live, 20, true, &mut got)
                     .await
                     .is_ok()
             {}
             // let the last acks out
             for _ in 0..5 {
-                let _ = exchange(&mut session, &link, &mut live, 20, &mut got).await;
+                let _ = exchange(&mut session, &link, &mut live, 20, true, &mut got).await;
             }
         }
         (got, links)
@@ -177,7 +177,7 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
         let mut live = Liveness::new(Duration::from_secs(1));
         for _ in 0..rounds {
             if agent.session.unacked() == 0
-                || exchange(&mut agent.session, &link, &mut live, 20, &mut sink)
+                || exchange(&mut agent.session, &link, &mut live, 20, true, &mut sink)
                     .await
                     .is_err()
             {
@@ -225,18 +225,41 @@ async fn idle_links_heartbeat_and_a_silent_peer_is_given_up() {
     // Both sides idle for 20 intervals, each heartbeating: the link stays up.
     let t = Instant::now();
     while t.elapsed() < interval * 20 {
-        exchange(&mut a.session, &agent_link, &mut agent_live, 5, &mut sink)
-            .await
-            .expect("an idle agent link with heartbeats stays up");
-        exchange(&mut c, &controller_link, &mut controller_live, 5, &mut sink)
-            .await
-            .expect("an idle controller link with heartbeats stays up");
+        exchange(
+            &mut a.session,
+            &agent_link,
+            &mut agent_live,
+            5,
+            true,
+            &mut sink,
+        )
+        .await
+        .expect("an idle agent link with heartbeats stays up");
+        exchange(
+            &mut c,
+            &controller_link,
+            &mut controller_live,
+            5,
+            true,
+            &mut sink,
+        )
+        .await
+        .expect("an idle controller link with heartbeats stays up");
     }
     assert!(sink.is_empty(), "heartbeats are not messages");
     // The controller freezes (keeps the connection open, says nothing).
     let t = Instant::now();
     let err = loop {
-        match exchange(&mut a.session, &agent_link, &mut agent_live, 5, &mut sink).await {
+        match exchange(
+            &mut a.session,
+            &agent_link,
+            &mut agent_live,
+            5,
+            true,
+            &mut sink,
+        )
+        .await
+        {
             Ok(()) => assert!(t.elapsed() < Duration::from_secs(5), "never noticed"),
             Err(e) => break e,
         }

@@ -134,7 +134,7 @@ pub async fn run_agent(
                     delivered.push((lane, payload));
                 }
             }
-            if let Err(e) = exchange(session, &link, &mut live, 20, &mut delivered).await {
+            if let Err(e) = exchange(session, &link, &mut live, 20, true, &mut delivered).await {
                 tracing::warn!(agent = %cfg.name, "link lost: {e}; reconnecting");
                 break;
             }

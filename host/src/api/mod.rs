@@ -463,12 +463,14 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    let mut text = api.runtime.render_metrics();
+    api.controller.render_metrics(&mut text);
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        api.runtime.render_metrics(),
+        text,
     )
         .into_response()
 }

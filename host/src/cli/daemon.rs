@@ -84,6 +84,7 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             secrets,
             heartbeat: c.heartbeat.0,
             agent_lost_after: c.agent_lost_after.0,
+            log_buffer_limit: c.log_buffer_limit.0,
         },
         transport,
         logging,

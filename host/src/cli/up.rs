@@ -100,6 +100,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             secrets,
             heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
             agent_lost_after: crate::controller::DEFAULT_AGENT_LOST_AFTER,
+            log_buffer_limit: crate::controller::DEFAULT_LOG_BUFFER_LIMIT,
         },
         tcp.clone(),
         logging,

@@ -54,6 +54,10 @@ pub struct ControllerSection {
     /// An agent out of contact this long has its in-flight runs marked `lost`.
     #[serde(default = "default_agent_lost_after")]
     pub agent_lost_after: HumanDuration,
+    /// How much log output may wait on disk for the logging plugin (a store that is
+    /// down); when full, steps' output is held back, never dropped.
+    #[serde(default = "default_log_buffer_limit")]
+    pub log_buffer_limit: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +82,9 @@ fn default_heartbeat() -> HumanDuration {
 }
 fn default_agent_lost_after() -> HumanDuration {
     HumanDuration(crate::controller::DEFAULT_AGENT_LOST_AFTER)
+}
+fn default_log_buffer_limit() -> ByteSize {
+    ByteSize(crate::controller::DEFAULT_LOG_BUFFER_LIMIT)
 }
 fn default_instance_id() -> String {
     "trellis".into()

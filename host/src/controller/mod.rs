@@ -8,7 +8,8 @@ use crate::capabilities::secrets::SecretStore;
 use crate::jobs::Job;
 use crate::points::bindings::command_transport::Lane;
 use crate::points::bindings::types::LogMetadata;
-use crate::points::logging::LogWriter;
+use crate::points::log_buffer::{self, Budget};
+use crate::points::logging::{LogBuffers, LogWriter};
 use crate::points::transport::{self, Link, Listener};
 use crate::protocol::{self, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
 use crate::runtime::Plugin;
@@ -38,10 +39,19 @@ pub struct ControllerConfig {
     /// An agent out of contact this long has its in-flight runs marked `lost`. Long
     /// enough to ride out a reconnect: a cut link resumes without losing the run.
     pub agent_lost_after: Duration,
+    /// Bytes of log output that may wait on disk for the logging plugin (see
+    /// `points::log_buffer`); when full, output is held back.
+    pub log_buffer_limit: u64,
 }
 
 /// Default for `ControllerConfig::agent_lost_after`.
 pub const DEFAULT_AGENT_LOST_AFTER: Duration = Duration::from_secs(60);
+
+/// Default for `ControllerConfig::log_buffer_limit`.
+pub const DEFAULT_LOG_BUFFER_LIMIT: u64 = 256 << 20;
+
+/// How often logs that owe their plugin something (a store was down) are tried again.
+const LOG_RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Something that changed, for followers (CLI, API).
 #[derive(Debug, Clone)]
@@ -110,6 +120,8 @@ pub struct Controller {
     /// Identifies this controller process to agents (a new one: sessions start afresh).
     epoch: String,
     logs: tokio::sync::Mutex<HashMap<String, LogState>>,
+    /// The logging plugin's durable buffers (under the state directory).
+    log_buffers: LogBuffers,
     updates: broadcast::Sender<Update>,
     /// Set by `stop`: links end quietly (the process is going away).
     stopping: std::sync::atomic::AtomicBool,
@@ -134,6 +146,10 @@ impl Controller {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for agents: {e}"))?;
         let (updates, _) = broadcast::channel(65536);
+        let log_buffers = LogBuffers {
+            dir: cfg.state_dir.join("log-buffer").join(&*logging.name),
+            budget: Budget::new(cfg.log_buffer_limit),
+        };
         let c = Arc::new(Controller {
             cfg,
             logging,
@@ -141,12 +157,82 @@ impl Controller {
             agents: Mutex::new(agents),
             epoch: hex::encode(&crate::session::auth::nonce()[..8]),
             logs: tokio::sync::Mutex::default(),
+            log_buffers,
             updates,
             stopping: Default::default(),
         });
+        c.take_over_log_buffers().await?;
         tokio::spawn(c.clone().accept_loop(listener));
         tokio::spawn(c.clone().watch_agents());
+        tokio::spawn(c.clone().retry_logs());
         Ok(c)
+    }
+
+    /// Logs an earlier process left owing their plugin (batches not confirmed, a close
+    /// not confirmed): reopen them so `retry_logs` delivers what they owe.
+    async fn take_over_log_buffers(&self) -> anyhow::Result<()> {
+        let keys = log_buffer::leftovers(&self.log_buffers.dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the log buffers in {}: {e}",
+                self.log_buffers.dir.display()
+            )
+        })?;
+        let mut logs = self.logs.lock().await;
+        for run in keys {
+            if let Some(log) = self.log_of(&mut logs, "", &run).await {
+                tracing::info!(
+                    run,
+                    batches = log.writer.pending_batches(),
+                    "log events an earlier process had not delivered: delivering them"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Every second, logs that owe their plugin something (the store was down, the
+    /// plugin trapped) try again; a log whose close went through is done.
+    async fn retry_logs(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(LOG_RETRY_EVERY).await;
+            let mut logs = self.logs.lock().await;
+            let owing: Vec<String> = logs
+                .iter()
+                .filter(|(_, l)| l.writer.owes())
+                .map(|(run, _)| run.clone())
+                .collect();
+            for run in owing {
+                let Some(log) = logs.get_mut(&run) else {
+                    continue;
+                };
+                let closing = log.writer.is_closing();
+                match log.writer.retry().await {
+                    Ok(()) if closing => {
+                        tracing::info!(run, "the run's log is delivered and closed");
+                        logs.remove(&run);
+                    }
+                    Ok(()) => {}
+                    Err(e) => tracing::debug!(run, "log delivery still failing: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Prometheus lines for the log buffer (appended to the runtime's `/metrics`).
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let plugin = &self.logging.name;
+        let b = &self.log_buffers.budget;
+        let _ = writeln!(
+            out,
+            "# HELP trellis_log_buffer_bytes Log output on disk waiting for the logging plugin to confirm it.\n# TYPE trellis_log_buffer_bytes gauge\ntrellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {}",
+            b.used()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP trellis_log_buffer_limit_bytes When the buffer holds this much, output is held back.\n# TYPE trellis_log_buffer_limit_bytes gauge\ntrellis_log_buffer_limit_bytes{{plugin=\"{plugin}\"}} {}",
+            b.limit
+        );
     }
 
     /// The process is about to exit: agents' links end without being reported lost.
@@ -374,13 +460,18 @@ impl Controller {
                 }
                 let mut delivered = Vec::new();
                 let had_work = session.unacked() > 0;
-                if let Err(e) = exchange(&mut session, &link, &mut live, 0, &mut delivered).await {
+                // The log buffer is full (the store is down): take no more output from
+                // this agent until it drains; the agent's steps wait.
+                let take = self.log_buffers.budget.has_room();
+                if let Err(e) =
+                    exchange(&mut session, &link, &mut live, 0, take, &mut delivered).await
+                {
                     if !self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
                         tracing::warn!(agent = %name, "link lost: {e}");
                     }
                     break;
                 }
-                if delivered.is_empty() && !had_work {
+                if delivered.is_empty() && (!had_work || !take) {
                     tokio::time::sleep(POLL_IDLE).await;
                 }
                 let handled = !delivered.is_empty();
@@ -480,10 +571,18 @@ impl Controller {
     async fn mark_runs_lost(&self, agent: &str, runs: Vec<String>, note: &str) {
         for run in runs {
             tracing::warn!(agent, run, "{note}");
-            if let Some(mut log) = self.logs.lock().await.remove(&run)
-                && let Err(e) = log.writer.close(log.events).await
             {
-                tracing::error!(run, "closing the run's log failed: {e}");
+                let mut logs = self.logs.lock().await;
+                if let Some(log) = logs.get_mut(&run) {
+                    match log.writer.close(log.events).await {
+                        Ok(()) => {
+                            logs.remove(&run);
+                        }
+                        Err(e) => {
+                            tracing::warn!(run, "closing the run's log failed, kept for retry: {e}")
+                        }
+                    }
+                }
             }
             self.update(&run, |r| {
                 r.status = RunStatus::Lost;
@@ -647,10 +746,15 @@ impl Controller {
                         return;
                     };
                     let count = log.events.max(lines);
-                    if let Err(e) = log.writer.close(count).await {
-                        tracing::error!(run, "closing the run's log failed: {e}");
+                    match log.writer.close(count).await {
+                        Ok(()) => {
+                            logs.remove(&run);
+                        }
+                        // The close is on disk; `retry_logs` finishes it.
+                        Err(e) => {
+                            tracing::warn!(run, "closing the run's log failed, kept for retry: {e}")
+                        }
                     }
-                    logs.remove(&run);
                     count
                 } else {
                     0
@@ -680,7 +784,7 @@ impl Controller {
                 loggable_id: run.to_string(),
                 job_id: record.as_ref().map(|r| r.job.clone()).unwrap_or_default(),
             };
-            match LogWriter::open(self.logging.clone(), meta).await {
+            match LogWriter::open_buffered(self.logging.clone(), meta, &self.log_buffers).await {
                 Ok(writer) => {
                     let events = record.map_or(0, |r| r.events);
                     logs.insert(run.to_string(), LogState { writer, events });

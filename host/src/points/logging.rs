@@ -1,11 +1,14 @@
 //! `logging-method` on the host side. Failure policy: keep and retry — a batch stays
 //! with the host until the plugin confirms it; after a failure (an error, a trap, a
 //! timeout) the log is reopened on a fresh instance and the unconfirmed batches are sent
-//! again, in order. Batches are kept in memory here; the durable write-ahead buffer in
-//! front of this (issue 6) makes them survive a daemon restart too.
+//! again, in order. Opened with [`LogWriter::open_buffered`] (as the controller does),
+//! every batch and the close are first written to the durable log buffer
+//! (`log_buffer.rs`), so they also survive a daemon restart, and a full buffer holds the
+//! output back instead of dropping it. [`LogWriter::open`] keeps them in memory only.
 
 use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
+use crate::points::log_buffer::{Budget, LogBuffer};
 use crate::runtime::{Instance, Plugin, PluginError};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,11 +37,65 @@ pub struct LogWriter {
     open: Option<(Instance, ResourceAny)>,
     /// Batches accepted but not confirmed; shared (not copied) with the call in flight.
     pending: VecDeque<Arc<Vec<u8>>>,
+    /// The durable copy of `pending` (and of the close), when opened buffered.
+    buffer: Option<LogBuffer>,
+    /// The log was closed with this count, and the plugin has not confirmed the close.
+    closing: Option<u64>,
+}
+
+/// Where the durable log buffers of one logging plugin live, and their shared bound.
+#[derive(Debug, Clone)]
+pub struct LogBuffers {
+    pub dir: std::path::PathBuf,
+    pub budget: Arc<Budget>,
+}
+
+/// A write that did not reach the plugin (the events are kept) or, buffered, could not
+/// be made durable (the events were not accepted: the caller must not acknowledge them).
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error(
+        "the durable log buffer cannot be written ({0}): the output is held back until it can; check the state directory's disk"
+    )]
+    Buffer(#[from] std::io::Error),
 }
 
 impl LogWriter {
     /// Open the log; fails only if the plugin refuses it outright (not retryable).
+    /// Unconfirmed batches are kept in memory only: see [`open_buffered`](Self::open_buffered).
     pub async fn open(plugin: Arc<Plugin>, meta: LogMetadata) -> Result<LogWriter, PluginError> {
+        let mut w = Self::unopened(plugin, meta)?;
+        w.ensure_open().await?;
+        Ok(w)
+    }
+
+    /// Open the log with its durable buffer in `buffers` (keyed by the loggable id),
+    /// taking over whatever an earlier process left there unconfirmed: those batches,
+    /// and the close if it had come, are delivered before anything new. A store that is
+    /// down is not an error here: the batches wait in the buffer.
+    pub async fn open_buffered(
+        plugin: Arc<Plugin>,
+        meta: LogMetadata,
+        buffers: &LogBuffers,
+    ) -> Result<LogWriter, LogError> {
+        let mut w = Self::unopened(plugin, meta)?;
+        let (buffer, owed) =
+            LogBuffer::open(&buffers.dir, &w.meta.loggable_id, buffers.budget.clone())?;
+        w.pending = owed.batches.into();
+        w.closing = owed.closed;
+        w.buffer = Some(buffer);
+        if let Err(e) = w.ensure_open().await {
+            if !e.is_retryable() {
+                return Err(e.into());
+            }
+            tracing::warn!(log = %w.meta.loggable_id, "the logging plugin cannot open the log yet; its events wait in the buffer: {e}");
+        }
+        Ok(w)
+    }
+
+    fn unopened(plugin: Arc<Plugin>, meta: LogMetadata) -> Result<LogWriter, PluginError> {
         if !plugin
             .info
             .points()
@@ -46,14 +103,14 @@ impl LogWriter {
         {
             return Err(plugin.not_implemented("logging-method"));
         }
-        let mut w = LogWriter {
+        Ok(LogWriter {
             plugin,
             meta,
             open: None,
             pending: VecDeque::new(),
-        };
-        w.ensure_open().await?;
-        Ok(w)
+            buffer: None,
+            closing: None,
+        })
     }
 
     async fn ensure_open(&mut self) -> Result<(), PluginError> {
@@ -75,15 +132,46 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Queue a batch and try to deliver everything queued. On error the batches stay
-    /// queued; call `deliver` (or `write`, or `close`) again later.
-    pub async fn write(&mut self, batch: Vec<u8>) -> Result<(), PluginError> {
-        self.pending.push_back(Arc::new(batch));
+    /// Queue a batch and try to deliver everything queued. On a plugin error the
+    /// batches stay queued (`LogError::Plugin`: they are safe; call `retry` later).
+    /// Buffered, the batch is on disk before this returns. This never waits for room:
+    /// the caller stops taking output while `Budget::has_room` is false (the
+    /// controller's link loop does), so the bound is passed by at most what it already
+    /// took.
+    pub async fn write(&mut self, batch: Vec<u8>) -> Result<(), LogError> {
+        let Some(buffer) = self.buffer.as_mut() else {
+            self.pending.push_back(Arc::new(batch));
+            return self.deliver().await;
+        };
+        let batch = buffer.append(batch)?;
+        self.pending.push_back(batch);
         self.deliver().await
     }
 
+    /// Try again what is owed: the pending batches, then the close if it came.
+    pub async fn retry(&mut self) -> Result<(), LogError> {
+        match self.closing {
+            Some(count) => self.close(count).await,
+            None => self.deliver().await,
+        }
+    }
+
+    /// Whether the log was closed and the plugin has not confirmed it yet.
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_some()
+    }
+
+    /// Whether anything is owed to the plugin (batches or a close).
+    pub fn owes(&self) -> bool {
+        !self.pending.is_empty() || self.closing.is_some()
+    }
+
     /// Send every queued batch, oldest first, stopping at the first failure.
-    pub async fn deliver(&mut self) -> Result<(), PluginError> {
+    pub async fn deliver(&mut self) -> Result<(), LogError> {
+        Ok(self.deliver_pending().await?)
+    }
+
+    async fn deliver_pending(&mut self) -> Result<(), PluginError> {
         while let Some(batch) = self.pending.front().cloned() {
             self.ensure_open().await?;
             let (inst, writer) = self.open.as_mut().expect("opened above");
@@ -95,6 +183,13 @@ impl LogWriter {
             match r.and_then(|r| self.plugin.answer("write", r)) {
                 Ok(()) => {
                     self.pending.pop_front();
+                    if let Some(b) = &mut self.buffer
+                        && let Err(e) = b.confirm_oldest()
+                    {
+                        // Only the record of the confirmation is lost: the batch would
+                        // be delivered once more after a restart (ids make that harmless).
+                        tracing::warn!(log = %self.meta.loggable_id, "cannot record a confirmed log batch: {e}");
+                    }
                 }
                 Err(e) => {
                     if e.kind().is_some() && !e.is_retryable() {
@@ -109,9 +204,16 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Deliver what is queued, then record the final count.
-    pub async fn close(&mut self, final_count: u64) -> Result<(), PluginError> {
-        self.deliver().await?;
+    /// Deliver what is queued, then record the final count. Buffered, the close is on
+    /// disk first; if the plugin fails it stays owed (`retry`).
+    pub async fn close(&mut self, final_count: u64) -> Result<(), LogError> {
+        if self.closing.is_none() {
+            if let Some(b) = &mut self.buffer {
+                b.append_close(final_count)?;
+            }
+            self.closing = Some(final_count);
+        }
+        self.deliver_pending().await?;
         self.ensure_open().await?;
         let (mut inst, writer) = self.open.take().expect("opened above");
         let guest = inst.exports.logging.clone().expect("checked at open");
@@ -122,13 +224,17 @@ impl LogWriter {
             Ok(()) => {
                 let _ = writer.resource_drop_async(&mut inst.store).await;
                 self.plugin.checkin(inst);
+                self.closing = None;
+                if let Some(b) = self.buffer.take() {
+                    b.finish()?;
+                }
                 Ok(())
             }
             Err(e) => {
                 if !inst.is_poisoned() {
                     self.open = Some((inst, writer));
                 }
-                Err(e)
+                Err(e.into())
             }
         }
     }

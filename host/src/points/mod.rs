@@ -5,6 +5,7 @@
 pub mod bindings;
 pub mod browser;
 pub mod fence;
+pub mod log_buffer;
 pub mod logging;
 pub mod transport;
 

@@ -302,12 +302,14 @@ pub enum LinkDown {
 
 /// One round: send what is due (a heartbeat when nothing was sent for an interval),
 /// then take what arrived (waiting at most `wait_ms` when nothing is due to go out),
-/// delivering new messages in order into `delivered`.
+/// delivering new messages in order into `delivered`. With `take` false nothing is
+/// received (the caller cannot take more now: back-pressure) but the link stays alive.
 pub async fn exchange(
     session: &mut Session,
     link: &Link,
     live: &mut Liveness,
     wait_ms: u32,
+    take: bool,
     delivered: &mut Vec<(Lane, Vec<u8>)>,
 ) -> Result<(), LinkDown> {
     let mut out = session.outgoing(BULK_PER_ROUND);
@@ -318,6 +320,11 @@ pub async fn exchange(
     if !out.is_empty() {
         link.send(out).await?;
         live.last_sent = Instant::now();
+    }
+    if !take {
+        // Not listening on purpose: the peer's silence is not its fault.
+        live.last_heard = Instant::now();
+        return Ok(());
     }
     let frames = link.receive(if busy { 0 } else { wait_ms }).await?;
     if frames.is_empty() {

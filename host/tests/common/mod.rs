@@ -158,6 +158,7 @@ pub async fn stack() -> Stack {
         // within it.
         heartbeat: std::time::Duration::from_millis(200),
         agent_lost_after: std::time::Duration::from_secs(3),
+        log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
     };
     let controller = trellis::controller::Controller::start(cfg, transport.clone(), logging)
         .await

@@ -1,0 +1,443 @@
+//! The durable log buffer: events on disk between a step's output and the
+//! `logging-method` plugin, until the plugin confirms them.
+//!
+//! One write-ahead file per open log (`<dir>/<key>.wal`) holds every batch the host
+//! accepted, and at the end the log's close with its final count; a small `<key>.ack`
+//! says how far the plugin has confirmed. A batch is on disk (fsync'd) before the host
+//! acknowledges the output to the agent, so a store that is down, a plugin that traps or
+//! a daemon killed in between loses nothing: on reopen the unconfirmed batches, and the
+//! close if there was one, are delivered again. Events carry stable sequence numbers,
+//! so a batch delivered twice (the confirm was lost with the process) is written once by
+//! any store that keys events by loggable + sequence, as the contract asks of plugins.
+//!
+//! The buffer is bounded per plugin ([`Budget`]): when it is full, the controller stops
+//! taking output from its agents (their links stay up; the agents' own bound on
+//! unacknowledged messages then pauses the steps) until deliveries make room — output
+//! is held back, never dropped.
+//!
+//! File layout: `TRLWAL1\n`, then records `kind:u8 len:u32 crc32:u32 payload{len}`
+//! (little-endian; kind 1 = a packed event batch, 2 = close, payload the final count as
+//! u64). A record cut short by a crash (bad length or checksum at the tail) is dropped
+//! on reopen: it was never acknowledged to anyone.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+const MAGIC: &[u8; 8] = b"TRLWAL1\n";
+const BATCH: u8 = 1;
+const CLOSE: u8 = 2;
+const RECORD_HEADER: u64 = 9;
+
+/// How many bytes of unconfirmed batches one plugin's logs may hold on disk.
+#[derive(Debug)]
+pub struct Budget {
+    pub limit: u64,
+    used: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes buffered and not yet confirmed (the `/metrics` depth).
+    pub fn used(&self) -> u64 {
+        self.used.load(Relaxed)
+    }
+
+    /// Whether more output may be taken: while under the limit. What was already
+    /// taken is appended whatever its size, so the bound is passed by at most that.
+    pub fn has_room(&self) -> bool {
+        self.used() < self.limit
+    }
+
+    fn take(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Relaxed);
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Relaxed);
+    }
+}
+
+/// What a reopened buffer still owes the plugin.
+#[derive(Debug, Default)]
+pub struct Owed {
+    /// Batches not confirmed, oldest first.
+    pub batches: Vec<Arc<Vec<u8>>>,
+    /// The log was closed with this final count, and the close was not confirmed.
+    pub closed: Option<u64>,
+}
+
+/// One log's write-ahead file.
+#[derive(Debug)]
+pub struct LogBuffer {
+    wal: PathBuf,
+    ack: PathBuf,
+    file: File,
+    /// Unconfirmed batches: (end offset of its record in the file, the batch).
+    pending: VecDeque<(u64, Arc<Vec<u8>>)>,
+    /// The file offset confirmed so far.
+    confirmed: u64,
+    budget: Arc<Budget>,
+}
+
+impl LogBuffer {
+    /// Open (or create) the buffer of log `key` in `dir`, with what it still owes.
+    pub fn open(dir: &Path, key: &str, budget: Arc<Budget>) -> io::Result<(LogBuffer, Owed)> {
+        std::fs::create_dir_all(dir)?;
+        let name = file_name(key);
+        let wal = dir.join(format!("{name}.wal"));
+        let ack = dir.join(format!("{name}.ack"));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&wal)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        if bytes.len() < MAGIC.len() {
+            if !MAGIC.starts_with(&bytes) {
+                return Err(not_ours(&wal));
+            }
+            // New (or cut short while being created): start it over.
+            file.set_len(0)?;
+            file.write_all(MAGIC)?;
+            file.sync_data()?;
+            bytes = MAGIC.to_vec();
+        } else if &bytes[..MAGIC.len()] != MAGIC {
+            return Err(not_ours(&wal));
+        }
+        let confirmed = read_ack(&ack)?.clamp(MAGIC.len() as u64, bytes.len() as u64);
+        let (records, good_end) = parse(&bytes);
+        if good_end < bytes.len() as u64 {
+            tracing::warn!(
+                file = %wal.display(),
+                "dropping {} bytes cut short at the end of the log buffer (a crash while appending; never acknowledged)",
+                bytes.len() as u64 - good_end
+            );
+            file.set_len(good_end)?;
+        }
+        let mut buffer = LogBuffer {
+            wal,
+            ack,
+            file,
+            pending: VecDeque::new(),
+            confirmed,
+            budget,
+        };
+        let mut owed = Owed::default();
+        for (end, kind, payload) in records {
+            if end <= confirmed {
+                continue;
+            }
+            match kind {
+                BATCH => {
+                    let batch = Arc::new(payload);
+                    buffer.budget.take(batch.len() as u64);
+                    buffer.pending.push_back((end, batch.clone()));
+                    owed.batches.push(batch);
+                }
+                _ => owed.closed = Some(u64::from_le_bytes(payload[..8].try_into().unwrap())),
+            }
+        }
+        Ok((buffer, owed))
+    }
+
+    /// Append a batch, durably; it counts against the budget until confirmed. Check
+    /// [`Budget::fits`] first: this does not wait.
+    pub fn append(&mut self, batch: Vec<u8>) -> io::Result<Arc<Vec<u8>>> {
+        let end = self.write_record(BATCH, &batch)?;
+        let batch = Arc::new(batch);
+        self.budget.take(batch.len() as u64);
+        self.pending.push_back((end, batch.clone()));
+        Ok(batch)
+    }
+
+    /// The plugin confirmed the oldest pending batch.
+    pub fn confirm_oldest(&mut self) -> io::Result<()> {
+        let Some((end, batch)) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        self.budget.give_back(batch.len() as u64);
+        self.confirmed = end;
+        write_ack(&self.ack, end)
+    }
+
+    /// Record that the log is closed with `count` events (before asking the plugin).
+    pub fn append_close(&mut self, count: u64) -> io::Result<()> {
+        self.write_record(CLOSE, &count.to_le_bytes()).map(|_| ())
+    }
+
+    /// The plugin confirmed the close: nothing is owed any more; the files go.
+    pub fn finish(mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            self.confirm_oldest()?;
+        }
+        std::fs::remove_file(&self.wal)?;
+        match std::fs::remove_file(&self.ack) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Batches held, not yet confirmed.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn write_record(&mut self, kind: u8, payload: &[u8]) -> io::Result<u64> {
+        let len =
+            u32::try_from(payload.len()).map_err(|_| io::Error::other("a log batch over 4 GiB"))?;
+        let mut crc = flate2::Crc::new();
+        crc.update(payload);
+        let mut head = [0u8; RECORD_HEADER as usize];
+        head[0] = kind;
+        head[1..5].copy_from_slice(&len.to_le_bytes());
+        head[5..9].copy_from_slice(&crc.sum().to_le_bytes());
+        let start = self.file.seek(SeekFrom::End(0))?;
+        let written = self
+            .file
+            .write_all(&head)
+            .and_then(|_| self.file.write_all(payload))
+            .and_then(|_| self.file.sync_data());
+        if let Err(e) = written {
+            // Leave no half record behind for the next append to follow.
+            let _ = self.file.set_len(start);
+            return Err(e);
+        }
+        Ok(start + RECORD_HEADER + payload.len() as u64)
+    }
+}
+
+impl Drop for LogBuffer {
+    fn drop(&mut self) {
+        // What is still pending stays on disk for the next open; the budget is this
+        // process's accounting and must not keep counting it.
+        let held: u64 = self.pending.iter().map(|(_, b)| b.len() as u64).sum();
+        if held > 0 {
+            self.budget.give_back(held);
+        }
+    }
+}
+
+/// Every log buffer key found in `dir` (buffers a previous process left owing).
+pub fn leftovers(dir: &Path) -> io::Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(keys),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".wal")
+            && let Some(key) = key_of(stem)
+        {
+            keys.push(key);
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+/// Records (end offset, kind, payload) up to the first damaged one, and where the good
+/// part ends.
+fn parse(bytes: &[u8]) -> (Vec<(u64, u8, Vec<u8>)>, u64) {
+    let mut out = Vec::new();
+    let mut pos = MAGIC.len();
+    while pos + RECORD_HEADER as usize <= bytes.len() {
+        let kind = bytes[pos];
+        let len = u32::from_le_bytes(bytes[pos + 1..pos + 5].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(bytes[pos + 5..pos + 9].try_into().unwrap());
+        let start = pos + RECORD_HEADER as usize;
+        let Some(payload) = bytes.get(start..start + len) else {
+            break;
+        };
+        let mut c = flate2::Crc::new();
+        c.update(payload);
+        let valid = c.sum() == crc && (kind == BATCH || (kind == CLOSE && len == 8));
+        if !valid {
+            break;
+        }
+        pos = start + len;
+        out.push((pos as u64, kind, payload.to_vec()));
+    }
+    (out, pos as u64)
+}
+
+fn read_ack(path: &Path) -> io::Result<u64> {
+    match std::fs::read(path) {
+        Ok(b) if b.len() == 8 => Ok(u64::from_le_bytes(b.try_into().unwrap())),
+        Ok(_) => Ok(0), // torn: everything is delivered again (ids make that harmless)
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replace the ack atomically (write a temporary file, then rename over).
+fn write_ack(path: &Path, offset: u64) -> io::Result<()> {
+    let tmp = path.with_extension("ack.tmp");
+    std::fs::write(&tmp, offset.to_le_bytes())?;
+    std::fs::rename(&tmp, path)
+}
+
+fn not_ours(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{} is not a Trellis log buffer (no TRLWAL1 header): move it out of the state directory",
+        path.display()
+    ))
+}
+
+/// A key as a file name: letters, digits, `-`, `_` and `.` kept, anything else `%XX`.
+fn file_name(key: &str) -> String {
+    let mut s = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || (b"-_.".contains(&b) && !(s.is_empty() && b == b'.')) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+fn key_of(name: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(name.len());
+    let b = name.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, key: &str, budget: &Arc<Budget>) -> (LogBuffer, Owed) {
+        LogBuffer::open(dir, key, budget.clone()).unwrap()
+    }
+
+    #[test]
+    fn unconfirmed_batches_and_the_close_survive_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let budget = Budget::new(1 << 20);
+        let (mut b, owed) = open(d.path(), "run/1", &budget);
+        assert!(owed.batches.is_empty() && owed.closed.is_none());
+        b.append(b"one".to_vec()).unwrap();
+        b.append(b"two".to_vec()).unwrap();
+        b.append(b"three".to_vec()).unwrap();
+        b.confirm_oldest().unwrap();
+        b.append_close(42).unwrap();
+        assert_eq!(budget.used(), 8);
+        drop(b); // the process dies
+        assert_eq!(budget.used(), 0);
+        let (b, owed) = open(d.path(), "run/1", &budget);
+        let got: Vec<&[u8]> = owed.batches.iter().map(|b| &b[..]).collect();
+        assert_eq!(got, [&b"two"[..], b"three"]);
+        assert_eq!(owed.closed, Some(42));
+        assert_eq!(b.pending(), 2);
+        assert_eq!(budget.used(), 8);
+        assert_eq!(leftovers(d.path()).unwrap(), ["run/1"]);
+        b.finish().unwrap();
+        assert_eq!(budget.used(), 0);
+        assert!(leftovers(d.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_cut_short_by_a_crash_is_dropped_and_the_rest_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let budget = Budget::new(1 << 20);
+        let (mut b, _) = open(d.path(), "k", &budget);
+        b.append(b"whole".to_vec()).unwrap();
+        b.append(b"cut short".to_vec()).unwrap();
+        drop(b);
+        let wal = d.path().join("k.wal");
+        let len = std::fs::metadata(&wal).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&wal)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let (mut b, owed) = open(d.path(), "k", &budget);
+        assert_eq!(owed.batches.len(), 1);
+        assert_eq!(&owed.batches[0][..], b"whole");
+        // Appending after the repair works and survives another reopen.
+        b.append(b"after".to_vec()).unwrap();
+        drop(b);
+        let (_, owed) = open(d.path(), "k", &budget);
+        let got: Vec<&[u8]> = owed.batches.iter().map(|b| &b[..]).collect();
+        assert_eq!(got, [&b"whole"[..], b"after"]);
+    }
+
+    #[test]
+    fn a_flipped_bit_ends_the_good_part_there() {
+        let d = tempfile::tempdir().unwrap();
+        let budget = Budget::new(1 << 20);
+        let (mut b, _) = open(d.path(), "k", &budget);
+        b.append(b"first".to_vec()).unwrap();
+        b.append(b"second".to_vec()).unwrap();
+        drop(b);
+        let wal = d.path().join("k.wal");
+        let mut bytes = std::fs::read(&wal).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&wal, bytes).unwrap();
+        let (_, owed) = open(d.path(), "k", &budget);
+        assert_eq!(owed.batches.len(), 1);
+    }
+
+    #[test]
+    fn the_budget_has_room_until_the_limit_is_reached() {
+        let budget = Budget::new(10);
+        let d = tempfile::tempdir().unwrap();
+        let (mut b, _) = open(d.path(), "k", &budget);
+        b.append(vec![0; 8]).unwrap();
+        assert!(budget.has_room());
+        b.append(vec![0; 100]).unwrap(); // a batch larger than the limit still goes in
+        assert!(!budget.has_room());
+        b.confirm_oldest().unwrap();
+        assert!(!budget.has_room());
+        b.confirm_oldest().unwrap();
+        assert!(budget.has_room());
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_buffer_is_refused_with_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("k.wal"), b"hello world, not ours").unwrap();
+        let e = LogBuffer::open(d.path(), "k", Budget::new(1)).unwrap_err();
+        assert!(e.to_string().contains("not a Trellis log buffer"), "{e}");
+    }
+
+    #[test]
+    fn keys_round_trip_through_file_names() {
+        for k in ["run-1", "a/b c", "..", "ünï", "%41"] {
+            let name = file_name(k);
+            assert!(!name.contains('/') && name != ".." && !name.starts_with('.'));
+            assert_eq!(key_of(&name).as_deref(), Some(k));
+        }
+    }
+}
