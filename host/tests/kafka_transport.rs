@@ -156,7 +156,8 @@ c.assign([tp]); c.seek_to_beginning(tp)
 for m in c:
     h = dict(m.headers)
     if b"hello-from-kafka" in m.value:
-        print("found", h["trellis-lane"].decode(), h["trellis-seq"].decode(), m.key.decode())
+        link, lane, seq, piece = h["trellis-frame"].decode().split(" ")
+        print("found", lane, seq, piece, m.key.decode())
         sys.exit(0)
 print("not found"); sys.exit(1)
 "#,
@@ -242,7 +243,8 @@ from kafka import KafkaProducer
 p = KafkaProducer(bootstrap_servers="{}")
 t = "trellis.agent-1.to-controller"
 p.send(t, partition=1, value=b"no headers at all")
-p.send(t, partition=1, value=b"x", headers=[("trellis-link", b"someone-else"), ("trellis-lane", b"bulk"), ("trellis-seq", b"1"), ("trellis-chunk", b"0/1")])
+p.send(t, partition=1, value=b"x", headers=[("trellis-frame", b"someone-else bulk 1 0/1")])
+p.send(t, partition=1, value=b"y", headers=[("trellis-frame", b"not a frame header")])
 p.flush()
 "#,
         broker.brokers()

@@ -235,9 +235,10 @@ impl GuestChannel for KafkaChannel {
         let batch = records::decode(&batch)
             .map_err(|e| Error::permanent(format!("the host's packed records: {e}")))?;
         for r in batch {
-            if r.header(crate::LINK)
-                .is_some_and(|l| l != self.link.as_bytes())
-            {
+            if r.header(crate::FRAME).is_some_and(|v| {
+                v.strip_prefix(self.link.as_bytes())
+                    .is_none_or(|rest| !rest.starts_with(b" "))
+            }) {
                 continue; // another (older) link's record: skipped before parsing
             }
             let piece = match Piece::parse(r.headers()) {

@@ -10,14 +10,20 @@
 //!
 //! One partition per lane keeps each lane in order and lets control frames overtake
 //! bulk ones (a reader takes control first). Every record's key is the agent's name;
-//! its headers say which link, lane and frame it carries:
+//! one header, `trellis-frame`, says which link, lane and frame it carries, as four
+//! fields separated by single spaces (readable with any Kafka client):
 //!
 //! ```text
-//! trellis-link   the link's id (random per connect); records of other links are skipped
-//! trellis-lane   "control" or "bulk"
-//! trellis-seq    the host's sequence number, decimal
-//! trellis-chunk  "i/n": a frame larger than the host's max payload is split in n records
+//! trellis-frame: <link> <lane> <seq> <i>/<n>      e.g. "9f3c…e1 bulk 17 0/1"
+//!   link   the link's id (random per connect); records of other links are skipped
+//!   lane   "control" or "bulk"
+//!   seq    the host's sequence number, decimal
+//!   i/n    piece i of n: a frame larger than the host's max payload is split in n records
 //! ```
+//!
+//! (One header rather than four: each header costs an allocation or two per record on
+//! both sides, in librdkafka and across the component boundary; docs/PERFORMANCE.md.)
+//! Announcements on `P.connect` carry the new link's id in a `trellis-link` header.
 //!
 //! The host numbers, acknowledges, resends and de-duplicates frames; this plugin moves
 //! them and reassembles chunks. The codec here is plain Rust, tested natively; the
@@ -26,10 +32,10 @@
 #[cfg(target_arch = "wasm32")]
 mod component;
 
+/// The header of an announcement on `P.connect`: the new link's id.
 pub const LINK: &str = "trellis-link";
-pub const LANE: &str = "trellis-lane";
-pub const SEQ: &str = "trellis-seq";
-pub const CHUNK: &str = "trellis-chunk";
+/// The header of a frame piece: `<link> <lane> <seq> <i>/<n>`.
+pub const FRAME: &str = "trellis-frame";
 
 pub fn connect_topic(prefix: &str) -> String {
     format!("{prefix}.connect")
@@ -55,7 +61,7 @@ pub struct Piece {
 
 impl Piece {
     pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
-        let mut out = Vec::with_capacity(4);
+        let mut out = Vec::with_capacity(1);
         self.each_header(|k, v| out.push((k.to_string(), v.to_vec())));
         out
     }
@@ -67,52 +73,91 @@ impl Piece {
     }
 
     /// Read a record's headers; a record that is not a Trellis frame piece is an error
-    /// naming what is wrong.
+    /// naming what is wrong. Headers that are not ours (a tracing interceptor's, say)
+    /// may hold any bytes and are ignored.
     pub fn parse<'a>(
         headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<Piece, String> {
-        let (mut link, mut lane, mut seq, mut chunk) = (None, None, None, None);
-        for (k, v) in headers {
-            // Other headers (a tracing interceptor's, say) may hold any bytes: not ours.
-            if ![LINK, LANE, SEQ, CHUNK].contains(&k) {
-                continue;
-            }
-            let v = std::str::from_utf8(v).map_err(|_| format!("header {k} is not UTF-8"))?;
-            match k {
-                LINK => link = Some(v.to_string()),
-                LANE => {
-                    lane = Some(match v {
-                        "control" => 0,
-                        "bulk" => 1,
-                        _ => return Err(format!("unknown lane `{v}`")),
-                    })
-                }
-                SEQ => seq = Some(v.parse::<u64>().map_err(|_| format!("bad seq `{v}`"))?),
-                CHUNK => {
-                    let (i, n) = v
-                        .split_once('/')
-                        .and_then(|(i, n)| Some((i.parse::<u32>().ok()?, n.parse::<u32>().ok()?)))
-                        .filter(|(i, n)| i < n)
-                        .ok_or_else(|| format!("bad chunk `{v}`"))?;
-                    chunk = Some((i, n));
-                }
-                _ => {}
-            }
+        let v = headers
+            .into_iter()
+            .find(|(k, _)| *k == FRAME)
+            .map(|(_, v)| v)
+            .ok_or_else(|| format!("no {FRAME} header: not a Trellis frame"))?;
+        // Bytes, not str: this runs for every record, and only the link is text.
+        let bad = || {
+            format!(
+                "bad {FRAME} `{}`: want `<link> <lane> <seq> <i>/<n>`",
+                String::from_utf8_lossy(v)
+            )
+        };
+        let mut fields = v.split(|b| *b == b' ');
+        let (Some(link), Some(lane), Some(seq), Some(chunk), None) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            return Err(bad());
+        };
+        if link.is_empty() {
+            return Err(bad());
         }
-        let missing = |h: &str| format!("no {h} header: not a Trellis frame");
-        let (chunk, chunks) = chunk.ok_or_else(|| missing(CHUNK))?;
+        let link = std::str::from_utf8(link)
+            .map_err(|_| format!("header {FRAME}: the link is not UTF-8"))?;
+        let lane = match lane {
+            b"control" => 0,
+            b"bulk" => 1,
+            _ => return Err(format!("unknown lane `{}`", String::from_utf8_lossy(lane))),
+        };
+        let seq =
+            digits(seq).ok_or_else(|| format!("bad seq `{}`", String::from_utf8_lossy(seq)))?;
+        let (chunk, chunks) = chunk
+            .iter()
+            .position(|b| *b == b'/')
+            .and_then(|at| {
+                let i = u32::try_from(digits(&chunk[..at])?).ok()?;
+                let n = u32::try_from(digits(&chunk[at + 1..])?).ok()?;
+                (i < n).then_some((i, n))
+            })
+            .ok_or_else(|| format!("bad chunk `{}`", String::from_utf8_lossy(chunk)))?;
         Ok(Piece {
-            link: link.ok_or_else(|| missing(LINK))?,
-            lane: lane.ok_or_else(|| missing(LANE))?,
-            seq: seq.ok_or_else(|| missing(SEQ))?,
+            link: link.to_string(),
+            lane,
+            seq,
             chunk,
             chunks,
         })
     }
 }
 
-/// A piece's headers, one by one, without allocating: what [`Piece::headers`] gives,
-/// for the send path (no `Piece` to build per record).
+/// A decimal number (digits only, no sign), if it fits a u64.
+fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .flatten()
+    })
+}
+
+/// `n` in decimal at the end of `buf`; the digits written.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// A piece's header, without allocating: what [`Piece::headers`] gives, for the send
+/// path (no `Piece` to build per record).
 pub fn piece_headers(
     link: &str,
     lane: u8,
@@ -121,18 +166,42 @@ pub fn piece_headers(
     chunks: u32,
     mut f: impl FnMut(&str, &[u8]),
 ) {
-    use std::io::Write;
-    f(LINK, link.as_bytes());
-    f(LANE, if lane == 0 { b"control" } else { b"bulk" });
-    let mut buf = [0u8; 41]; // u64 (20 digits) or u32/u32 (10 + 1 + 10)
-    let mut w = &mut buf[..];
-    let _ = write!(w, "{seq}");
-    let n = 41 - w.len();
-    f(SEQ, &buf[..n]);
-    let mut w = &mut buf[..];
-    let _ = write!(w, "{chunk}/{chunks}");
-    let n = 41 - w.len();
-    f(CHUNK, &buf[..n]);
+    // Built by hand: `write!` showed in profiles, and this runs for every record.
+    let mut out = Vec::new();
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    let mut d = [0u8; 20];
+    for part in [
+        link.as_bytes(),
+        b" ",
+        if lane == 0 { b"control" } else { b"bulk" },
+        b" ",
+        decimal(seq, &mut d),
+    ] {
+        put(&mut buf, &mut len, &mut out, part);
+    }
+    put(&mut buf, &mut len, &mut out, b" ");
+    put(&mut buf, &mut len, &mut out, decimal(chunk.into(), &mut d));
+    put(&mut buf, &mut len, &mut out, b"/");
+    put(&mut buf, &mut len, &mut out, decimal(chunks.into(), &mut d));
+    if out.is_empty() {
+        f(FRAME, &buf[..len]);
+    } else {
+        f(FRAME, &out);
+    }
+}
+
+/// Append to the stack buffer, or to `spill` once it would overflow (a long link id).
+fn put(buf: &mut [u8; 128], len: &mut usize, spill: &mut Vec<u8>, part: &[u8]) {
+    if spill.is_empty() && *len + part.len() <= buf.len() {
+        buf[*len..*len + part.len()].copy_from_slice(part);
+        *len += part.len();
+    } else {
+        if spill.is_empty() {
+            spill.extend_from_slice(&buf[..*len]);
+        }
+        spill.extend_from_slice(part);
+    }
 }
 
 /// Split a payload into pieces of at most `max` bytes (an empty payload is one piece).
@@ -234,8 +303,42 @@ mod tests {
         assert_eq!(back, p);
         let e = Piece::parse([("other", &b"x"[..])]).unwrap_err();
         assert!(e.contains("not a Trellis frame"), "{e}");
-        let e = Piece::parse([(CHUNK, &b"3/3"[..])]).unwrap_err();
+        let e = Piece::parse([(FRAME, &b"L bulk 1 3/3"[..])]).unwrap_err();
         assert!(e.contains("bad chunk"), "{e}");
+        for bad in [
+            "",
+            "L bulk 1",
+            "L bulk 1 0/1 extra",
+            " bulk 1 0/1",
+            "L  bulk 1 0/1",
+        ] {
+            let e = Piece::parse([(FRAME, bad.as_bytes())]).unwrap_err();
+            assert!(
+                e.contains("bad trellis-frame") || e.contains("unknown lane"),
+                "{bad}: {e}"
+            );
+        }
+        let e = Piece::parse([(FRAME, &b"L side 1 0/1"[..])]).unwrap_err();
+        assert!(e.contains("unknown lane `side`"), "{e}");
+        let e = Piece::parse([(FRAME, &b"L bulk +1 0/1"[..])]).unwrap_err();
+        assert!(e.contains("bad seq"), "{e}");
+        let e = Piece::parse([(FRAME, &b"L bulk 99999999999999999999 0/1"[..])]).unwrap_err();
+        assert!(e.contains("bad seq"), "{e}");
+        // A link too long for the stack buffer takes the other path, same result.
+        let long = Piece {
+            link: "x".repeat(200),
+            ..piece(0, u64::MAX, 0, u32::MAX)
+        };
+        let h = long.headers();
+        assert_eq!(
+            Piece::parse(h.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).unwrap(),
+            long
+        );
+        // The readable form the docs promise.
+        assert_eq!(
+            p.headers(),
+            vec![(FRAME.to_string(), b"L1 bulk 42 2/5".to_vec())]
+        );
     }
 
     #[test]
