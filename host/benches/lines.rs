@@ -148,6 +148,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             heartbeat: trellis::session::link::DEFAULT_HEARTBEAT,
             agent_lost_after: trellis::controller::DEFAULT_AGENT_LOST_AFTER,
             log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
+            multiline_start: None,
         },
         tcp.clone(),
         logging,

@@ -89,6 +89,9 @@ pub struct RunOrder {
     /// The job's log size limit in bytes (see `agent::budget`).
     #[serde(default)]
     pub log_limit: Option<u64>,
+    /// Start-of-event pattern for multi-line events (see `agent::multiline`).
+    #[serde(default)]
+    pub multiline_start: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

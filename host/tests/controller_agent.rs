@@ -597,3 +597,90 @@ async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
     }
     assert_eq!(n, N, "every line once, in order, through {cuts} cuts");
 }
+
+/// A multi-line rule (`multiline-start`): lines that do not start an event continue the
+/// one before, per stream, so a stack trace is one event whose message keeps its line
+/// breaks; an event held when the stream goes quiet or the step ends still goes out. A
+/// pattern that is not a regular expression is refused when the job is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_trace_is_one_event_under_a_multiline_rule() {
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let run = s
+        .controller
+        .submit(&job(r#"
+            name = "traces"
+            agent = "linux"
+            multiline-start = '^\S'
+            [[step]]
+            name = "s"
+            run = """
+                echo starting
+                printf 'Exception: boom\n\tat a.b(C.java:1)\n\tat a.c(C.java:2)\n' >&2
+                sleep 1
+                echo middle
+                printf 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad\n'
+                printf '  indented tail\n'
+            """
+            "#))
+        .unwrap();
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    let meta = trellis::points::bindings::types::LogMetadata {
+        instance_id: "test-controller".into(),
+        ..meta("traces", &run.id)
+    };
+    let page = s
+        .reader
+        .read(
+            &meta,
+            PageRequest {
+                step: None,
+                cursor: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
+    let events = decode(&page.events).unwrap();
+    let got: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.data_value("stream").unwrap_or(""), e.message))
+        .collect();
+    // Per stream, in order (stdout and stderr are separate pipes: how they interleave
+    // is up to the reader tasks).
+    let of = |stream: &str| -> Vec<&str> {
+        got.iter()
+            .filter(|(s, _)| *s == stream)
+            .map(|(_, m)| *m)
+            .collect()
+    };
+    assert_eq!(
+        of("stdout"),
+        [
+            "starting",
+            "middle",
+            "Traceback (most recent call last):\n  File \"x.py\", line 1",
+            "ValueError: bad\n  indented tail",
+        ],
+        "{got:?}"
+    );
+    assert_eq!(
+        of("stderr"),
+        ["Exception: boom\n\tat a.b(C.java:1)\n\tat a.c(C.java:2)"],
+        "{got:?}"
+    );
+    assert_eq!(r.events, 5);
+
+    let bad = Job::parse(
+        "name = \"x\"\nagent = \"linux\"\nmultiline-start = \"(oops\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
+        "bad.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("multiline-start") && bad.contains("not a valid regular expression"),
+        "{bad}"
+    );
+}

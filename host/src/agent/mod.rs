@@ -5,4 +5,5 @@ pub mod artifacts;
 pub mod budget;
 pub mod exec;
 pub mod mask;
+pub mod multiline;
 pub mod worker;

@@ -6,6 +6,7 @@ use crate::agent::artifacts;
 use crate::agent::budget::{FULL_LOG, LogBudget};
 use crate::agent::exec::{self, Output, StepCommand, Stream};
 use crate::agent::mask::Masker;
+use crate::agent::multiline::{self, MultiLine};
 use crate::points::bindings::command_transport::Lane;
 use crate::points::transport;
 use crate::protocol::{
@@ -222,6 +223,7 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
             order.run.clone(),
             step.name.clone(),
             budget.take(),
+            multiline(&order),
             numbered.clone(),
         ));
         let cmd = StepCommand {
@@ -280,36 +282,84 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
     .await;
 }
 
+/// The order's multi-line rule (validated by the controller; a bad one is ignored here
+/// with an error rather than failing the run).
+fn multiline(order: &RunOrder) -> Option<MultiLine> {
+    let p = order.multiline_start.as_ref()?;
+    match crate::agent::multiline::compile(p) {
+        Ok(r) => Some(MultiLine::new(r)),
+        Err(e) => {
+            tracing::error!(run = order.run, "multi-line rule ignored: {e}");
+            None
+        }
+    }
+}
+
 /// Carry a step's output to the controller in messages of up to `LINES_PER_MESSAGE`
-/// lines, through the run's log budget when it has one (handed back at the end).
+/// events, grouped into multi-line events when the job has a rule, then through the
+/// run's log budget when it has one (handed back at the end).
 async fn forward(
     mut lines: mpsc::Receiver<Output>,
     out: Out,
     run: String,
     step: String,
     mut budget: Option<LogBudget>,
+    mut grouping: Option<MultiLine>,
     numbered: Arc<AtomicU64>,
 ) -> Option<LogBudget> {
     let mut batch = Vec::new();
-    while let Some(first) = lines.recv().await {
-        let mut next = Some(first);
-        while let Some(o) = next {
-            match budget.as_mut() {
-                Some(b) => match b.admit(&step, line(o)) {
-                    Ok(admitted) => batch.extend(admitted),
-                    Err(e) => {
-                        // The full log cannot be kept: stop limiting rather than lose lines.
-                        tracing::error!(run, "the full log cannot be written, limit lifted: {e}");
-                        budget = None;
-                    }
-                },
-                None => batch.push(line(o)),
+    let mut events = Vec::new();
+    let mut open = true;
+    while open {
+        // A held multi-line event goes out when its stream goes quiet.
+        let first = match grouping.as_ref().is_some_and(MultiLine::holding) {
+            true => match tokio::time::timeout(multiline::QUIET, lines.recv()).await {
+                Ok(o) => o,
+                Err(_) => {
+                    grouping.as_mut().expect("holding").flush(&mut events);
+                    None
+                }
+            },
+            false => lines.recv().await,
+        };
+        let mut next = first;
+        if next.is_none() && events.is_empty() {
+            // The step's output ended: what is held goes, then we are done.
+            open = false;
+            if let Some(g) = grouping.as_mut() {
+                g.flush(&mut events);
             }
-            next = if batch.len() < LINES_PER_MESSAGE {
-                lines.try_recv().ok()
-            } else {
-                None
-            };
+        }
+        loop {
+            if let Some(o) = next.take() {
+                match grouping.as_mut() {
+                    Some(g) => g.push(line(o), &mut events),
+                    None => events.push(line(o)),
+                }
+            }
+            for e in events.drain(..) {
+                match budget.as_mut() {
+                    Some(b) => match b.admit(&step, e) {
+                        Ok(admitted) => batch.extend(admitted),
+                        Err(err) => {
+                            // The full log cannot be kept: stop limiting rather than lose lines.
+                            tracing::error!(
+                                run,
+                                "the full log cannot be written, limit lifted: {err}"
+                            );
+                            budget = None;
+                        }
+                    },
+                    None => batch.push(e),
+                }
+            }
+            if batch.len() >= LINES_PER_MESSAGE {
+                break;
+            }
+            match lines.try_recv() {
+                Ok(o) => next = Some(o),
+                Err(_) => break,
+            }
         }
         if batch.is_empty() {
             continue;

@@ -85,6 +85,7 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             heartbeat: c.heartbeat.0,
             agent_lost_after: c.agent_lost_after.0,
             log_buffer_limit: c.log_buffer_limit.0,
+            multiline_start: c.multiline_start.clone(),
         },
         transport,
         logging,

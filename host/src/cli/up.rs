@@ -101,6 +101,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
             agent_lost_after: crate::controller::DEFAULT_AGENT_LOST_AFTER,
             log_buffer_limit: crate::controller::DEFAULT_LOG_BUFFER_LIMIT,
+            multiline_start: None,
         },
         tcp.clone(),
         logging,

@@ -58,6 +58,8 @@ pub struct ControllerSection {
     /// down); when full, steps' output is held back, never dropped.
     #[serde(default = "default_log_buffer_limit")]
     pub log_buffer_limit: ByteSize,
+    /// Start-of-event pattern for jobs that set no `multiline-start` of their own.
+    pub multiline_start: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -42,6 +42,8 @@ pub struct ControllerConfig {
     /// Bytes of log output that may wait on disk for the logging plugin (see
     /// `points::log_buffer`); when full, output is held back.
     pub log_buffer_limit: u64,
+    /// The start-of-event pattern for jobs that set none (None: one line, one event).
+    pub multiline_start: Option<String>,
 }
 
 /// Default for `ControllerConfig::agent_lost_after`.
@@ -134,6 +136,10 @@ impl Controller {
         transport_plugin: Arc<Plugin>,
         logging: Arc<Plugin>,
     ) -> anyhow::Result<Arc<Controller>> {
+        if let Some(p) = &cfg.multiline_start {
+            crate::agent::multiline::compile(p)
+                .map_err(|e| anyhow::anyhow!("[controller] multiline-start: {e}"))?;
+        }
         let store = RunStore::open(&cfg.state_dir)?;
         // Runs in flight when the last controller process stopped: their agents may still
         // be working on them. Each agent gets `agent_lost_after` from now to come back.
@@ -326,6 +332,10 @@ impl Controller {
             env,
             mask,
             log_limit: job.log_limit,
+            multiline_start: job
+                .multiline_start
+                .clone()
+                .or_else(|| self.cfg.multiline_start.clone()),
         };
         let tx = self
             .agents

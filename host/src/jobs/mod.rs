@@ -6,6 +6,7 @@
 //! env = { RUST_LOG = "info" }
 //! secrets = { DEPLOY_TOKEN = "deploy-token" }   # env name = secret name in the controller's store
 //! log-limit = "64MiB"                   # optional: keep head and tail, full log as an artifact
+//! multiline-start = '^\S'               # optional: lines not matching continue the event before
 //!
 //! [[step]]
 //! name = "build"
@@ -31,6 +32,9 @@ pub struct Job {
     /// Environment variable -> secret name.
     pub secrets: BTreeMap<String, String>,
     pub log_limit: Option<u64>,
+    /// Start-of-event pattern: a line that does not match continues the event before
+    /// it (see `agent::multiline`).
+    pub multiline_start: Option<String>,
     pub steps: Vec<Step>,
 }
 
@@ -54,6 +58,7 @@ struct RawJob {
     #[serde(default)]
     secrets: BTreeMap<String, String>,
     log_limit: Option<ByteSize>,
+    multiline_start: Option<String>,
     #[serde(default)]
     step: Vec<RawStep>,
 }
@@ -167,6 +172,15 @@ impl Job {
                 );
             }
         }
+        if let Some(p) = &raw.multiline_start
+            && let Err(e) = crate::agent::multiline::compile(p)
+        {
+            bad(
+                "multiline-start".into(),
+                e,
+                "give a pattern a new event's first line matches, e.g. '^\\S' (not indented)",
+            );
+        }
         if raw.step.is_empty() {
             bad(
                 "step".into(),
@@ -249,6 +263,7 @@ impl Job {
             env: raw.env,
             secrets: raw.secrets,
             log_limit: raw.log_limit.map(|b| b.0),
+            multiline_start: raw.multiline_start,
             steps,
         })
     }

@@ -159,6 +159,7 @@ pub async fn stack() -> Stack {
         heartbeat: std::time::Duration::from_millis(200),
         agent_lost_after: std::time::Duration::from_secs(3),
         log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
+        multiline_start: None,
     };
     let controller = trellis::controller::Controller::start(cfg, transport.clone(), logging)
         .await
