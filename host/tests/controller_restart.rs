@@ -238,32 +238,8 @@ fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
     const N: u64 = 300;
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let (controller_cfg, agent_cfg, http) =
-        write_configs(dir, &Transport::Tcp { port: free_port() });
-    // The logging plugin is the `hostile` fixture's "flaky" writer: it traps on every
-    // write while ctl/fail exists, and appends each delivered event's seq to ctl/seen.
-    let plugins = dir.join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    for p in ["tcp-transport", "file-browser", "file-logging"] {
-        std::os::unix::fs::symlink(bundle().join(p), plugins.join(p)).unwrap();
-    }
-    std::os::unix::fs::symlink(fixtures().join("hostile"), plugins.join("hostile")).unwrap();
-    std::fs::create_dir_all(dir.join("ctl")).unwrap();
-    let cfg = std::fs::read_to_string(&controller_cfg)
-        .unwrap()
-        .replace(
-            &format!("plugin-dir = \"{}\"", bundle().display()),
-            &format!("plugin-dir = \"{}\"", plugins.display()),
-        )
-        .replace(
-            "transport = \"tcp-transport\"\n",
-            "transport = \"tcp-transport\"\nlogging = \"hostile\"\n",
-        )
-        + "[runtime.quarantine]\nafter = 100000\n[plugins.hostile]\ndirs = [{ host = \"ctl\", guest = \"/ctl\", mode = \"read-write\" }]\n";
-    std::fs::write(&controller_cfg, cfg).unwrap();
-    let fail = dir.join("ctl/fail");
+    let (controller_cfg, agent_cfg, http) = flaky_logging_configs(dir, "");
     let seen = dir.join("ctl/seen");
-    std::fs::write(&fail, "").unwrap();
 
     let server = format!("http://127.0.0.1:{http}");
     let daemon_log = dir.join("daemons.log");
@@ -275,17 +251,7 @@ fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
         Duration::from_secs(30),
         || cli(&server, &["agents"]).1.contains("build-1"),
     );
-    let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "name = \"flaky\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 {N}\"\n"
-        ),
-    )
-    .unwrap();
-    let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    let run = "r-000001";
+    let run = submit_seq(&server, dir, N);
     let mut status = String::new();
     wait_until(
         &format!("the run did not end: {status}\n{}", logs()),
@@ -320,7 +286,7 @@ fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
 
     controller.0.kill().unwrap(); // SIGKILL with the output and the close still owed
     controller.0.wait().unwrap();
-    std::fs::remove_file(&fail).unwrap(); // the store is back
+    std::fs::remove_file(dir.join("ctl/fail")).unwrap(); // the store is back
     let _controller = start("controller", &controller_cfg, &daemon_log);
     wait_until(
         &format!("the buffer was not delivered and emptied: {}", logs()),
@@ -360,28 +326,7 @@ fn a_full_log_buffer_holds_the_output_back_and_drops_nothing() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let (controller_cfg, agent_cfg, http) =
-        write_configs(dir, &Transport::Tcp { port: free_port() });
-    let plugins = dir.join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    for p in ["tcp-transport", "file-browser", "file-logging"] {
-        std::os::unix::fs::symlink(bundle().join(p), plugins.join(p)).unwrap();
-    }
-    std::os::unix::fs::symlink(fixtures().join("hostile"), plugins.join("hostile")).unwrap();
-    std::fs::create_dir_all(dir.join("ctl")).unwrap();
-    let cfg = std::fs::read_to_string(&controller_cfg)
-        .unwrap()
-        .replace(
-            &format!("plugin-dir = \"{}\"", bundle().display()),
-            &format!("plugin-dir = \"{}\"", plugins.display()),
-        )
-        .replace(
-            "transport = \"tcp-transport\"\n",
-            "transport = \"tcp-transport\"\nlogging = \"hostile\"\nlog-buffer-limit = \"16KiB\"\n",
-        )
-        + "[runtime.quarantine]\nafter = 100000\n[plugins.hostile]\ndirs = [{ host = \"ctl\", guest = \"/ctl\", mode = \"read-write\" }]\n";
-    std::fs::write(&controller_cfg, cfg).unwrap();
-    let fail = dir.join("ctl/fail");
-    std::fs::write(&fail, "").unwrap();
+        flaky_logging_configs(dir, "log-buffer-limit = \"16KiB\"\n");
     let server = format!("http://127.0.0.1:{http}");
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
@@ -392,17 +337,7 @@ fn a_full_log_buffer_holds_the_output_back_and_drops_nothing() {
         Duration::from_secs(30),
         || cli(&server, &["agents"]).1.contains("build-1"),
     );
-    let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "name = \"flaky\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 {N}\"\n"
-        ),
-    )
-    .unwrap();
-    let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    let run = "r-000001";
+    let run = submit_seq(&server, dir, N);
     // Held back: the buffer stops growing once past its bound (by at most what the
     // controller had already taken from the link), and the step waits.
     let buffered = || -> u64 {
@@ -430,7 +365,7 @@ fn a_full_log_buffer_holds_the_output_back_and_drops_nothing() {
         "the step should be held back while the buffer is full: {runs}\n{}",
         logs()
     );
-    std::fs::remove_file(&fail).unwrap(); // the store is back
+    std::fs::remove_file(dir.join("ctl/fail")).unwrap(); // the store is back
     let mut status = String::new();
     wait_until(
         &format!("the run did not end: {status}\n{}", logs()),
@@ -457,4 +392,49 @@ fn a_full_log_buffer_holds_the_output_back_and_drops_nothing() {
         (1..=N).collect::<Vec<_>>(),
         "every event exactly once, in order"
     );
+}
+
+/// Daemon configs (TCP) whose controller logs through the `hostile` fixture's "flaky"
+/// writer: it traps on every write while `ctl/fail` exists and appends each delivered
+/// event's seq to `ctl/seen`. `controller_extra` goes into `[controller]`. On return
+/// `ctl/fail` exists: the store is down.
+fn flaky_logging_configs(dir: &Path, controller_extra: &str) -> (PathBuf, PathBuf, u16) {
+    let (controller_cfg, agent_cfg, http) =
+        write_configs(dir, &Transport::Tcp { port: free_port() });
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for p in ["tcp-transport", "file-browser", "file-logging"] {
+        std::os::unix::fs::symlink(bundle().join(p), plugins.join(p)).unwrap();
+    }
+    std::os::unix::fs::symlink(fixtures().join("hostile"), plugins.join("hostile")).unwrap();
+    std::fs::create_dir_all(dir.join("ctl")).unwrap();
+    let cfg = std::fs::read_to_string(&controller_cfg)
+        .unwrap()
+        .replace(
+            &format!("plugin-dir = \"{}\"", bundle().display()),
+            &format!("plugin-dir = \"{}\"", plugins.display()),
+        )
+        .replace(
+            "transport = \"tcp-transport\"\n",
+            &format!("transport = \"tcp-transport\"\nlogging = \"hostile\"\n{controller_extra}"),
+        )
+        + "[runtime.quarantine]\nafter = 100000\n[plugins.hostile]\ndirs = [{ host = \"ctl\", guest = \"/ctl\", mode = \"read-write\" }]\n";
+    std::fs::write(&controller_cfg, cfg).unwrap();
+    std::fs::write(dir.join("ctl/fail"), "").unwrap();
+    (controller_cfg, agent_cfg, http)
+}
+
+/// Submit job "flaky" (its step prints 1..=n) through the CLI; the run's id.
+fn submit_seq(server: &str, dir: &Path, n: u64) -> &'static str {
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"flaky\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 {n}\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cli(server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    "r-000001"
 }
