@@ -90,6 +90,32 @@ fn spawn_agent(
     stop_tx
 }
 
+/// A controller and an agent over `rt`'s kafka-transport run one job `name` whose one
+/// step runs `script`; the run, finished and succeeded.
+async fn run_one_job(
+    rt: &Arc<Runtime>,
+    dir: &std::path::Path,
+    name: &str,
+    script: &str,
+    within: Duration,
+) -> trellis::controller::state::RunRecord {
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let c = controller(rt, dir, kafka.clone()).await;
+    let _stop = spawn_agent(kafka, dir, "agent-secret");
+    wait_connected(&c).await;
+    let job = Job::parse(
+        &format!(
+            "name = \"{name}\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"{script}\"\n"
+        ),
+        "job.toml",
+    )
+    .unwrap();
+    let run = c.submit(&job).unwrap();
+    let r = wait_final(&c, &run.id, within).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    r
+}
+
 /// The first 10,000 events of run `run` of `job` (this file's controllers' instance id),
 /// as a packed event batch.
 async fn whole_log(reader: &trellis::points::browser::LogReader, job: &str, run: &str) -> Vec<u8> {
@@ -744,18 +770,7 @@ async fn a_job_runs_over_kafka_through_tls() {
         dir,
         &[],
     );
-    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
-    let c = controller(&rt, dir, kafka.clone()).await;
-    let _stop = spawn_agent(kafka, dir, "agent-secret");
-    wait_connected(&c).await;
-    let job = Job::parse(
-        "name = \"tls\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 500\"\n",
-        "job.toml",
-    )
-    .unwrap();
-    let run = c.submit(&job).unwrap();
-    let r = wait_final(&c, &run.id, Duration::from_secs(60)).await;
-    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    let r = run_one_job(&rt, dir, "tls", "seq 1 500", Duration::from_secs(60)).await;
     assert_eq!(r.events, 500);
     // The frames did cross stunnel: it logged TLS connections it accepted.
     let log = std::fs::read_to_string(dir.join("stunnel.log")).unwrap_or_default();
@@ -830,18 +845,14 @@ async fn a_job_runs_over_kafka_with_sasl_scram_past_the_session_lifetime() {
     drop(wrong);
 
     let rt = runtime(&config("kafka-password"), dir, &secrets);
-    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
-    let c = controller(&rt, dir, kafka.clone()).await;
-    let _stop = spawn_agent(kafka, dir, "agent-secret");
-    wait_connected(&c).await;
-    let job = Job::parse(
-        "name = \"sasl\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"for i in $(seq 1 80); do echo line-$i; sleep 1; done\"\n",
-        "job.toml",
+    let run = run_one_job(
+        &rt,
+        dir,
+        "sasl",
+        "for i in $(seq 1 80); do echo line-$i; sleep 1; done",
+        Duration::from_secs(180),
     )
-    .unwrap();
-    let run = c.submit(&job).unwrap();
-    let r = wait_final(&c, &run.id, Duration::from_secs(180)).await;
-    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    .await;
     let reader = trellis::points::browser::LogReader::new(
         rt.load(&bundle().join("file-browser")).await.unwrap(),
     )
