@@ -185,13 +185,24 @@ impl Controller {
         })?;
         let mut logs = self.logs.lock().await;
         for run in keys {
-            if let Some(log) = self.log_of(&mut logs, "", &run).await {
-                tracing::info!(
-                    run,
-                    batches = log.writer.pending_batches(),
-                    "log events an earlier process had not delivered: delivering them"
-                );
+            let Some(log) = self.log_of(&mut logs, "", &run).await else {
+                continue;
+            };
+            let finished = self.store.get(&run).is_none_or(|r| r.status.is_final());
+            if !log.writer.owes() && finished {
+                // Opened by a late message after its close: nothing to deliver, ever.
+                if let Some(idle) = logs.remove(&run)
+                    && let Err(e) = idle.writer.discard_idle()
+                {
+                    tracing::warn!(run, "cannot remove an empty log buffer: {e}");
+                }
+                continue;
             }
+            tracing::info!(
+                run,
+                batches = log.writer.pending_batches(),
+                "log events an earlier process had not delivered: delivering them"
+            );
         }
         Ok(())
     }

@@ -156,6 +156,15 @@ impl LogWriter {
         }
     }
 
+    /// A log that owes nothing is no longer needed: its (empty) buffer files go.
+    pub fn discard_idle(mut self) -> std::io::Result<()> {
+        debug_assert!(!self.owes());
+        match self.buffer.take() {
+            Some(b) => b.finish(),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the log was closed and the plugin has not confirmed it yet.
     pub fn is_closing(&self) -> bool {
         self.closing.is_some()
