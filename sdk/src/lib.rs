@@ -31,6 +31,8 @@
 pub mod config;
 pub mod events;
 pub mod fs;
+#[cfg(all(feature = "http", target_os = "wasi"))]
+pub mod http;
 pub mod records;
 
 #[cfg(feature = "bindings")]
