@@ -229,32 +229,14 @@ async fn http_to_a_host_not_granted_is_denied_before_any_connection() {
 /// (tests/es-mock): a document POSTed is created (201) and can be fetched back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_http_client_posts_a_body_and_reads_the_response() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut es = std::process::Command::new("python3")
-        .arg(root.join("tests/es-mock/es_mock.py"))
-        .args(["--port", "0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3");
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(es.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("es-mock said {first:?}"))
-        .to_string();
+    let es = EsMock::start(&[]);
+    let addr = es.addr.clone();
     let e = env(&format!("http = [\"http://{addr}\"]"), &[]).await;
     let got = escaped(
         e.open("http-post", &format!("http://{addr}/logs/_doc/one"))
             .await,
     );
-    let _ = es.kill();
-    let _ = es.wait();
+    drop(es);
     assert!(got.starts_with("ESCAPED: HTTP 201 "), "{got}");
     assert!(
         got.contains("\"_id\":\"one\"") && got.contains("\"result\":\"created\""),

@@ -84,13 +84,24 @@ pub fn request(
     let outgoing = req.body().map_err(|_| "request body already taken")?;
     // Send first, then stream the body: the host reads it as it goes out.
     let pending = outgoing_handler::handle(req, None).map_err(|e| format!("{url}: {e:?}"))?;
-    {
+    let sent: Result<(), String> = (|| {
         let stream = outgoing.write().map_err(|_| "request body stream taken")?;
         for chunk in body.chunks(4096) {
             stream
                 .blocking_write_and_flush(chunk)
                 .map_err(|e| format!("{url}: sending the body: {e:?}"))?;
         }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        // The host may have refused the request (not granted, unreachable): its answer
+        // says why, the closed body stream does not.
+        drop(outgoing);
+        pending.subscribe().block();
+        return Err(match pending.get() {
+            Some(Ok(Err(why))) => format!("{url}: {why:?}"),
+            _ => e,
+        });
     }
     OutgoingBody::finish(outgoing, None).map_err(|e| format!("{url}: {e:?}"))?;
     pending.subscribe().block();

@@ -3,7 +3,10 @@
 
 #![allow(dead_code)]
 
+mod es;
 mod processes;
+#[allow(unused_imports)]
+pub use es::*;
 #[allow(unused_imports)]
 pub use processes::*;
 

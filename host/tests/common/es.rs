@@ -1,0 +1,70 @@
+//! The Elasticsearch stand-in (`tests/es-mock/es_mock.py`, a mock because no
+//! Elasticsearch can be installed here; it follows the documented REST API) as a child
+//! process on a free loopback port, and a tiny HTTP/1.1 client for tests to look at it.
+
+use std::io::{BufRead, Read, Write};
+
+pub struct EsMock {
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    child: std::process::Child,
+}
+
+impl EsMock {
+    pub fn start(args: &[&str]) -> EsMock {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut child = std::process::Command::new("python3")
+            .arg(root.join("tests/es-mock/es_mock.py"))
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (run ./scripts/setup.sh)");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let addr = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("es-mock said {first:?}"))
+            .to_string();
+        EsMock { addr, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `method path` with a JSON body; (status, body).
+    pub fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for EsMock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
