@@ -282,11 +282,17 @@ pub async fn list(
                             .first()
                             .map(|i| i.problem.clone())
                             .unwrap_or_default();
-                        // A plugin that only lacks the operator's grants is valid.
+                        // A plugin that only lacks the operator's grants, or settings
+                        // only the operator can give (a cluster's URL), is valid.
                         if why.contains(": denied: ") {
                             format!(
                                 "valid; needs grants ({})",
                                 why.rsplit(": denied: ").next().unwrap_or("")
+                            )
+                        } else if why.contains(" is required") && why.contains(": bad-config: ") {
+                            format!(
+                                "valid; needs config ({})",
+                                why.rsplit(": bad-config: ").next().unwrap_or("")
                             )
                         } else {
                             format!("refused: {why}")

@@ -212,6 +212,8 @@ pub fn rfc3339_ms(ms: i64) -> String {
 }
 
 #[cfg(target_arch = "wasm32")]
+pub mod client;
+#[cfg(target_arch = "wasm32")]
 mod component;
 
 #[cfg(test)]
