@@ -120,3 +120,45 @@ async fn a_cluster_not_granted_is_refused_with_the_fix() {
         "{e}"
     );
 }
+
+/// Basic auth from the secrets store: the right password writes, a wrong one is refused
+/// as `denied` (HTTP 401), and the password never appears in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_comes_from_the_secrets_store() {
+    let d = tempfile::tempdir().unwrap();
+    let es = EsMock::start(&["--basic-auth", "elastic:right-pw"]);
+    let rt = |secret: &str| {
+        runtime(
+            &format!(
+                "[plugins.elasticsearch-logging]\nhttp = [\"{url}\"]\nsecrets = [\"es-password\"]\nconfig = {{ url = \"{url}\", username = \"elastic\", password-secret = \"es-password\" }}\n",
+                url = es.url()
+            ),
+            d.path(),
+            &[("es-password", secret)],
+        )
+    };
+    let good = rt("right-pw");
+    let p = good
+        .load(&bundle().join("elasticsearch-logging"))
+        .await
+        .unwrap();
+    let mut w = LogWriter::open(p, meta("auth", "r-1")).await.unwrap();
+    w.write(batch(1, 10)).await.unwrap();
+    w.close(10).await.unwrap();
+
+    let bad = rt("wrong-pw");
+    let p = bad
+        .load(&bundle().join("elasticsearch-logging"))
+        .await
+        .unwrap();
+    let e = LogWriter::open(p, meta("auth", "r-2"))
+        .await
+        .err()
+        .expect("a wrong password is refused")
+        .to_string();
+    assert!(e.contains("denied") && e.contains("HTTP 401"), "{e}");
+    assert!(
+        !e.contains("wrong-pw"),
+        "the password leaked into the error: {e}"
+    );
+}
