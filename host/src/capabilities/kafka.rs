@@ -199,7 +199,6 @@ impl std::fmt::Debug for KafkaGate {
 pub struct Consumer {
     /// Always Some until dropped (see `Drop`).
     inner: Option<StreamConsumer<ClusterContext>>,
-    context: ClusterContext,
 }
 
 impl Consumer {
@@ -361,9 +360,7 @@ impl InstanceState {
                 )))
             })
     }
-}
 
-impl InstanceState {
     /// Up to `max` records to `each`: waits at most `timeout_ms` for the first, then
     /// takes only what is already here.
     async fn poll_each(
@@ -385,7 +382,7 @@ impl InstanceState {
         };
         let mut n = 0;
         while let Some(m) = next.take() {
-            let m = m.map_err(|e| classify(&e).explained(&c.context))?;
+            let m = m.map_err(|e| classify(&e).explained(c.get().context()))?;
             each(&m);
             n += 1;
             if n < max {
@@ -508,7 +505,6 @@ impl Host for InstanceState {
         self.table
             .push(Consumer {
                 inner: Some(consumer),
-                context: client.context.clone(),
             })
             .map_err(|e| KafkaError::Retryable(format!("too many open consumers: {e}")))
     }
@@ -524,22 +520,23 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl KafkaError {
-    /// With the cluster's last error appended, if it had one lately.
-    fn explained(self, context: &ClusterContext) -> KafkaError {
-        let why = context.explain();
+    /// The same kind, with its message rewritten.
+    fn map_message(self, f: impl FnOnce(String) -> String) -> KafkaError {
         match self {
-            KafkaError::Denied(m) => KafkaError::Denied(m + &why),
-            KafkaError::Retryable(m) => KafkaError::Retryable(m + &why),
-            KafkaError::Permanent(m) => KafkaError::Permanent(m + &why),
+            KafkaError::Denied(m) => KafkaError::Denied(f(m)),
+            KafkaError::Retryable(m) => KafkaError::Retryable(f(m)),
+            KafkaError::Permanent(m) => KafkaError::Permanent(f(m)),
         }
     }
 
+    /// With the cluster's recent errors appended, if it had any lately.
+    fn explained(self, context: &ClusterContext) -> KafkaError {
+        let why = context.explain();
+        self.map_message(|m| m + &why)
+    }
+
     fn with_context(self, what: &str) -> KafkaError {
-        match self {
-            KafkaError::Denied(m) => KafkaError::Denied(format!("{what}: {m}")),
-            KafkaError::Retryable(m) => KafkaError::Retryable(format!("{what}: {m}")),
-            KafkaError::Permanent(m) => KafkaError::Permanent(format!("{what}: {m}")),
-        }
+        self.map_message(|m| format!("{what}: {m}"))
     }
 }
 

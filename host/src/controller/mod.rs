@@ -594,15 +594,8 @@ impl Controller {
             tracing::warn!(agent, run, "{note}");
             {
                 let mut logs = self.logs.lock().await;
-                if let Some(log) = logs.get_mut(&run) {
-                    match log.writer.close(log.events).await {
-                        Ok(()) => {
-                            logs.remove(&run);
-                        }
-                        Err(e) => {
-                            tracing::warn!(run, "closing the run's log failed, kept for retry: {e}")
-                        }
-                    }
+                if let Some(events) = logs.get(&run).map(|l| l.events) {
+                    close_log(&mut logs, &run, events).await;
                 }
             }
             self.update(&run, |r| {
@@ -767,15 +760,7 @@ impl Controller {
                         return;
                     };
                     let count = log.events.max(lines);
-                    match log.writer.close(count).await {
-                        Ok(()) => {
-                            logs.remove(&run);
-                        }
-                        // The close is on disk; `retry_logs` finishes it.
-                        Err(e) => {
-                            tracing::warn!(run, "closing the run's log failed, kept for retry: {e}")
-                        }
-                    }
+                    close_log(&mut logs, &run, count).await;
                     count
                 } else {
                     0
@@ -831,6 +816,20 @@ impl Controller {
             Ok(None) => tracing::warn!(run, "update for an unknown run"),
             Err(e) => tracing::error!(run, "cannot record the run's state: {e}"),
         }
+    }
+}
+
+/// Close `run`'s open log with `count` events. On success it leaves the map; if the
+/// plugin fails, the close is on disk and the log stays for `retry_logs` to finish.
+async fn close_log(logs: &mut HashMap<String, LogState>, run: &str, count: u64) {
+    let Some(log) = logs.get_mut(run) else {
+        return;
+    };
+    match log.writer.close(count).await {
+        Ok(()) => {
+            logs.remove(run);
+        }
+        Err(e) => tracing::warn!(run, "closing the run's log failed, kept for retry: {e}"),
     }
 }
 

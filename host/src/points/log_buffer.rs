@@ -82,8 +82,9 @@ pub struct LogBuffer {
     wal: PathBuf,
     ack: PathBuf,
     file: File,
-    /// Unconfirmed batches: (end offset of its record in the file, the batch).
-    pending: VecDeque<(u64, Arc<Vec<u8>>)>,
+    /// Unconfirmed batches, oldest first: (end offset of its record in the file, its
+    /// size). The batches themselves are the writer's to keep.
+    pending: VecDeque<(u64, u64)>,
     /// The file offset confirmed so far.
     confirmed: u64,
     budget: Arc<Budget>,
@@ -140,10 +141,9 @@ impl LogBuffer {
             }
             match kind {
                 BATCH => {
-                    let batch = Arc::new(payload);
-                    buffer.budget.take(batch.len() as u64);
-                    buffer.pending.push_back((end, batch.clone()));
-                    owed.batches.push(batch);
+                    buffer.budget.take(payload.len() as u64);
+                    buffer.pending.push_back((end, payload.len() as u64));
+                    owed.batches.push(Arc::new(payload));
                 }
                 _ => owed.closed = Some(u64::from_le_bytes(payload[..8].try_into().unwrap())),
             }
@@ -151,22 +151,21 @@ impl LogBuffer {
         Ok((buffer, owed))
     }
 
-    /// Append a batch, durably; it counts against the budget until confirmed. Check
-    /// [`Budget::fits`] first: this does not wait.
-    pub fn append(&mut self, batch: Vec<u8>) -> io::Result<Arc<Vec<u8>>> {
-        let end = self.write_record(BATCH, &batch)?;
-        let batch = Arc::new(batch);
+    /// Append a batch, durably; it counts against the budget until confirmed. This
+    /// does not wait for room: see [`Budget::has_room`].
+    pub fn append(&mut self, batch: &[u8]) -> io::Result<()> {
+        let end = self.write_record(BATCH, batch)?;
         self.budget.take(batch.len() as u64);
-        self.pending.push_back((end, batch.clone()));
-        Ok(batch)
+        self.pending.push_back((end, batch.len() as u64));
+        Ok(())
     }
 
     /// The plugin confirmed the oldest pending batch.
     pub fn confirm_oldest(&mut self) -> io::Result<()> {
-        let Some((end, batch)) = self.pending.pop_front() else {
+        let Some((end, len)) = self.pending.pop_front() else {
             return Ok(());
         };
-        self.budget.give_back(batch.len() as u64);
+        self.budget.give_back(len);
         self.confirmed = end;
         write_ack(&self.ack, end)
     }
@@ -186,10 +185,6 @@ impl LogBuffer {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
-    }
-
-    pub fn budget(&self) -> &Arc<Budget> {
-        &self.budget
     }
 
     /// Batches held, not yet confirmed.
@@ -225,7 +220,7 @@ impl Drop for LogBuffer {
     fn drop(&mut self) {
         // What is still pending stays on disk for the next open; the budget is this
         // process's accounting and must not keep counting it.
-        let held: u64 = self.pending.iter().map(|(_, b)| b.len() as u64).sum();
+        let held: u64 = self.pending.iter().map(|(_, len)| len).sum();
         if held > 0 {
             self.budget.give_back(held);
         }
@@ -344,9 +339,9 @@ mod tests {
         let budget = Budget::new(1 << 20);
         let (mut b, owed) = open(d.path(), "run/1", &budget);
         assert!(owed.batches.is_empty() && owed.closed.is_none());
-        b.append(b"one".to_vec()).unwrap();
-        b.append(b"two".to_vec()).unwrap();
-        b.append(b"three".to_vec()).unwrap();
+        b.append(b"one").unwrap();
+        b.append(b"two").unwrap();
+        b.append(b"three").unwrap();
         b.confirm_oldest().unwrap();
         b.append_close(42).unwrap();
         assert_eq!(budget.used(), 8);
@@ -369,8 +364,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let budget = Budget::new(1 << 20);
         let (mut b, _) = open(d.path(), "k", &budget);
-        b.append(b"whole".to_vec()).unwrap();
-        b.append(b"cut short".to_vec()).unwrap();
+        b.append(b"whole").unwrap();
+        b.append(b"cut short").unwrap();
         drop(b);
         let wal = d.path().join("k.wal");
         let len = std::fs::metadata(&wal).unwrap().len();
@@ -384,7 +379,7 @@ mod tests {
         assert_eq!(owed.batches.len(), 1);
         assert_eq!(&owed.batches[0][..], b"whole");
         // Appending after the repair works and survives another reopen.
-        b.append(b"after".to_vec()).unwrap();
+        b.append(b"after").unwrap();
         drop(b);
         let (_, owed) = open(d.path(), "k", &budget);
         let got: Vec<&[u8]> = owed.batches.iter().map(|b| &b[..]).collect();
@@ -396,8 +391,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let budget = Budget::new(1 << 20);
         let (mut b, _) = open(d.path(), "k", &budget);
-        b.append(b"first".to_vec()).unwrap();
-        b.append(b"second".to_vec()).unwrap();
+        b.append(b"first").unwrap();
+        b.append(b"second").unwrap();
         drop(b);
         let wal = d.path().join("k.wal");
         let mut bytes = std::fs::read(&wal).unwrap();
@@ -413,9 +408,9 @@ mod tests {
         let budget = Budget::new(10);
         let d = tempfile::tempdir().unwrap();
         let (mut b, _) = open(d.path(), "k", &budget);
-        b.append(vec![0; 8]).unwrap();
+        b.append(&[0; 8]).unwrap();
         assert!(budget.has_room());
-        b.append(vec![0; 100]).unwrap(); // a batch larger than the limit still goes in
+        b.append(&[0; 100]).unwrap(); // a batch larger than the limit still goes in
         assert!(!budget.has_room());
         b.confirm_oldest().unwrap();
         assert!(!budget.has_room());

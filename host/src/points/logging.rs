@@ -143,8 +143,8 @@ impl LogWriter {
             self.pending.push_back(Arc::new(batch));
             return self.deliver().await;
         };
-        let batch = buffer.append(batch)?;
-        self.pending.push_back(batch);
+        buffer.append(&batch)?;
+        self.pending.push_back(Arc::new(batch));
         self.deliver().await
     }
 
