@@ -85,7 +85,7 @@ async fn the_api_end_to_end() {
     let api = Arc::new(Api {
         controller: s.controller.clone(),
         runtime: s.runtime.clone(),
-        reader,
+        browsers: reader.into(),
         instance_id: "test-controller".into(),
     });
     let addr = serve("127.0.0.1:0".parse().unwrap(), api).await.unwrap();

@@ -178,7 +178,7 @@ async fn a_million_line_step_is_stored_exactly_once_in_order() {
             break r;
         }
         match tokio::time::timeout(Duration::from_secs(120), updates.recv()).await {
-            Ok(Ok(Update::Run(r))) if r.id == run.id && r.status.is_final() => break r,
+            Ok(Ok(Update::Run(r))) if r.id == run.id && r.status.is_final() => break *r,
             Ok(_) => {}
             Err(_) => panic!("no progress for 120 s: {:?}", s.controller.run(&run.id)),
         }

@@ -8,127 +8,10 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Lines the job prints, one every 10 ms: long enough to kill the controller mid-step.
 const LINES: usize = 600;
-
-fn start(role: &str, config: &Path, log: &Path) -> Daemon {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    daemon(role, config, log.into())
-}
-
-/// The transport section of both configs, and of the controller's and agent's
-/// `[runtime]`-level settings.
-enum Transport {
-    Tcp { port: u16 },
-    Kafka { brokers: String },
-}
-
-impl Transport {
-    fn sections(&self, role: &str) -> String {
-        match self {
-            Transport::Tcp { port } => {
-                let grant = if role == "controller" {
-                    "bind"
-                } else {
-                    "connect"
-                };
-                format!(
-                    "[plugins.tcp-transport]\nsockets = {{ {grant} = [\"127.0.0.1:{port}\"] }}\nconfig = {{ address = \"127.0.0.1:{port}\" }}\n"
-                )
-            }
-            Transport::Kafka { brokers } => format!(
-                "[kafka]\nbrokers = \"{brokers}\"\n[plugins.kafka-transport]\nkafka = {{ topics = [\"trellis.\"] }}\nconfig = {{ prefix = \"trellis\" }}\n"
-            ),
-        }
-    }
-
-    fn name(&self) -> &str {
-        match self {
-            Transport::Tcp { .. } => "tcp-transport",
-            Transport::Kafka { .. } => "kafka-transport",
-        }
-    }
-}
-
-/// Controller and agent configs in `dir`; the controller's API port.
-fn write_configs(dir: &Path, t: &Transport) -> (PathBuf, PathBuf, u16) {
-    let http = free_port();
-    let b = bundle();
-    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
-    for (f, body) in [
-        ("secrets.toml", "agent-build-1 = \"the-agent-secret\"\n"),
-        (
-            "agent-secrets.toml",
-            "agent-build-1 = \"the-agent-secret\"\n",
-        ),
-    ] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::write(dir.join(f), body).unwrap();
-        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let controller = dir.join("controller.toml");
-    std::fs::write(
-        &controller,
-        format!(
-            r#"[runtime]
-plugin-dir = "{b}"
-[secrets]
-file = "secrets.toml"
-[controller]
-state-dir = "state"
-http = "127.0.0.1:{http}"
-transport = "{name}"
-heartbeat = "500ms"
-agents = {{ "build-1" = "agent-build-1" }}
-[plugins.file-logging]
-dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
-[plugins.file-browser]
-dirs = [{{ host = "state/logs", guest = "/logs" }}]
-{sections}"#,
-            b = b.display(),
-            name = t.name(),
-            sections = t.sections("controller"),
-        ),
-    )
-    .unwrap();
-    let agent = dir.join("agent.toml");
-    std::fs::write(
-        &agent,
-        format!(
-            r#"[runtime]
-plugin-dir = "{b}"
-[secrets]
-file = "agent-secrets.toml"
-[agent]
-name = "build-1"
-labels = ["linux"]
-secret = "agent-build-1"
-workspace = "work"
-transport = "{name}"
-heartbeat = "500ms"
-{sections}"#,
-            b = b.display(),
-            name = t.name(),
-            sections = t.sections("agent"),
-        ),
-    )
-    .unwrap();
-    (controller, agent, http)
-}
-
-fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < within, "{what} (waited {within:?})");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn controller_restarted_mid_step(t: Transport) {
     let d = tempfile::tempdir().unwrap();
@@ -246,33 +129,15 @@ fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
     let mut controller = start("controller", &controller_cfg, &daemon_log);
     let _agent = start("agent", &agent_cfg, &daemon_log);
-    wait_until(
-        &format!("the agent did not connect: {}", logs()),
-        Duration::from_secs(30),
-        || cli(&server, &["agents"]).1.contains("build-1"),
-    );
+    wait_for_agent(&server, &daemon_log);
     let run = submit_seq(&server, dir, N);
-    let mut status = String::new();
-    wait_until(
-        &format!("the run did not end: {status}\n{}", logs()),
-        Duration::from_secs(60),
-        || {
-            status = cli(&server, &["runs"]).1;
-            status
-                .lines()
-                .any(|l| l.contains(run) && l.contains("succeeded"))
-        },
-    );
+    wait_for_success(&server, run, Duration::from_secs(60), &daemon_log);
     // Nothing reached the store; all of it waits in the buffer, and /metrics says so.
     assert!(!seen.exists(), "the plugin was failing every write");
-    let metrics = http_get(http, "/metrics");
-    let buffered: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("trellis_log_buffer_bytes{plugin=\"hostile\"} "))
-        .unwrap_or_else(|| panic!("no buffer depth in /metrics:\n{metrics}"))
-        .parse()
-        .unwrap();
-    assert!(buffered > 0, "{metrics}");
+    assert!(
+        log_buffer_bytes(http, "hostile") > 0,
+        "/metrics shows nothing buffered"
+    );
     let wal_files = || {
         std::fs::read_dir(dir.join("state/log-buffer/hostile"))
             .map(|d| {
@@ -305,18 +170,6 @@ fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
     );
 }
 
-/// A plain HTTP/1.0 GET on loopback; the body.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or(out)
-}
-
 /// A full log buffer holds the step's output back instead of dropping it: with a 16 KiB
 /// bound and the store down, a step printing far more than that cannot finish; when the
 /// store comes back it does, and every event arrives exactly once, in order.
@@ -332,27 +185,14 @@ fn a_full_log_buffer_holds_the_output_back_and_drops_nothing() {
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
     let _controller = start("controller", &controller_cfg, &daemon_log);
     let _agent = start("agent", &agent_cfg, &daemon_log);
-    wait_until(
-        &format!("the agent did not connect: {}", logs()),
-        Duration::from_secs(30),
-        || cli(&server, &["agents"]).1.contains("build-1"),
-    );
+    wait_for_agent(&server, &daemon_log);
     let run = submit_seq(&server, dir, N);
     // Held back: the buffer stops growing once past its bound (by at most what the
     // controller had already taken from the link), and the step waits.
-    let buffered = || -> u64 {
-        http_get(http, "/metrics")
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("trellis_log_buffer_bytes{plugin=\"hostile\"} ")
-                    .map(|v| v.parse().unwrap())
-            })
-            .unwrap()
-    };
     std::thread::sleep(Duration::from_secs(3));
-    let first = buffered();
+    let first = log_buffer_bytes(http, "hostile");
     std::thread::sleep(Duration::from_secs(2));
-    let second = buffered();
+    let second = log_buffer_bytes(http, "hostile");
     assert!(first >= 16 << 10, "the buffer should be full: {first}");
     assert_eq!(
         first, second,
@@ -366,17 +206,7 @@ fn a_full_log_buffer_holds_the_output_back_and_drops_nothing() {
         logs()
     );
     std::fs::remove_file(dir.join("ctl/fail")).unwrap(); // the store is back
-    let mut status = String::new();
-    wait_until(
-        &format!("the run did not end: {status}\n{}", logs()),
-        Duration::from_secs(90),
-        || {
-            status = cli(&server, &["runs"]).1;
-            status
-                .lines()
-                .any(|l| l.contains(run) && l.contains("succeeded"))
-        },
-    );
+    wait_for_success(&server, run, Duration::from_secs(90), &daemon_log);
     wait_until("the log was not closed", Duration::from_secs(30), || {
         std::fs::read_dir(dir.join("state/log-buffer/hostile"))
             .map(|d| d.count() == 0)

@@ -162,3 +162,163 @@ async fn basic_auth_comes_from_the_secrets_store() {
         "the password leaked into the error: {e}"
     );
 }
+
+/// The browser gets nothing it was not granted: a cluster outside its `http` grant is
+/// refused with the line that grants it, and a password secret it was not granted
+/// stops it at load, naming the secret (never its value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_gets_only_what_it_was_granted() {
+    use trellis::points::bindings::log_browser::PageRequest;
+    let d = tempfile::tempdir().unwrap();
+    let es = EsMock::start(&[]);
+    let rt = runtime(
+        &format!(
+            "[plugins.elasticsearch-browser]\nhttp = [\"http://127.0.0.1:1\"]\nconfig = {{ url = \"{}\" }}\n",
+            es.url()
+        ),
+        d.path(),
+        &[],
+    );
+    let p = rt
+        .load(&bundle().join("elasticsearch-browser"))
+        .await
+        .unwrap();
+    let reader = trellis::points::browser::LogReader::new(p).unwrap();
+    let request = PageRequest {
+        step: None,
+        cursor: None,
+        limit: 10,
+    };
+    let e = reader
+        .read(&meta("j", "r-1"), request)
+        .await
+        .expect_err("denied")
+        .to_string();
+    assert!(
+        e.contains("denied") && e.contains("grant it in [plugins.elasticsearch-browser] http"),
+        "{e}"
+    );
+
+    let rt = runtime(
+        &format!(
+            "[plugins.elasticsearch-browser]\nhttp = [\"{url}\"]\nconfig = {{ url = \"{url}\", username = \"reader\", password-secret = \"es-password\" }}\n",
+            url = es.url()
+        ),
+        d.path(),
+        &[("es-password", "the-password")],
+    );
+    let e = rt
+        .load(&bundle().join("elasticsearch-browser"))
+        .await
+        .err()
+        .expect("the secret is not granted")
+        .to_string();
+    assert!(
+        e.contains("es-password") && e.contains("secrets") && !e.contains("the-password"),
+        "{e}"
+    );
+}
+
+/// Near-real-time reading: with seq 6 not searchable yet and 7 already, a page ends at 5
+/// (a reader that skipped 6 would never see it); once 6 is visible the next page, from
+/// the same cursor, has 6 and 7. Per step the same walk applies. Completeness counts
+/// what is searchable against the close document's final count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_serves_only_what_is_visible_without_gaps() {
+    use trellis::points::bindings::log_browser::{LogCompleteness, MissingEvents, PageRequest};
+    let d = tempfile::tempdir().unwrap();
+    let es = EsMock::start(&["--refresh-interval-ms", "-1"]);
+    let rt = runtime(
+        &format!(
+            "[plugins.elasticsearch-browser]\nhttp = [\"{url}\"]\nconfig = {{ url = \"{url}\" }}\n",
+            url = es.url()
+        ),
+        d.path(),
+        &[],
+    );
+    let reader = trellis::points::browser::LogReader::new(
+        rt.load(&bundle().join("elasticsearch-browser"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    // Documents as elasticsearch-logging writes them, under its index template (the
+    // browser's term queries need its keyword fields); odd seqs in step a, even in b.
+    let template = elasticsearch_store::documents::index_template("trellis-logs-*");
+    let (status, out) = es.call(
+        "PUT",
+        "/_index_template/trellis-logs",
+        &template.to_string(),
+    );
+    assert_eq!(status, 200, "{out}");
+    let index = |seqs: &[u64]| {
+        let mut body = String::new();
+        for s in seqs {
+            let step = if s % 2 == 1 { "a" } else { "b" };
+            body += &format!(
+                "{{\"index\":{{\"_index\":\"trellis-logs-j\",\"_id\":\"test:run:r-1:{s}\"}}}}\n{{\"@timestamp\":\"2023-11-14T22:13:20.00{s}Z\",\"message\":\"m{s}\",\"event\":{{\"sequence\":{s}}},\"trellis\":{{\"instance_id\":\"test\",\"loggable_type\":\"run\",\"loggable_id\":\"r-1\",\"job_id\":\"j\",\"step_id\":\"{step}\"}}}}\n"
+            );
+        }
+        let (status, out) = es.call("POST", "/_bulk?refresh=true", &body);
+        assert!(status == 200 && out.contains("\"errors\":false"), "{out}");
+    };
+    let log = meta("j", "r-1");
+    let page = |step: Option<&str>, cursor: Option<&str>| PageRequest {
+        step: step.map(String::from),
+        cursor: cursor.map(String::from),
+        limit: 100,
+    };
+    let seqs = |batch: &[u8]| -> Vec<u64> {
+        trellis_sdk::events::decode(batch)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    };
+
+    let c = reader.completeness(&log).await.unwrap();
+    assert!(matches!(c, LogCompleteness::Open), "{c:?}");
+    let empty = reader.read(&log, page(None, None)).await.unwrap();
+    assert_eq!((seqs(&empty.events), empty.next.as_str()), (vec![], "0"));
+
+    index(&[1, 2, 3, 4, 5, 7]);
+    let p = reader.read(&log, page(None, None)).await.unwrap();
+    assert_eq!(
+        (seqs(&p.events), p.next.as_str()),
+        (vec![1, 2, 3, 4, 5], "5")
+    );
+    let b = reader.read(&log, page(Some("b"), None)).await.unwrap();
+    assert_eq!((seqs(&b.events), b.next.as_str()), (vec![2, 4], "5"));
+    let first = trellis_sdk::events::decode(&p.events).unwrap()[0].timestamp_ms;
+    assert_eq!(first, 1_700_000_000_001);
+
+    index(&[6]);
+    let p = reader.read(&log, page(None, Some("5"))).await.unwrap();
+    assert_eq!((seqs(&p.events), p.next.as_str()), (vec![6, 7], "7"));
+    let b = reader.read(&log, page(Some("b"), Some("5"))).await.unwrap();
+    assert_eq!(seqs(&b.events), [6]);
+    let tail = reader.tail(&log, Some("a".into()), 2).await.unwrap();
+    assert_eq!(seqs(&tail), [5, 7]);
+
+    // Closed with 8 events; 7 are searchable.
+    let (status, out) = es.call(
+        "PUT",
+        "/trellis-logs-j/_doc/test:run:r-1:close",
+        r#"{"trellis":{"instance_id":"test","loggable_type":"run","loggable_id":"r-1","job_id":"j","final_count":8}}"#,
+    );
+    assert!(status == 200 || status == 201, "{out}");
+    let c = reader.completeness(&log).await.unwrap();
+    assert!(
+        matches!(
+            c,
+            LogCompleteness::Incomplete(MissingEvents {
+                expected: 8,
+                present: 7
+            })
+        ),
+        "{c:?}"
+    );
+    index(&[8]);
+    let c = reader.completeness(&log).await.unwrap();
+    assert!(matches!(c, LogCompleteness::Complete(8)), "{c:?}");
+}

@@ -493,7 +493,9 @@ async fn the_web_page_in_chromium() {
     let api = Arc::new(Api {
         controller: s.controller.clone(),
         runtime: s.runtime.clone(),
-        reader: LogReader::new(s.runtime.get("file-browser").unwrap()).unwrap(),
+        browsers: LogReader::new(s.runtime.get("file-browser").unwrap())
+            .unwrap()
+            .into(),
         instance_id: "test-controller".into(),
     });
     let addr = serve("127.0.0.1:0".parse().unwrap(), api).await.unwrap();

@@ -42,8 +42,54 @@ use std::time::Duration;
 pub struct Api {
     pub controller: Arc<Controller>,
     pub runtime: Arc<Runtime>,
-    pub reader: LogReader,
+    pub browsers: Browsers,
     pub instance_id: String,
+}
+
+/// The log browsers, by name; the first added is the default, for runs that record
+/// none (see `controller::state::LogLocator`).
+#[derive(Default)]
+pub struct Browsers {
+    readers: Vec<LogReader>,
+}
+
+impl Browsers {
+    pub fn add(&mut self, reader: LogReader) {
+        self.readers.push(reader);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&LogReader> {
+        self.readers.iter().find(|r| r.name() == name)
+    }
+
+    /// Their names, the default first.
+    pub fn names(&self) -> Vec<&str> {
+        self.readers.iter().map(LogReader::name).collect()
+    }
+
+    /// The browser `run`'s log is read with.
+    pub fn for_run(&self, run: &RunRecord) -> Result<&LogReader, String> {
+        let name = &run.log.browser;
+        let reader = if name.is_empty() {
+            self.readers.first()
+        } else {
+            self.get(name)
+        };
+        reader.ok_or_else(|| {
+            format!(
+                "run `{}` is read with log browser `{name}`, which this controller does not load: add it to [controller] log-browsers",
+                run.id
+            )
+        })
+    }
+}
+
+impl From<LogReader> for Browsers {
+    fn from(reader: LogReader) -> Browsers {
+        Browsers {
+            readers: vec![reader],
+        }
+    }
 }
 
 /// Most events one page returns.
@@ -301,7 +347,11 @@ async fn log_page(
         return error(StatusCode::NOT_FOUND, format!("no run `{id}`"));
     };
     let m = meta(&api, &run);
-    let c = match api.reader.completeness(&m).await {
+    let reader = match api.browsers.for_run(&run) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    let c = match reader.completeness(&m).await {
         Ok(c) => completeness(c),
         Err(e) => {
             return error(
@@ -311,7 +361,7 @@ async fn log_page(
         }
     };
     if let Some(n) = q.tail {
-        return match api.reader.tail(&m, q.step.clone(), n.min(MAX_PAGE)).await {
+        return match reader.tail(&m, q.step.clone(), n.min(MAX_PAGE)).await {
             Ok(buf) => Json(serde_json::json!({ "events": events(&buf), "completeness": c }))
                 .into_response(),
             Err(e) => error(
@@ -325,7 +375,7 @@ async fn log_page(
         cursor: q.cursor,
         limit: q.limit.unwrap_or(1000).clamp(1, MAX_PAGE),
     };
-    match api.reader.read(&m, req).await {
+    match reader.read(&m, req).await {
         Ok(page) => Json(serde_json::json!({ "events": events(&page.events), "next": page.next, "completeness": c })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("log store unavailable: {e}")),
     }
@@ -348,23 +398,29 @@ async fn follow(
     let Some(run) = api.controller.run(&id) else {
         return error(StatusCode::NOT_FOUND, format!("no run `{id}`"));
     };
+    if let Err(e) = api.browsers.for_run(&run) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e);
+    }
     let m = meta(&api, &run);
     struct S {
         api: Arc<Api>,
-        id: String,
+        run: RunRecord,
         meta: LogMetadata,
         step: Option<String>,
         cursor: Option<String>,
         pending: std::collections::VecDeque<Event>,
+        /// The run is over and its log complete: end at the next empty page.
+        complete: bool,
         done: bool,
     }
     let s = S {
         api,
-        id,
+        run,
         meta: m,
         step: q.step,
         cursor: q.cursor,
         pending: Default::default(),
+        complete: false,
         done: false,
     };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
@@ -380,7 +436,8 @@ async fn follow(
                 cursor: s.cursor.clone(),
                 limit: 1000,
             };
-            match s.api.reader.read(&s.meta, req).await {
+            let reader = s.api.browsers.for_run(&s.run).expect("checked above");
+            match reader.read(&s.meta, req).await {
                 Ok(page) => {
                     let evs = events(&page.events);
                     s.cursor = Some(page.next);
@@ -402,25 +459,34 @@ async fn follow(
                             .event("error")
                             .data(format!("log store unavailable: {e}")),
                     );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
                 }
             }
-            let run = s.api.controller.run(&s.id);
-            let finished = run.as_ref().is_some_and(|r| r.status.is_final());
-            if finished
-                && matches!(
-                    s.api.reader.completeness(&s.meta).await,
-                    Ok(LogCompleteness::Complete(_))
-                )
-            {
-                let r = run.expect("finished");
+            // The page above was empty. Once the run is over and its log complete, one
+            // more empty page means everything was served: what became visible between
+            // that read and the completeness check is read first.
+            if s.complete {
                 s.pending.push_back(
                     Event::default()
                         .event("end")
-                        .json_data(&r)
+                        .json_data(&s.run)
                         .unwrap_or_default(),
                 );
                 s.done = true;
                 continue;
+            }
+            if let Some(run) = s.api.controller.run(&s.run.id)
+                && run.status.is_final()
+            {
+                s.run = run;
+                if matches!(
+                    reader.completeness(&s.meta).await,
+                    Ok(LogCompleteness::Complete(_))
+                ) {
+                    s.complete = true;
+                    continue;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

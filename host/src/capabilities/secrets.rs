@@ -89,7 +89,7 @@ impl Host for InstanceState {
                 self.plugin
             );
             return Err(SecretError::Denied(format!(
-                "secret `{name}` is not granted to plugin `{}`",
+                "secret `{name}` is not granted to plugin `{0}`: add \"{name}\" to `secrets` in [plugins.{0}]",
                 self.plugin
             )));
         }
@@ -98,7 +98,7 @@ impl Host for InstanceState {
             None => {
                 tracing::warn!(plugin = %self.plugin, secret = %name, "granted secret is missing from the secret store");
                 Err(SecretError::Missing(format!(
-                    "secret `{name}` is granted but the secret store has no value for it"
+                    "secret `{name}` is granted but the secret store has no value for it: add it to the secrets file"
                 )))
             }
         }

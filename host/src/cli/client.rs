@@ -194,11 +194,15 @@ pub async fn logs(
             println!("{}", e["message"].as_str().unwrap_or_default());
         }
         if tail.is_some() || events.is_empty() {
-            if v["completeness"]["state"] == "incomplete" {
-                eprintln!(
+            match v["completeness"]["state"].as_str() {
+                Some("incomplete") => eprintln!(
                     "trellis: the log store has {} of {} events so far",
                     v["completeness"]["present"], v["completeness"]["expected"]
-                );
+                ),
+                Some("open") => eprintln!(
+                    "trellis: the log is still open: more may come (--follow waits for it)"
+                ),
+                _ => {}
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -1,10 +1,10 @@
 //! `trellis controller` and `trellis agent`: the two roles as long-running daemons.
 
 use crate::agent::worker::{AgentConfig, run_agent};
-use crate::api::{Api, serve};
+use crate::api::{Api, Browsers, serve};
 use crate::capabilities::secrets::SecretStore;
 use crate::config::DaemonConfig;
-use crate::controller::{Controller, ControllerConfig};
+use crate::controller::{Controller, ControllerConfig, LogPlugins};
 use crate::points::browser::LogReader;
 use crate::runtime::{Plugin, Runtime};
 use std::collections::HashMap;
@@ -62,15 +62,27 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
     let dir = plugin_dir(&cfg)?;
     let rt = Runtime::with_secrets(cfg, secrets.clone())?;
     let transport = load_plugin(&rt, &dir, &c.transport).await?;
-    let logging = load_plugin(&rt, &dir, &c.logging).await?;
-    let browser = load_plugin(&rt, &dir, &c.browser).await?;
+    // The defaults first, then what jobs may name besides (a name listed twice loads once).
+    let mut methods: Vec<Arc<Plugin>> = Vec::new();
+    for name in std::iter::once(&c.logging).chain(&c.logging_methods) {
+        if !methods.iter().any(|p| *p.name == **name) {
+            methods.push(load_plugin(&rt, &dir, name).await?);
+        }
+    }
+    let mut browsers = Browsers::default();
+    for name in std::iter::once(&c.browser).chain(&c.log_browsers) {
+        if browsers.get(name).is_none() {
+            browsers.add(LogReader::new(load_plugin(&rt, &dir, name).await?)?);
+        }
+    }
     if check_only {
+        let names = |v: Vec<&str>| v.join(", ");
         println!(
-            "{}: ok (controller; plugins {}, {}, {} load; {} agent(s))",
+            "{}: ok (controller; transport {}, logging {}, browsers {} load; {} agent(s))",
             file.display(),
             c.transport,
-            c.logging,
-            c.browser,
+            names(methods.iter().map(|p| &*p.name).collect()),
+            names(browsers.names()),
             agents.len()
         );
         return Ok(ExitCode::SUCCESS);
@@ -88,13 +100,16 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             multiline_start: c.multiline_start.clone(),
         },
         transport,
-        logging,
+        LogPlugins {
+            methods,
+            browsers: browsers.names().into_iter().map(String::from).collect(),
+        },
     )
     .await?;
     let api = Arc::new(Api {
         controller,
         runtime: rt.clone(),
-        reader: LogReader::new(browser)?,
+        browsers,
         instance_id: c.instance_id.clone(),
     });
     let addr = serve(c.http.parse()?, api).await?;

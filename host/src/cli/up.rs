@@ -150,7 +150,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
                 }
                 println!("{text}");
             }
-            Ok(Update::Run(r)) if r.id == run.id && r.status.is_final() => break r,
+            Ok(Update::Run(r)) if r.id == run.id && r.status.is_final() => break *r,
             Ok(_) => {}
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 eprintln!("trellis: ({n} lines not shown; the log has them all)")

@@ -45,6 +45,13 @@ pub struct ControllerSection {
     pub logging: String,
     #[serde(default = "default_browser")]
     pub browser: String,
+    /// More logging methods jobs may name (`logging = "..."` in a job file), besides
+    /// `logging`, the default.
+    #[serde(default)]
+    pub logging_methods: Vec<String>,
+    /// More log browsers jobs may name (`browser = "..."`), besides `browser`.
+    #[serde(default)]
+    pub log_browsers: Vec<String>,
     /// Agent name -> the name of the secret (in the secrets file) that agent must prove.
     #[serde(default)]
     pub agents: BTreeMap<String, String>,

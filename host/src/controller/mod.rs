@@ -15,8 +15,8 @@ use crate::protocol::{self, RunOrder, RunOutcome, StepOrder, ToAgent, ToControll
 use crate::runtime::Plugin;
 use crate::session::Session;
 use crate::session::link::{Hello, Liveness, challenge, commit_handled, exchange, welcome};
-use state::{RunRecord, RunStatus, RunStore, StepStatus};
-use std::collections::HashMap;
+use state::{LogLocator, RunRecord, RunStatus, RunStore, StepStatus};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,7 +64,8 @@ pub enum Update {
         seq: u64,
         text: String,
     },
-    Run(RunRecord),
+    /// Boxed: a run record is much larger than a line.
+    Run(Box<RunRecord>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,16 @@ pub enum SubmitError {
     NoAgent(String),
     #[error("job `{job}` uses secret `{secret}`, which is not in the controller's secret store")]
     MissingSecret { job: String, secret: String },
+    #[error(
+        "job `{job}` names {what} `{name}`, which this controller does not load; add it to [controller] {key} (loaded: {loaded})"
+    )]
+    UnknownLogPlugin {
+        job: String,
+        what: &'static str,
+        name: String,
+        key: &'static str,
+        loaded: String,
+    },
     #[error("cannot record the run: {0}")]
     State(#[from] std::io::Error),
 }
@@ -114,16 +125,42 @@ struct LogState {
     events: u64,
 }
 
+/// The plugins a controller logs with (JEP-212's locator): the logging methods, the
+/// default first, and the names of the browsers jobs may name, the default first (the
+/// HTTP API holds the browsers themselves; see `api::Browsers`).
+pub struct LogPlugins {
+    pub methods: Vec<Arc<Plugin>>,
+    pub browsers: Vec<String>,
+}
+
+impl From<Arc<Plugin>> for LogPlugins {
+    /// One logging method; runs record no browser (the API's default reads them).
+    fn from(method: Arc<Plugin>) -> LogPlugins {
+        LogPlugins {
+            methods: vec![method],
+            browsers: vec![],
+        }
+    }
+}
+
+/// A logging method and its durable buffers (`<state>/log-buffer/<plugin>/`).
+struct Method {
+    plugin: Arc<Plugin>,
+    buffers: LogBuffers,
+}
+
 pub struct Controller {
     cfg: ControllerConfig,
-    logging: Arc<Plugin>,
+    /// By plugin name; `default_method` for jobs that name none.
+    methods: BTreeMap<String, Method>,
+    default_method: String,
+    /// Browser names jobs may name, the default first.
+    browsers: Vec<String>,
     store: RunStore,
     agents: Mutex<HashMap<String, AgentSlot>>,
     /// Identifies this controller process to agents (a new one: sessions start afresh).
     epoch: String,
     logs: tokio::sync::Mutex<HashMap<String, LogState>>,
-    /// The logging plugin's durable buffers (under the state directory).
-    log_buffers: LogBuffers,
     updates: broadcast::Sender<Update>,
     /// Set by `stop`: links end quietly (the process is going away).
     stopping: std::sync::atomic::AtomicBool,
@@ -134,8 +171,14 @@ impl Controller {
     pub async fn start(
         cfg: ControllerConfig,
         transport_plugin: Arc<Plugin>,
-        logging: Arc<Plugin>,
+        logging: impl Into<LogPlugins>,
     ) -> anyhow::Result<Arc<Controller>> {
+        let logging: LogPlugins = logging.into();
+        let default_method = logging
+            .methods
+            .first()
+            .map(|p| p.name.to_string())
+            .ok_or_else(|| anyhow::anyhow!("no logging method"))?;
         if let Some(p) = &cfg.multiline_start {
             crate::agent::multiline::compile(p)
                 .map_err(|e| anyhow::anyhow!("[controller] multiline-start: {e}"))?;
@@ -152,18 +195,26 @@ impl Controller {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for agents: {e}"))?;
         let (updates, _) = broadcast::channel(65536);
-        let log_buffers = LogBuffers {
-            dir: cfg.state_dir.join("log-buffer").join(&*logging.name),
-            budget: Budget::new(cfg.log_buffer_limit),
-        };
+        let methods = logging
+            .methods
+            .into_iter()
+            .map(|plugin| {
+                let buffers = LogBuffers {
+                    dir: cfg.state_dir.join("log-buffer").join(&*plugin.name),
+                    budget: Budget::new(cfg.log_buffer_limit),
+                };
+                (plugin.name.to_string(), Method { plugin, buffers })
+            })
+            .collect();
         let c = Arc::new(Controller {
             cfg,
-            logging,
+            methods,
+            default_method,
+            browsers: logging.browsers,
             store,
             agents: Mutex::new(agents),
             epoch: hex::encode(&crate::session::auth::nonce()[..8]),
             logs: tokio::sync::Mutex::default(),
-            log_buffers,
             updates,
             stopping: Default::default(),
         });
@@ -177,12 +228,15 @@ impl Controller {
     /// Logs an earlier process left owing their plugin (batches not confirmed, a close
     /// not confirmed): reopen them so `retry_logs` delivers what they owe.
     async fn take_over_log_buffers(&self) -> anyhow::Result<()> {
-        let keys = log_buffer::leftovers(&self.log_buffers.dir).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the log buffers in {}: {e}",
-                self.log_buffers.dir.display()
-            )
-        })?;
+        let mut keys = Vec::new();
+        for m in self.methods.values() {
+            keys.extend(log_buffer::leftovers(&m.buffers.dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the log buffers in {}: {e}",
+                    m.buffers.dir.display()
+                )
+            })?);
+        }
         let mut logs = self.logs.lock().await;
         for run in keys {
             let Some(log) = self.log_of(&mut logs, "", &run).await else {
@@ -235,21 +289,25 @@ impl Controller {
         }
     }
 
-    /// Prometheus lines for the log buffer (appended to the runtime's `/metrics`).
+    /// Prometheus lines for the log buffers (appended to the runtime's `/metrics`).
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
-        let plugin = &self.logging.name;
-        let b = &self.log_buffers.budget;
-        let _ = writeln!(
-            out,
-            "# HELP trellis_log_buffer_bytes Log output on disk waiting for the logging plugin to confirm it.\n# TYPE trellis_log_buffer_bytes gauge\ntrellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {}",
-            b.used()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP trellis_log_buffer_limit_bytes When the buffer holds this much, output is held back.\n# TYPE trellis_log_buffer_limit_bytes gauge\ntrellis_log_buffer_limit_bytes{{plugin=\"{plugin}\"}} {}",
-            b.limit
-        );
+        out.push_str("# HELP trellis_log_buffer_bytes Log output on disk waiting for the logging plugin to confirm it.\n# TYPE trellis_log_buffer_bytes gauge\n");
+        for (plugin, m) in &self.methods {
+            let used = m.buffers.budget.used();
+            let _ = writeln!(
+                out,
+                "trellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {used}"
+            );
+        }
+        out.push_str("# HELP trellis_log_buffer_limit_bytes When a plugin's buffer holds this much, output is held back.\n# TYPE trellis_log_buffer_limit_bytes gauge\n");
+        for (plugin, m) in &self.methods {
+            let limit = m.buffers.budget.limit;
+            let _ = writeln!(
+                out,
+                "trellis_log_buffer_limit_bytes{{plugin=\"{plugin}\"}} {limit}"
+            );
+        }
     }
 
     /// The process is about to exit: agents' links end without being reported lost.
@@ -289,6 +347,7 @@ impl Controller {
 
     /// Place a run of `job` on a connected agent carrying its label.
     pub fn submit(&self, job: &Job) -> Result<RunRecord, SubmitError> {
+        let log = self.locate(job)?;
         let mut env: Vec<(String, String)> = job
             .env
             .iter()
@@ -325,7 +384,7 @@ impl Controller {
             let session = a[&agent].agent_session.clone();
             (agent, session)
         };
-        let record = self.store.create(job, &agent, &agent_session)?;
+        let record = self.store.create(job, &agent, &agent_session, log)?;
         let order = RunOrder {
             run: record.id.clone(),
             job: job.name.clone(),
@@ -356,7 +415,7 @@ impl Controller {
             .map(|s| s.orders.clone())
             .expect("chosen above");
         let _ = tx.try_send(ToAgent::StartRun(order));
-        let _ = self.updates.send(Update::Run(record.clone()));
+        let _ = self.updates.send(Update::Run(Box::new(record.clone())));
         Ok(record)
     }
 
@@ -481,9 +540,9 @@ impl Controller {
                 }
                 let mut delivered = Vec::new();
                 let had_work = session.unacked() > 0;
-                // The log buffer is full (the store is down): take no more output from
+                // A log buffer is full (its store is down): take no more output from
                 // this agent until it drains; the agent's steps wait.
-                let take = self.log_buffers.budget.has_room();
+                let take = self.methods.values().all(|m| m.buffers.budget.has_room());
                 if let Err(e) =
                     exchange(&mut session, &link, &mut live, 0, take, &mut delivered).await
                 {
@@ -790,7 +849,19 @@ impl Controller {
                 loggable_id: run.to_string(),
                 job_id: record.as_ref().map(|r| r.job.clone()).unwrap_or_default(),
             };
-            match LogWriter::open_buffered(self.logging.clone(), meta, &self.log_buffers).await {
+            let method = record
+                .as_ref()
+                .map(|r| r.log.method.as_str())
+                .filter(|m| !m.is_empty())
+                .unwrap_or(self.default_method.as_str());
+            let Some(m) = self.methods.get(method) else {
+                tracing::error!(
+                    run,
+                    "the run's logging method `{method}` is not loaded: add it to [controller] logging-methods"
+                );
+                return None;
+            };
+            match LogWriter::open_buffered(m.plugin.clone(), meta, &m.buffers).await {
                 Ok(writer) => {
                     let events = record.map_or(0, |r| r.events);
                     logs.insert(run.to_string(), LogState { writer, events });
@@ -804,6 +875,39 @@ impl Controller {
         logs.get_mut(run)
     }
 
+    /// The logging method and browser for a run of `job`: the job's own choice (which
+    /// must be loaded) or the defaults.
+    fn locate(&self, job: &Job) -> Result<LogLocator, SubmitError> {
+        let unknown = |what, name: &str, key, loaded: Vec<&str>| SubmitError::UnknownLogPlugin {
+            job: job.name.clone(),
+            what,
+            name: name.to_string(),
+            key,
+            loaded: if loaded.is_empty() {
+                "none".into()
+            } else {
+                loaded.join(", ")
+            },
+        };
+        let method = match &job.logging {
+            None => self.default_method.clone(),
+            Some(m) if self.methods.contains_key(m) => m.clone(),
+            Some(m) => {
+                let loaded = self.methods.keys().map(String::as_str).collect();
+                return Err(unknown("logging method", m, "logging-methods", loaded));
+            }
+        };
+        let browser = match &job.browser {
+            None => self.browsers.first().cloned().unwrap_or_default(),
+            Some(b) if self.browsers.contains(b) => b.clone(),
+            Some(b) => {
+                let loaded = self.browsers.iter().map(String::as_str).collect();
+                return Err(unknown("log browser", b, "log-browsers", loaded));
+            }
+        };
+        Ok(LogLocator { method, browser })
+    }
+
     fn update(&self, run: &str, f: impl FnOnce(&mut RunRecord)) {
         self.publish(run, self.store.update(run, f));
     }
@@ -811,7 +915,7 @@ impl Controller {
     fn publish(&self, run: &str, updated: std::io::Result<Option<RunRecord>>) {
         match updated {
             Ok(Some(r)) => {
-                let _ = self.updates.send(Update::Run(r));
+                let _ = self.updates.send(Update::Run(Box::new(r)));
             }
             Ok(None) => tracing::warn!(run, "update for an unknown run"),
             Err(e) => tracing::error!(run, "cannot record the run's state: {e}"),

@@ -74,6 +74,19 @@ pub struct RunRecord {
     /// Artifacts received and checked, in the order they arrived.
     #[serde(default)]
     pub artifacts: Vec<super::artifacts::ArtifactRecord>,
+    /// Which plugins write and read this run's log.
+    #[serde(default)]
+    pub log: LogLocator,
+}
+
+/// JEP-212's locator: the logging method a run's log is written with and the browser it
+/// is read with, fixed when the run is submitted, so a later change of the controller's
+/// defaults leaves older runs readable with the browser they were written for. Empty
+/// names (records from before this field) mean the controller's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogLocator {
+    pub method: String,
+    pub browser: String,
 }
 
 impl RunRecord {
@@ -141,7 +154,13 @@ impl RunStore {
         Ok(())
     }
 
-    pub fn create(&self, job: &Job, agent: &str, agent_session: &str) -> io::Result<RunRecord> {
+    pub fn create(
+        &self,
+        job: &Job,
+        agent: &str,
+        agent_session: &str,
+        log: LogLocator,
+    ) -> io::Result<RunRecord> {
         let mut runs = self.runs.lock().unwrap();
         let next = runs
             .keys()
@@ -170,6 +189,7 @@ impl RunStore {
             finished_ms: None,
             note: None,
             artifacts: Vec::new(),
+            log,
         };
         self.persist(&r)?;
         runs.insert(r.id.clone(), r.clone());
@@ -269,8 +289,12 @@ mod tests {
         .unwrap();
         {
             let s = RunStore::open(d.path()).unwrap();
-            let a = s.create(&job, "agent-1", "p1").unwrap();
-            let b = s.create(&job, "agent-1", "p1").unwrap();
+            let a = s
+                .create(&job, "agent-1", "p1", LogLocator::default())
+                .unwrap();
+            let b = s
+                .create(&job, "agent-1", "p1", LogLocator::default())
+                .unwrap();
             assert_eq!((a.id.as_str(), b.id.as_str()), ("r-000001", "r-000002"));
             s.update(&a.id, |r| r.finish(RunOutcome::Succeeded))
                 .unwrap();
@@ -282,7 +306,7 @@ mod tests {
         assert_eq!(running.status, RunStatus::Running);
         assert_eq!(running.agent_session, "p1");
         assert_eq!(
-            s.create(&job, "x", "p2").unwrap().id,
+            s.create(&job, "x", "p2", LogLocator::default()).unwrap().id,
             "r-000003",
             "ids continue after a restart"
         );
@@ -303,7 +327,10 @@ mod tests {
         )
         .unwrap();
         let s = RunStore::open(d.path()).unwrap();
-        let id = s.create(&job, "agent-1", "p1").unwrap().id;
+        let id = s
+            .create(&job, "agent-1", "p1", LogLocator::default())
+            .unwrap()
+            .id;
         let on_disk = || RunStore::open(d.path()).unwrap().get(&id).unwrap().events;
         assert_eq!(s.progress(&id, 5).unwrap().unwrap().events, 5);
         assert_eq!(s.get(&id).unwrap().events, 5);

@@ -7,6 +7,8 @@
 //! secrets = { DEPLOY_TOKEN = "deploy-token" }   # env name = secret name in the controller's store
 //! log-limit = "64MiB"                   # optional: keep head and tail, full log as an artifact
 //! multiline-start = '^\S'               # optional: lines not matching continue the event before
+//! logging = "elasticsearch-logging"     # optional: this job's logging method (else the controller's)
+//! browser = "elasticsearch-browser"     # optional: the browser its log is read with
 //!
 //! [[step]]
 //! name = "build"
@@ -35,6 +37,10 @@ pub struct Job {
     /// Start-of-event pattern: a line that does not match continues the event before
     /// it (see `agent::multiline`).
     pub multiline_start: Option<String>,
+    /// The logging method and log browser for this job's runs (JEP-212's locator);
+    /// None: the controller's defaults. The controller must have loaded them.
+    pub logging: Option<String>,
+    pub browser: Option<String>,
     pub steps: Vec<Step>,
 }
 
@@ -59,6 +65,8 @@ struct RawJob {
     secrets: BTreeMap<String, String>,
     log_limit: Option<ByteSize>,
     multiline_start: Option<String>,
+    logging: Option<String>,
+    browser: Option<String>,
     #[serde(default)]
     step: Vec<RawStep>,
 }
@@ -181,6 +189,17 @@ impl Job {
                 "give a pattern a new event's first line matches, e.g. '^\\S' (not indented)",
             );
         }
+        for (field, name) in [("logging", &raw.logging), ("browser", &raw.browser)] {
+            if let Some(n) = name
+                && !is_id(n)
+            {
+                bad(
+                    field.into(),
+                    format!("`{n}` is not a plugin name"),
+                    "name a plugin the controller loads, e.g. \"elasticsearch-logging\"",
+                );
+            }
+        }
         if raw.step.is_empty() {
             bad(
                 "step".into(),
@@ -264,6 +283,8 @@ impl Job {
             secrets: raw.secrets,
             log_limit: raw.log_limit.map(|b| b.0),
             multiline_start: raw.multiline_start,
+            logging: raw.logging,
+            browser: raw.browser,
             steps,
         })
     }
@@ -312,6 +333,16 @@ mod tests {
                 "`name`",
             ),
             ("agent = \"linux\"", "agent = \"\"", "`agent`"),
+            (
+                "agent = \"linux\"",
+                "agent = \"linux\"\nlogging = \"../x\"",
+                "`logging`",
+            ),
+            (
+                "agent = \"linux\"",
+                "agent = \"linux\"\nbrowser = \"a b\"",
+                "`browser`",
+            ),
             ("RUST_LOG = \"info\"", "1BAD = \"x\"", "env.1BAD"),
             (
                 "DEPLOY_TOKEN = \"deploy-token\"",

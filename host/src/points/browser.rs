@@ -23,6 +23,11 @@ impl LogReader {
         Ok(LogReader { plugin })
     }
 
+    /// The browser plugin's name.
+    pub fn name(&self) -> &str {
+        &self.plugin.name
+    }
+
     pub async fn read(&self, log: &LogMetadata, request: PageRequest) -> Result<Page, PluginError> {
         let p = &self.plugin;
         let mut inst = p.checkout().await?;

@@ -218,7 +218,7 @@ pub async fn wait_final(
             return r;
         }
         match tokio::time::timeout_at(deadline, updates.recv()).await {
-            Ok(Ok(Update::Run(r))) if r.id == id && r.status.is_final() => return r,
+            Ok(Ok(Update::Run(r))) if r.id == id && r.status.is_final() => return *r,
             Ok(_) => {}
             Err(_) => panic!("run {id} did not end within {within:?}: {:?}", c.run(id)),
         }

@@ -1,7 +1,10 @@
 //! The `trellis` binary as real processes: daemons killed on drop, CLI calls.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{bundle, free_port};
 
 /// The `trellis` binary this test build made, logging warnings only.
 pub fn trellis() -> Command {
@@ -44,4 +47,183 @@ pub fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+// Two daemons on one machine: a controller and agent `build-1` (label `linux`), as
+// processes, with their configs written into a test's directory.
+
+/// `trellis ROLE --config CONFIG`, its stderr appended to `log`.
+pub fn start(role: &str, config: &Path, log: &Path) -> Daemon {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    daemon(role, config, log.into())
+}
+
+/// The transport section of both configs, and of the controller's and agent's
+/// `[runtime]`-level settings.
+pub enum Transport {
+    Tcp { port: u16 },
+    Kafka { brokers: String },
+}
+
+impl Transport {
+    fn sections(&self, role: &str) -> String {
+        match self {
+            Transport::Tcp { port } => {
+                let grant = if role == "controller" {
+                    "bind"
+                } else {
+                    "connect"
+                };
+                format!(
+                    "[plugins.tcp-transport]\nsockets = {{ {grant} = [\"127.0.0.1:{port}\"] }}\nconfig = {{ address = \"127.0.0.1:{port}\" }}\n"
+                )
+            }
+            Transport::Kafka { brokers } => format!(
+                "[kafka]\nbrokers = \"{brokers}\"\n[plugins.kafka-transport]\nkafka = {{ topics = [\"trellis.\"] }}\nconfig = {{ prefix = \"trellis\" }}\n"
+            ),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Transport::Tcp { .. } => "tcp-transport",
+            Transport::Kafka { .. } => "kafka-transport",
+        }
+    }
+}
+
+/// Controller and agent configs in `dir`; the controller's API port.
+pub fn write_configs(dir: &Path, t: &Transport) -> (PathBuf, PathBuf, u16) {
+    let http = free_port();
+    let b = bundle();
+    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
+    for (f, body) in [
+        ("secrets.toml", "agent-build-1 = \"the-agent-secret\"\n"),
+        (
+            "agent-secrets.toml",
+            "agent-build-1 = \"the-agent-secret\"\n",
+        ),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(dir.join(f), body).unwrap();
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let controller = dir.join("controller.toml");
+    std::fs::write(
+        &controller,
+        format!(
+            r#"[runtime]
+plugin-dir = "{b}"
+[secrets]
+file = "secrets.toml"
+[controller]
+state-dir = "state"
+http = "127.0.0.1:{http}"
+transport = "{name}"
+heartbeat = "500ms"
+agents = {{ "build-1" = "agent-build-1" }}
+[plugins.file-logging]
+dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
+[plugins.file-browser]
+dirs = [{{ host = "state/logs", guest = "/logs" }}]
+{sections}"#,
+            b = b.display(),
+            name = t.name(),
+            sections = t.sections("controller"),
+        ),
+    )
+    .unwrap();
+    let agent = dir.join("agent.toml");
+    std::fs::write(
+        &agent,
+        format!(
+            r#"[runtime]
+plugin-dir = "{b}"
+[secrets]
+file = "agent-secrets.toml"
+[agent]
+name = "build-1"
+labels = ["linux"]
+secret = "agent-build-1"
+workspace = "work"
+transport = "{name}"
+heartbeat = "500ms"
+{sections}"#,
+            b = b.display(),
+            name = t.name(),
+            sections = t.sections("agent"),
+        ),
+    )
+    .unwrap();
+    (controller, agent, http)
+}
+
+pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < within, "{what} (waited {within:?})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Wait for agent `build-1` to connect; on failure, the daemons' log says why.
+pub fn wait_for_agent(server: &str, daemon_log: &Path) {
+    let t = Instant::now();
+    while !cli(server, &["agents"]).1.contains("build-1") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the agent did not connect: {}",
+            std::fs::read_to_string(daemon_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Wait for `run` to be listed `succeeded`; on failure, the last listing and the
+/// daemons' log.
+pub fn wait_for_success(server: &str, run: &str, within: Duration, daemon_log: &Path) {
+    let t = Instant::now();
+    loop {
+        let runs = cli(server, &["runs"]).1;
+        if runs
+            .lines()
+            .any(|l| l.contains(run) && l.contains("succeeded"))
+        {
+            return;
+        }
+        assert!(
+            t.elapsed() < within,
+            "the run did not succeed within {within:?}: {runs}\n{}",
+            std::fs::read_to_string(daemon_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback; the body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(out)
+}
+
+/// The depth of `plugin`'s log buffer, from the controller's `/metrics` on port `http`.
+pub fn log_buffer_bytes(http: u16, plugin: &str) -> u64 {
+    let metrics = http_get(http, "/metrics");
+    let prefix = format!("trellis_log_buffer_bytes{{plugin=\"{plugin}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no buffer depth for {plugin} in /metrics:\n{metrics}"))
+        .parse()
+        .unwrap()
 }

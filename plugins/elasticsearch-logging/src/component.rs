@@ -1,10 +1,11 @@
 //! The component: writers, the bulk loop with its retries of refused items.
 
-use crate::client::{self, call, refused};
-use crate::{
-    ITEM_ATTEMPTS, Meta, bulk_body, bulk_outcome, close_document, document, index_name,
-    index_template,
+use crate::ITEM_ATTEMPTS;
+use elasticsearch_store::client::{self, call, refused};
+use elasticsearch_store::documents::{
+    bulk_body, bulk_outcome, close_document, document, index_template,
 };
+use elasticsearch_store::index_name;
 use std::cell::Cell;
 use trellis_sdk::events::decode;
 use trellis_sdk::logging_method::{Guest, GuestWriter, Lifecycle, Side, Writer};
@@ -24,7 +25,7 @@ impl Lifecycle for EsLogging {
 }
 
 struct EsWriter {
-    meta: Meta,
+    meta: elasticsearch_store::Meta,
     index: String,
 }
 
@@ -53,12 +54,7 @@ impl Guest for EsLogging {
         }
         Ok(Writer::new(EsWriter {
             index: index_name(&s.index, &meta.job_id),
-            meta: Meta {
-                instance_id: meta.instance_id,
-                loggable_type: meta.loggable_type,
-                loggable_id: meta.loggable_id,
-                job_id: meta.job_id,
-            },
+            meta: client::meta(&meta),
         }))
     }
 }

@@ -1,11 +1,21 @@
 //! What both Elasticsearch plugins need: the cluster settings from `init` (URL, index
 //! template, credentials from the secrets store) and one HTTP call with errors of the
-//! right kind. Shared by `elasticsearch-logging` and `elasticsearch-browser` (which
-//! includes this file).
+//! right kind, shared by `elasticsearch-logging` and `elasticsearch-browser`.
 
+use crate::Meta;
 use std::sync::OnceLock;
 use trellis_sdk::config::Config;
-use trellis_sdk::{Error, http, secrets};
+use trellis_sdk::{Error, LogMetadata, http, secrets};
+
+/// The host's log metadata as the store names it.
+pub fn meta(m: &LogMetadata) -> Meta {
+    Meta {
+        instance_id: m.instance_id.clone(),
+        loggable_type: m.loggable_type.clone(),
+        loggable_id: m.loggable_id.clone(),
+        job_id: m.job_id.clone(),
+    }
+}
 
 pub struct Settings {
     pub url: String,

@@ -1,0 +1,315 @@
+//! Elasticsearch logging and browsing end to end, with the daemons as real processes and
+//! the Elasticsearch stand-in (tests/es-mock: a mock because no Elasticsearch can be
+//! installed here; it follows the documented REST API, refresh interval included):
+//!
+//! * JEP-212's locator: a job names the ES method and browser, another uses the
+//!   defaults (files); each reads back whole, per step and by tail; after the defaults
+//!   change, older runs stay readable with the browser they were written for.
+//! * The store down for the middle of a run: the run succeeds, the output waits in the
+//!   controller's buffer, and once the store is back the log is complete, no duplicate.
+//! * Near-real-time: a finished run read before a refresh is reported incomplete (and a
+//!   follower waits), then complete once the documents are visible.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Controller and agent configs (TCP) with both ES plugins granted `es`; `keys` go into
+/// `[controller]`.
+fn es_configs(dir: &Path, es: &str, keys: &str) -> (PathBuf, PathBuf, u16) {
+    let (controller, agent, http) = write_configs(dir, &Transport::Tcp { port: free_port() });
+    set_controller_keys(&controller, keys);
+    let mut cfg = std::fs::read_to_string(&controller).unwrap();
+    for p in ["elasticsearch-logging", "elasticsearch-browser"] {
+        cfg += &format!("[plugins.{p}]\nhttp = [\"{es}\"]\nconfig = {{ url = \"{es}\" }}\n");
+    }
+    std::fs::write(&controller, cfg).unwrap();
+    (controller, agent, http)
+}
+
+/// Replace what `es_configs` (or an earlier call) put into `[controller]`.
+fn set_controller_keys(controller: &Path, keys: &str) {
+    let cfg = std::fs::read_to_string(controller).unwrap();
+    let (head, tail) = cfg.split_once("transport = \"tcp-transport\"\n").unwrap();
+    let tail = tail.split_once("# end of keys\n").map_or(tail, |(_, t)| t);
+    std::fs::write(
+        controller,
+        format!("{head}transport = \"tcp-transport\"\n{keys}\n# end of keys\n{tail}"),
+    )
+    .unwrap();
+}
+
+/// A job file `NAME.toml` with steps `build` (`build_lines` lines) and `test` (`test_lines`),
+/// and extra top-level keys.
+fn job(dir: &Path, name: &str, keys: &str, build_lines: u32, test_lines: u32) -> PathBuf {
+    let f = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &f,
+        format!(
+            "name = \"{name}\"\nagent = \"linux\"\n{keys}\n[[step]]\nname = \"build\"\nrun = \"for i in $(seq 1 {build_lines}); do echo build $i; done\"\n[[step]]\nname = \"test\"\nrun = \"for i in $(seq 1 {test_lines}); do echo test $i; done\"\n"
+        ),
+    )
+    .unwrap();
+    f
+}
+
+fn lines(prefix: &str, n: u32) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix} {i}")).collect()
+}
+
+/// `trellis logs ARGS`, once the browser reports the log complete (closed, and every
+/// event searchable: ES shows documents only after a refresh); its lines.
+fn complete_log(server: &str, args: &[&str]) -> Vec<String> {
+    let t = std::time::Instant::now();
+    loop {
+        let (code, out, err) = cli(server, &[&["logs"], args].concat());
+        if code == 0 && !err.contains("so far") && !err.contains("still open") {
+            return out.lines().map(String::from).collect();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the log was not reported complete: {code} {out}{err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn submit(server: &str, job: &Path) -> String {
+    let (code, out, err) = cli(server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    out.split_whitespace()
+        .find(|w| w.starts_with("r-"))
+        .unwrap_or_else(|| panic!("no run id in {out:?}"))
+        .trim_end_matches([':', ','])
+        .to_string()
+}
+
+fn es_count(es: &EsMock, index: &str) -> Option<u64> {
+    es.call("POST", "/_refresh", "");
+    let (status, body) = es.call("GET", &format!("/{index}/_count"), "");
+    (status == 200).then(|| {
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["count"]
+            .as_u64()
+            .unwrap()
+    })
+}
+
+#[test]
+fn jobs_choose_their_logging_method_and_browser() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let es = EsMock::start(&[]);
+    let (controller_cfg, agent_cfg, http) = es_configs(
+        dir,
+        &es.url(),
+        "logging-methods = [\"elasticsearch-logging\"]\nlog-browsers = [\"elasticsearch-browser\"]",
+    );
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = dir.join("daemons.log");
+    let mut controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_for_agent(&server, &daemon_log);
+
+    // Logged to Elasticsearch, read back from it.
+    let es_job = job(
+        dir,
+        "es-job",
+        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
+        120,
+        80,
+    );
+    let es_run = submit(&server, &es_job);
+    wait_for_success(&server, &es_run, Duration::from_secs(60), &daemon_log);
+    let whole = complete_log(&server, &[&es_run]);
+    assert_eq!(whole, [lines("build", 120), lines("test", 80)].concat());
+    assert_eq!(
+        complete_log(&server, &[&es_run, "--step", "test"]),
+        lines("test", 80)
+    );
+    assert_eq!(
+        complete_log(&server, &[&es_run, "--step", "build", "--tail", "2"]),
+        ["build 119", "build 120"]
+    );
+    assert_eq!(
+        es_count(&es, "trellis-logs-es-job"),
+        Some(201),
+        "200 events and the close document"
+    );
+    assert!(!dir.join("state/logs/es-job").exists(), "not in the files");
+
+    // The defaults: files.
+    let file_job = job(dir, "file-job", "", 3, 2);
+    let file_run = submit(&server, &file_job);
+    wait_for_success(&server, &file_run, Duration::from_secs(60), &daemon_log);
+    assert_eq!(
+        complete_log(&server, &[&file_run]),
+        [lines("build", 3), lines("test", 2)].concat()
+    );
+    assert_eq!(es_count(&es, "trellis-logs-file-job"), None, "not in ES");
+
+    // A method the controller does not load is refused with the fix.
+    let bad = job(dir, "bad-job", "logging = \"no-such-method\"", 1, 1);
+    let (code, out, err) = cli(&server, &["run", bad.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("`no-such-method`")
+            && err.contains("add it to [controller] logging-methods")
+            && err.contains("elasticsearch-logging"),
+        "{err}"
+    );
+
+    // New defaults: Elasticsearch. The file-logged run is still read with its browser.
+    controller.0.kill().unwrap();
+    controller.0.wait().unwrap();
+    set_controller_keys(
+        &controller_cfg,
+        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"\nlogging-methods = [\"file-logging\"]\nlog-browsers = [\"file-browser\"]",
+    );
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    wait_for_agent(&server, &daemon_log);
+    assert_eq!(
+        complete_log(&server, &[&file_run]),
+        [lines("build", 3), lines("test", 2)].concat(),
+        "a run logged before the change reads back with the browser it was written for"
+    );
+    let next = submit(&server, &file_job);
+    wait_for_success(&server, &next, Duration::from_secs(60), &daemon_log);
+    assert_eq!(
+        complete_log(&server, &[&next]),
+        [lines("build", 3), lines("test", 2)].concat()
+    );
+    assert_eq!(
+        es_count(&es, "trellis-logs-file-job"),
+        Some(6),
+        "the default is ES now"
+    );
+}
+
+#[test]
+fn the_store_down_mid_run_loses_nothing_and_fails_nothing() {
+    const N: u32 = 400;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let port = free_port();
+    let data = dir.join("es.json");
+    let es_args = [
+        "--port",
+        &port.to_string(),
+        "--data",
+        data.to_str().unwrap(),
+        "--refresh-interval-ms",
+        "200",
+    ];
+    let es = EsMock::start(&es_args);
+    let (controller_cfg, agent_cfg, http) = es_configs(
+        dir,
+        &es.url(),
+        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
+    );
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = dir.join("daemons.log");
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_for_agent(&server, &daemon_log);
+
+    // The build step prints a line every 10 ms; the store goes away once some of it is in.
+    let f = dir.join("slow.toml");
+    std::fs::write(
+        &f,
+        format!("name = \"slow\"\nagent = \"linux\"\n[[step]]\nname = \"build\"\nrun = \"for i in $(seq 1 {N}); do echo line $i; sleep 0.01; done\"\n"),
+    )
+    .unwrap();
+    let run = submit(&server, &f);
+    wait_until("nothing reached the store", Duration::from_secs(30), || {
+        es_count(&es, "trellis-logs-slow").is_some_and(|n| n >= 20)
+    });
+    drop(es); // the store is down (its data file keeps what it confirmed)
+
+    wait_for_success(&server, &run, Duration::from_secs(60), &daemon_log);
+    assert!(
+        log_buffer_bytes(http, "elasticsearch-logging") > 0,
+        "the output waits in the controller's buffer"
+    );
+    let (code, _, err) = cli(&server, &["logs", &run]);
+    assert_ne!(code, 0, "the browser cannot reach the store either");
+    assert!(err.contains("log store unavailable"), "{err}");
+
+    let es = EsMock::start(&es_args); // back, with what it had
+    let got = complete_log(&server, &[&run]);
+    assert_eq!(got, lines("line", N), "every line once, in order");
+    assert_eq!(es_count(&es, "trellis-logs-slow"), Some(u64::from(N) + 1));
+    wait_until("the buffer did not drain", Duration::from_secs(10), || {
+        log_buffer_bytes(http, "elasticsearch-logging") == 0
+    });
+}
+
+#[test]
+fn a_finished_log_is_incomplete_until_the_store_shows_all_of_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    // No periodic refresh: documents become visible only on `_refresh`.
+    let es = EsMock::start(&["--refresh-interval-ms", "-1"]);
+    let (controller_cfg, agent_cfg, http) = es_configs(
+        dir,
+        &es.url(),
+        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
+    );
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = dir.join("daemons.log");
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_for_agent(&server, &daemon_log);
+
+    let run = submit(&server, &job(dir, "nrt", "", 30, 20));
+    wait_for_success(&server, &run, Duration::from_secs(60), &daemon_log);
+    // Closed (the close document is read in real time), nothing searchable yet.
+    wait_until("the log was not closed", Duration::from_secs(20), || {
+        es.call(
+            "GET",
+            &format!("/trellis-logs-nrt/_doc/trellis:run:{run}:close"),
+            "",
+        )
+        .0 == 200
+    });
+    let (code, out, err) = cli(&server, &["logs", &run]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "", "nothing is visible before a refresh");
+    assert!(
+        err.contains("the log store has 0 of 50 events so far"),
+        "{err}"
+    );
+    let (_, page, _) = cli(&server, &["logs", &run, "--tail", "1"]);
+    assert_eq!(page, "");
+
+    // A follower waits for the rest instead of ending short.
+    let follower = trellis()
+        .args(["logs", &run, "--follow"])
+        .env("TRELLIS_SERVER", &server)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut follower = Daemon(follower);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        follower.0.try_wait().unwrap().is_none(),
+        "the follower ended before the log was complete"
+    );
+    let (status, body) = es.call("POST", "/_refresh", "");
+    assert_eq!(status, 200, "{body}");
+    let t = std::time::Instant::now();
+    while follower.0.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the follower did not end"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut followed = String::new();
+    std::io::Read::read_to_string(follower.0.stdout.as_mut().unwrap(), &mut followed).unwrap();
+    let want = [lines("build", 30), lines("test", 20)].concat();
+    assert_eq!(followed.lines().collect::<Vec<_>>(), want);
+    assert_eq!(complete_log(&server, &[&run]), want);
+}

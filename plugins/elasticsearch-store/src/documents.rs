@@ -1,0 +1,171 @@
+//! What the logging method writes: the index template, one document per event, the close
+//! document, and `_bulk` requests and responses.
+
+use crate::{Meta, rfc3339_ms};
+use serde_json::{Value, json};
+use trellis_sdk::events::EventView;
+
+/// The index template installed on first use (`PUT /_index_template/trellis-logs`).
+pub fn index_template(pattern: &str) -> Value {
+    json!({
+        "index_patterns": [pattern],
+        "priority": 100,
+        "template": {
+            "mappings": {
+                "properties": {
+                    "@timestamp": { "type": "date" },
+                    "message": { "type": "text" },
+                    "event": { "properties": {
+                        "sequence": { "type": "long" },
+                        "dataset": { "type": "keyword" }
+                    }},
+                    "service": { "properties": { "name": { "type": "keyword" } } },
+                    "trellis": { "properties": {
+                        "instance_id": { "type": "keyword" },
+                        "loggable_type": { "type": "keyword" },
+                        "loggable_id": { "type": "keyword" },
+                        "job_id": { "type": "keyword" },
+                        "step_id": { "type": "keyword" },
+                        "final_count": { "type": "long" }
+                    }}
+                }
+            }
+        }
+    })
+}
+
+/// An event as an ECS document.
+pub fn document(meta: &Meta, e: &EventView<'_>) -> Value {
+    let mut labels = serde_json::Map::new();
+    for (k, v) in e.data() {
+        labels.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    json!({
+        "@timestamp": rfc3339_ms(e.timestamp_ms),
+        "message": e.message,
+        "event": { "sequence": e.seq, "dataset": "trellis.log" },
+        "service": { "name": "trellis" },
+        "labels": labels,
+        "trellis": {
+            "instance_id": meta.instance_id,
+            "loggable_type": meta.loggable_type,
+            "loggable_id": meta.loggable_id,
+            "job_id": meta.job_id,
+            "step_id": e.step,
+        }
+    })
+}
+
+/// The close document: the final count, for completeness checks.
+pub fn close_document(meta: &Meta, final_count: u64, now_ms: i64) -> Value {
+    json!({
+        "@timestamp": rfc3339_ms(now_ms),
+        "event": { "dataset": "trellis.log.close" },
+        "service": { "name": "trellis" },
+        "trellis": {
+            "instance_id": meta.instance_id,
+            "loggable_type": meta.loggable_type,
+            "loggable_id": meta.loggable_id,
+            "job_id": meta.job_id,
+            "final_count": final_count,
+        }
+    })
+}
+
+/// A `_bulk` body: one `op` (create or index) line and one document line per item.
+pub fn bulk_body(index: &str, op: &str, items: &[(String, Value)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, doc) in items {
+        let action = json!({ op: { "_index": index, "_id": id } });
+        serde_json::to_writer(&mut out, &action).expect("json");
+        out.push(b'\n');
+        serde_json::to_writer(&mut out, doc).expect("json");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// What a `_bulk` response says about the items sent, by position.
+#[derive(Debug, Default, PartialEq)]
+pub struct BulkOutcome {
+    /// Positions to send again (429, 503, other 5xx).
+    pub retry: Vec<usize>,
+    /// Positions refused for good, with the reason.
+    pub failed: Vec<(usize, String)>,
+}
+
+/// Read a `_bulk` response body (HTTP 200) for `sent` items.
+pub fn bulk_outcome(body: &[u8], sent: usize) -> Result<BulkOutcome, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the _bulk response is not JSON: {e}"))?;
+    let items = v["items"]
+        .as_array()
+        .ok_or("the _bulk response has no `items`")?;
+    if items.len() != sent {
+        return Err(format!(
+            "the _bulk response has {} items for {sent} sent",
+            items.len()
+        ));
+    }
+    let mut out = BulkOutcome::default();
+    for (i, item) in items.iter().enumerate() {
+        let r = item
+            .as_object()
+            .and_then(|o| o.values().next())
+            .ok_or("a _bulk item without a result")?;
+        let status = r["status"].as_u64().unwrap_or(0);
+        match status {
+            200..=299 | 409 => {} // created, or already there (a resend)
+            429 | 500..=599 => out.retry.push(i),
+            _ => {
+                let reason = r["error"]["reason"]
+                    .as_str()
+                    .or(r["error"]["type"].as_str())
+                    .unwrap_or("no reason given");
+                out.failed.push((i, format!("{status}: {reason}")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_items_are_sorted_into_done_retry_and_failed() {
+        let body = br#"{"errors":true,"items":[
+            {"create":{"_id":"a","status":201}},
+            {"create":{"_id":"b","status":409,"error":{"type":"version_conflict_engine_exception"}}},
+            {"create":{"_id":"c","status":429,"error":{"type":"es_rejected_execution_exception"}}},
+            {"create":{"_id":"d","status":400,"error":{"type":"mapper_parsing_exception","reason":"bad field"}}},
+            {"create":{"_id":"e","status":503}}]}"#;
+        let o = bulk_outcome(body, 5).unwrap();
+        assert_eq!(o.retry, [2, 4]);
+        assert_eq!(o.failed, [(3, "400: bad field".to_string())]);
+        assert!(bulk_outcome(body, 4).unwrap_err().contains("5 items for 4"));
+        assert!(bulk_outcome(b"nope", 1).is_err());
+    }
+
+    #[test]
+    fn a_bulk_body_is_ndjson_with_stable_ids() {
+        let meta = Meta {
+            instance_id: "ci".into(),
+            loggable_type: "run".into(),
+            loggable_id: "r-1".into(),
+            job_id: "build".into(),
+        };
+        let body = bulk_body(
+            "idx",
+            "create",
+            &[(meta.doc_id(Some(7)), json!({"message": "hi"}))],
+        );
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(
+            text,
+            "{\"create\":{\"_id\":\"ci:run:r-1:7\",\"_index\":\"idx\"}}\n{\"message\":\"hi\"}\n"
+        );
+        assert_eq!(meta.doc_id(None), "ci:run:r-1:close");
+    }
+}
