@@ -55,6 +55,21 @@ fn job(dir: &Path, name: &str, keys: &str, build_lines: u32, test_lines: u32) ->
     f
 }
 
+/// Both daemons started on the configs; (controller, agent, server URL, daemons' log).
+fn start_daemons(
+    dir: &Path,
+    controller: &Path,
+    agent: &Path,
+    http: u16,
+) -> (Daemon, Daemon, String, PathBuf) {
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = dir.join("daemons.log");
+    let c = start("controller", controller, &daemon_log);
+    let a = start("agent", agent, &daemon_log);
+    wait_for_agent(&server, &daemon_log);
+    (c, a, server, daemon_log)
+}
+
 fn lines(prefix: &str, n: u32) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix} {i}")).collect()
 }
@@ -106,11 +121,8 @@ fn jobs_choose_their_logging_method_and_browser() {
         &es.url(),
         "logging-methods = [\"elasticsearch-logging\"]\nlog-browsers = [\"elasticsearch-browser\"]",
     );
-    let server = format!("http://127.0.0.1:{http}");
-    let daemon_log = dir.join("daemons.log");
-    let mut controller = start("controller", &controller_cfg, &daemon_log);
-    let _agent = start("agent", &agent_cfg, &daemon_log);
-    wait_for_agent(&server, &daemon_log);
+    let (mut controller, _agent, server, daemon_log) =
+        start_daemons(dir, &controller_cfg, &agent_cfg, http);
 
     // Logged to Elasticsearch, read back from it.
     let es_job = job(
@@ -208,11 +220,8 @@ fn the_store_down_mid_run_loses_nothing_and_fails_nothing() {
         &es.url(),
         "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
     );
-    let server = format!("http://127.0.0.1:{http}");
-    let daemon_log = dir.join("daemons.log");
-    let _controller = start("controller", &controller_cfg, &daemon_log);
-    let _agent = start("agent", &agent_cfg, &daemon_log);
-    wait_for_agent(&server, &daemon_log);
+    let (_controller, _agent, server, daemon_log) =
+        start_daemons(dir, &controller_cfg, &agent_cfg, http);
 
     // The build step prints a line every 10 ms; the store goes away once some of it is in.
     let f = dir.join("slow.toml");
@@ -256,11 +265,8 @@ fn a_finished_log_is_incomplete_until_the_store_shows_all_of_it() {
         &es.url(),
         "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
     );
-    let server = format!("http://127.0.0.1:{http}");
-    let daemon_log = dir.join("daemons.log");
-    let _controller = start("controller", &controller_cfg, &daemon_log);
-    let _agent = start("agent", &agent_cfg, &daemon_log);
-    wait_for_agent(&server, &daemon_log);
+    let (_controller, _agent, server, daemon_log) =
+        start_daemons(dir, &controller_cfg, &agent_cfg, http);
 
     let run = submit(&server, &job(dir, "nrt", "", 30, 20));
     wait_for_success(&server, &run, Duration::from_secs(60), &daemon_log);
