@@ -33,6 +33,14 @@ if ! command -v stunnel4 >/dev/null && ! command -v stunnel >/dev/null; then
     apt-get install -y stunnel4
 fi
 
+# openssl makes the private CA and certificates of the HTTPS tests (es_logging.rs).
+if ! command -v openssl >/dev/null; then
+    echo "setup: installing openssl (certificates for the HTTPS tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y openssl
+fi
+
 # An independent Kafka client (pure Python) to read what Trellis wrote to the topics.
 if ! python3 -c 'import kafka' 2>/dev/null; then
     echo "setup: installing kafka-python"

@@ -164,6 +164,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             secret: "agent-secret".into(),
             workspace: dir.join("work"),
             heartbeat: trellis::session::link::DEFAULT_HEARTBEAT,
+            logs: None,
         },
         stop,
     ));

@@ -92,6 +92,18 @@ pub struct RunOrder {
     /// Start-of-event pattern for multi-line events (see `agent::multiline`).
     #[serde(default)]
     pub multiline_start: Option<String>,
+    /// Set when the run's logging method runs on the agent: the agent writes the log
+    /// itself and sends the controller `Logged` counts instead of `Output`.
+    #[serde(default)]
+    pub agent_log: Option<AgentLog>,
+}
+
+/// An agent-side log: the method to write it with, and what the log's metadata needs
+/// from the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentLog {
+    pub method: String,
+    pub instance_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +135,12 @@ pub enum ToController {
         lines: Vec<OutLine>,
         #[serde(default)]
         first: u64,
+    },
+    /// The run's agent-side log holds `events` events so far (stored durably on the
+    /// agent; the logging method delivers them).
+    Logged {
+        run: String,
+        events: u64,
     },
     StepFinished {
         run: String,
@@ -162,6 +180,7 @@ impl ToController {
         match self {
             ToController::StepStarted { run, .. }
             | ToController::Output { run, .. }
+            | ToController::Logged { run, .. }
             | ToController::StepFinished { run, .. }
             | ToController::ArtifactChunk { run, .. }
             | ToController::RunFinished { run, .. } => run,

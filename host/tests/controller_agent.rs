@@ -539,6 +539,7 @@ async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
         secret: "agent-secret".into(),
         workspace: s.dir.path().join("work"),
         heartbeat: Duration::from_millis(200),
+        logs: None,
     };
     tokio::spawn(trellis::agent::worker::run_agent(tcp, cfg, stop));
     wait_connected(&s.controller).await;

@@ -5,8 +5,13 @@
 //! * JEP-212's locator: a job names the ES method and browser, another uses the
 //!   defaults (files); each reads back whole, per step and by tail; after the defaults
 //!   change, older runs stay readable with the browser they were written for.
+//! * JEP-212's agent side: elasticsearch-logging writes from the agent. The controller
+//!   is not even granted the store (it could not write if it tried), and no output
+//!   passes through it.
 //! * The store down for the middle of a run: the run succeeds, the output waits in the
-//!   controller's buffer, and once the store is back the log is complete, no duplicate.
+//!   agent's buffer, and once the store is back the log is complete, no duplicate.
+//! * The agent killed while its buffer holds output the store has not taken: restarted,
+//!   it delivers that output and closes the log.
 //! * Near-real-time: a finished run read before a refresh is reported incomplete (and a
 //!   follower waits), then complete once the documents are visible.
 
@@ -16,17 +21,38 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Controller and agent configs (TCP) with both ES plugins granted `es`; `keys` go into
-/// `[controller]`.
+/// Controller and agent configs (TCP); `keys` go into `[controller]`. The agent writes
+/// with elasticsearch-logging, granted `es`; the controller reads with
+/// elasticsearch-browser, granted `es`, and loads elasticsearch-logging (to learn that it
+/// runs on the agent) without any grant.
 fn es_configs(dir: &Path, es: &str, keys: &str) -> (PathBuf, PathBuf, u16) {
     let (controller, agent, http) = write_configs(dir, &Transport::Tcp { port: free_port() });
     set_controller_keys(&controller, keys);
     let mut cfg = std::fs::read_to_string(&controller).unwrap();
-    for p in ["elasticsearch-logging", "elasticsearch-browser"] {
-        cfg += &format!("[plugins.{p}]\nhttp = [\"{es}\"]\nconfig = {{ url = \"{es}\" }}\n");
-    }
+    cfg += &format!("[plugins.elasticsearch-logging]\nconfig = {{ url = \"{es}\" }}\n");
+    cfg += &format!(
+        "[plugins.elasticsearch-browser]\nhttp = [\"{es}\"]\nconfig = {{ url = \"{es}\" }}\n"
+    );
     std::fs::write(&controller, cfg).unwrap();
+    let cfg = std::fs::read_to_string(&agent).unwrap().replace(
+        "heartbeat = \"500ms\"\n",
+        "heartbeat = \"500ms\"\nlogging-methods = [\"elasticsearch-logging\"]\n",
+    );
+    let cfg = cfg
+        + &format!(
+            "[plugins.elasticsearch-logging]\nhttp = [\"{es}\"]\nconfig = {{ url = \"{es}\" }}\n"
+        );
+    std::fs::write(&agent, cfg).unwrap();
     (controller, agent, http)
+}
+
+/// The agent's durable buffer files for `run`'s log that hold events (beyond the
+/// header and the log's description).
+fn agent_buffer_holds(dir: &Path, run: &str) -> bool {
+    let wal = dir.join(format!(
+        "work/.trellis/log-buffer/elasticsearch-logging/{run}.wal"
+    ));
+    std::fs::metadata(wal).is_ok_and(|m| m.len() > 200)
 }
 
 /// Replace what `es_configs` (or an earlier call) put into `[controller]`.
@@ -238,8 +264,13 @@ fn the_store_down_mid_run_loses_nothing_and_fails_nothing() {
 
     wait_for_success(&server, &run, Duration::from_secs(60), &daemon_log);
     assert!(
-        log_buffer_bytes(http, "elasticsearch-logging") > 0,
-        "the output waits in the controller's buffer"
+        agent_buffer_holds(dir, &run),
+        "the output waits in the agent's buffer"
+    );
+    assert_eq!(
+        log_buffer_bytes(http, "elasticsearch-logging"),
+        0,
+        "nothing passes through the controller"
     );
     let (code, _, err) = cli(&server, &["logs", &run]);
     assert_ne!(code, 0, "the browser cannot reach the store either");
@@ -250,8 +281,84 @@ fn the_store_down_mid_run_loses_nothing_and_fails_nothing() {
     assert_eq!(got, lines("line", N), "every line once, in order");
     assert_eq!(es_count(&es, "trellis-logs-slow"), Some(u64::from(N) + 1));
     wait_until("the buffer did not drain", Duration::from_secs(10), || {
-        log_buffer_bytes(http, "elasticsearch-logging") == 0
+        !dir.join(format!(
+            "work/.trellis/log-buffer/elasticsearch-logging/{run}.wal"
+        ))
+        .exists()
     });
+}
+
+#[test]
+fn an_agent_killed_with_undelivered_output_delivers_it_when_restarted() {
+    const N: u64 = 300;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let port = free_port();
+    let data = dir.join("es.json");
+    let es_args = [
+        "--port",
+        &port.to_string(),
+        "--data",
+        data.to_str().unwrap(),
+        "--refresh-interval-ms",
+        "200",
+    ];
+    let es = EsMock::start(&es_args);
+    let (controller_cfg, agent_cfg, http) = es_configs(
+        dir,
+        &es.url(),
+        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
+    );
+    let (_controller, mut agent, server, daemon_log) =
+        start_daemons(dir, &controller_cfg, &agent_cfg, http);
+
+    // 100 lines, a pause while the store goes away, 200 more, then a long sleep.
+    let gate = dir.join("gate");
+    let f = dir.join("killed.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "name = \"killed\"\nagent = \"linux\"\n[[step]]\nname = \"build\"\nrun = \"seq 1 100 | sed 's/^/line /'; while [ ! -e {g} ]; do sleep 0.05; done; seq 101 {N} | sed 's/^/line /'; sleep 600\"\n",
+            g = gate.display()
+        ),
+    )
+    .unwrap();
+    let run = submit(&server, &f);
+    wait_until(
+        "the first lines did not reach the store",
+        Duration::from_secs(30),
+        || es_count(&es, "trellis-logs-killed") == Some(100),
+    );
+    drop(es); // the store is down
+    std::fs::write(&gate, "").unwrap();
+    // The controller counts what the agent logged (the agent sends counts, not lines).
+    wait_until(
+        "the agent did not log every line",
+        Duration::from_secs(30),
+        || {
+            let record = http_get(http, &format!("/api/runs/{run}"));
+            serde_json::from_str::<serde_json::Value>(&record)
+                .ok()
+                .and_then(|v| v["events"].as_u64())
+                == Some(N)
+        },
+    );
+    assert!(
+        agent_buffer_holds(dir, &run),
+        "the store is down: the lines wait"
+    );
+    agent.0.kill().unwrap(); // SIGKILL, with the lines on the agent's disk only
+    agent.0.wait().unwrap();
+
+    let es = EsMock::start(&es_args); // back
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    let got = complete_log(&server, &[&run]);
+    assert_eq!(
+        got,
+        (1..=N).map(|i| format!("line {i}")).collect::<Vec<_>>(),
+        "every line once, in order, the log closed with what the run had"
+    );
+    assert_eq!(es_count(&es, "trellis-logs-killed"), Some(N + 1));
 }
 
 #[test]
@@ -318,4 +425,112 @@ fn a_finished_log_is_incomplete_until_the_store_shows_all_of_it() {
     let want = [lines("build", 30), lines("test", 20)].concat();
     assert_eq!(followed.lines().collect::<Vec<_>>(), want);
     assert_eq!(complete_log(&server, &[&run]), want);
+}
+
+#[test]
+fn an_agent_side_method_needs_an_agent_that_loads_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let es = EsMock::start(&[]);
+    let (controller_cfg, agent_cfg, http) = es_configs(
+        dir,
+        &es.url(),
+        "logging-methods = [\"elasticsearch-logging\"]",
+    );
+    // A controller-side method listed for the agent is refused when the agent starts.
+    let wrong = dir.join("wrong-agent.toml");
+    let cfg = std::fs::read_to_string(&agent_cfg).unwrap();
+    std::fs::create_dir_all(dir.join("agent-logs")).unwrap();
+    std::fs::write(
+        &wrong,
+        cfg.replace("[\"elasticsearch-logging\"]", "[\"file-logging\"]")
+            + "[plugins.file-logging]\ndirs = [{ host = \"agent-logs\", guest = \"/logs\", mode = \"read-write\" }]\n",
+    )
+    .unwrap();
+    let o = trellis()
+        .args([
+            "agent",
+            "--config",
+            wrong.to_str().unwrap(),
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("`file-logging` writes from the controller")
+            && err.contains("[controller] logging-methods"),
+        "{err}"
+    );
+
+    // An agent without the method: a job logged with it is refused, naming the fix.
+    std::fs::write(
+        &agent_cfg,
+        cfg.replace("logging-methods = [\"elasticsearch-logging\"]\n", ""),
+    )
+    .unwrap();
+    let (_controller, _agent, server, _) = start_daemons(dir, &controller_cfg, &agent_cfg, http);
+    let j = job(dir, "es-job", "logging = \"elasticsearch-logging\"", 1, 1);
+    let (code, out, err) = cli(&server, &["run", j.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains(
+            "no connected agent with label `linux` has logging method `elasticsearch-logging`"
+        ) && err.contains("[agent] logging-methods"),
+        "{err}"
+    );
+}
+
+/// Through the daemons: a storm of 429s on whole `_bulk` requests, and every
+/// seventh item refused once with 429, while a run logs 3,000 lines. The log is
+/// complete, each event stored once (the store's own counts say so).
+#[test]
+fn storms_and_partial_bulk_failures_lose_and_duplicate_nothing() {
+    const N: u64 = 3000;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let es = EsMock::start(&["--refresh-interval-ms", "200"]);
+    let (controller_cfg, agent_cfg, http) = es_configs(
+        dir,
+        &es.url(),
+        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
+    );
+    let (_controller, _agent, server, daemon_log) =
+        start_daemons(dir, &controller_cfg, &agent_cfg, http);
+    let fault = |body: &str| {
+        let (status, out) = es.call("POST", "/_mock/faults", body);
+        assert_eq!(status, 200, "{out}");
+    };
+    fault(r#"{"fail_items": {"every_nth": 7, "status": 429, "times": 1}}"#);
+    fault(r#"{"status_storm": {"status": 429, "count": 6, "match": "_bulk", "retry_after": 1}}"#);
+
+    let f = dir.join("storm.toml");
+    std::fs::write(
+        &f,
+        format!("name = \"storm\"\nagent = \"linux\"\n[[step]]\nname = \"build\"\nrun = \"seq 1 {N} | sed 's/^/line /'\"\n"),
+    )
+    .unwrap();
+    let run = submit(&server, &f);
+    wait_for_success(&server, &run, Duration::from_secs(60), &daemon_log);
+    let got = complete_log(&server, &[&run]);
+    assert_eq!(
+        got,
+        (1..=N).map(|i| format!("line {i}")).collect::<Vec<_>>(),
+        "every line once, in order"
+    );
+
+    let (_, stats) = es.call("GET", "/_mock/stats", "");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        stats["storm_responses"].as_u64().unwrap() >= 6,
+        "the storm happened: {stats}"
+    );
+    assert!(
+        stats["bulk"]["items_failed_injected"].as_u64().unwrap() > 0,
+        "items were refused: {stats}"
+    );
+    let index = &stats["indices"]["trellis-logs-storm"];
+    assert_eq!(index["docs_total"], N + 1, "{stats}");
+    assert_eq!(index["overwrites"], 0, "nothing written twice: {stats}");
 }

@@ -322,3 +322,108 @@ async fn the_browser_serves_only_what_is_visible_without_gaps() {
     let c = reader.completeness(&log).await.unwrap();
     assert!(matches!(c, LogCompleteness::Complete(8)), "{c:?}");
 }
+
+/// HTTPS to a store with a private CA, which the operator trusts for these plugins
+/// (`tls-ca`), and an API key from the secrets store: both plugins write and read over
+/// TLS. Without the CA grant the store's certificate is refused; a wrong key is
+/// `denied` without being echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_private_ca_and_an_api_key() {
+    use trellis::points::bindings::log_browser::{LogCompleteness, PageRequest};
+    let d = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(d.path());
+    let api_key = "dHJlbGxpczpzM2NyM3Q="; // base64("trellis:s3cr3t")
+    let es = EsMock::start(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--api-key",
+        api_key,
+        "--refresh-interval-ms",
+        "100",
+    ]);
+    let url = es.url();
+    assert!(url.starts_with("https://"));
+    let rt = |trust: bool, secret: &str| {
+        let ca_line = if trust {
+            format!("tls-ca = [\"{ca}\"]\n")
+        } else {
+            String::new()
+        };
+        let mut cfg = String::new();
+        for p in ["elasticsearch-logging", "elasticsearch-browser"] {
+            cfg += &format!(
+                "[plugins.{p}]\nhttp = [\"{url}\"]\n{ca_line}secrets = [\"es-key\"]\nconfig = {{ url = \"{url}\", api-key-secret = \"es-key\" }}\n"
+            );
+        }
+        runtime(&cfg, d.path(), &[("es-key", secret)])
+    };
+
+    let trusted = rt(true, api_key);
+    let p = trusted
+        .load(&bundle().join("elasticsearch-logging"))
+        .await
+        .unwrap();
+    let mut w = LogWriter::open(p, meta("tls job", "r-1")).await.unwrap();
+    w.write(batch(1, 20)).await.unwrap();
+    w.close(20).await.unwrap();
+    // The store's own count (the mock's admin stats: `_count` would need the key).
+    let (_, stats) = es.call("GET", "/_mock/stats", "");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(
+        stats["indices"]["trellis-logs-tls-job"]["docs_total"], 21,
+        "20 events and the close"
+    );
+    assert_eq!(stats["auth_failures"], 0);
+
+    let reader = trellis::points::browser::LogReader::new(
+        trusted
+            .load(&bundle().join("elasticsearch-browser"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let log = meta("tls job", "r-1");
+    // Searchable after the next refresh (100 ms).
+    let t = std::time::Instant::now();
+    loop {
+        let c = reader.completeness(&log).await.unwrap();
+        if matches!(c, LogCompleteness::Complete(20)) {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 10, "{c:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let page = PageRequest {
+        step: None,
+        cursor: None,
+        limit: 100,
+    };
+    let got = reader.read(&log, page).await.unwrap();
+    assert_eq!(trellis_sdk::events::decode(&got.events).unwrap().len(), 20);
+
+    // The same store without the operator's CA: its certificate is not trusted.
+    let p = rt(false, api_key)
+        .load(&bundle().join("elasticsearch-logging"))
+        .await
+        .unwrap();
+    let e = LogWriter::open(p, meta("tls job", "r-2"))
+        .await
+        .err()
+        .expect("an untrusted certificate")
+        .to_string();
+    assert!(e.contains("TlsProtocolError"), "{e}");
+
+    // A wrong key: denied, and not in the error.
+    let p = rt(true, "d3Jvbmc6a2V5")
+        .load(&bundle().join("elasticsearch-logging"))
+        .await
+        .unwrap();
+    let e = LogWriter::open(p, meta("tls job", "r-3"))
+        .await
+        .err()
+        .expect("a wrong key")
+        .to_string();
+    assert!(e.contains("denied") && !e.contains("d3Jvbmc6a2V5"), "{e}");
+}

@@ -85,6 +85,7 @@ fn spawn_agent(
         secret: secret.into(),
         workspace: dir.join("work"),
         heartbeat: Duration::from_millis(500),
+        logs: None,
     };
     tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
     stop_tx
@@ -396,6 +397,7 @@ async fn a_wrong_agent_secret_is_refused_over_kafka() {
         secret: "not-the-secret".into(),
         workspace: d.path().join("work"),
         heartbeat: Duration::from_millis(500),
+        logs: None,
     };
     let refused = tokio::time::timeout(
         Duration::from_secs(60),
@@ -431,6 +433,7 @@ async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work()
             secret: "agent-secret".into(),
             workspace: d.path().join("work"),
             heartbeat: Duration::from_millis(500),
+            logs: None,
         };
         tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop))
     };
@@ -506,6 +509,7 @@ async fn twenty_agents_on_one_broker_run_jobs_at_once_with_complete_logs() {
             secret: format!("secret-of-{n}"),
             workspace: d.path().join("work").join(n),
             heartbeat: Duration::from_millis(500),
+            logs: None,
         };
         tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop));
         stops.push(stop_tx);

@@ -115,6 +115,26 @@ fn grants_and_config_are_checked_against_the_manifest() {
         p.contains("plugins.jsonl-logger.config.colour") && p.contains("no config key"),
         "{p}"
     );
+
+    // A CA file that cannot be read is named, with the fix.
+    std::fs::write(d.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let rt = runtime(
+        r#"
+        [plugins.elasticsearch-logging]
+        http = ["https://es.internal:9200"]
+        tls-ca = ["missing.pem", "empty.pem"]
+        config = { url = "https://es.internal:9200" }
+        "#,
+        d.path(),
+        &[],
+    );
+    let p = problems(&rt, &bundle().join("elasticsearch-logging"));
+    assert!(
+        p.contains("plugins.elasticsearch-logging.tls-ca[0]")
+            && p.contains("missing.pem")
+            && p.contains("readable PEM file"),
+        "{p}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,7 +44,7 @@ async fn handshake(
     let controller_link = listener.accept(2000).await.unwrap().expect("accepted");
     let labels = ["linux".to_string()];
     let (agent_side, controller_side) = tokio::join!(
-        introduce(&agent_link, agent, &labels, secret, vec![], a),
+        introduce(&agent_link, agent, &labels, &[], secret, vec![], a),
         async {
             let hello = challenge(&controller_link, "epoch-1", secrets).await?;
             c.resync(hello.received);
@@ -166,9 +166,17 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             Ok(l) => l,
             Err(_) => continue,
         };
-        if introduce(&link, "agent-1", &[], "right-secret", vec![], &mut agent)
-            .await
-            .is_err()
+        if introduce(
+            &link,
+            "agent-1",
+            &[],
+            &[],
+            "right-secret",
+            vec![],
+            &mut agent,
+        )
+        .await
+        .is_err()
         {
             continue;
         }

@@ -4,9 +4,13 @@ that Trellis' logging plugins use. Python 3.11, standard library only.
 
     python3 tests/es-mock/es_mock.py --port P [--refresh-interval-ms N] [--data FILE]
                                      [--basic-auth USER:PASS] [--api-key KEY]
+                                     [--tls-cert PEM --tls-key PEM [--plain-port Q]]
 
 It listens on 127.0.0.1 only and prints "listening on 127.0.0.1:P" (flushed) once the
 socket is accepting. --port 0 picks a free port; the line then shows the real port.
+With --tls-cert/--tls-key it speaks HTTPS on P (as Elasticsearch with
+xpack.security.http.ssl) and, for the tests' own checks, plain HTTP on --plain-port
+(0 = any); the line is then "listening on 127.0.0.1:P tls plain 127.0.0.1:Q".
 
 It is NOT Elasticsearch. It follows the documented REST behaviour below and leaves out
 everything else (see README.md, "Deliberately not implemented").
@@ -3152,6 +3156,10 @@ def main(argv=None):
     ap.add_argument("--bind-retry-ms", type=int, default=5000,
                     help="keep retrying the bind this long (restart on the same port)")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    ap.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    ap.add_argument("--tls-key", metavar="PEM", help="... and this private key")
+    ap.add_argument("--plain-port", type=int, default=0,
+                    help="with --tls-cert: also plain HTTP here, for tests (0 = any)")
     args = ap.parse_args(argv)
     if args.refresh_interval_ms < -1:
         ap.error("--refresh-interval-ms must be >= -1")
@@ -3172,12 +3180,25 @@ def main(argv=None):
                 return 1
             time.sleep(0.1)
     threading.Thread(target=store.refresher, name="refresher", daemon=True).start()
+    plain = None
+    if args.tls_cert:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        plain = Server(("127.0.0.1", args.plain_port), Handler)
+        threading.Thread(target=plain.serve_forever, name="plain", daemon=True).start()
+        # The handshake happens in each request's thread, not in accept().
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True,
+                                       do_handshake_on_connect=False)
 
     def stop(*_):
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"listening on 127.0.0.1:{httpd.server_address[1]}", flush=True)
+    line = f"listening on 127.0.0.1:{httpd.server_address[1]}"
+    if plain is not None:
+        line += f" tls plain 127.0.0.1:{plain.server_address[1]}"
+    print(line, flush=True)
     try:
         httpd.serve_forever(poll_interval=0.25)
     finally:

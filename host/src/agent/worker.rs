@@ -8,6 +8,8 @@ use crate::agent::exec::{self, Output, StepCommand, Stream};
 use crate::agent::mask::Masker;
 use crate::agent::multiline::{self, MultiLine};
 use crate::points::bindings::command_transport::Lane;
+use crate::points::bindings::types::LogMetadata;
+use crate::points::log_set::{self, LeftBehind, LogSet, OpenLog};
 use crate::points::transport;
 use crate::protocol::{
     self, OutLine, RunOrder, RunOutcome, StepOutcome, ToAgent, ToController, now_ms,
@@ -22,7 +24,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Mutex, mpsc, watch};
+use trellis_sdk::events::BatchBuilder;
 
 /// Lines per output message: bounds message size and latency.
 const LINES_PER_MESSAGE: usize = 512;
@@ -31,9 +34,47 @@ const LINES_PER_MESSAGE: usize = 512;
 /// its runs: beyond it, steps wait (their output is back-pressured, never dropped).
 const MAX_UNACKED: usize = 256;
 
-/// Messages for the controller, encoded, on the bulk lane (control-lane messages go
-/// from the agent only as link signals).
-type Out = mpsc::Sender<Vec<u8>>;
+/// Where a run's messages go: to the controller, encoded, on the bulk lane
+/// (control-lane messages go from the agent only as link signals) — except, when the
+/// run's log is written here (an agent-side logging method), its output, which goes to
+/// the log, the controller getting only the count.
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::Sender<Vec<u8>>,
+    log: Option<RunLog>,
+}
+
+/// A run's agent-side log.
+#[derive(Clone)]
+struct RunLog {
+    logs: Arc<LogSet>,
+    log: Arc<Mutex<OpenLog>>,
+}
+
+impl RunLog {
+    /// Write output lines numbered from `first` into the log (durably: into the buffer
+    /// first; a store that is down gets them later), then wait while the buffers are
+    /// full, so the step's output is held back rather than piling up. The log's count.
+    async fn write(&self, step: &str, lines: &[OutLine], first: u64) -> u64 {
+        let mut log = self.log.lock().await;
+        let mut b = BatchBuilder::new();
+        for (seq, l) in (first..).zip(lines) {
+            log_set::push_line(&mut b, seq, step, l);
+            log.events = seq;
+        }
+        if !b.is_empty()
+            && let Err(e) = log.writer.write(b.finish()).await
+        {
+            tracing::warn!("log write failed, kept for retry: {e}");
+        }
+        let events = log.events;
+        drop(log);
+        while !self.logs.has_room() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        events
+    }
+}
 
 /// Run ids this agent process remembers having been given, for the handshake (see
 /// `Hello::runs`).
@@ -52,7 +93,24 @@ fn output(run: &str, step: &str, lines: Vec<OutLine>, numbered: &AtomicU64) -> T
 }
 
 async fn send(out: &Out, msg: &ToController) -> bool {
-    out.send(protocol::encode(msg, &[])).await.is_ok()
+    if let (
+        Some(log),
+        ToController::Output {
+            run,
+            step,
+            lines,
+            first,
+        },
+    ) = (&out.log, msg)
+    {
+        let events = log.write(step, lines, *first).await;
+        let counted = ToController::Logged {
+            run: run.clone(),
+            events,
+        };
+        return out.tx.send(protocol::encode(&counted, &[])).await.is_ok();
+    }
+    out.tx.send(protocol::encode(msg, &[])).await.is_ok()
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +122,9 @@ pub struct AgentConfig {
     pub workspace: PathBuf,
     /// How often an idle link says it is alive (see `session::link::Liveness`).
     pub heartbeat: Duration,
+    /// The agent-side logging methods this agent writes logs with (None: all output
+    /// goes to the controller).
+    pub logs: Option<Arc<LogSet>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +145,18 @@ pub async fn run_agent(
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut given: VecDeque<String> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
+    let log_methods: Vec<String> = match &cfg.logs {
+        Some(logs) => {
+            // Whatever an earlier agent process left undelivered: its runs are gone, so
+            // their logs are delivered and closed with what they have.
+            if let Err(e) = logs.take_over(|_| LeftBehind::Orphaned, |_| None).await {
+                tracing::error!(agent = %cfg.name, "{e}");
+            }
+            tokio::spawn(logs.clone().retry_forever());
+            logs.names().map(str::to_string).collect()
+        }
+        None => vec![],
+    };
     while !*stop.borrow() {
         let link = match transport::connect(transport_plugin.clone(), &cfg.name).await {
             Ok(l) => l,
@@ -98,6 +171,7 @@ pub async fn run_agent(
             &link,
             &cfg.name,
             &cfg.labels,
+            &log_methods,
             &cfg.secret,
             given.iter().cloned().collect(),
             &mut agent_session,
@@ -151,7 +225,8 @@ pub async fn run_agent(
                             given.pop_front();
                         }
                         given.push_back(order.run.clone());
-                        tokio::spawn(run(order, cfg.workspace.clone(), out_tx.clone(), rx));
+                        let out = out_tx.clone();
+                        tokio::spawn(run(order, cfg.workspace.clone(), out, cfg.logs.clone(), rx));
                     }
                     Ok(ToAgent::Cancel { run }) => {
                         if let Some(c) = cancels.get(&run) {
@@ -175,23 +250,38 @@ pub async fn run_agent(
 /// Everything goes on the bulk lane in the order it happened: step results and the run
 /// result must not overtake the output and artifacts before them (a run is complete only
 /// once all of it arrived).
-async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Receiver<bool>) {
+async fn run(
+    order: RunOrder,
+    workspace: PathBuf,
+    tx: mpsc::Sender<Vec<u8>>,
+    logs: Option<Arc<LogSet>>,
+    cancel: watch::Receiver<bool>,
+) {
     let dir = workspace.join(&order.run);
     let masker = Masker::new(&order.mask);
     let numbered = Arc::new(AtomicU64::new(0));
     let mut outcome = RunOutcome::Succeeded;
     let mut budget = None;
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        outcome = RunOutcome::Failed {
-            step: order
-                .steps
-                .first()
-                .map(|s| s.name.clone())
-                .unwrap_or_default(),
-            outcome: StepOutcome::CouldNotStart {
-                reason: format!("cannot create workspace {}: {e}", dir.display()),
-            },
-        };
+    let could_not_start = |reason: String| RunOutcome::Failed {
+        step: order
+            .steps
+            .first()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        outcome: StepOutcome::CouldNotStart { reason },
+    };
+    let log = match open_log(&order, logs).await {
+        Ok(log) => log,
+        Err(reason) => {
+            outcome = could_not_start(reason);
+            None
+        }
+    };
+    let out = Out { tx, log };
+    if outcome != RunOutcome::Succeeded {
+        // The log could not be opened: nothing runs.
+    } else if let Err(e) = std::fs::create_dir_all(&dir) {
+        outcome = could_not_start(format!("cannot create workspace {}: {e}", dir.display()));
     } else if let Some(limit) = order.log_limit {
         match LogBudget::new(limit, &dir) {
             Ok(b) => budget = Some(b),
@@ -249,7 +339,7 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
         if !step.artifacts.is_empty() {
             let (found, mut problems) = artifacts::find(&dir, &step_dir, &step.artifacts);
             for f in &found {
-                if let Err(e) = artifacts::send(&order.run, Some(&step.name), f, &out).await {
+                if let Err(e) = artifacts::send(&order.run, Some(&step.name), f, &out.tx).await {
                     problems.push(format!("artifact `{}` not sent: {e}", f.name));
                 }
             }
@@ -271,15 +361,44 @@ async fn run(order: RunOrder, workspace: PathBuf, out: Out, cancel: watch::Recei
     if let Some(b) = budget {
         finish_budget(b, &order.run, &out, &numbered).await;
     }
+    let lines = numbered.load(Ordering::Relaxed);
     send(
         &out,
         &ToController::RunFinished {
-            run: order.run,
+            run: order.run.clone(),
             outcome,
-            lines: numbered.load(Ordering::Relaxed),
+            lines,
         },
     )
     .await;
+    if let Some(log) = &out.log {
+        // After the run's result, so a slow store does not hold it up; a close that
+        // fails is on disk and retried.
+        log.logs.close(&order.run, lines).await;
+    }
+}
+
+/// Open the run's log here when its method runs on the agent; why not, if it cannot be.
+async fn open_log(order: &RunOrder, logs: Option<Arc<LogSet>>) -> Result<Option<RunLog>, String> {
+    let Some(wanted) = &order.agent_log else {
+        return Ok(None);
+    };
+    let Some(logs) = logs.filter(|l| l.side(&wanted.method).is_some()) else {
+        return Err(format!(
+            "this agent does not load logging method `{}`: add it to [agent] logging-methods",
+            wanted.method
+        ));
+    };
+    let meta = LogMetadata {
+        instance_id: wanted.instance_id.clone(),
+        loggable_type: "run".into(),
+        loggable_id: order.run.clone(),
+        job_id: order.job.clone(),
+    };
+    match logs.open(&order.run, &wanted.method, || (meta, 0)).await {
+        Ok(log) => Ok(Some(RunLog { logs, log })),
+        Err(e) => Err(format!("cannot open the run's log: {e}")),
+    }
 }
 
 /// The order's multi-line rule (validated by the controller; a bad one is ignored here
@@ -396,7 +515,7 @@ async fn finish_budget(b: LogBudget, run: &str, out: &Out, numbered: &AtomicU64)
             name: FULL_LOG.into(),
             path,
         };
-        if let Err(e) = artifacts::send(run, None, &f, out).await {
+        if let Err(e) = artifacts::send(run, None, &f, &out.tx).await {
             tracing::error!(run, "the full log artifact was not sent: {e}");
         }
     }

@@ -3,6 +3,12 @@
 //! answered with `HttpRequestDenied` and logged with the exact line that would allow it.
 //! Allowed requests get the host's own timeouts and a cap on the response body, since
 //! epoch deadlines do not cover time spent waiting on the network.
+//!
+//! HTTPS trusts the public roots (webpki-roots), as wasmtime-wasi-http's own client
+//! does; an operator can add CAs per plugin (`tls-ca`, for a store or BMC with a
+//! private CA). Those requests go through `send_trusting` below instead, which differs
+//! from wasmtime-wasi-http's client only in its root store. Nothing lets a plugin turn
+//! verification off.
 
 use http_body_util::BodyExt;
 use std::fmt;
@@ -74,6 +80,8 @@ fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
 pub struct HttpGate {
     pub plugin: Arc<str>,
     pub allowed: Arc<Vec<Authority>>,
+    /// HTTPS trust with the operator's extra CAs; None: wasmtime-wasi-http's client.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub timeout: Duration,
     pub max_response: u64,
     pub metrics: Arc<PluginMetrics>,
@@ -136,9 +144,31 @@ impl WasiHttpHooks for HttpGate {
             between_bytes_timeout: cap(options.between_bytes_timeout),
         };
         let max = self.max_response;
+        let trusting = self
+            .tls
+            .clone()
+            .filter(|_| request.uri().scheme() == Some(&http::uri::Scheme::HTTPS));
+        let plugin = self.plugin.clone();
+        let target = request.uri().authority().map(|a| a.to_string());
         Box::new(async move {
-            let (res, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let sent: Result<(_, IoDriver), HttpError> = match trusting {
+                Some(tls) => send_trusting(request, tls, options)
+                    .await
+                    .map(|(res, io)| (res.map(|b| b.boxed_unsync()), io)),
+                None => wasmtime_wasi_http::default_send_request(request, Some(options))
+                    .await
+                    .map(|(res, io)| (res.map(|b| b.boxed_unsync()), Box::pin(io) as IoDriver)),
+            };
+            let (res, io) = sent.inspect_err(|e| {
+                // The plugin sees only `TLS-protocol-error`; the operator gets why.
+                if let HttpError::Tls(why) = e {
+                    tracing::warn!(
+                        plugin = %plugin,
+                        "TLS with {} failed: {why}; if its certificate comes from a private CA, add the CA's PEM file to `tls-ca` in [plugins.{plugin}]",
+                        target.as_deref().unwrap_or("?"),
+                    );
+                }
+            })?;
             let res = res.map(|body| {
                 http_body_util::Limited::new(body, max as usize)
                     .map_err(move |e| match e.downcast::<HttpError>() {
@@ -153,6 +183,110 @@ impl WasiHttpHooks for HttpGate {
             ))
         })
     }
+}
+
+/// A client config trusting the public roots and the CA certificates in `files`
+/// (None when there are none). An error names the file's index and the problem.
+pub fn trusting(
+    files: &[std::path::PathBuf],
+) -> Result<Option<Arc<rustls::ClientConfig>>, (usize, String)> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+    };
+    for (i, f) in files.iter().enumerate() {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(f)
+            .and_then(|certs| certs.collect())
+            .map_err(|e| (i, format!("cannot read {}: {e}", f.display())))?;
+        if certs.is_empty() {
+            return Err((i, format!("{} holds no PEM certificate", f.display())));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                (
+                    i,
+                    format!("{}: not a usable CA certificate: {e}", f.display()),
+                )
+            })?;
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
+}
+
+/// The future that drives a request's connection until its response body is read.
+type IoDriver = std::pin::Pin<Box<dyn Future<Output = Result<(), HttpError>> + Send>>;
+
+type Sent = (
+    http::Response<http_body_util::combinators::BoxBody<bytes::Bytes, HttpError>>,
+    IoDriver,
+);
+
+/// One HTTPS request with `tls`'s trust: connect, handshake, HTTP/1.1, as
+/// `default_send_request` does, under the same timeouts.
+async fn send_trusting(
+    mut request: http::Request<WasiBody>,
+    tls: Arc<rustls::ClientConfig>,
+    options: RequestOptions,
+) -> Result<Sent, HttpError> {
+    use tokio::time::timeout;
+    let uri = request.uri();
+    let host = uri
+        .host()
+        .ok_or(HttpError::HttpRequestUriInvalid)?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let connect = options.connect_timeout.unwrap_or(Duration::from_secs(600));
+    let first_byte = options
+        .first_byte_timeout
+        .unwrap_or(Duration::from_secs(600));
+    let tcp = timeout(
+        connect,
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)?
+    .map_err(HttpError::Connect)?;
+    let name = rustls::pki_types::ServerName::try_from(host)
+        .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+    let stream = timeout(
+        connect,
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)?
+    .map_err(HttpError::Tls)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(wasmtime_wasi_http::io::TokioIo::new(stream))
+            .await
+            .map_err(HttpError::from)?;
+    // The request line carries only the path, as to an origin server.
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(request.uri().path_and_query().map_or("/", |p| p.as_str()))
+        .build()
+        .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+    // The connection is driven by its own task until the response body is read.
+    let driver = tokio::spawn(conn);
+    let res = timeout(first_byte, sender.send_request(request))
+        .await
+        .map_err(|_| HttpError::ConnectionReadTimeout)?
+        .map_err(HttpError::from)?;
+    let res = res.map(|body| body.map_err(HttpError::from).boxed());
+    let io = Box::pin(async move {
+        match driver.await {
+            Ok(r) => r.map_err(HttpError::from),
+            Err(_) => Err(HttpError::ConnectionTerminated),
+        }
+    });
+    Ok((res, io))
 }
 
 #[cfg(test)]
@@ -193,6 +327,7 @@ mod tests {
         let gate = HttpGate {
             plugin: "p".into(),
             allowed: Arc::new(vec![Authority::parse("http://127.0.0.1:9200").unwrap()]),
+            tls: None,
             timeout: Duration::from_secs(1),
             max_response: 1,
             metrics: Default::default(),

@@ -5,7 +5,9 @@ use crate::api::{Api, Browsers, serve};
 use crate::capabilities::secrets::SecretStore;
 use crate::config::DaemonConfig;
 use crate::controller::{Controller, ControllerConfig, LogPlugins};
+use crate::points::bindings::logging_method::Side;
 use crate::points::browser::LogReader;
+use crate::points::log_set::LogSet;
 use crate::runtime::{Plugin, Runtime};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -122,6 +124,35 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// The agent-side logging methods an agent writes with (`[agent] logging-methods`),
+/// their buffers under `[agent] state-dir`. A controller-side method is refused here:
+/// it would never be asked to write.
+async fn agent_logs(
+    rt: &Runtime,
+    dir: &Path,
+    a: &crate::config::AgentSection,
+) -> anyhow::Result<Option<Arc<LogSet>>> {
+    if a.logging_methods.is_empty() {
+        return Ok(None);
+    }
+    let mut plugins = Vec::new();
+    for name in &a.logging_methods {
+        plugins.push(load_plugin(rt, dir, name).await?);
+    }
+    let state = a.state_dir();
+    let logs = LogSet::new(plugins, &state.join("log-buffer"), a.log_buffer_limit.0)
+        .await
+        .map_err(|e| anyhow::anyhow!("[agent] logging-methods: {e}"))?;
+    for name in &a.logging_methods {
+        if logs.side(name) != Some(Side::Agent) {
+            anyhow::bail!(
+                "[agent] logging-methods: `{name}` writes from the controller, not the agent; list it in the controller's [controller] logging-methods instead"
+            );
+        }
+    }
+    Ok(Some(Arc::new(logs)))
+}
+
 pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
     let cfg = load(file)?;
     let Some(a) = cfg.agent.clone() else {
@@ -135,12 +166,14 @@ pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
     let dir = plugin_dir(&cfg)?;
     let rt = Runtime::with_secrets(cfg, secrets)?;
     let transport = load_plugin(&rt, &dir, &a.transport).await?;
+    let logs = agent_logs(&rt, &dir, &a).await?;
     if check_only {
         println!(
-            "{}: ok (agent `{}`; plugin {} loads)",
+            "{}: ok (agent `{}`; transport {}, logging methods {:?} load)",
             file.display(),
             a.name,
-            a.transport
+            a.transport,
+            a.logging_methods
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -158,6 +191,7 @@ pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
             secret: agent_secret,
             workspace: a.workspace.clone(),
             heartbeat: a.heartbeat.0,
+            logs,
         },
         stop,
     );

@@ -117,6 +117,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             secret: agent_secret.clone(),
             workspace: o.state.join("workspace").join(name),
             heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
+            logs: None,
         };
         tokio::spawn(run_agent(tcp.clone(), cfg, stop.clone()));
     }

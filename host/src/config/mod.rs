@@ -84,6 +84,26 @@ pub struct AgentSection {
     /// How often an idle link to the controller says it is alive.
     #[serde(default = "default_heartbeat")]
     pub heartbeat: HumanDuration,
+    /// Logging methods that write from the agent (JEP-212's agent side, e.g.
+    /// elasticsearch-logging), with their grants in `[plugins.<name>]` here: runs whose
+    /// method is one of them are placed only on agents that list it.
+    #[serde(default)]
+    pub logging_methods: Vec<String>,
+    /// The agent's own state: the durable buffers of agent-side logs. Default:
+    /// `<workspace>/.trellis`.
+    pub state_dir: Option<PathBuf>,
+    /// How much log output may wait on disk per agent-side method; when full, steps'
+    /// output is held back, never dropped.
+    #[serde(default = "default_log_buffer_limit")]
+    pub log_buffer_limit: ByteSize,
+}
+
+impl AgentSection {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.workspace.join(".trellis"))
+    }
 }
 
 fn default_heartbeat() -> HumanDuration {
@@ -195,6 +215,10 @@ pub struct PluginGrants {
     /// HTTP authorities the plugin may call, as `scheme://host:port` (needs `http`).
     #[serde(default)]
     pub http: Vec<String>,
+    /// PEM files of certificate authorities the plugin's HTTPS requests trust besides
+    /// the public ones (a store or BMC with a private CA; needs `http`).
+    #[serde(default)]
+    pub tls_ca: Vec<PathBuf>,
     /// Socket addresses the plugin may connect to or listen on (needs `sockets`).
     #[serde(default)]
     pub sockets: SocketGrants,
@@ -368,6 +392,9 @@ impl DaemonConfig {
             }
             for d in &mut g.dirs {
                 abs(&mut d.host)
+            }
+            for f in &mut g.tls_ca {
+                abs(f)
             }
         }
     }

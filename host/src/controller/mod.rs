@@ -7,16 +7,16 @@ pub mod state;
 use crate::capabilities::secrets::SecretStore;
 use crate::jobs::Job;
 use crate::points::bindings::command_transport::Lane;
+use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
-use crate::points::log_buffer::{self, Budget};
-use crate::points::logging::{LogBuffers, LogWriter};
+use crate::points::log_set::{self, LeftBehind, LogSet, OpenLog};
 use crate::points::transport::{self, Link, Listener};
-use crate::protocol::{self, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
+use crate::protocol::{self, AgentLog, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
 use crate::runtime::Plugin;
 use crate::session::Session;
 use crate::session::link::{Hello, Liveness, challenge, commit_handled, exchange, welcome};
 use state::{LogLocator, RunRecord, RunStatus, RunStore, StepStatus};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,9 +52,6 @@ pub const DEFAULT_AGENT_LOST_AFTER: Duration = Duration::from_secs(60);
 /// Default for `ControllerConfig::log_buffer_limit`.
 pub const DEFAULT_LOG_BUFFER_LIMIT: u64 = 256 << 20;
 
-/// How often logs that owe their plugin something (a store was down) are tried again.
-const LOG_RETRY_EVERY: Duration = Duration::from_secs(1);
-
 /// Something that changed, for followers (CLI, API).
 #[derive(Debug, Clone)]
 pub enum Update {
@@ -86,12 +83,18 @@ pub enum SubmitError {
         key: &'static str,
         loaded: String,
     },
+    #[error(
+        "no connected agent with label `{label}` has logging method `{method}`, which writes from the agent; add it to those agents' [agent] logging-methods (with its grants), or choose another method"
+    )]
+    NoAgentWithLogMethod { label: String, method: String },
     #[error("cannot record the run: {0}")]
     State(#[from] std::io::Error),
 }
 
 struct AgentSlot {
     labels: Vec<String>,
+    /// The agent-side logging methods the agent has loaded (see `Hello::log_methods`).
+    log_methods: Vec<String>,
     connected: bool,
     /// Since when the agent is out of contact (None while connected).
     away_since: Option<Instant>,
@@ -110,6 +113,7 @@ impl AgentSlot {
         let (tx, rx) = mpsc::channel(1024);
         AgentSlot {
             labels: vec![],
+            log_methods: vec![],
             connected: false,
             away_since: Some(Instant::now()),
             agent_session: String::new(),
@@ -118,11 +122,6 @@ impl AgentSlot {
             parked: Some((Session::default(), rx)),
         }
     }
-}
-
-struct LogState {
-    writer: LogWriter,
-    events: u64,
 }
 
 /// The plugins a controller logs with (JEP-212's locator): the logging methods, the
@@ -143,16 +142,11 @@ impl From<Arc<Plugin>> for LogPlugins {
     }
 }
 
-/// A logging method and its durable buffers (`<state>/log-buffer/<plugin>/`).
-struct Method {
-    plugin: Arc<Plugin>,
-    buffers: LogBuffers,
-}
-
 pub struct Controller {
     cfg: ControllerConfig,
-    /// By plugin name; `default_method` for jobs that name none.
-    methods: BTreeMap<String, Method>,
+    /// The logging methods and the logs written through the controller-side ones
+    /// (`<state>/log-buffer/<plugin>/`); `default_method` for jobs that name none.
+    logs: Arc<LogSet>,
     default_method: String,
     /// Browser names jobs may name, the default first.
     browsers: Vec<String>,
@@ -160,7 +154,6 @@ pub struct Controller {
     agents: Mutex<HashMap<String, AgentSlot>>,
     /// Identifies this controller process to agents (a new one: sessions start afresh).
     epoch: String,
-    logs: tokio::sync::Mutex<HashMap<String, LogState>>,
     updates: broadcast::Sender<Update>,
     /// Set by `stop`: links end quietly (the process is going away).
     stopping: std::sync::atomic::AtomicBool,
@@ -195,119 +188,57 @@ impl Controller {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for agents: {e}"))?;
         let (updates, _) = broadcast::channel(65536);
-        let methods = logging
-            .methods
-            .into_iter()
-            .map(|plugin| {
-                let buffers = LogBuffers {
-                    dir: cfg.state_dir.join("log-buffer").join(&*plugin.name),
-                    budget: Budget::new(cfg.log_buffer_limit),
-                };
-                (plugin.name.to_string(), Method { plugin, buffers })
-            })
-            .collect();
+        let logs = LogSet::new(
+            logging.methods,
+            &cfg.state_dir.join("log-buffer"),
+            cfg.log_buffer_limit,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot ask a logging method where it runs: {e}"))?;
         let c = Arc::new(Controller {
             cfg,
-            methods,
+            logs: Arc::new(logs),
             default_method,
             browsers: logging.browsers,
             store,
             agents: Mutex::new(agents),
             epoch: hex::encode(&crate::session::auth::nonce()[..8]),
-            logs: tokio::sync::Mutex::default(),
             updates,
             stopping: Default::default(),
         });
         c.take_over_log_buffers().await?;
         tokio::spawn(c.clone().accept_loop(listener));
         tokio::spawn(c.clone().watch_agents());
-        tokio::spawn(c.clone().retry_logs());
+        tokio::spawn(c.logs.clone().retry_forever());
         Ok(c)
     }
 
     /// Logs an earlier process left owing their plugin (batches not confirmed, a close
-    /// not confirmed): reopen them so `retry_logs` delivers what they owe.
+    /// not confirmed): reopen them so the retry delivers what they owe. A run still in
+    /// flight keeps its log open; others are closed with what they have.
     async fn take_over_log_buffers(&self) -> anyhow::Result<()> {
-        let mut keys = Vec::new();
-        for m in self.methods.values() {
-            keys.extend(log_buffer::leftovers(&m.buffers.dir).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot read the log buffers in {}: {e}",
-                    m.buffers.dir.display()
-                )
-            })?);
-        }
-        let mut logs = self.logs.lock().await;
-        for run in keys {
-            let Some(log) = self.log_of(&mut logs, "", &run).await else {
-                continue;
-            };
-            let finished = self.store.get(&run).is_none_or(|r| r.status.is_final());
-            if !log.writer.owes() && finished {
-                // Opened by a late message after its close: nothing to deliver, ever.
-                if let Some(idle) = logs.remove(&run)
-                    && let Err(e) = idle.writer.discard_idle()
-                {
-                    tracing::warn!(run, "cannot remove an empty log buffer: {e}");
-                }
-                continue;
-            }
-            tracing::info!(
-                run,
-                batches = log.writer.pending_batches(),
-                "log events an earlier process had not delivered: delivering them"
-            );
-        }
-        Ok(())
+        let left_behind = |run: &str| match self.store.get(run) {
+            Some(r) if !r.status.is_final() => LeftBehind::StillWritten(r.events),
+            _ => LeftBehind::Orphaned,
+        };
+        self.logs
+            .take_over(left_behind, |run| Some(self.meta_of(run)))
+            .await
     }
 
-    /// Every second, logs that owe their plugin something (the store was down, the
-    /// plugin trapped) try again; a log whose close went through is done.
-    async fn retry_logs(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(LOG_RETRY_EVERY).await;
-            let mut logs = self.logs.lock().await;
-            let owing: Vec<String> = logs
-                .iter()
-                .filter(|(_, l)| l.writer.owes())
-                .map(|(run, _)| run.clone())
-                .collect();
-            for run in owing {
-                let Some(log) = logs.get_mut(&run) else {
-                    continue;
-                };
-                let closing = log.writer.is_closing();
-                match log.writer.retry().await {
-                    Ok(()) if closing => {
-                        tracing::info!(run, "the run's log is delivered and closed");
-                        logs.remove(&run);
-                    }
-                    Ok(()) => {}
-                    Err(e) => tracing::debug!(run, "log delivery still failing: {e}"),
-                }
-            }
+    /// The description of a run's log.
+    fn meta_of(&self, run: &str) -> LogMetadata {
+        LogMetadata {
+            instance_id: self.cfg.instance_id.clone(),
+            loggable_type: "run".into(),
+            loggable_id: run.to_string(),
+            job_id: self.store.get(run).map(|r| r.job).unwrap_or_default(),
         }
     }
 
     /// Prometheus lines for the log buffers (appended to the runtime's `/metrics`).
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        out.push_str("# HELP trellis_log_buffer_bytes Log output on disk waiting for the logging plugin to confirm it.\n# TYPE trellis_log_buffer_bytes gauge\n");
-        for (plugin, m) in &self.methods {
-            let used = m.buffers.budget.used();
-            let _ = writeln!(
-                out,
-                "trellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {used}"
-            );
-        }
-        out.push_str("# HELP trellis_log_buffer_limit_bytes When a plugin's buffer holds this much, output is held back.\n# TYPE trellis_log_buffer_limit_bytes gauge\n");
-        for (plugin, m) in &self.methods {
-            let limit = m.buffers.budget.limit;
-            let _ = writeln!(
-                out,
-                "trellis_log_buffer_limit_bytes{{plugin=\"{plugin}\"}} {limit}"
-            );
-        }
+        self.logs.render_metrics(out);
     }
 
     /// The process is about to exit: agents' links end without being reported lost.
@@ -368,11 +299,20 @@ impl Controller {
         }
         let (agent, agent_session) = {
             let a = self.agents.lock().unwrap();
+            let labelled = |s: &&AgentSlot| s.connected && s.labels.contains(&job.agent);
+            // An agent-side method must be loaded on the agent that runs the job.
+            let can_log = |s: &AgentSlot| !log.on_agent || s.log_methods.contains(&log.method);
             let mut candidates: Vec<_> = a
                 .iter()
-                .filter(|(_, s)| s.connected && s.labels.contains(&job.agent))
+                .filter(|(_, s)| labelled(s) && can_log(s))
                 .map(|(n, _)| n.clone())
                 .collect();
+            if candidates.is_empty() && a.values().any(|s| labelled(&s)) {
+                return Err(SubmitError::NoAgentWithLogMethod {
+                    label: job.agent.clone(),
+                    method: log.method.clone(),
+                });
+            }
             candidates.sort();
             let busy = self.store.busy_agents();
             let agent = candidates
@@ -406,6 +346,10 @@ impl Controller {
                 .multiline_start
                 .clone()
                 .or_else(|| self.cfg.multiline_start.clone()),
+            agent_log: record.log.on_agent.then(|| AgentLog {
+                method: record.log.method.clone(),
+                instance_id: self.cfg.instance_id.clone(),
+            }),
         };
         let tx = self
             .agents
@@ -498,6 +442,7 @@ impl Controller {
                         slot.agent_session = hello.session.clone();
                     }
                     slot.labels = hello.labels.clone();
+                    slot.log_methods = hello.log_methods.clone();
                     slot.connected = true;
                     slot.away_since = None;
                     (parked, first_contact)
@@ -542,7 +487,7 @@ impl Controller {
                 let had_work = session.unacked() > 0;
                 // A log buffer is full (its store is down): take no more output from
                 // this agent until it drains; the agent's steps wait.
-                let take = self.methods.values().all(|m| m.buffers.budget.has_room());
+                let take = self.logs.has_room();
                 if let Err(e) =
                     exchange(&mut session, &link, &mut live, 0, take, &mut delivered).await
                 {
@@ -651,11 +596,9 @@ impl Controller {
     async fn mark_runs_lost(&self, agent: &str, runs: Vec<String>, note: &str) {
         for run in runs {
             tracing::warn!(agent, run, "{note}");
-            {
-                let mut logs = self.logs.lock().await;
-                if let Some(events) = logs.get(&run).map(|l| l.events) {
-                    close_log(&mut logs, &run, events).await;
-                }
+            if let Some(log) = self.logs.get(&run).await {
+                let events = log.lock().await.events;
+                self.logs.close(&run, events).await;
             }
             self.update(&run, |r| {
                 r.status = RunStatus::Lost;
@@ -707,10 +650,10 @@ impl Controller {
                 lines,
                 first,
             } => {
-                let mut logs = self.logs.lock().await;
-                let Some(log) = self.log_of(&mut logs, agent, &run).await else {
+                let Some(log) = self.log_of(agent, &run).await else {
                     return;
                 };
+                let mut log = log.lock().await;
                 let mut b = BatchBuilder::new();
                 let following = self.updates.receiver_count() > 0;
                 // Numbered by the agent; unnumbered lines are counted here.
@@ -720,20 +663,7 @@ impl Controller {
                         continue; // sent again after a controller restart: already logged
                     }
                     log.events = seq;
-                    b.push(
-                        log.events,
-                        l.ts_ms,
-                        &step,
-                        &l.text,
-                        &[(
-                            "stream",
-                            if l.stream == "err" {
-                                "stderr"
-                            } else {
-                                "stdout"
-                            },
-                        )],
-                    );
+                    log_set::push_line(&mut b, seq, &step, l);
                     // Copies for followers only when someone follows.
                     if following {
                         let _ = self.updates.send(Update::Line {
@@ -751,7 +681,10 @@ impl Controller {
                     tracing::warn!(run, "log write failed, kept for retry: {e}");
                 }
                 let events = log.events;
-                drop(logs);
+                drop(log);
+                self.publish(&run, self.store.progress(&run, events));
+            }
+            ToController::Logged { run, events } => {
                 self.publish(&run, self.store.progress(&run, events));
             }
             ToController::StepFinished { run, step, outcome } => self.update(&run, |r| {
@@ -811,20 +744,22 @@ impl Controller {
                 outcome,
                 lines,
             } => {
-                let mut logs = self.logs.lock().await;
-                // A log to close: the run had output (after a controller restart its log
-                // may not be open in this process yet).
-                let events = if lines > 0 || logs.contains_key(&run) {
-                    let Some(log) = self.log_of(&mut logs, agent, &run).await else {
+                let on_agent = self.store.get(&run).is_some_and(|r| r.log.on_agent);
+                // A log to close here: the run had output (after a controller restart its
+                // log may not be open in this process yet). An agent-side log is the
+                // agent's to close.
+                let events = if on_agent {
+                    lines
+                } else if lines > 0 || self.logs.get(&run).await.is_some() {
+                    let Some(log) = self.log_of(agent, &run).await else {
                         return;
                     };
-                    let count = log.events.max(lines);
-                    close_log(&mut logs, &run, count).await;
+                    let count = log.lock().await.events.max(lines);
+                    self.logs.close(&run, count).await;
                     count
                 } else {
                     0
                 };
-                drop(logs);
                 self.update(&run, |r| {
                     r.finish(outcome.clone());
                     r.events = r.events.max(events);
@@ -835,44 +770,26 @@ impl Controller {
 
     /// The run's open log, opened now if it is not (first output, or first since a
     /// controller restart: then the count so far comes from the run's record).
-    async fn log_of<'a>(
-        &self,
-        logs: &'a mut HashMap<String, LogState>,
-        agent: &str,
-        run: &str,
-    ) -> Option<&'a mut LogState> {
-        if !logs.contains_key(run) {
-            let record = self.store.get(run);
-            let meta = LogMetadata {
-                instance_id: self.cfg.instance_id.clone(),
-                loggable_type: "run".into(),
-                loggable_id: run.to_string(),
-                job_id: record.as_ref().map(|r| r.job.clone()).unwrap_or_default(),
-            };
-            let method = record
-                .as_ref()
-                .map(|r| r.log.method.as_str())
-                .filter(|m| !m.is_empty())
-                .unwrap_or(self.default_method.as_str());
-            let Some(m) = self.methods.get(method) else {
-                tracing::error!(
-                    run,
-                    "the run's logging method `{method}` is not loaded: add it to [controller] logging-methods"
-                );
-                return None;
-            };
-            match LogWriter::open_buffered(m.plugin.clone(), meta, &m.buffers).await {
-                Ok(writer) => {
-                    let events = record.map_or(0, |r| r.events);
-                    logs.insert(run.to_string(), LogState { writer, events });
-                }
-                Err(e) => {
-                    tracing::error!(agent, run, "cannot open the run's log: {e}");
-                    return None;
-                }
+    async fn log_of(&self, agent: &str, run: &str) -> Option<Arc<tokio::sync::Mutex<OpenLog>>> {
+        let record = self.store.get(run);
+        let method = record
+            .as_ref()
+            .map(|r| r.log.method.as_str())
+            .filter(|m| !m.is_empty())
+            .unwrap_or(self.default_method.as_str());
+        let opened = self
+            .logs
+            .open(run, method, || {
+                (self.meta_of(run), record.as_ref().map_or(0, |r| r.events))
+            })
+            .await;
+        match opened {
+            Ok(log) => Some(log),
+            Err(e) => {
+                tracing::error!(agent, run, "cannot open the run's log: {e}");
+                None
             }
         }
-        logs.get_mut(run)
     }
 
     /// The logging method and browser for a run of `job`: the job's own choice (which
@@ -891,12 +808,13 @@ impl Controller {
         };
         let method = match &job.logging {
             None => self.default_method.clone(),
-            Some(m) if self.methods.contains_key(m) => m.clone(),
+            Some(m) if self.logs.side(m).is_some() => m.clone(),
             Some(m) => {
-                let loaded = self.methods.keys().map(String::as_str).collect();
+                let loaded = self.logs.names().collect();
                 return Err(unknown("logging method", m, "logging-methods", loaded));
             }
         };
+        let on_agent = self.logs.side(&method) == Some(Side::Agent);
         let browser = match &job.browser {
             None => self.browsers.first().cloned().unwrap_or_default(),
             Some(b) if self.browsers.contains(b) => b.clone(),
@@ -905,7 +823,11 @@ impl Controller {
                 return Err(unknown("log browser", b, "log-browsers", loaded));
             }
         };
-        Ok(LogLocator { method, browser })
+        Ok(LogLocator {
+            method,
+            browser,
+            on_agent,
+        })
     }
 
     fn update(&self, run: &str, f: impl FnOnce(&mut RunRecord)) {
@@ -920,20 +842,6 @@ impl Controller {
             Ok(None) => tracing::warn!(run, "update for an unknown run"),
             Err(e) => tracing::error!(run, "cannot record the run's state: {e}"),
         }
-    }
-}
-
-/// Close `run`'s open log with `count` events. On success it leaves the map; if the
-/// plugin fails, the close is on disk and the log stays for `retry_logs` to finish.
-async fn close_log(logs: &mut HashMap<String, LogState>, run: &str, count: u64) {
-    let Some(log) = logs.get_mut(run) else {
-        return;
-    };
-    match log.writer.close(count).await {
-        Ok(()) => {
-            logs.remove(run);
-        }
-        Err(e) => tracing::warn!(run, "closing the run's log failed, kept for retry: {e}"),
     }
 }
 

@@ -87,6 +87,10 @@ pub struct RunRecord {
 pub struct LogLocator {
     pub method: String,
     pub browser: String,
+    /// The method writes from the agent (JEP-212's agent side): the controller gets
+    /// only counts, and the agent closes the log.
+    #[serde(default)]
+    pub on_agent: bool,
 }
 
 impl RunRecord {

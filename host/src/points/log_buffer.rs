@@ -17,8 +17,10 @@
 //!
 //! File layout: `TRLWAL1\n`, then records `kind:u8 len:u32 crc32:u32 payload{len}`
 //! (little-endian; kind 1 = a packed event batch, 2 = close, payload the final count as
-//! u64). A record cut short by a crash (bad length or checksum at the tail) is dropped
-//! on reopen: it was never acknowledged to anyone.
+//! u64; 3 = the log's description, written first, so a process that finds the file
+//! after a crash knows what it belongs to without asking anyone). A record cut short by
+//! a crash (bad length or checksum at the tail) is dropped on reopen: it was never
+//! acknowledged to anyone.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -30,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 const MAGIC: &[u8; 8] = b"TRLWAL1\n";
 const BATCH: u8 = 1;
 const CLOSE: u8 = 2;
+const META: u8 = 3;
 const RECORD_HEADER: u64 = 9;
 
 /// How many bytes of unconfirmed batches one plugin's logs may hold on disk.
@@ -74,6 +77,11 @@ pub struct Owed {
     pub batches: Vec<Arc<Vec<u8>>>,
     /// The log was closed with this final count, and the close was not confirmed.
     pub closed: Option<u64>,
+    /// The description written with [`LogBuffer::describe`], if any.
+    pub meta: Option<Vec<u8>>,
+    /// The highest event seq in any batch on file, confirmed or not (0: none): the
+    /// count to close a log with whose writer died before its close.
+    pub last_seq: u64,
 }
 
 /// One log's write-ahead file.
@@ -136,6 +144,13 @@ impl LogBuffer {
         };
         let mut owed = Owed::default();
         for (end, kind, payload) in records {
+            if kind == BATCH {
+                owed.last_seq = owed.last_seq.max(last_seq(&payload));
+            }
+            if kind == META {
+                owed.meta = Some(payload);
+                continue;
+            }
             if end <= confirmed {
                 continue;
             }
@@ -168,6 +183,11 @@ impl LogBuffer {
         self.budget.give_back(len);
         self.confirmed = end;
         write_ack(&self.ack, end)
+    }
+
+    /// Describe the log (once, when the file is new: see [`Owed::meta`]).
+    pub fn describe(&mut self, meta: &[u8]) -> io::Result<()> {
+        self.write_record(META, meta).map(|_| ())
     }
 
     /// Record that the log is closed with `count` events (before asking the plugin).
@@ -262,7 +282,8 @@ fn parse(bytes: &[u8]) -> (Vec<(u64, u8, Vec<u8>)>, u64) {
         };
         let mut c = flate2::Crc::new();
         c.update(payload);
-        let valid = c.sum() == crc && (kind == BATCH || (kind == CLOSE && len == 8));
+        let valid =
+            c.sum() == crc && (kind == BATCH || kind == META || (kind == CLOSE && len == 8));
         if !valid {
             break;
         }
@@ -270,6 +291,33 @@ fn parse(bytes: &[u8]) -> (Vec<(u64, u8, Vec<u8>)>, u64) {
         out.push((pos as u64, kind, payload.to_vec()));
     }
     (out, pos as u64)
+}
+
+/// The seq of a packed batch's last event (see `event-batch` in wit/types.wit); 0 if
+/// the batch is empty or not readable.
+fn last_seq(batch: &[u8]) -> u64 {
+    fn u32_at(b: &[u8], at: usize) -> Option<usize> {
+        Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize)
+    }
+    fn skip_str(b: &[u8], at: usize) -> Option<usize> {
+        Some(at + 4 + u32_at(b, at)?)
+    }
+    let walk = || -> Option<u64> {
+        let count = u32_at(batch, 0)?;
+        let (mut at, mut seq) = (4, 0);
+        for _ in 0..count {
+            seq = u64::from_le_bytes(batch.get(at..at + 8)?.try_into().ok()?);
+            at = skip_str(batch, at + 16)?; // seq, timestamp, then step
+            at = skip_str(batch, at)?; // message
+            let pairs = u32_at(batch, at)?;
+            at += 4;
+            for _ in 0..pairs * 2 {
+                at = skip_str(batch, at)?;
+            }
+        }
+        Some(seq)
+    };
+    walk().unwrap_or(0)
 }
 
 fn read_ack(path: &Path) -> io::Result<u64> {
@@ -357,6 +405,25 @@ mod tests {
         b.finish().unwrap();
         assert_eq!(budget.used(), 0);
         assert!(leftovers(d.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_description_and_the_last_seq_are_found_again() {
+        let d = tempfile::tempdir().unwrap();
+        let budget = Budget::new(1 << 20);
+        let (mut b, _) = open(d.path(), "k", &budget);
+        b.describe(b"{\"job\":\"j\"}").unwrap();
+        let mut batch = trellis_sdk::events::BatchBuilder::new();
+        batch.push(7, 0, "s", "seven", &[("stream", "stdout")]);
+        batch.push(8, 0, "s", "eight", &[]);
+        b.append(&batch.finish()).unwrap();
+        b.confirm_oldest().unwrap();
+        drop(b);
+        let (_, owed) = open(d.path(), "k", &budget);
+        assert_eq!(owed.meta.as_deref(), Some(&b"{\"job\":\"j\"}"[..]));
+        assert_eq!(owed.last_seq, 8, "confirmed batches count too");
+        assert!(owed.batches.is_empty());
+        assert_eq!(last_seq(b"\x01\0\0\0short"), 0);
     }
 
     #[test]

@@ -60,6 +60,32 @@ pub enum LogError {
         "the durable log buffer cannot be written ({0}): the output is held back until it can; check the state directory's disk"
     )]
     Buffer(#[from] std::io::Error),
+    #[error("a log buffer left without a description of its log")]
+    Undescribed,
+    #[error("logging method `{0}` is not loaded here: add it to this daemon's logging-methods")]
+    Unknown(String),
+}
+
+/// A log's description as the buffer keeps it (JSON, field names as in the WIT).
+fn encode_meta(m: &LogMetadata) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "instance-id": m.instance_id,
+        "loggable-type": m.loggable_type,
+        "loggable-id": m.loggable_id,
+        "job-id": m.job_id,
+    }))
+    .expect("strings serialize")
+}
+
+fn decode_meta(bytes: &[u8]) -> Option<LogMetadata> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let field = |k: &str| v.get(k)?.as_str().map(str::to_string);
+    Some(LogMetadata {
+        instance_id: field("instance-id")?,
+        loggable_type: field("loggable-type")?,
+        loggable_id: field("loggable-id")?,
+        job_id: field("job-id")?,
+    })
 }
 
 impl LogWriter {
@@ -80,9 +106,44 @@ impl LogWriter {
         meta: LogMetadata,
         buffers: &LogBuffers,
     ) -> Result<LogWriter, LogError> {
+        let key = meta.loggable_id.clone();
+        let (w, _) = Self::buffered(plugin, &key, buffers, |_| Some(meta)).await?;
+        Ok(w)
+    }
+
+    /// Reopen log `key` as an earlier process left it in `buffers`, described by what
+    /// it wrote there (or, for a buffer from before descriptions, by `fallback`).
+    /// Also returns the highest seq on file. `None` if there is no description at all.
+    pub async fn take_over(
+        plugin: Arc<Plugin>,
+        key: &str,
+        buffers: &LogBuffers,
+        fallback: impl FnOnce() -> Option<LogMetadata>,
+    ) -> Result<Option<(LogWriter, u64)>, LogError> {
+        let found = Self::buffered(plugin, key, buffers, |described| {
+            described.or_else(fallback)
+        })
+        .await;
+        match found {
+            Err(LogError::Undescribed) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    async fn buffered(
+        plugin: Arc<Plugin>,
+        key: &str,
+        buffers: &LogBuffers,
+        meta: impl FnOnce(Option<LogMetadata>) -> Option<LogMetadata>,
+    ) -> Result<(LogWriter, u64), LogError> {
+        let (mut buffer, owed) = LogBuffer::open(&buffers.dir, key, buffers.budget.clone())?;
+        let described = owed.meta.as_deref().and_then(decode_meta);
+        let had_description = described.is_some();
+        let meta = meta(described).ok_or(LogError::Undescribed)?;
+        if !had_description {
+            buffer.describe(&encode_meta(&meta))?;
+        }
         let mut w = Self::unopened(plugin, meta)?;
-        let (buffer, owed) =
-            LogBuffer::open(&buffers.dir, &w.meta.loggable_id, buffers.budget.clone())?;
         w.pending = owed.batches.into();
         w.closing = owed.closed;
         w.buffer = Some(buffer);
@@ -92,7 +153,7 @@ impl LogWriter {
             }
             tracing::warn!(log = %w.meta.loggable_id, "the logging plugin cannot open the log yet; its events wait in the buffer: {e}");
         }
-        Ok(w)
+        Ok((w, owed.last_seq))
     }
 
     fn unopened(plugin: Arc<Plugin>, meta: LogMetadata) -> Result<LogWriter, PluginError> {

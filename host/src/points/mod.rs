@@ -6,6 +6,7 @@ pub mod bindings;
 pub mod browser;
 pub mod fence;
 pub mod log_buffer;
+pub mod log_set;
 pub mod logging;
 pub mod transport;
 

@@ -379,6 +379,7 @@ fn resolve_grants(
     };
     needs(!g.dirs.is_empty(), Capability::Filesystem, "dirs");
     needs(!g.http.is_empty(), Capability::Http, "http");
+    needs(!g.tls_ca.is_empty(), Capability::Http, "tls-ca");
     needs(
         !g.sockets.connect.is_empty() || !g.sockets.bind.is_empty(),
         Capability::Sockets,
@@ -408,6 +409,17 @@ fn resolve_grants(
             }),
         }
     }
+    let tls = match crate::capabilities::http::trusting(&g.tls_ca) {
+        Ok(tls) => tls,
+        Err((i, problem)) => {
+            problems.push(Problem {
+                field: format!("{at}.tls-ca[{i}]"),
+                problem,
+                fix: "name a readable PEM file holding the CA's certificate".into(),
+            });
+            None
+        }
+    };
     let mut sockets = SocketGrant::default();
     for (kind, list, set) in [
         ("connect", &g.sockets.connect, &mut sockets.connect),
@@ -457,6 +469,7 @@ fn resolve_grants(
     Ok(Grants {
         dirs,
         http: Arc::new(http),
+        tls,
         sockets: Arc::new(sockets),
         secrets: Arc::new(g.secrets.iter().cloned().collect()),
         kafka: crate::capabilities::kafka::KafkaGate {

@@ -22,6 +22,8 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 pub struct Grants {
     pub dirs: Vec<DirGrant>,
     pub http: Arc<Vec<Authority>>,
+    /// HTTPS trust with the operator's extra CAs (`tls-ca`); None: the public roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub sockets: Arc<SocketGrant>,
     pub secrets: Arc<BTreeSet<String>>,
     pub kafka: crate::capabilities::kafka::KafkaGate,
@@ -79,6 +81,7 @@ impl InstanceState {
             http: HttpGate {
                 plugin: plugin.clone(),
                 allowed: grants.http.clone(),
+                tls: grants.tls.clone(),
                 timeout: limits.http_timeout,
                 max_response: limits.http_max_response,
                 metrics: metrics.clone(),

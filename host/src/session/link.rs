@@ -45,6 +45,10 @@ pub struct Hello {
     /// a run the agent is working on from one whose order never reached it.
     #[serde(default)]
     pub runs: Vec<String>,
+    /// The agent-side logging methods this agent has loaded: runs logged with one of
+    /// them are placed only on agents that have it.
+    #[serde(default)]
+    pub log_methods: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -186,6 +190,7 @@ pub async fn introduce(
     link: &Link,
     agent: &str,
     labels: &[String],
+    log_methods: &[String],
     secret: &str,
     runs: Vec<String>,
     s: &mut AgentSession,
@@ -215,6 +220,7 @@ pub async fn introduce(
         session: s.id.clone(),
         acked: s.session.acked_through(),
         runs,
+        log_methods: log_methods.to_vec(),
     };
     link.send(vec![sig(
         signal::HELLO,

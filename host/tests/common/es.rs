@@ -5,8 +5,10 @@
 use std::io::{BufRead, Read, Write};
 
 pub struct EsMock {
-    /// `127.0.0.1:PORT`
+    /// `127.0.0.1:PORT`, plain HTTP (with TLS: the mock's plain port, for `call`).
     pub addr: String,
+    /// With `--tls-cert`: `127.0.0.1:PORT` of the HTTPS side.
+    pub tls_addr: Option<String>,
     child: std::process::Child,
 }
 
@@ -25,16 +27,27 @@ impl EsMock {
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut first)
             .unwrap();
-        let addr = first
+        let said = first
             .trim()
             .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("es-mock said {first:?}"))
-            .to_string();
-        EsMock { addr, child }
+            .unwrap_or_else(|| panic!("es-mock said {first:?}"));
+        let (addr, tls_addr) = match said.split_once(" tls plain ") {
+            Some((tls, plain)) => (plain.to_string(), Some(tls.to_string())),
+            None => (said.to_string(), None),
+        };
+        EsMock {
+            addr,
+            tls_addr,
+            child,
+        }
     }
 
+    /// The URL plugins use: HTTPS when the mock speaks TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match &self.tls_addr {
+            Some(a) => format!("https://{a}"),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// `method path` with a JSON body; (status, body).
@@ -67,4 +80,80 @@ impl Drop for EsMock {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it, made with Debian's
+/// `openssl` in `dir`: (ca.pem, cert.pem, key.pem).
+pub fn tls_files(dir: &std::path::Path) -> (String, String, String) {
+    let p = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca, ca_key, csr, cert, key) = (
+        p("ca.pem"),
+        p("ca.key"),
+        p("leaf.csr"),
+        p("leaf.pem"),
+        p("leaf.key"),
+    );
+    for args in [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                &ca_key,
+                "-out",
+                &ca,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=trellis test CA",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &p("leaf.ext"),
+        ],
+    ] {
+        let o = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl (Debian's openssl package)");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    (ca, cert, key)
 }

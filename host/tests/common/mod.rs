@@ -193,6 +193,7 @@ pub fn start_agent(
         secret: secret.into(),
         workspace: s.dir.path().join(format!("work-{name}")),
         heartbeat: std::time::Duration::from_millis(200),
+        logs: None,
     };
     (
         tokio::spawn(trellis::agent::worker::run_agent(

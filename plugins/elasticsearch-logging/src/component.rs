@@ -32,8 +32,10 @@ struct EsWriter {
 impl Guest for EsLogging {
     type Writer = EsWriter;
 
+    /// JEP-212's choice for Elasticsearch: output goes from the agent straight to the
+    /// store, never through the controller.
     fn runs_on() -> Side {
-        Side::Controller
+        Side::Agent
     }
 
     fn open(meta: LogMetadata) -> Result<Writer, Error> {
