@@ -41,6 +41,20 @@ if ! command -v openssl >/dev/null; then
     apt-get install -y openssl
 fi
 
+# A Redfish BMC emulator (sushy-tools' fake driver) and ClusterLabs' own fence_redfish
+# (Debian's fence-agents), for the redfish-fence plugin's tests.
+if ! command -v sushy-emulator >/dev/null; then
+    echo "setup: installing sushy-tools (Redfish emulator)"
+    python3 -m pip install -q sushy-tools 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages sushy-tools
+fi
+if ! command -v fence_redfish >/dev/null && [ ! -x /usr/sbin/fence_redfish ]; then
+    echo "setup: installing fence-agents (fence_redfish, fence_dummy)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends fence-agents
+fi
+
 # An independent Kafka client (pure Python) to read what Trellis wrote to the topics.
 if ! python3 -c 'import kafka' 2>/dev/null; then
     echo "setup: installing kafka-python"
@@ -78,6 +92,33 @@ if ! command -v rsyslogd >/dev/null 2>&1; then
     if [ -s /run/rsyslogd.pid ] && kill -0 "$(cat /run/rsyslogd.pid)" 2>/dev/null; then
         echo "setup: stopping the rsyslogd the package started (pid $(cat /run/rsyslogd.pid))"
         "${sudo[@]}" kill "$(cat /run/rsyslogd.pid)"
+    fi
+fi
+
+# Pacemaker and corosync, for the test where Pacemaker's fencer drives a Trellis fence
+# plugin (host/tests/pacemaker.rs starts its own corosync -f and pacemakerd -f). The
+# packages must leave no service running: no service starts while they install.
+if ! command -v pacemakerd >/dev/null 2>&1 && [ ! -x /usr/sbin/pacemakerd ]; then
+    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
+    echo "setup: installing corosync and pacemaker (not started as services)"
+    policy=/usr/sbin/policy-rc.d
+    own_policy=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# trellis scripts/setup.sh: no service starts while packages install\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+        own_policy=true
+        trap '"${sudo[@]}" rm -f "$policy"' EXIT
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        corosync pacemaker pacemaker-cli-utils
+    if $own_policy; then
+        "${sudo[@]}" rm -f "$policy"
+        trap - EXIT
+    fi
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${sudo[@]}" systemctl disable --now pacemaker.service corosync.service >/dev/null 2>&1 || true
     fi
 fi
 

@@ -62,6 +62,12 @@ impl SecretStore {
         Ok(SecretStore { values })
     }
 
+    /// Add (or replace) a secret held only by this process (`trellis fence` puts the
+    /// password Pacemaker passed on stdin here).
+    pub fn insert(&mut self, name: String, value: String) {
+        self.values.insert(name, value);
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.values.get(name).map(|s| s.as_str())
     }

@@ -2,6 +2,7 @@
 
 mod client;
 mod daemon;
+mod fence;
 mod plugin;
 mod up;
 
@@ -99,6 +100,27 @@ pub enum Command {
         output: Option<PathBuf>,
         #[arg(long)]
         server: Option<String>,
+    },
+    /// Run a fence-agent plugin as a ClusterLabs fence agent (for Pacemaker's fencer):
+    /// options as key=value lines on stdin (or fence-agent options), the same actions,
+    /// metadata XML and exit codes (0 ok / status ON, 2 status OFF, 1 failed). Install
+    /// it as a `fence_*` program with a wrapper naming the plugin.
+    #[command(
+        after_help = "Example wrapper (/usr/sbin/fence_trellis_redfish):\n  #!/bin/sh\n  exec trellis fence --name fence_trellis_redfish --plugin /usr/lib/trellis/redfish-fence --config /etc/trellis/fence.toml \"$@\""
+    )]
+    Fence {
+        /// The fence-agent plugin (its directory, plugin.toml or .wasm).
+        #[arg(long)]
+        plugin: PathBuf,
+        /// A daemon configuration with the plugin's grants in [plugins.<name>].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The agent's name in its metadata (default: the plugin's own).
+        #[arg(long)]
+        name: Option<String>,
+        /// fence-agent options (-o off --ip=...); none: key=value lines on stdin.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        options: Vec<String>,
     },
     /// List connected agents.
     Agents {
@@ -211,6 +233,20 @@ pub fn run(cli: Cli) -> ExitCode {
                 client::cancel(&client::Server::new(server)?, &run).await
             }
             Command::Agents { server } => client::agents(&client::Server::new(server)?).await,
+            Command::Fence {
+                plugin,
+                config,
+                name,
+                options,
+            } => {
+                fence::fence(fence::FenceCall {
+                    plugin: &plugin,
+                    config: config.as_deref(),
+                    name: name.as_deref(),
+                    args: &options,
+                })
+                .await
+            }
             Command::Artifacts {
                 run,
                 get,

@@ -5,10 +5,13 @@
 
 mod es;
 mod processes;
+mod redfish;
 #[allow(unused_imports)]
 pub use es::*;
 #[allow(unused_imports)]
 pub use processes::*;
+#[allow(unused_imports)]
+pub use redfish::*;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -338,4 +341,80 @@ impl Drop for Tansu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it, made with Debian's
+/// `openssl` in `dir`: (ca.pem, cert.pem, key.pem).
+pub fn tls_files(dir: &std::path::Path) -> (String, String, String) {
+    let p = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca, ca_key, csr, cert, key) = (
+        p("ca.pem"),
+        p("ca.key"),
+        p("leaf.csr"),
+        p("leaf.pem"),
+        p("leaf.key"),
+    );
+    for args in [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                &ca_key,
+                "-out",
+                &ca,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=trellis test CA",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &p("leaf.ext"),
+        ],
+    ] {
+        let o = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl (Debian's openssl package)");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    (ca, cert, key)
 }

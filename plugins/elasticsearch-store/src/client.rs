@@ -58,7 +58,7 @@ pub fn init(config: &str, plugin: &'static str) -> Result<(), Error> {
         (_, _, Some(k)) => Some(format!("ApiKey {}", secrets::get(k)?)),
         (Some(u), Some(p), None) => {
             let pw = secrets::get(p)?;
-            Some(format!("Basic {}", base64(format!("{u}:{pw}").as_bytes())))
+            Some(http::basic_auth(u, &pw))
         }
         (None, None, None) => None,
         _ => {
@@ -106,22 +106,4 @@ pub fn refused(what: &str, r: &http::Response) -> Error {
         408 | 429 | 500..=599 => Error::retryable(text),
         _ => Error::permanent(text),
     }
-}
-
-fn base64(b: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }

@@ -1,0 +1,48 @@
+//! The sushy-tools Redfish emulator (`pip install sushy-tools`, by ./scripts/setup.sh)
+//! as a BMC on loopback: the fake driver, HTTPS with a certificate from the test's own
+//! CA. Its fake systems apply a power change after a random 1-11 s, like a slow BMC.
+
+use std::time::{Duration, Instant};
+
+pub struct Sushy {
+    pub port: u16,
+    /// The CA that signed the emulator's certificate (for `tls-ca`).
+    pub ca: String,
+    child: std::process::Child,
+}
+
+impl Sushy {
+    pub fn start(dir: &std::path::Path) -> Sushy {
+        let (ca, cert, key) = super::tls_files(dir);
+        let port = super::free_port();
+        let child = std::process::Command::new("sushy-emulator")
+            .args(["--fake", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--ssl-certificate", &cert, "--ssl-key", &key])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sushy.log")).unwrap())
+            .spawn()
+            .expect("sushy-emulator (run ./scripts/setup.sh)");
+        let s = Sushy { port, ca, child };
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "sushy-emulator did not listen on {port}: see {}",
+                dir.join("sushy.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Sushy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
