@@ -149,6 +149,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             agent_lost_after: trellis::controller::DEFAULT_AGENT_LOST_AFTER,
             log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
             multiline_start: None,
+            fencing_token: 0,
         },
         tcp.clone(),
         logging,
@@ -165,6 +166,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             workspace: dir.join("work"),
             heartbeat: trellis::session::link::DEFAULT_HEARTBEAT,
             logs: None,
+            state_dir: None,
         },
         stop,
     ));

@@ -7,6 +7,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod ha;
 pub mod jobs;
 pub mod points;
 pub mod protocol;

@@ -74,7 +74,12 @@ fn split(payload: &[u8]) -> (&[u8], &[u8]) {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ToAgent {
     StartRun(RunOrder),
-    Cancel { run: String },
+    Cancel {
+        run: String,
+        /// As `RunOrder::token`.
+        #[serde(default)]
+        token: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +101,10 @@ pub struct RunOrder {
     /// itself and sends the controller `Logged` counts instead of `Output`.
     #[serde(default)]
     pub agent_log: Option<AgentLog>,
+    /// The ordering controller's fencing token (0: no HA): an agent that has seen a
+    /// newer one refuses the order (`ha::token::CommandGate`).
+    #[serde(default)]
+    pub token: u64,
 }
 
 /// An agent-side log: the method to write it with, and what the log's metadata needs

@@ -540,6 +540,7 @@ async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
         workspace: s.dir.path().join("work"),
         heartbeat: Duration::from_millis(200),
         logs: None,
+        state_dir: None,
     };
     tokio::spawn(trellis::agent::worker::run_agent(tcp, cfg, stop));
     wait_connected(&s.controller).await;

@@ -63,6 +63,7 @@ async fn controller_for(
             agent_lost_after: Duration::from_secs(30),
             log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
             multiline_start: None,
+            fencing_token: 0,
         },
         kafka,
         logging,
@@ -86,6 +87,7 @@ fn spawn_agent(
         workspace: dir.join("work"),
         heartbeat: Duration::from_millis(500),
         logs: None,
+        state_dir: None,
     };
     tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
     stop_tx
@@ -398,6 +400,7 @@ async fn a_wrong_agent_secret_is_refused_over_kafka() {
         workspace: d.path().join("work"),
         heartbeat: Duration::from_millis(500),
         logs: None,
+        state_dir: None,
     };
     let refused = tokio::time::timeout(
         Duration::from_secs(60),
@@ -434,6 +437,7 @@ async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work()
             workspace: d.path().join("work"),
             heartbeat: Duration::from_millis(500),
             logs: None,
+            state_dir: None,
         };
         tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop))
     };
@@ -510,6 +514,7 @@ async fn twenty_agents_on_one_broker_run_jobs_at_once_with_complete_logs() {
             workspace: d.path().join("work").join(n),
             heartbeat: Duration::from_millis(500),
             logs: None,
+            state_dir: None,
         };
         tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop));
         stops.push(stop_tx);
@@ -831,6 +836,7 @@ async fn a_job_runs_over_kafka_with_sasl_scram_past_the_session_lifetime() {
                 agent_lost_after: Duration::from_secs(30),
                 log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
                 multiline_start: None,
+                fencing_token: 0,
             },
             kafka,
             logging,

@@ -48,7 +48,7 @@ async fn handshake(
         async {
             let hello = challenge(&controller_link, "epoch-1", secrets).await?;
             c.resync(hello.received);
-            welcome(&controller_link, c.received()).await?;
+            welcome(&controller_link, c.received(), 0).await?;
             Ok::<_, HandshakeError>(hello)
         }
     );
@@ -129,7 +129,7 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
                 continue;
             };
             session.resync(hello.received);
-            if welcome(&link, session.received()).await.is_err() {
+            if welcome(&link, session.received(), 0).await.is_err() {
                 continue;
             }
             links += 1;

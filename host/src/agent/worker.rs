@@ -7,6 +7,7 @@ use crate::agent::budget::{FULL_LOG, LogBudget};
 use crate::agent::exec::{self, Output, StepCommand, Stream};
 use crate::agent::mask::Masker;
 use crate::agent::multiline::{self, MultiLine};
+use crate::ha::token::CommandGate;
 use crate::points::bindings::command_transport::Lane;
 use crate::points::bindings::types::LogMetadata;
 use crate::points::log_set::{self, LeftBehind, LogSet, OpenLog};
@@ -125,6 +126,9 @@ pub struct AgentConfig {
     /// The agent-side logging methods this agent writes logs with (None: all output
     /// goes to the controller).
     pub logs: Option<Arc<LogSet>>,
+    /// The agent's own state: the newest fencing token seen, agent-side log buffers.
+    /// None: `<workspace>/.trellis`.
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +149,16 @@ pub async fn run_agent(
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut given: VecDeque<String> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
+    let state_dir = cfg
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| cfg.workspace.join(".trellis"));
+    // Orders from a controller older than the newest one seen are refused: it was
+    // replaced (and fenced) and must not drive this agent (see `ha::token`).
+    let fencing = CommandGate::open(Some(&state_dir)).unwrap_or_else(|e| {
+        tracing::error!(agent = %cfg.name, "cannot keep the fencing token in {}: {e}; keeping it in memory", state_dir.display());
+        CommandGate::open(None).expect("in memory")
+    });
     let log_methods: Vec<String> = match &cfg.logs {
         Some(logs) => {
             // Whatever an earlier agent process left undelivered: its runs are gone, so
@@ -188,6 +202,17 @@ pub async fn run_agent(
                 continue;
             }
         };
+        if !fencing.admit(agent_session.controller_token) {
+            tracing::error!(
+                agent = %cfg.name,
+                "refusing a controller whose fencing token {} is older than {} (a newer active controller took over): reconnecting",
+                agent_session.controller_token,
+                fencing.newest()
+            );
+            tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => {} }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
         let session = &mut agent_session.session;
         backoff = Duration::from_millis(100);
         tracing::info!(agent = %cfg.name, "connected to the controller");
@@ -216,6 +241,12 @@ pub async fn run_agent(
             let handled = !delivered.is_empty();
             for (_, payload) in delivered {
                 match serde_json::from_slice::<ToAgent>(&payload) {
+                    Ok(ToAgent::StartRun(order)) if !fencing.admit(order.token) => {
+                        tracing::error!(agent = %cfg.name, run = order.run, "refusing an order with fencing token {} (newest seen {})", order.token, fencing.newest());
+                    }
+                    Ok(ToAgent::Cancel { run, token }) if !fencing.admit(token) => {
+                        tracing::error!(agent = %cfg.name, run, "refusing a cancel with fencing token {token} (newest seen {})", fencing.newest());
+                    }
                     Ok(ToAgent::StartRun(order)) => {
                         let (tx, rx) = watch::channel(false);
                         // Runs that ended have dropped their receiver.
@@ -228,7 +259,7 @@ pub async fn run_agent(
                         let out = out_tx.clone();
                         tokio::spawn(run(order, cfg.workspace.clone(), out, cfg.logs.clone(), rx));
                     }
-                    Ok(ToAgent::Cancel { run }) => {
+                    Ok(ToAgent::Cancel { run, .. }) => {
                         if let Some(c) = cancels.get(&run) {
                             let _ = c.send(true);
                         }

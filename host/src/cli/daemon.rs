@@ -100,6 +100,7 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             agent_lost_after: c.agent_lost_after.0,
             log_buffer_limit: c.log_buffer_limit.0,
             multiline_start: c.multiline_start.clone(),
+            fencing_token: 0,
         },
         transport,
         LogPlugins {
@@ -192,6 +193,7 @@ pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
             workspace: a.workspace.clone(),
             heartbeat: a.heartbeat.0,
             logs,
+            state_dir: Some(a.state_dir()),
         },
         stop,
     );

@@ -102,6 +102,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             agent_lost_after: crate::controller::DEFAULT_AGENT_LOST_AFTER,
             log_buffer_limit: crate::controller::DEFAULT_LOG_BUFFER_LIMIT,
             multiline_start: None,
+            fencing_token: 0,
         },
         tcp.clone(),
         logging,
@@ -118,6 +119,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             workspace: o.state.join("workspace").join(name),
             heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
             logs: None,
+            state_dir: None,
         };
         tokio::spawn(run_agent(tcp.clone(), cfg, stop.clone()));
     }

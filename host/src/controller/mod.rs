@@ -5,6 +5,7 @@ pub mod artifacts;
 pub mod state;
 
 use crate::capabilities::secrets::SecretStore;
+use crate::ha::token::StateGate;
 use crate::jobs::Job;
 use crate::points::bindings::command_transport::Lane;
 use crate::points::bindings::logging_method::Side;
@@ -44,6 +45,10 @@ pub struct ControllerConfig {
     pub log_buffer_limit: u64,
     /// The start-of-event pattern for jobs that set none (None: one line, one event).
     pub multiline_start: Option<String>,
+    /// This controller's fencing token while it is the active one (0: no HA). Its
+    /// writes to the state directory and its commands to agents carry it, and are
+    /// refused once a newer token was seen (see `ha::token`).
+    pub fencing_token: u64,
 }
 
 /// Default for `ControllerConfig::agent_lost_after`.
@@ -177,6 +182,13 @@ impl Controller {
                 .map_err(|e| anyhow::anyhow!("[controller] multiline-start: {e}"))?;
         }
         let store = RunStore::open(&cfg.state_dir)?;
+        if cfg.fencing_token > 0 {
+            // Taking over: the state records this token now, so the controller it
+            // replaces is refused from its next write on.
+            let gate = StateGate::open(&cfg.state_dir, cfg.fencing_token)?;
+            gate.write(|| Ok(()))?;
+            store.guard_with(gate);
+        }
         // Runs in flight when the last controller process stopped: their agents may still
         // be working on them. Each agent gets `agent_lost_after` from now to come back.
         let mut agents = HashMap::new();
@@ -238,7 +250,14 @@ impl Controller {
 
     /// Prometheus lines for the log buffers (appended to the runtime's `/metrics`).
     pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
         self.logs.render_metrics(out);
+        out.push_str("# HELP trellis_state_writes_refused_total Writes to the state directory refused because a newer active controller's fencing token was seen.\n# TYPE trellis_state_writes_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "trellis_state_writes_refused_total {}",
+            self.store.refused_writes()
+        );
     }
 
     /// The process is about to exit: agents' links end without being reported lost.
@@ -350,6 +369,7 @@ impl Controller {
                 method: record.log.method.clone(),
                 instance_id: self.cfg.instance_id.clone(),
             }),
+            token: self.cfg.fencing_token,
         };
         let tx = self
             .agents
@@ -379,6 +399,7 @@ impl Controller {
         if let Some(tx) = tx {
             let _ = tx.try_send(ToAgent::Cancel {
                 run: run.to_string(),
+                token: self.cfg.fencing_token,
             });
         }
         true
@@ -462,7 +483,10 @@ impl Controller {
         // acknowledged them (see `Session::adopt_peer_acked`).
         session.adopt_peer_acked(hello.acked);
         session.resync(hello.received);
-        if welcome(&link, session.received()).await.is_ok() {
+        if welcome(&link, session.received(), self.cfg.fencing_token)
+            .await
+            .is_ok()
+        {
             tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
             let mut live = Liveness::new(self.cfg.heartbeat);
             let mut committed = [0u64; 2];
@@ -617,7 +641,10 @@ impl Controller {
                 .get(agent)
                 .map(|s| s.orders.clone());
             if let Some(tx) = tx {
-                let _ = tx.try_send(ToAgent::Cancel { run });
+                let _ = tx.try_send(ToAgent::Cancel {
+                    run,
+                    token: self.cfg.fencing_token,
+                });
             }
         }
     }

@@ -2,6 +2,7 @@
 //! written atomically (write a temp file, fsync, rename, fsync the folder), so a crash
 //! leaves either the old record or the new one, never half of one.
 
+use crate::ha::token::StateGate;
 use crate::jobs::Job;
 use crate::protocol::{RunOutcome, StepOutcome, now_ms};
 use serde::{Deserialize, Serialize};
@@ -111,6 +112,8 @@ pub struct RunStore {
     runs: Mutex<BTreeMap<String, RunRecord>>,
     /// When each unfinished run's record was last written.
     saved: Mutex<HashMap<String, Instant>>,
+    /// The fencing-token gate every write goes through, in HA setups.
+    gate: std::sync::OnceLock<StateGate>,
 }
 
 impl RunStore {
@@ -139,16 +142,32 @@ impl RunStore {
             dir,
             runs: Mutex::new(runs),
             saved: Mutex::default(),
+            gate: std::sync::OnceLock::new(),
         })
+    }
+
+    /// From now on every record write carries this gate's fencing token, and is
+    /// refused once the state has seen a newer one (`ha::token::StateGate`).
+    pub fn guard_with(&self, gate: StateGate) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// Writes refused for an older fencing token.
+    pub fn refused_writes(&self) -> u64 {
+        self.gate.get().map_or(0, StateGate::refused)
     }
 
     fn persist(&self, r: &RunRecord) -> io::Result<()> {
         let folder = self.dir.join(&r.id);
-        std::fs::create_dir_all(&folder)?;
-        write_atomic(
-            &folder.join("run.json"),
-            &serde_json::to_vec_pretty(r).expect("serialisable"),
-        )?;
+        let bytes = serde_json::to_vec_pretty(r).expect("serialisable");
+        let write = || {
+            std::fs::create_dir_all(&folder)?;
+            write_atomic(&folder.join("run.json"), &bytes)
+        };
+        match self.gate.get() {
+            Some(g) => g.write(write)?,
+            None => write()?,
+        }
         let mut saved = self.saved.lock().unwrap();
         if r.status.is_final() {
             saved.remove(&r.id);

@@ -54,6 +54,9 @@ pub struct Hello {
 #[derive(Debug, Serialize, Deserialize)]
 struct Welcome {
     received: [u64; 2],
+    /// The controller's fencing token (0: no HA); see `ha::token`.
+    #[serde(default)]
+    token: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,8 +154,8 @@ pub async fn challenge(
 }
 
 /// Controller side: accept the agent, telling it how far this side has received.
-pub async fn welcome(link: &Link, received: [u64; 2]) -> Result<(), HandshakeError> {
-    let body = serde_json::to_vec(&Welcome { received }).expect("serialisable");
+pub async fn welcome(link: &Link, received: [u64; 2], token: u64) -> Result<(), HandshakeError> {
+    let body = serde_json::to_vec(&Welcome { received, token }).expect("serialisable");
     link.send(vec![sig(signal::WELCOME, &body)]).await?;
     Ok(())
 }
@@ -165,6 +168,8 @@ pub struct AgentSession {
     pub id: String,
     /// The controller process last talked to.
     pub controller_epoch: Option<String>,
+    /// Its fencing token, from its welcome (0: no HA).
+    pub controller_token: u64,
 }
 
 impl AgentSession {
@@ -173,6 +178,7 @@ impl AgentSession {
             session: Session::default(),
             id: hex::encode(&auth::nonce()[..8]),
             controller_epoch: None,
+            controller_token: 0,
         }
     }
 }
@@ -234,6 +240,7 @@ pub async fn introduce(
             let w: Welcome = serde_json::from_slice(&msg[1..])
                 .map_err(|e| HandshakeError::Protocol(format!("bad welcome: {e}")))?;
             s.session.resync(w.received);
+            s.controller_token = w.token;
             Ok(after)
         }
         Some(&signal::REFUSED) => Err(HandshakeError::Refused {

@@ -166,6 +166,7 @@ pub async fn stack() -> Stack {
         agent_lost_after: std::time::Duration::from_secs(3),
         log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
         multiline_start: None,
+        fencing_token: 0,
     };
     let controller = trellis::controller::Controller::start(cfg, transport.clone(), logging)
         .await
@@ -197,6 +198,7 @@ pub fn start_agent(
         workspace: s.dir.path().join(format!("work-{name}")),
         heartbeat: std::time::Duration::from_millis(200),
         logs: None,
+        state_dir: None,
     };
     (
         tokio::spawn(trellis::agent::worker::run_agent(
