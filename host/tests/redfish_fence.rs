@@ -323,3 +323,43 @@ fn trellis_fence_speaks_the_fence_agents_protocol() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("`password` is required"), "{out}");
 }
+
+/// Fencing levels with real devices: level 1 a BMC that cannot be reached (the
+/// emulator's address, not granted), level 2 the emulator's BMC: fenced at level 2, and
+/// the emulator shows the system off. With only the unreachable level: not fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_falls_through_to_the_next_level() {
+    use trellis::ha::fencing::{Device, Topology};
+    let d = tempfile::tempdir().unwrap();
+    let sushy = Sushy::start(d.path());
+    let good = device(d.path(), &sushy, &sushy.url(), true).await;
+    let ungranted = device(d.path(), &sushy, "https://127.0.0.1:1", true).await;
+    fence(&good, FenceAction::On).await;
+    let t = Topology {
+        levels: vec![
+            vec![Device {
+                name: "bmc-not-granted".into(),
+                fencer: Box::new(ungranted),
+            }],
+            vec![Device {
+                name: "bmc".into(),
+                fencer: Box::new(good),
+            }],
+        ],
+    };
+    let r = t.fence(FenceAction::Off).await;
+    assert_eq!(r.fenced_at, Some(2), "{r:?}");
+    assert!(r.reasons().contains("level 1 `bmc-not-granted`"), "{r:?}");
+    assert_eq!(
+        fence_redfish(&sushy, "status").0,
+        2,
+        "off, says fence_redfish"
+    );
+    let only_bad = Topology {
+        levels: vec![vec![Device {
+            name: "bmc-not-granted".into(),
+            fencer: Box::new(device(d.path(), &sushy, "https://127.0.0.1:1", true).await),
+        }]],
+    };
+    assert!(!only_bad.fence(FenceAction::Off).await.fenced());
+}
