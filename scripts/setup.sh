@@ -95,6 +95,32 @@ if ! command -v rsyslogd >/dev/null 2>&1; then
     fi
 fi
 
+# etcd (3.4, API v3 and its JSON gateway) for the leadership tests, which start their
+# own three members on loopback; the package's service must not run.
+if ! command -v etcd >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
+    echo "setup: installing etcd-server and etcd-client (not started as a service)"
+    policy=/usr/sbin/policy-rc.d
+    own_policy=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# trellis scripts/setup.sh: no service starts while packages install\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+        own_policy=true
+        trap '"${sudo[@]}" rm -f "$policy"' EXIT
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        etcd-server etcd-client
+    if $own_policy; then
+        "${sudo[@]}" rm -f "$policy"
+        trap - EXIT
+    fi
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${sudo[@]}" systemctl disable --now etcd.service >/dev/null 2>&1 || true
+    fi
+fi
+
 # Pacemaker and corosync, for the test where Pacemaker's fencer drives a Trellis fence
 # plugin (host/tests/pacemaker.rs starts its own corosync -f and pacemakerd -f). The
 # packages must leave no service running: no service starts while they install.

@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 
 mod es;
+mod etcd;
 mod processes;
 mod redfish;
 #[allow(unused_imports)]
 pub use es::*;
+#[allow(unused_imports)]
+pub use etcd::*;
 #[allow(unused_imports)]
 pub use processes::*;
 #[allow(unused_imports)]

@@ -1,0 +1,103 @@
+//! A three-member etcd cluster (Debian's etcd-server 3.4) on loopback, its data in a
+//! temporary directory; members can be killed and restarted one by one.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct EtcdCluster {
+    pub clients: Vec<String>,
+    peers: Vec<String>,
+    dir: PathBuf,
+    members: Vec<Option<Child>>,
+}
+
+impl EtcdCluster {
+    pub fn start(dir: &std::path::Path) -> EtcdCluster {
+        let clients: Vec<String> = (0..3)
+            .map(|_| format!("127.0.0.1:{}", super::free_port()))
+            .collect();
+        let peers: Vec<String> = (0..3)
+            .map(|_| format!("127.0.0.1:{}", super::free_port()))
+            .collect();
+        let mut c = EtcdCluster {
+            clients,
+            peers,
+            dir: dir.to_path_buf(),
+            members: vec![None, None, None],
+        };
+        for i in 0..3 {
+            c.start_member(i);
+        }
+        let t = Instant::now();
+        while !c.healthy() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "etcd did not form a cluster: see {}/etcd-*.log",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    pub fn start_member(&mut self, i: usize) {
+        let cluster: Vec<String> = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("m{j}=http://{p}"))
+            .collect();
+        let child = Command::new("etcd")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("etcd-m{i}")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{}", self.clients[i]),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://{}", self.clients[i]),
+            ])
+            .args(["--listen-peer-urls", &format!("http://{}", self.peers[i])])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", self.peers[i]),
+            ])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("etcd-m{i}.log"))).unwrap())
+            .spawn()
+            .expect("etcd (Debian's etcd-server; run ./scripts/setup.sh)");
+        self.members[i] = Some(child);
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.clients.iter().all(|c| {
+            Command::new("etcdctl")
+                .args(["--endpoints", c, "endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
