@@ -5,8 +5,12 @@ use crate::api::{Api, Browsers, serve};
 use crate::capabilities::secrets::SecretStore;
 use crate::config::DaemonConfig;
 use crate::controller::{Controller, ControllerConfig, LogPlugins};
+use crate::ha::fencing::{Device, RaceDelay, Topology};
+use crate::ha::leader::Etcd;
+use crate::ha::role::Ha;
 use crate::points::bindings::logging_method::Side;
 use crate::points::browser::LogReader;
+use crate::points::fence::FenceDevice;
 use crate::points::log_set::LogSet;
 use crate::runtime::{Plugin, Runtime};
 use std::collections::HashMap;
@@ -62,6 +66,7 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
         );
     }
     let dir = plugin_dir(&cfg)?;
+    let ha_cfg = cfg.ha.clone();
     let rt = Runtime::with_secrets(cfg, secrets.clone())?;
     let transport = load_plugin(&rt, &dir, &c.transport).await?;
     // The defaults first, then what jobs may name besides (a name listed twice loads once).
@@ -90,39 +95,98 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&c.state_dir)?;
-    let controller = Controller::start(
-        ControllerConfig {
+    let ha = match &ha_cfg {
+        Some(h) => Some(ha_role(&rt, &dir, h).await?),
+        None => None,
+    };
+    let start = |fencing_token: u64| async move {
+        let controller = Controller::start(
+            ControllerConfig {
+                instance_id: c.instance_id.clone(),
+                state_dir: c.state_dir.clone(),
+                agents,
+                secrets,
+                heartbeat: c.heartbeat.0,
+                agent_lost_after: c.agent_lost_after.0,
+                log_buffer_limit: c.log_buffer_limit.0,
+                multiline_start: c.multiline_start.clone(),
+                fencing_token,
+            },
+            transport,
+            LogPlugins {
+                methods,
+                browsers: browsers.names().into_iter().map(String::from).collect(),
+            },
+        )
+        .await?;
+        let api = Arc::new(Api {
+            controller,
+            runtime: rt.clone(),
+            browsers,
             instance_id: c.instance_id.clone(),
-            state_dir: c.state_dir.clone(),
-            agents,
-            secrets,
-            heartbeat: c.heartbeat.0,
-            agent_lost_after: c.agent_lost_after.0,
-            log_buffer_limit: c.log_buffer_limit.0,
-            multiline_start: c.multiline_start.clone(),
-            fencing_token: 0,
+        });
+        let addr = serve(c.http.parse()?, api).await?;
+        tracing::info!("controller `{}` serving http://{addr}", c.instance_id);
+        eprintln!(
+            "trellis controller: http://{addr} (state in {})",
+            c.state_dir.display()
+        );
+        anyhow::Ok(())
+    };
+    match ha {
+        Some(ha) => {
+            eprintln!("trellis controller: HA as `{}`, campaigning", ha.name);
+            tokio::select! {
+                r = ha.run(start) => r.map(|()| ExitCode::SUCCESS),
+                _ = tokio::signal::ctrl_c() => Ok(ExitCode::SUCCESS),
+            }
+        }
+        None => {
+            start(0).await?;
+            tokio::signal::ctrl_c().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The `[ha]` role: etcd, and the fencing levels for each peer (their plugins loaded
+/// now, so that a mistake shows at start, not at the first failover).
+async fn ha_role(rt: &Runtime, dir: &Path, h: &crate::config::HaSection) -> anyhow::Result<Ha> {
+    let mut fencing = HashMap::new();
+    for (peer, f) in &h.fencing {
+        let mut levels = Vec::new();
+        for (i, level) in f.levels.iter().enumerate() {
+            let mut devices = Vec::new();
+            for (j, d) in level.iter().enumerate() {
+                let plugin = load_plugin(rt, dir, &d.plugin).await?;
+                let params = d
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let device = FenceDevice::new(plugin, params)
+                    .map_err(|e| anyhow::anyhow!("ha.fencing.{peer}.levels[{i}][{j}]: {e}"))?;
+                devices.push(Device {
+                    name: format!("{}#{}", d.plugin, j + 1),
+                    fencer: Box::new(device),
+                });
+            }
+            levels.push(devices);
+        }
+        fencing.insert(peer.clone(), Topology { levels });
+    }
+    Ok(Ha {
+        name: h.name.clone(),
+        etcd: Etcd::new(h.etcd.clone()),
+        key: h.key.clone(),
+        lease_ttl: h.lease_ttl.0,
+        watch_every: h.watch_every.0,
+        race: RaceDelay {
+            base: h.delay_base.0,
+            max: h.delay_max.0,
         },
-        transport,
-        LogPlugins {
-            methods,
-            browsers: browsers.names().into_iter().map(String::from).collect(),
-        },
-    )
-    .await?;
-    let api = Arc::new(Api {
-        controller,
-        runtime: rt.clone(),
-        browsers,
-        instance_id: c.instance_id.clone(),
-    });
-    let addr = serve(c.http.parse()?, api).await?;
-    tracing::info!("controller `{}` serving http://{addr}", c.instance_id);
-    eprintln!(
-        "trellis controller: http://{addr} (state in {})",
-        c.state_dir.display()
-    );
-    tokio::signal::ctrl_c().await?;
-    Ok(ExitCode::SUCCESS)
+        fencing,
+    })
 }
 
 /// The agent-side logging methods an agent writes with (`[agent] logging-methods`),

@@ -26,6 +26,67 @@ pub struct DaemonConfig {
     pub controller: Option<ControllerSection>,
     /// `[agent]`: for `trellis agent`.
     pub agent: Option<AgentSection>,
+    /// `[ha]`: active/passive controllers (with `[controller]`).
+    pub ha: Option<HaSection>,
+}
+
+/// `[ha]`: this controller is one of several; the one holding the leader key in etcd is
+/// active, the others wait, and before one takes over it fences the old active.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HaSection {
+    /// This controller's name among its peers (what the leader key says).
+    pub name: String,
+    /// The etcd members' client addresses, `host:port`.
+    pub etcd: Vec<String>,
+    #[serde(default = "default_leader_key")]
+    pub key: String,
+    /// The leader lease: a dead active is noticed about this long after it died.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: HumanDuration,
+    /// How often a standby looks at the leader key.
+    #[serde(default = "default_watch_every")]
+    pub watch_every: HumanDuration,
+    /// Before fencing the node that held the active role, wait this long plus up to
+    /// `delay-max` at random (Pacemaker's pcmk_delay_base/max): in a partition the
+    /// active side fences first and survives.
+    #[serde(default = "zero_duration")]
+    pub delay_base: HumanDuration,
+    #[serde(default = "zero_duration")]
+    pub delay_max: HumanDuration,
+    /// Per peer (by its `name`): the fencing levels that fence it, tried in order.
+    #[serde(default)]
+    pub fencing: BTreeMap<String, PeerFencing>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PeerFencing {
+    /// Each level a list of devices; a level fences only if all its devices confirm.
+    pub levels: Vec<Vec<FenceDeviceConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FenceDeviceConfig {
+    /// A fence-agent plugin in the plugin directory (granted in `[plugins.<name>]`).
+    pub plugin: String,
+    /// Its device parameters (ClusterLabs names; a secret parameter names a secret).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+fn default_leader_key() -> String {
+    "trellis/leader".into()
+}
+fn default_lease_ttl() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(2))
+}
+fn default_watch_every() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(100))
+}
+fn zero_duration() -> HumanDuration {
+    HumanDuration(std::time::Duration::ZERO)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,8 +1,9 @@
-//! High availability (issue 7, in progress): active/passive controllers. Built so far:
-//! leadership on etcd (`leader`), fencing tokens on the shared state and on commands
-//! (`token`), fencing levels and the race delay (`fencing`). The role that joins them
-//! in the daemon (the standby's watch, fence, take over) is not built yet.
+//! High availability (issue 7, in progress): active/passive controllers. The role
+//! (`role`: campaign, or stand by, fence, take over), leadership on etcd (`leader`),
+//! fencing tokens on the shared state and on commands (`token`), fencing levels and
+//! the race delay (`fencing`). Storage fencing is not built yet.
 
 pub mod fencing;
 pub mod leader;
+pub mod role;
 pub mod token;

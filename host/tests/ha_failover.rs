@@ -1,0 +1,254 @@
+//! The headline of issue 7: active/passive controllers. Real parts throughout: a
+//! three-member etcd (Debian's etcd-server) holds the leader lease, a tansu Kafka
+//! broker carries controller/agent traffic, the sushy-tools emulator is the active
+//! node's BMC (redfish-fence over HTTPS), and controllers and agent are processes.
+//!
+//! A job runs on the agent; the active controller is SIGKILLed mid-step. The standby
+//! sees the lease expire, fences the old active through Redfish (the emulator shows
+//! the system off), takes over with a newer fencing token, and the run completes with
+//! a complete log. Failover is measured in three parts from the standby's own log
+//! lines: detection (death → key seen vacant), fencing (→ device confirmed), takeover
+//! (→ serving). Both controllers share one state directory (a local one here; on
+//! GlusterFS in production, which this test does not set up yet).
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const LINES: u64 = 400;
+
+fn stamp(log: &str, who: &str, field: &str) -> Option<i64> {
+    log.lines()
+        .filter(|l| l.contains(&format!("trellis ha: {who}")))
+        .find_map(|l| l.split(&format!("{field}=")).nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+}
+
+#[test]
+fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let etcd = EtcdCluster::start(dir);
+    let broker = Tansu::start("memory://tansu/");
+    let sushy = Sushy::start(dir);
+    let (base_cfg, agent_cfg, http_a) = write_configs(
+        dir,
+        &Transport::Kafka {
+            brokers: broker.brokers(),
+        },
+    );
+    // Both controllers: the same state directory and transport; their own HTTP port
+    // and name; each fences the other through the emulator's BMC.
+    let mut secrets = std::fs::read_to_string(dir.join("secrets.toml")).unwrap();
+    secrets += "bmc = \"bmc-password-value\"\n";
+    std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
+    let http_b = free_port();
+    let etcd_list = etcd
+        .clients
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let base = std::fs::read_to_string(&base_cfg).unwrap();
+    let config = |me: &str, peer: &str, http: u16| {
+        let path = dir.join(format!("controller-{me}.toml"));
+        let text = base.replace(
+            &format!("http = \"127.0.0.1:{http_a}\""),
+            &format!("http = \"127.0.0.1:{http}\""),
+        ) + &format!(
+            r#"
+[plugins.redfish-fence]
+http = ["{url}"]
+tls-ca = ["{ca}"]
+secrets = ["bmc"]
+limits = {{ call-timeout = "60s" }}
+[ha]
+name = "{me}"
+etcd = [{etcd_list}]
+lease-ttl = "1s"
+[ha.fencing.{peer}]
+levels = [[{{ plugin = "redfish-fence", params = {{ ip = "127.0.0.1", ipport = "{port}", username = "admin", password = "bmc" }} }}]]
+"#,
+            url = sushy.url(),
+            ca = sushy.ca,
+            port = sushy.port,
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cfg_a, cfg_b) = (config("a", "b", http_a), config("b", "a", http_b));
+    let server_a = format!("http://127.0.0.1:{http_a}");
+    let server_b = format!("http://127.0.0.1:{http_b}");
+    let daemon_log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+
+    let mut a = start("controller", &cfg_a, &daemon_log);
+    wait_until(
+        &format!("A did not become active: {}", logs()),
+        Duration::from_secs(30),
+        || logs().contains("trellis ha: a active"),
+    );
+    let _b = start("controller", &cfg_b, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_for_agent(&server_a, &daemon_log);
+    // The active node's BMC: its system is on.
+    let power = |action: &str| {
+        use std::io::Write;
+        let mut c = std::process::Command::new("fence_redfish")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        write!(
+            c.stdin.take().unwrap(),
+            "ip=127.0.0.1\nipport={}\nusername=admin\npassword=x\nssl_insecure=1\naction={action}\n",
+            sushy.port
+        )
+        .unwrap();
+        c.wait().unwrap().code()
+    };
+    assert_eq!(power("on"), Some(0));
+
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"survivor\"\nagent = \"linux\"\n[[step]]\nname = \"count\"\nrun = \"for i in $(seq 1 {LINES}); do echo line $i; sleep 0.02; done\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cli(&server_a, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let run = "r-000001";
+    wait_until("no output before the kill", Duration::from_secs(30), || {
+        cli(&server_a, &["logs", run]).1.lines().count() >= 50
+    });
+    let killed_at = trellis::protocol::now_ms();
+    a.0.kill().unwrap(); // SIGKILL mid-step
+    a.0.wait().unwrap();
+
+    wait_until(
+        &format!("B did not take over: {}", logs()),
+        Duration::from_secs(60),
+        || logs().contains("trellis ha: b active"),
+    );
+    assert_eq!(
+        power("status"),
+        Some(2),
+        "the old active's system is off (fenced)"
+    );
+    let log = logs();
+    let vacant = stamp(&log, "b saw", "vacant_at_ms").expect("vacant stamp");
+    let fenced = stamp(&log, "fenced a", "fenced_at_ms").expect("fenced stamp");
+    let serving = stamp(&log, "b active", "serving_at_ms").expect("serving stamp");
+    let (detection, fencing, takeover) = (vacant - killed_at, fenced - vacant, serving - fenced);
+    eprintln!(
+        "failover: detection {detection} ms, fencing {fencing} ms (the BMC's own time), takeover {takeover} ms, total {} ms",
+        serving - killed_at
+    );
+    // The target (detection + takeover ≤ 2 s with a 1 s lease) is measured and recorded
+    // in docs/PERFORMANCE.md; the test only bounds it loosely, as a loaded CI machine
+    // may be slow.
+    assert!(
+        detection + takeover <= 5000,
+        "detection + takeover {} ms",
+        detection + takeover
+    );
+
+    // The run completes under B, its log whole.
+    wait_until(
+        &format!("the run did not finish under B: {}", logs()),
+        Duration::from_secs(90),
+        || {
+            cli(&server_b, &["runs"])
+                .1
+                .lines()
+                .any(|l| l.contains(run) && l.contains("succeeded"))
+        },
+    );
+    let (code, out, err) = cli(&server_b, &["logs", run]);
+    assert_eq!(code, 0, "{err}");
+    let want: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        want,
+        "every line once, in order"
+    );
+    // The state directory knows B's token is the newest.
+    let token: u64 = std::fs::read_to_string(dir.join("state/fencing-token"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(token > 0);
+}
+
+/// No takeover without fencing: the standby's only fence device cannot reach the old
+/// active's BMC, so when the active dies the standby says so and does not serve.
+#[test]
+fn a_standby_that_cannot_fence_does_not_take_over() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let etcd = EtcdCluster::start(dir);
+    let (base_cfg, _agent_cfg, http_a) = write_configs(dir, &Transport::Tcp { port: free_port() });
+    let mut secrets = std::fs::read_to_string(dir.join("secrets.toml")).unwrap();
+    secrets += "bmc = \"bmc-password-value\"\n";
+    std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
+    let http_b = free_port();
+    let etcd_list = etcd
+        .clients
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let base = std::fs::read_to_string(&base_cfg).unwrap();
+    let dead_bmc = free_port(); // nothing listens there
+    let config = |me: &str, peer: &str, http: u16| {
+        let path = dir.join(format!("controller-{me}.toml"));
+        let text = base.replace(
+            &format!("http = \"127.0.0.1:{http_a}\""),
+            &format!("http = \"127.0.0.1:{http}\""),
+        ) + &format!(
+            r#"
+[plugins.redfish-fence]
+http = ["https://127.0.0.1:{dead_bmc}"]
+secrets = ["bmc"]
+[ha]
+name = "{me}"
+etcd = [{etcd_list}]
+lease-ttl = "1s"
+[ha.fencing.{peer}]
+levels = [[{{ plugin = "redfish-fence", params = {{ ip = "127.0.0.1", ipport = "{dead_bmc}", username = "admin", password = "bmc" }} }}]]
+"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cfg_a, cfg_b) = (config("a", "b", http_a), config("b", "a", http_b));
+    let daemon_log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let mut a = start("controller", &cfg_a, &daemon_log);
+    wait_until(
+        &format!("A did not become active: {}", logs()),
+        Duration::from_secs(30),
+        || logs().contains("trellis ha: a active"),
+    );
+    let _b = start("controller", &cfg_b, &daemon_log);
+    std::thread::sleep(Duration::from_secs(1));
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    wait_until(
+        &format!("B did not report the failed fencing: {}", logs()),
+        Duration::from_secs(30),
+        || logs().contains("trellis ha: NOT TAKING OVER: fencing a failed"),
+    );
+    std::thread::sleep(Duration::from_secs(3)); // and it keeps not taking over
+    assert!(!logs().contains("trellis ha: b active"), "{}", logs());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", http_b)).is_err(),
+        "B serves nothing"
+    );
+}
