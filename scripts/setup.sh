@@ -55,6 +55,14 @@ if ! command -v fence_redfish >/dev/null && [ ! -x /usr/sbin/fence_redfish ]; th
     apt-get install -y --no-install-recommends fence-agents
 fi
 
+# componentize-py builds the Python example plugin (examples/python-logger) in
+# `cargo xtask bundle`.
+if ! command -v componentize-py >/dev/null; then
+    echo "setup: installing componentize-py (builds the Python example plugin)"
+    python3 -m pip install -q componentize-py==0.25.1 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages componentize-py==0.25.1
+fi
+
 # An independent Kafka client (pure Python) to read what Trellis wrote to the topics.
 if ! python3 -c 'import kafka' 2>/dev/null; then
     echo "setup: installing kafka-python"

@@ -297,6 +297,7 @@ fn bundle(root: &Path) -> Result<PathBuf> {
     let out = target_dir(root).join("bundle");
     eprintln!("bundle: {} plugin(s) -> {}", crates.len(), out.display());
     build_into(root, &crates, &out)?;
+    build_python(root, &root.join("examples"), &out)?;
     // Check every plugin with the host and leave its precompiled artifact beside it
     // (<bundle>/<plugin>/.cache/); an invalid plugin fails the build here.
     cargo(&["build", "-q", "-p", "trellis"], &[])?;
@@ -306,6 +307,86 @@ fn bundle(root: &Path) -> Result<PathBuf> {
         .arg(&out)
         .env("TRELLIS_LOG", "error"))?;
     Ok(out)
+}
+
+/// Plugins written in Python (a folder with `app.py` and `plugin.toml`): built with
+/// componentize-py against `wit/`, for the manifest's first world. Skipped when the
+/// sources and the WIT are unchanged since the last build (componentize-py takes about
+/// 15 s, and a new file would also cost the host a fresh compile).
+fn build_python(root: &Path, parent: &Path, out: &Path) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for e in entries {
+        let dir = e?.path();
+        let manifest = dir.join("plugin.toml");
+        if !dir.join("app.py").is_file() || !manifest.is_file() {
+            continue;
+        }
+        let m: toml::Table = toml::from_str(&std::fs::read_to_string(&manifest)?)
+            .with_context(|| format!("{}", manifest.display()))?;
+        let plugin = m["plugin"]["name"].as_str().context("plugin.name")?;
+        let component = m["plugin"]["component"]
+            .as_str()
+            .context("plugin.component")?;
+        let world = m["plugin"]["worlds"][0]
+            .as_str()
+            .context("plugin.worlds[0]")?;
+        let mut sources: Vec<PathBuf> = Vec::new();
+        for d in [
+            dir.clone(),
+            root.join("wit"),
+            root.join("wit/deps"),
+            root.join("wit/deps/trellis-host"),
+        ] {
+            for f in std::fs::read_dir(&d)? {
+                let f = f?.path();
+                if f.extension().is_some_and(|x| x == "py" || x == "wit") {
+                    sources.push(f);
+                }
+            }
+        }
+        sources.sort();
+        let mut h = Sha256::new();
+        for f in &sources {
+            h.update(f.to_string_lossy().as_bytes());
+            h.update(std::fs::read(f)?);
+        }
+        let hash = format!("{:x}", h.finalize());
+        let dest = out.join(plugin);
+        std::fs::create_dir_all(&dest)?;
+        let (wasm, stamp) = (dest.join(component), dest.join(".source-hash"));
+        std::fs::copy(&manifest, dest.join("plugin.toml"))?;
+        if wasm.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&hash) {
+            eprintln!("  up to date {plugin:<11} (Python)");
+            continue;
+        }
+        let t = Instant::now();
+        let status = Command::new("componentize-py")
+            .arg("-d")
+            .arg(root.join("wit"))
+            .args(["-w", world, "componentize", "-p"])
+            .arg(&dir)
+            .arg("app")
+            .arg("-o")
+            .arg(&wasm)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("componentize-py (run ./scripts/setup.sh)")?;
+        if !status.success() {
+            bail!("componentize-py failed for {}", dir.display());
+        }
+        std::fs::write(&stamp, &hash)?;
+        eprintln!(
+            "  built {:<16} {:>7} KiB  {:>5.1}s  -> {} (Python, componentize-py)",
+            plugin,
+            std::fs::metadata(&wasm)?.len() / 1024,
+            t.elapsed().as_secs_f64(),
+            dest.display()
+        );
+    }
+    Ok(())
 }
 
 fn fixtures(root: &Path) -> Result<PathBuf> {

@@ -108,13 +108,9 @@ pub struct CommandGate {
 impl CommandGate {
     /// A gate remembering its newest token in `<dir>/fencing-token` (None: in memory).
     pub fn open(dir: Option<&Path>) -> io::Result<CommandGate> {
-        let file = match dir {
-            Some(d) => {
-                std::fs::create_dir_all(d)?;
-                Some(d.join(TOKEN_FILE))
-            }
-            None => None,
-        };
+        // The directory is made on the first token worth keeping, not before: an agent
+        // that never ran anything leaves nothing behind.
+        let file = dir.map(|d| d.join(TOKEN_FILE));
         let newest = match &file {
             Some(f) => read_token(f)?,
             None => 0,
@@ -135,9 +131,12 @@ impl CommandGate {
             return false;
         }
         if token > *newest {
+            let keep = |f: &Path| {
+                std::fs::create_dir_all(f.parent().unwrap_or(Path::new(".")))?;
+                crate::controller::state::write_atomic(f, token.to_string().as_bytes())
+            };
             if let Some(f) = &self.file
-                && let Err(e) =
-                    crate::controller::state::write_atomic(f, token.to_string().as_bytes())
+                && let Err(e) = keep(f)
             {
                 // Still newer in memory: only a restart of this agent would forget it.
                 tracing::warn!("cannot keep the newest fencing token on disk: {e}");
@@ -270,14 +269,17 @@ mod tests {
     #[test]
     fn agents_refuse_commands_older_than_the_newest_seen_even_after_a_restart() {
         let d = tempfile::tempdir().unwrap();
-        let g = CommandGate::open(Some(d.path())).unwrap();
+        let state = d.path().join("state");
+        let g = CommandGate::open(Some(&state)).unwrap();
+        assert!(g.admit(0));
+        assert!(!state.exists(), "nothing kept until there is a token");
         assert!(g.admit(0), "no HA: nothing stamped, nothing refused");
         assert!(g.admit(5));
         assert!(g.admit(7));
         assert!(!g.admit(5));
         assert!(g.admit(7));
         assert_eq!((g.newest(), g.refused()), (7, 1));
-        let g = CommandGate::open(Some(d.path())).unwrap();
+        let g = CommandGate::open(Some(&state)).unwrap();
         assert!(!g.admit(5), "remembered across a restart");
         assert!(!g.admit(0));
     }
