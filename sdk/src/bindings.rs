@@ -47,6 +47,7 @@ pub mod base {
                 import trellis:host/log@0.1.0;
                 import trellis:host/secrets@0.1.0;
                 import trellis:host/kafka@0.1.0;
+                import trellis:host/exec@0.1.0;
             }
         ",
         world: "trellis:sdk/base",
@@ -154,8 +155,27 @@ pub mod kafka {
     }
 }
 
+/// Programs the operator allow-listed for this plugin (capability `exec`; fence agents
+/// only): `run("volume-status", &[("volume", "gv0")])` fills the template's
+/// placeholders; the host runs it without a shell, with a time limit and capped output.
+pub mod exec {
+    pub use super::base::trellis::host::exec::{ExecError, Output};
+
+    /// Run template `name` with `values` for its `{placeholders}`.
+    pub fn run(name: &str, values: &[(&str, &str)]) -> Result<Output, super::Error> {
+        let values: Vec<(String, String)> = values
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        super::base::trellis::host::exec::run(name, &values).map_err(|e| match e {
+            ExecError::Denied(m) => super::Error::Denied(m),
+            ExecError::Failed(m) => super::Error::Retryable(m),
+        })
+    }
+}
+
 macro_rules! world {
-    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal) => {
+    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal $(, $extra:literal => $path:path)*) => {
         #[cfg(feature = $feature)]
         #[doc(hidden)]
         pub mod $module {
@@ -167,6 +187,7 @@ macro_rules! world {
                     "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
                     "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
                     "trellis:host/kafka@0.1.0": crate::bindings::base::trellis::host::kafka,
+                    $($extra: $path,)*
                 },
                 pub_export_macro: true,
                 export_macro_name: $macro_name,
@@ -208,7 +229,8 @@ world!(
     "trellis:plugin/fence-agent-plugin",
     "export_fence_agent",
     export_fence_agent,
-    "trellis_sdk::fence_agent_world"
+    "trellis_sdk::fence_agent_world",
+    "trellis:host/exec@0.1.0" => crate::bindings::base::trellis::host::exec
 );
 world!(
     "logging-pair",

@@ -4,6 +4,7 @@
 //! (`config` and `runtime::Runtime::load_plugin`), *prepare* per-instance state from the
 //! grants when an instance is created (`runtime::state`).
 
+pub mod exec;
 pub mod files;
 pub mod http;
 pub mod kafka;

@@ -289,11 +289,37 @@ pub struct PluginGrants {
     /// Kafka topic prefixes the plugin may use (needs `kafka`; the cluster is `[kafka]`).
     #[serde(default)]
     pub kafka: KafkaGrant,
+    /// Programs the plugin may run, as argv templates (needs `exec`).
+    #[serde(default)]
+    pub exec: Vec<ExecTemplate>,
     /// The plugin's configuration, checked against its manifest's `[config]` schema.
     #[serde(default)]
     pub config: toml::Table,
     #[serde(default)]
     pub limits: LimitsConfig,
+}
+
+/// One program a plugin may run: `argv` with `{placeholder}` elements the plugin fills.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ExecTemplate {
+    /// What the plugin calls it.
+    pub name: String,
+    /// The program and its arguments; `{word}` anywhere in an element is a placeholder.
+    pub argv: Vec<String>,
+    /// Killed past this (default 10 s).
+    #[serde(default = "default_exec_timeout")]
+    pub timeout: HumanDuration,
+    /// Stdout and stderr kept, each (default 1 MiB); the rest is dropped and said so.
+    #[serde(default = "default_exec_output")]
+    pub max_output: ByteSize,
+}
+
+fn default_exec_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_exec_output() -> ByteSize {
+    ByteSize(1 << 20)
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -17,5 +17,7 @@ wasmtime::component::bindgen!({
 pub use exports::trellis::plugin::{
     command_transport, fence_agent, lifecycle, log_browser, logging_method,
 };
-pub use trellis::host::{kafka as host_kafka, log as host_log, secrets as host_secrets};
+pub use trellis::host::{
+    exec as host_exec, kafka as host_kafka, log as host_log, secrets as host_secrets,
+};
 pub use trellis::plugin::types;

@@ -19,8 +19,8 @@ use crate::capabilities::sockets::SocketGrant;
 use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
 use crate::points::Point;
 use crate::points::bindings::{
-    command_transport, fence_agent, host_kafka, host_log, host_secrets, lifecycle, log_browser,
-    logging_method,
+    command_transport, fence_agent, host_exec, host_kafka, host_log, host_secrets, lifecycle,
+    log_browser, logging_method,
 };
 pub use errors::{ErrorKind, PluginError};
 use inspect::ComponentInfo;
@@ -330,6 +330,9 @@ fn linker_for(
     if caps.contains(&Capability::Kafka) {
         host_kafka::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
     }
+    if caps.contains(&Capability::Exec) {
+        host_exec::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
+    }
     Ok(l)
 }
 
@@ -387,6 +390,15 @@ fn resolve_grants(
     );
     needs(!g.secrets.is_empty(), Capability::Secrets, "secrets");
     needs(!g.kafka.topics.is_empty(), Capability::Kafka, "kafka");
+    needs(!g.exec.is_empty(), Capability::Exec, "exec");
+    for (field, problem) in crate::capabilities::exec::check(&g.exec) {
+        problems.push(Problem {
+            field: format!("{at}.{field}"),
+            problem,
+            fix: "write exec = [{ name = \"...\", argv = [\"program\", \"{placeholder}\", ...] }]"
+                .into(),
+        });
+    }
     // No `[kafka]` cluster is not a load error (like a missing directory grant): the
     // plugin's Kafka calls are denied, saying what to add.
     for (i, t) in g.kafka.topics.iter().enumerate() {
@@ -476,5 +488,6 @@ fn resolve_grants(
             prefixes: Arc::new(g.kafka.topics.clone()),
             client: kafka,
         },
+        exec: Arc::new(g.exec.clone()),
     })
 }

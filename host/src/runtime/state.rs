@@ -27,6 +27,7 @@ pub struct Grants {
     pub sockets: Arc<SocketGrant>,
     pub secrets: Arc<BTreeSet<String>>,
     pub kafka: crate::capabilities::kafka::KafkaGate,
+    pub exec: Arc<Vec<crate::config::ExecTemplate>>,
 }
 
 pub struct InstanceState {
@@ -37,6 +38,7 @@ pub struct InstanceState {
     pub http: HttpGate,
     pub secrets: SecretsGate,
     pub kafka: crate::capabilities::kafka::KafkaGate,
+    pub exec: crate::capabilities::exec::ExecGate,
     pub log: LogGate,
     pub limiter: Limiter,
     pub metrics: Arc<PluginMetrics>,
@@ -91,6 +93,10 @@ impl InstanceState {
                 granted: grants.secrets.clone(),
             },
             kafka: grants.kafka.clone(),
+            exec: crate::capabilities::exec::ExecGate {
+                plugin: plugin.clone(),
+                templates: grants.exec.clone(),
+            },
             log: LogGate::default(),
             limiter: Limiter {
                 memory: limits.memory as usize,
