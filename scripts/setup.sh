@@ -3,6 +3,32 @@
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 
+# apt-get install PACKAGES without starting any service they ship: a policy-rc.d that
+# refuses every start is in place while they install (Docker images usually have one
+# already), and on a systemd machine the units in $DISABLE are disabled again. The
+# tests start what they need themselves, on loopback.
+install_quietly() {
+    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
+    local policy=/usr/sbin/policy-rc.d own_policy=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# trellis scripts/setup.sh: no service starts while packages install\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+        own_policy=true
+        trap '"${sudo[@]}" rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+    if $own_policy; then
+        "${sudo[@]}" rm -f "$policy"
+        trap - EXIT
+    fi
+    if [ -n "${DISABLE:-}" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        # shellcheck disable=SC2086
+        "${sudo[@]}" systemctl disable --now $DISABLE >/dev/null 2>&1 || true
+    fi
+}
+
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     echo "setup: adding the wasm32-wasip2 Rust target"
     rustup target add wasm32-wasip2
@@ -76,26 +102,8 @@ fi
 # in place while it installs (Docker images usually have one already), and on a systemd
 # machine the unit it enables is disabled again.
 if ! command -v rsyslogd >/dev/null 2>&1; then
-    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
     echo "setup: installing rsyslog (for the lines benchmark; not started as a service)"
-    policy=/usr/sbin/policy-rc.d
-    own_policy=false
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\n# trellis scripts/setup.sh: no service starts while rsyslog installs\nexit 101\n' |
-            "${sudo[@]}" tee "$policy" >/dev/null
-        "${sudo[@]}" chmod 755 "$policy"
-        own_policy=true
-        trap '"${sudo[@]}" rm -f "$policy"' EXIT
-    fi
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends rsyslog
-    if $own_policy; then
-        "${sudo[@]}" rm -f "$policy"
-        trap - EXIT
-    fi
-    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        "${sudo[@]}" systemctl disable --now rsyslog.service >/dev/null 2>&1 || true
-    fi
+    DISABLE=rsyslog.service install_quietly rsyslog
     # Whatever the init system, nothing the install started may keep running.
     if [ -s /run/rsyslogd.pid ] && kill -0 "$(cat /run/rsyslogd.pid)" 2>/dev/null; then
         echo "setup: stopping the rsyslogd the package started (pid $(cat /run/rsyslogd.pid))"
@@ -106,54 +114,16 @@ fi
 # etcd (3.4, API v3 and its JSON gateway) for the leadership tests, which start their
 # own three members on loopback; the package's service must not run.
 if ! command -v etcd >/dev/null 2>&1; then
-    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
     echo "setup: installing etcd-server and etcd-client (not started as a service)"
-    policy=/usr/sbin/policy-rc.d
-    own_policy=false
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\n# trellis scripts/setup.sh: no service starts while packages install\nexit 101\n' |
-            "${sudo[@]}" tee "$policy" >/dev/null
-        "${sudo[@]}" chmod 755 "$policy"
-        own_policy=true
-        trap '"${sudo[@]}" rm -f "$policy"' EXIT
-    fi
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        etcd-server etcd-client
-    if $own_policy; then
-        "${sudo[@]}" rm -f "$policy"
-        trap - EXIT
-    fi
-    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        "${sudo[@]}" systemctl disable --now etcd.service >/dev/null 2>&1 || true
-    fi
+    DISABLE=etcd.service install_quietly etcd-server etcd-client
 fi
 
 # Pacemaker and corosync, for the test where Pacemaker's fencer drives a Trellis fence
 # plugin (host/tests/pacemaker.rs starts its own corosync -f and pacemakerd -f). The
 # packages must leave no service running: no service starts while they install.
 if ! command -v pacemakerd >/dev/null 2>&1 && [ ! -x /usr/sbin/pacemakerd ]; then
-    if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
     echo "setup: installing corosync and pacemaker (not started as services)"
-    policy=/usr/sbin/policy-rc.d
-    own_policy=false
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\n# trellis scripts/setup.sh: no service starts while packages install\nexit 101\n' |
-            "${sudo[@]}" tee "$policy" >/dev/null
-        "${sudo[@]}" chmod 755 "$policy"
-        own_policy=true
-        trap '"${sudo[@]}" rm -f "$policy"' EXIT
-    fi
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        corosync pacemaker pacemaker-cli-utils
-    if $own_policy; then
-        "${sudo[@]}" rm -f "$policy"
-        trap - EXIT
-    fi
-    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        "${sudo[@]}" systemctl disable --now pacemaker.service corosync.service >/dev/null 2>&1 || true
-    fi
+    DISABLE="pacemaker.service corosync.service" install_quietly corosync pacemaker pacemaker-cli-utils
 fi
 
 echo "setup: ok"

@@ -14,6 +14,7 @@
 mod common;
 
 use common::*;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const LINES: u64 = 400;
@@ -26,21 +27,23 @@ fn stamp(log: &str, who: &str, field: &str) -> Option<i64> {
         .and_then(|v| v.trim_end_matches(',').parse().ok())
 }
 
-#[test]
-fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path();
-    let etcd = EtcdCluster::start(dir);
-    let broker = Tansu::start("memory://tansu/");
-    let sushy = Sushy::start(dir);
-    let (base_cfg, agent_cfg, http_a) = write_configs(
-        dir,
-        &Transport::Kafka {
-            brokers: broker.brokers(),
-        },
-    );
-    // Both controllers: the same state directory and transport; their own HTTP port
-    // and name; each fences the other through the emulator's BMC.
+/// The BMC both controllers' fencing goes to: the emulator (with its CA), or a port
+/// where nothing listens.
+enum Bmc<'a> {
+    Emulator(&'a Sushy),
+    Dead(u16),
+}
+
+/// Two controller configs (`a`, `b`) from `write_configs`'s one: the same state
+/// directory and transport, their own HTTP port and `[ha]` name, each fencing the other
+/// through `bmc` (lease 1 s). (config a, config b, http port a, http port b)
+fn ha_configs(
+    dir: &Path,
+    t: &Transport,
+    etcd: &EtcdCluster,
+    bmc: Bmc,
+) -> (PathBuf, PathBuf, PathBuf, u16, u16) {
+    let (base_cfg, agent_cfg, http_a) = write_configs(dir, t);
     let mut secrets = std::fs::read_to_string(dir.join("secrets.toml")).unwrap();
     secrets += "bmc = \"bmc-password-value\"\n";
     std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
@@ -51,6 +54,13 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
         .map(|c| format!("\"{c}\""))
         .collect::<Vec<_>>()
         .join(", ");
+    let (grant, port) = match bmc {
+        Bmc::Emulator(s) => (
+            format!("http = [\"{}\"]\ntls-ca = [\"{}\"]", s.url(), s.ca),
+            s.port,
+        ),
+        Bmc::Dead(port) => (format!("http = [\"https://127.0.0.1:{port}\"]"), port),
+    };
     let base = std::fs::read_to_string(&base_cfg).unwrap();
     let config = |me: &str, peer: &str, http: u16| {
         let path = dir.join(format!("controller-{me}.toml"));
@@ -60,8 +70,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
         ) + &format!(
             r#"
 [plugins.redfish-fence]
-http = ["{url}"]
-tls-ca = ["{ca}"]
+{grant}
 secrets = ["bmc"]
 limits = {{ call-timeout = "60s" }}
 [ha]
@@ -70,15 +79,27 @@ etcd = [{etcd_list}]
 lease-ttl = "1s"
 [ha.fencing.{peer}]
 levels = [[{{ plugin = "redfish-fence", params = {{ ip = "127.0.0.1", ipport = "{port}", username = "admin", password = "bmc" }} }}]]
-"#,
-            url = sushy.url(),
-            ca = sushy.ca,
-            port = sushy.port,
+"#
         );
         std::fs::write(&path, text).unwrap();
         path
     };
-    let (cfg_a, cfg_b) = (config("a", "b", http_a), config("b", "a", http_b));
+    let (a, b) = (config("a", "b", http_a), config("b", "a", http_b));
+    (a, b, agent_cfg, http_a, http_b)
+}
+
+#[test]
+fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let etcd = EtcdCluster::start(dir);
+    let broker = Tansu::start("memory://tansu/");
+    let sushy = Sushy::start(dir);
+    let transport = Transport::Kafka {
+        brokers: broker.brokers(),
+    };
+    let (cfg_a, cfg_b, agent_cfg, http_a, http_b) =
+        ha_configs(dir, &transport, &etcd, Bmc::Emulator(&sushy));
     let server_a = format!("http://127.0.0.1:{http_a}");
     let server_b = format!("http://127.0.0.1:{http_b}");
     let daemon_log = dir.join("daemons.log");
@@ -193,41 +214,10 @@ fn a_standby_that_cannot_fence_does_not_take_over() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let etcd = EtcdCluster::start(dir);
-    let (base_cfg, _agent_cfg, http_a) = write_configs(dir, &Transport::Tcp { port: free_port() });
-    let mut secrets = std::fs::read_to_string(dir.join("secrets.toml")).unwrap();
-    secrets += "bmc = \"bmc-password-value\"\n";
-    std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
-    let http_b = free_port();
-    let etcd_list = etcd
-        .clients
-        .iter()
-        .map(|c| format!("\"{c}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let base = std::fs::read_to_string(&base_cfg).unwrap();
     let dead_bmc = free_port(); // nothing listens there
-    let config = |me: &str, peer: &str, http: u16| {
-        let path = dir.join(format!("controller-{me}.toml"));
-        let text = base.replace(
-            &format!("http = \"127.0.0.1:{http_a}\""),
-            &format!("http = \"127.0.0.1:{http}\""),
-        ) + &format!(
-            r#"
-[plugins.redfish-fence]
-http = ["https://127.0.0.1:{dead_bmc}"]
-secrets = ["bmc"]
-[ha]
-name = "{me}"
-etcd = [{etcd_list}]
-lease-ttl = "1s"
-[ha.fencing.{peer}]
-levels = [[{{ plugin = "redfish-fence", params = {{ ip = "127.0.0.1", ipport = "{dead_bmc}", username = "admin", password = "bmc" }} }}]]
-"#
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let (cfg_a, cfg_b) = (config("a", "b", http_a), config("b", "a", http_b));
+    let transport = Transport::Tcp { port: free_port() };
+    let (cfg_a, cfg_b, _agent_cfg, _, http_b) =
+        ha_configs(dir, &transport, &etcd, Bmc::Dead(dead_bmc));
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
     let mut a = start("controller", &cfg_a, &daemon_log);

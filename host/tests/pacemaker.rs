@@ -70,28 +70,7 @@ fn pacemaker_fences_through_a_trellis_plugin() {
     let sushy = Sushy::start(dir);
 
     // The agent: trellis fence with the plugin, granted the BMC and its CA.
-    let config = dir.join("fence.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[plugins.redfish-fence]\nhttp = [\"{}\"]\ntls-ca = [\"{}\"]\nlimits = {{ call-timeout = \"90s\" }}\n",
-            sushy.url(),
-            sushy.ca
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        AGENT,
-        format!(
-            "#!/bin/sh\nexec {} fence --name fence_trellis_redfish --plugin {} --config {} \"$@\"\n",
-            env!("CARGO_BIN_EXE_trellis"),
-            bundle().join("redfish-fence").display(),
-            config.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(AGENT, std::fs::Permissions::from_mode(0o755)).unwrap();
+    sushy.install_fence_agent(Path::new(AGENT), dir);
     let mut cluster = Cluster {
         daemons: vec![],
         agent: AGENT.into(),

@@ -232,29 +232,8 @@ fn trellis_fence_speaks_the_fence_agents_protocol() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let sushy = Sushy::start(dir);
-    let config = dir.join("fence.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[plugins.redfish-fence]\nhttp = [\"{}\"]\ntls-ca = [\"{}\"]\nlimits = {{ call-timeout = \"90s\" }}\n",
-            sushy.url(),
-            sushy.ca
-        ),
-    )
-    .unwrap();
     let agent = dir.join("fence_trellis_redfish");
-    std::fs::write(
-        &agent,
-        format!(
-            "#!/bin/sh\nexec {} fence --name fence_trellis_redfish --plugin {} --config {} \"$@\"\n",
-            env!("CARGO_BIN_EXE_trellis"),
-            bundle().join("redfish-fence").display(),
-            config.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    sushy.install_fence_agent(&agent, dir);
     let run = |args: &[&str], stdin: &str| -> (i32, String) {
         let mut c = std::process::Command::new(&agent)
             .args(args)

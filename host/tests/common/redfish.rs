@@ -38,6 +38,34 @@ impl Sushy {
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
     }
+
+    /// `trellis fence` installed as the fence agent `agent` (a wrapper script, as an
+    /// operator would install it) for the redfish-fence plugin, granted this emulator
+    /// and its CA by `<config_dir>/fence.toml`.
+    pub fn install_fence_agent(&self, agent: &std::path::Path, config_dir: &std::path::Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let config = config_dir.join("fence.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[plugins.redfish-fence]\nhttp = [\"{}\"]\ntls-ca = [\"{}\"]\nlimits = {{ call-timeout = \"90s\" }}\n",
+                self.url(),
+                self.ca
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            agent,
+            format!(
+                "#!/bin/sh\nexec {} fence --name fence_trellis_redfish --plugin {} --config {} \"$@\"\n",
+                env!("CARGO_BIN_EXE_trellis"),
+                super::bundle().join("redfish-fence").display(),
+                config.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
 }
 
 impl Drop for Sushy {
