@@ -118,6 +118,13 @@ if ! command -v etcd >/dev/null 2>&1; then
     DISABLE=etcd.service install_quietly etcd-server etcd-client
 fi
 
+# GlusterFS for the storage-fencing test (host/tests/glusterfs_fence.rs starts its own
+# glusterd and volume, and stops them).
+if ! command -v glusterd >/dev/null 2>&1 && [ ! -x /usr/sbin/glusterd ]; then
+    echo "setup: installing glusterfs-server (not started as a service)"
+    DISABLE=glusterd.service install_quietly glusterfs-server
+fi
+
 # Pacemaker and corosync, for the test where Pacemaker's fencer drives a Trellis fence
 # plugin (host/tests/pacemaker.rs starts its own corosync -f and pacemakerd -f). The
 # packages must leave no service running: no service starts while they install.
