@@ -1,6 +1,8 @@
 //! The sushy-tools Redfish emulator (`pip install sushy-tools`, by ./scripts/setup.sh)
 //! as a BMC on loopback: the fake driver, HTTPS with a certificate from the test's own
 //! CA. Its fake systems apply a power change after a random 1-11 s, like a slow BMC.
+//! Each emulator keeps its state in the test's own directory (see `start`), so tests
+//! running at once do not share a system.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,9 @@ impl Sushy {
         let child = std::process::Command::new("sushy-emulator")
             .args(["--fake", "-i", "127.0.0.1", "-p", &port.to_string()])
             .args(["--ssl-certificate", &cert, "--ssl-key", &key])
+            // The fake driver keeps its systems' state in <tmp>/sushy-emulator/, shared by
+            // every emulator on the machine (same fixed system): each test gets its own.
+            .env("TMPDIR", dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("sushy.log")).unwrap())
             .spawn()
