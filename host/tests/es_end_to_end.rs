@@ -46,13 +46,40 @@ fn es_configs(dir: &Path, es: &str, keys: &str) -> (PathBuf, PathBuf, u16) {
     (controller, agent, http)
 }
 
-/// The agent's durable buffer files for `run`'s log that hold events (beyond the
-/// header and the log's description).
-fn agent_buffer_holds(dir: &Path, run: &str) -> bool {
-    let wal = dir.join(format!(
+/// `[controller]` keys making Elasticsearch the default method and browser.
+const ES_DEFAULTS: &str =
+    "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"";
+
+/// The agent's write-ahead file for `run`'s log.
+fn agent_wal(dir: &Path, run: &str) -> PathBuf {
+    dir.join(format!(
         "work/.trellis/log-buffer/elasticsearch-logging/{run}.wal"
-    ));
-    std::fs::metadata(wal).is_ok_and(|m| m.len() > 200)
+    ))
+}
+
+/// Whether that file holds events (beyond the header and the log's description).
+fn agent_buffer_holds(dir: &Path, run: &str) -> bool {
+    std::fs::metadata(agent_wal(dir, run)).is_ok_and(|m| m.len() > 200)
+}
+
+/// es-mock arguments for a store that can be killed and started again as the same
+/// store: a fixed port, everything acknowledged kept in `<dir>/es.json`.
+fn restartable_store(dir: &Path) -> Vec<String> {
+    let data = dir.join("es.json");
+    [
+        "--port",
+        &free_port().to_string(),
+        "--data",
+        data.to_str().unwrap(),
+        "--refresh-interval-ms",
+        "200",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn start_store(args: &[String]) -> EsMock {
+    EsMock::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Replace what `es_configs` (or an earlier call) put into `[controller]`.
@@ -151,13 +178,7 @@ fn jobs_choose_their_logging_method_and_browser() {
         start_daemons(dir, &controller_cfg, &agent_cfg, http);
 
     // Logged to Elasticsearch, read back from it.
-    let es_job = job(
-        dir,
-        "es-job",
-        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
-        120,
-        80,
-    );
+    let es_job = job(dir, "es-job", ES_DEFAULTS, 120, 80);
     let es_run = submit(&server, &es_job);
     wait_for_success(&server, &es_run, Duration::from_secs(60), &daemon_log);
     let whole = complete_log(&server, &[&es_run]);
@@ -230,22 +251,9 @@ fn the_store_down_mid_run_loses_nothing_and_fails_nothing() {
     const N: u32 = 400;
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let port = free_port();
-    let data = dir.join("es.json");
-    let es_args = [
-        "--port",
-        &port.to_string(),
-        "--data",
-        data.to_str().unwrap(),
-        "--refresh-interval-ms",
-        "200",
-    ];
-    let es = EsMock::start(&es_args);
-    let (controller_cfg, agent_cfg, http) = es_configs(
-        dir,
-        &es.url(),
-        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
-    );
+    let es_args = restartable_store(dir);
+    let es = start_store(&es_args);
+    let (controller_cfg, agent_cfg, http) = es_configs(dir, &es.url(), ES_DEFAULTS);
     let (_controller, _agent, server, daemon_log) =
         start_daemons(dir, &controller_cfg, &agent_cfg, http);
 
@@ -276,15 +284,12 @@ fn the_store_down_mid_run_loses_nothing_and_fails_nothing() {
     assert_ne!(code, 0, "the browser cannot reach the store either");
     assert!(err.contains("log store unavailable"), "{err}");
 
-    let es = EsMock::start(&es_args); // back, with what it had
+    let es = start_store(&es_args); // back, with what it had
     let got = complete_log(&server, &[&run]);
     assert_eq!(got, lines("line", N), "every line once, in order");
     assert_eq!(es_count(&es, "trellis-logs-slow"), Some(u64::from(N) + 1));
     wait_until("the buffer did not drain", Duration::from_secs(10), || {
-        !dir.join(format!(
-            "work/.trellis/log-buffer/elasticsearch-logging/{run}.wal"
-        ))
-        .exists()
+        !agent_wal(dir, &run).exists()
     });
 }
 
@@ -293,22 +298,9 @@ fn an_agent_killed_with_undelivered_output_delivers_it_when_restarted() {
     const N: u64 = 300;
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let port = free_port();
-    let data = dir.join("es.json");
-    let es_args = [
-        "--port",
-        &port.to_string(),
-        "--data",
-        data.to_str().unwrap(),
-        "--refresh-interval-ms",
-        "200",
-    ];
-    let es = EsMock::start(&es_args);
-    let (controller_cfg, agent_cfg, http) = es_configs(
-        dir,
-        &es.url(),
-        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
-    );
+    let es_args = restartable_store(dir);
+    let es = start_store(&es_args);
+    let (controller_cfg, agent_cfg, http) = es_configs(dir, &es.url(), ES_DEFAULTS);
     let (_controller, mut agent, server, daemon_log) =
         start_daemons(dir, &controller_cfg, &agent_cfg, http);
 
@@ -350,7 +342,7 @@ fn an_agent_killed_with_undelivered_output_delivers_it_when_restarted() {
     agent.0.kill().unwrap(); // SIGKILL, with the lines on the agent's disk only
     agent.0.wait().unwrap();
 
-    let es = EsMock::start(&es_args); // back
+    let es = start_store(&es_args); // back
     let _agent = start("agent", &agent_cfg, &daemon_log);
     let got = complete_log(&server, &[&run]);
     assert_eq!(
@@ -367,11 +359,7 @@ fn a_finished_log_is_incomplete_until_the_store_shows_all_of_it() {
     let dir = d.path();
     // No periodic refresh: documents become visible only on `_refresh`.
     let es = EsMock::start(&["--refresh-interval-ms", "-1"]);
-    let (controller_cfg, agent_cfg, http) = es_configs(
-        dir,
-        &es.url(),
-        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
-    );
+    let (controller_cfg, agent_cfg, http) = es_configs(dir, &es.url(), ES_DEFAULTS);
     let (_controller, _agent, server, daemon_log) =
         start_daemons(dir, &controller_cfg, &agent_cfg, http);
 
@@ -491,11 +479,7 @@ fn storms_and_partial_bulk_failures_lose_and_duplicate_nothing() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let es = EsMock::start(&["--refresh-interval-ms", "200"]);
-    let (controller_cfg, agent_cfg, http) = es_configs(
-        dir,
-        &es.url(),
-        "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"",
-    );
+    let (controller_cfg, agent_cfg, http) = es_configs(dir, &es.url(), ES_DEFAULTS);
     let (_controller, _agent, server, daemon_log) =
         start_daemons(dir, &controller_cfg, &agent_cfg, http);
     let fault = |body: &str| {

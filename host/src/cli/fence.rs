@@ -109,19 +109,19 @@ pub async fn fence(call: FenceCall<'_>) -> anyhow::Result<ExitCode> {
     };
 
     // First, what the plugin says it takes (which parameters are secrets).
-    let info = {
-        let rt = Runtime::with_secrets(cfg.clone(), secrets.clone())?;
-        let p = rt
-            .load(call.plugin)
-            .await
-            .map_err(|p| anyhow::anyhow!("{p}"))?;
-        FenceDevice::new(p, vec![])?.metadata().await?
-    };
+    let rt = Runtime::with_secrets(cfg.clone(), secrets.clone())?;
+    let first = rt
+        .load(call.plugin)
+        .await
+        .map_err(|p| anyhow::anyhow!("{p}"))?;
+    let info = FenceDevice::new(first.clone(), vec![])?.metadata().await?;
     if action == "metadata" {
         print!("{}", metadata_xml(&info, call.name));
         return Ok(ExitCode::from(EC_OK));
     }
-    // Secret values become secrets of this process, granted for this call.
+    // Secret values become secrets of this process, granted for this call: the plugin
+    // is loaded again with that grant (only then; without secrets the first load serves).
+    let mut granted = false;
     for (key, value) in &mut params {
         if info.parameters.iter().any(|p| p.secret && p.name == *key) {
             let name = format!("fence-input-{key}");
@@ -132,13 +132,20 @@ pub async fn fence(call: FenceCall<'_>) -> anyhow::Result<ExitCode> {
                 .secrets
                 .push(name.clone());
             *value = name;
+            granted = true;
         }
     }
-    let rt = Runtime::with_secrets(cfg, secrets)?;
-    let p = rt
-        .load(call.plugin)
-        .await
-        .map_err(|p| anyhow::anyhow!("{p}"))?;
+    // The runtime stays bound for as long as its plugin is used.
+    let (_rt, p) = if granted {
+        let rt = Runtime::with_secrets(cfg, secrets)?;
+        let p = rt
+            .load(call.plugin)
+            .await
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+        (rt, p)
+    } else {
+        (rt, first)
+    };
     let device = FenceDevice::new(p, params)?;
 
     let supported = |a: Action| info.actions.contains(&a);

@@ -7,7 +7,8 @@
 //! retry every second for logs that owe their plugin something.
 //!
 //! Each open log has its own lock, and the map of logs is locked only to find one, so a
-//! log whose store is down (retrying, or timing out) never holds up another's output.
+//! log whose store is down (retrying, or timing out) never holds up another open log's
+//! output. Opening a log (a plugin call) is serialized with other openings only.
 
 use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
@@ -51,6 +52,10 @@ struct Method {
 pub struct LogSet {
     methods: BTreeMap<String, Method>,
     logs: Mutex<HashMap<String, Arc<Mutex<OpenLog>>>>,
+    /// Held while a log is being opened (which calls the plugin, and may wait on its
+    /// store), so that two opens of one log cannot race for its buffer file while the
+    /// map stays free for every other log.
+    opening: Mutex<()>,
 }
 
 /// What the caller knows of a log an earlier process left behind.
@@ -96,6 +101,7 @@ impl LogSet {
         Ok(LogSet {
             methods,
             logs: Mutex::default(),
+            opening: Mutex::default(),
         })
     }
 
@@ -208,9 +214,12 @@ impl LogSet {
         method: &str,
         meta: impl FnOnce() -> (LogMetadata, u64),
     ) -> Result<Arc<Mutex<OpenLog>>, LogError> {
-        let mut logs = self.logs.lock().await;
-        if let Some(log) = logs.get(key) {
-            return Ok(log.clone());
+        if let Some(log) = self.get(key).await {
+            return Ok(log);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(log) = self.get(key).await {
+            return Ok(log); // opened meanwhile
         }
         let Some(m) = self.methods.get(method) else {
             return Err(LogError::Unknown(method.to_string()));
@@ -218,7 +227,7 @@ impl LogSet {
         let (meta, events) = meta();
         let writer = LogWriter::open_buffered(m.plugin.clone(), meta, &m.buffers).await?;
         let log = Arc::new(Mutex::new(OpenLog { writer, events }));
-        logs.insert(key.to_string(), log.clone());
+        self.logs.lock().await.insert(key.to_string(), log.clone());
         Ok(log)
     }
 
