@@ -132,6 +132,34 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
         c.wait().unwrap().code()
     };
     assert_eq!(power("on"), Some(0));
+    // Both controllers answer `trellis cluster status`: A active, B standing by.
+    let servers = ["--server", &server_a, "--server", &server_b];
+    let status = || {
+        let (code, out, err) = cli(&server_a, &[&["cluster", "status"][..], &servers].concat());
+        (code, format!("{out}{err}"))
+    };
+    wait_until("B did not report standby", Duration::from_secs(10), || {
+        status()
+            .1
+            .lines()
+            .any(|l| l.starts_with("b ") && l.contains("standby"))
+    });
+    let (code, text) = status();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("a ") && l.contains("active")),
+        "{text}"
+    );
+    assert!(
+        text.contains("leader key trellis/leader: held by a"),
+        "{text}"
+    );
+    assert_eq!(
+        http_get_status(http_b, "/api/runs").0,
+        503,
+        "a standby does not serve the API"
+    );
 
     let job = dir.join("job.toml");
     std::fs::write(
@@ -177,6 +205,30 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
         detection + takeover <= 5000,
         "detection + takeover {} ms",
         detection + takeover
+    );
+
+    // B says so, with the fencing that let it: `cluster status` and its metrics.
+    let (code, text) = status();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("b ")
+            && l.contains("active")
+            && l.contains("a: fenced at level 1")),
+        "{text}"
+    );
+    assert!(text.contains("unreachable"), "A is gone: {text}");
+    let metrics = http_get(http_b, "/metrics");
+    assert!(
+        metrics.contains("trellis_ha_role{name=\"b\",role=\"active\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_ha_fencings_total{result=\"fenced\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_ha_last_failover_seconds{part=\"takeover\"}"),
+        "{metrics}"
     );
 
     // The run completes under B, its log whole.
@@ -237,8 +289,31 @@ fn a_standby_that_cannot_fence_does_not_take_over() {
     );
     std::thread::sleep(Duration::from_secs(3)); // and it keeps not taking over
     assert!(!logs().contains("trellis ha: b active"), "{}", logs());
+    // It serves no API, and says why where operators look: status, API, metrics.
+    let (code, runs) = http_get_status(http_b, "/api/runs");
+    assert_eq!(code, 503, "{runs}");
+    assert!(runs.contains("not-taking-over"), "{runs}");
+    let server_b = format!("http://127.0.0.1:{http_b}");
+    let (code, out, err) = cli(&server_b, &["cluster", "status"]);
+    eprintln!("trellis cluster status:\n{out}{err}");
+    assert_eq!(code, 1, "no controller is active: {out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("b "))
+        .unwrap_or_default();
+    assert!(line.contains("not-taking-over"), "{out}");
     assert!(
-        std::net::TcpStream::connect(("127.0.0.1", http_b)).is_err(),
-        "B serves nothing"
+        line.contains("a: not fenced: level 1 `redfish-fence#1`"),
+        "the reason names the device: {out}"
+    );
+    assert!(out.contains("leader key trellis/leader: vacant"), "{out}");
+    let metrics = http_get(http_b, "/metrics");
+    assert!(
+        metrics.contains("trellis_ha_role{name=\"b\",role=\"not-taking-over\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("trellis_ha_fencings_total{result=\"failed\"} 0"),
+        "{metrics}"
     );
 }

@@ -15,13 +15,18 @@
 //! | `GET /api/runs/{id}/artifacts/{name}` | download one (`name` may contain `/`); `x-checksum-sha256` header |
 //! | `GET /api/agents` | connected agents and their labels |
 //! | `GET /api/plugins` | loaded plugins: points, health, call counts |
-//! | `GET /metrics` | Prometheus text: per-plugin metrics |
+//! | `GET /metrics` | Prometheus text: per-plugin metrics (and the HA role's) |
+//! | `GET /api/cluster` | HA: this controller's role, token, last fencing and failover, and the leader lease as etcd has it |
+//!
+//! With `[ha]` the listener is bound at start: a standby serves `/api/cluster` and
+//! `/metrics`, and answers 503 (naming its role) to the rest until it is active.
 //!
 //! Logs are read through the configured log browser, so following works the same for
 //! any logging method, and a finished run is never shown complete before it is.
 
 use crate::controller::Controller;
 use crate::controller::state::RunRecord;
+use crate::ha::status::ClusterStatus;
 use crate::jobs::Job;
 use crate::points::bindings::log_browser::{LogCompleteness, PageRequest};
 use crate::points::bindings::types::LogMetadata;
@@ -36,7 +41,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub struct Api {
@@ -109,20 +114,97 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/runs/{id}/artifacts/{*name}", get(download_artifact))
         .route("/api/agents", get(agents))
         .route("/api/plugins", get(plugins))
-        .route("/metrics", get(metrics))
         .with_state(api)
 }
 
 /// Serve on `addr` (port 0: any free port). Returns the bound address.
 pub async fn serve(addr: SocketAddr, api: Arc<Api>) -> std::io::Result<SocketAddr> {
+    let listener = listen(addr, None).await?;
+    listener.activate(api);
+    Ok(listener.addr)
+}
+
+/// A controller's HTTP listener, bound before the controller may serve (an HA standby).
+pub struct Listener {
+    pub addr: SocketAddr,
+    front: Arc<Front>,
+}
+
+struct Front {
+    api: OnceLock<(Arc<Api>, Router)>,
+    cluster: Option<Arc<ClusterStatus>>,
+}
+
+/// Bind `addr`; until [`Listener::activate`], only `/api/cluster` and `/metrics` answer.
+pub async fn listen(
+    addr: SocketAddr,
+    cluster: Option<Arc<ClusterStatus>>,
+) -> std::io::Result<Listener> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let front = Arc::new(Front {
+        api: OnceLock::new(),
+        cluster,
+    });
+    let app = Router::new()
+        .route("/api/cluster", get(cluster_status))
+        .route("/metrics", get(metrics))
+        .fallback(forward)
+        .with_state(front.clone());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(api)).await {
+        if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("HTTP API stopped: {e}");
         }
     });
-    Ok(bound)
+    Ok(Listener { addr: bound, front })
+}
+
+impl Listener {
+    /// Serve the whole API from now on.
+    pub fn activate(&self, api: Arc<Api>) {
+        let _ = self.front.api.set((api.clone(), router(api)));
+    }
+}
+
+async fn forward(State(front): State<Arc<Front>>, req: axum::extract::Request) -> Response {
+    use tower_service::Service;
+    match front.api.get() {
+        Some((_, router)) => match router.clone().call(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
+        None => {
+            let role = front.cluster.as_ref().map(|c| c.snapshot().role).map_or(
+                "starting".to_string(),
+                |r| {
+                    serde_json::to_value(r)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                },
+            );
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "this controller is not active (role: {role}); use the active controller (`trellis cluster status` shows which)"
+                ),
+            );
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, 1.into());
+            r
+        }
+    }
+}
+
+async fn cluster_status(State(front): State<Arc<Front>>) -> Response {
+    match &front.cluster {
+        Some(c) => Json(c.to_json().await).into_response(),
+        None => Json(serde_json::json!({
+            "ha": false,
+            "me": { "role": if front.api.get().is_some() { "active" } else { "starting" } },
+        }))
+        .into_response(),
+    }
 }
 
 /// The web page and its script, embedded. The page reads the JSON API and nothing else.
@@ -528,9 +610,15 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
     Json(list).into_response()
 }
 
-async fn metrics(State(api): State<Arc<Api>>) -> Response {
-    let mut text = api.runtime.render_metrics();
-    api.controller.render_metrics(&mut text);
+async fn metrics(State(front): State<Arc<Front>>) -> Response {
+    let mut text = String::new();
+    if let Some((api, _)) = front.api.get() {
+        text = api.runtime.render_metrics();
+        api.controller.render_metrics(&mut text);
+    }
+    if let Some(c) = &front.cluster {
+        c.render_metrics(&mut text);
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

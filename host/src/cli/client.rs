@@ -366,3 +366,94 @@ pub async fn get_artifact(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `trellis cluster status`: each controller's own view (role, token, last fencing),
+/// and the leader lease as etcd has it. Exit 0 when a controller reports itself
+/// active, 1 otherwise (no active controller is an outage worth a non-zero exit).
+pub async fn cluster_status(servers: &[Server], json: bool) -> anyhow::Result<ExitCode> {
+    let mut views = Vec::new();
+    for s in servers {
+        let view = match s.request("GET", "/api/cluster", "").await {
+            Ok((200, v)) => v,
+            Ok((status, v)) => serde_json::json!({ "error": fail(status, &v).to_string() }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        views.push((format!("http://{}", s.0), view));
+    }
+    let any_active = views.iter().any(|(_, v)| v["me"]["role"] == "active");
+    if json {
+        let list: Vec<_> = views
+            .iter()
+            .map(|(url, v)| serde_json::json!({ "server": url, "status": v }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(if any_active {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let now = crate::protocol::now_ms();
+    println!(
+        "{:<12} {:<16} {:<10} {:<7} LAST FENCING",
+        "CONTROLLER", "ROLE", "SINCE", "TOKEN"
+    );
+    let mut leader = None;
+    for (url, v) in &views {
+        if let Some(e) = v["error"].as_str() {
+            println!("{url:<12} unreachable: {e}");
+            continue;
+        }
+        let me = &v["me"];
+        let since = me["since_ms"]
+            .as_i64()
+            .map(|t| format!("{}s ago", (now - t).max(0) / 1000))
+            .unwrap_or_default();
+        let fencing = match &me["last_fencing"] {
+            serde_json::Value::Null => "-".to_string(),
+            f => format!(
+                "{}: {} ({}s ago)",
+                f["peer"].as_str().unwrap_or_default(),
+                f["result"].as_str().unwrap_or_default(),
+                (now - f["ended_at_ms"].as_i64().unwrap_or(now)).max(0) / 1000
+            ),
+        };
+        println!(
+            "{:<12} {:<16} {:<10} {:<7} {fencing}",
+            me["name"].as_str().unwrap_or(url),
+            me["role"].as_str().unwrap_or("?"),
+            since,
+            me["token"].as_u64().unwrap_or(0),
+        );
+        if v["ha"] == false {
+            println!("  (not an HA controller: no [ha] in its configuration)");
+        }
+        if leader.is_none() && v.get("leader").is_some() {
+            leader = Some((v["key"].clone(), v["leader"].clone()));
+        }
+    }
+    if let Some((key, l)) = leader {
+        let key = key.as_str().unwrap_or_default();
+        if let Some(e) = l["error"].as_str() {
+            println!("leader key {key}: cannot read etcd: {e}");
+        } else if l["vacant"] == true {
+            println!("leader key {key}: vacant (no active controller holds the lease)");
+        } else {
+            println!(
+                "leader key {key}: held by {}, token {}, lease {} ({} s left)",
+                l["holder"].as_str().unwrap_or_default(),
+                l["token"],
+                l["lease"].as_str().unwrap_or_default(),
+                l["ttl_left_s"]
+            );
+        }
+    }
+    if !any_active {
+        eprintln!("no controller reports itself active");
+    }
+    Ok(if any_active {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

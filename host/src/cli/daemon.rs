@@ -1,13 +1,14 @@
 //! `trellis controller` and `trellis agent`: the two roles as long-running daemons.
 
 use crate::agent::worker::{AgentConfig, run_agent};
-use crate::api::{Api, Browsers, serve};
+use crate::api::{Api, Browsers, listen};
 use crate::capabilities::secrets::SecretStore;
 use crate::config::DaemonConfig;
 use crate::controller::{Controller, ControllerConfig, LogPlugins};
 use crate::ha::fencing::{Device, RaceDelay, Topology};
 use crate::ha::leader::Etcd;
 use crate::ha::role::Ha;
+use crate::ha::status::ClusterStatus;
 use crate::points::bindings::logging_method::Side;
 use crate::points::browser::LogReader;
 use crate::points::fence::FenceDevice;
@@ -96,9 +97,13 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
     }
     std::fs::create_dir_all(&c.state_dir)?;
     let ha = match &ha_cfg {
-        Some(h) => Some(ha_role(&rt, &dir, h).await?),
+        Some(h) => Some(ha_role(&rt, &dir, h, &c.state_dir).await?),
         None => None,
     };
+    // Bound now: a standby answers `/api/cluster` and `/metrics` while it waits.
+    let listener = listen(c.http.parse()?, ha.as_ref().map(|h| h.status.clone())).await?;
+    let addr = listener.addr;
+    eprintln!("trellis controller: listening on http://{addr}");
     let start = |fencing_token: u64| async move {
         let controller = Controller::start(
             ControllerConfig {
@@ -125,7 +130,7 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             browsers,
             instance_id: c.instance_id.clone(),
         });
-        let addr = serve(c.http.parse()?, api).await?;
+        listener.activate(api);
         tracing::info!("controller `{}` serving http://{addr}", c.instance_id);
         eprintln!(
             "trellis controller: http://{addr} (state in {})",
@@ -151,7 +156,12 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
 
 /// The `[ha]` role: etcd, and the fencing levels for each peer (their plugins loaded
 /// now, so that a mistake shows at start, not at the first failover).
-async fn ha_role(rt: &Runtime, dir: &Path, h: &crate::config::HaSection) -> anyhow::Result<Ha> {
+async fn ha_role(
+    rt: &Runtime,
+    dir: &Path,
+    h: &crate::config::HaSection,
+    state_dir: &Path,
+) -> anyhow::Result<Ha> {
     let mut fencing = HashMap::new();
     for (peer, f) in &h.fencing {
         let mut levels = Vec::new();
@@ -175,9 +185,12 @@ async fn ha_role(rt: &Runtime, dir: &Path, h: &crate::config::HaSection) -> anyh
         }
         fencing.insert(peer.clone(), Topology { levels });
     }
+    let etcd = Etcd::new(h.etcd.clone());
     Ok(Ha {
+        status: Arc::new(ClusterStatus::new(&h.name, etcd.clone(), &h.key)),
+        state_dir: state_dir.to_path_buf(),
         name: h.name.clone(),
-        etcd: Etcd::new(h.etcd.clone()),
+        etcd,
         key: h.key.clone(),
         lease_ttl: h.lease_ttl.0,
         watch_every: h.watch_every.0,

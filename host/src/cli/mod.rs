@@ -122,6 +122,9 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         options: Vec<String>,
     },
+    /// Active/passive controllers (`[ha]`).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// List connected agents.
     Agents {
         #[arg(long)]
@@ -145,6 +148,21 @@ pub enum Command {
         /// A secrets file (name = "value", mode 0600) for the job's `secrets`.
         #[arg(long)]
         secrets: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Each controller's role, fencing token, last fencing and its result, and the
+    /// leader lease as etcd has it. Exits 1 when no controller is active.
+    Status {
+        /// A controller to ask; repeat for each (default: $TRELLIS_SERVER or
+        /// http://127.0.0.1:8080).
+        #[arg(long)]
+        server: Vec<String>,
+        /// Print JSON (each controller's `GET /api/cluster`).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -233,6 +251,17 @@ pub fn run(cli: Cli) -> ExitCode {
                 client::cancel(&client::Server::new(server)?, &run).await
             }
             Command::Agents { server } => client::agents(&client::Server::new(server)?).await,
+            Command::Cluster(ClusterCommand::Status { server, json }) => {
+                let servers = if server.is_empty() {
+                    vec![client::Server::new(None)?]
+                } else {
+                    server
+                        .into_iter()
+                        .map(|s| client::Server::new(Some(s)))
+                        .collect::<anyhow::Result<_>>()?
+                };
+                client::cluster_status(&servers, json).await
+            }
             Command::Fence {
                 plugin,
                 config,

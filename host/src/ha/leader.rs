@@ -139,6 +139,8 @@ pub struct Leader {
     pub holder: String,
     /// Its fencing token (the key's creation revision).
     pub token: u64,
+    /// The lease the key is attached to.
+    pub lease: i64,
 }
 
 /// The current leader, if any.
@@ -154,7 +156,16 @@ fn leader_of(kvs: &Value) -> Option<Leader> {
     Some(Leader {
         holder: String::from_utf8_lossy(&unb64(kv["value"].as_str().unwrap_or(""))?).into_owned(),
         token: number(&kv["create_revision"])? as u64,
+        lease: number(&kv["lease"]).unwrap_or(0),
     })
+}
+
+/// Seconds left on a lease as etcd counts them (-1: expired or unknown).
+pub async fn lease_ttl_left(etcd: &Etcd, lease: i64) -> Result<i64, EtcdError> {
+    let r = etcd
+        .call("/v3/lease/timetolive", json!({ "ID": lease.to_string() }))
+        .await?;
+    Ok(number(&r["TTL"]).unwrap_or(-1))
 }
 
 /// Holding the leader key. Dropping it stops the keepalive (the lease then expires);
@@ -206,6 +217,7 @@ pub async fn campaign(
     ttl: Duration,
 ) -> Result<Option<Leadership>, EtcdError> {
     let ttl_s = ttl.as_secs().max(1);
+    let granted_at = Instant::now();
     let grant = etcd
         .call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
         .await?;
@@ -236,6 +248,7 @@ pub async fn campaign(
         etcd.clone(),
         lease,
         Duration::from_secs(ttl_s),
+        granted_at,
         tx,
     ));
     Ok(Some(Leadership {
@@ -247,34 +260,42 @@ pub async fn campaign(
     }))
 }
 
-/// Renew the lease every third of its TTL; declare it lost when etcd says it expired,
-/// or when no renewal went through for a whole TTL (it may have expired unseen).
-async fn keep_alive(etcd: Etcd, lease: i64, ttl: Duration, lost: watch::Sender<bool>) {
-    let mut renewed = Instant::now();
+/// Renew the lease every third of its TTL. The lease is good until a TTL after the
+/// last renewal etcd acknowledged, counted from when that renewal was *sent* (so never
+/// later than etcd's own expiry); at that moment leadership is lost, even if a renewal
+/// is still hanging on a partitioned network. A process that was paused wakes past
+/// that moment and learns it at once.
+async fn keep_alive(
+    etcd: Etcd,
+    lease: i64,
+    ttl: Duration,
+    granted_at: Instant,
+    lost: watch::Sender<bool>,
+) {
+    let mut good_until = granted_at + ttl;
     loop {
         tokio::time::sleep(ttl / 3).await;
-        match etcd
-            .call("/v3/lease/keepalive", json!({ "ID": lease.to_string() }))
-            .await
-        {
-            Ok(r) => {
+        let sent = Instant::now();
+        let renew = etcd.call("/v3/lease/keepalive", json!({ "ID": lease.to_string() }));
+        match tokio::time::timeout_at(good_until.into(), renew).await {
+            Ok(Ok(r)) => {
                 let left = number(&r["result"]["TTL"]).unwrap_or(0);
                 if left <= 0 {
                     tracing::error!("the leader lease expired: no longer active");
                     let _ = lost.send(true);
                     return;
                 }
-                renewed = Instant::now();
+                good_until = sent + Duration::from_secs(left as u64);
             }
-            Err(e) => {
-                tracing::warn!("cannot renew the leader lease: {e}");
-                if renewed.elapsed() >= ttl {
-                    tracing::error!(
-                        "the leader lease was not renewed for {ttl:?}: no longer active"
-                    );
-                    let _ = lost.send(true);
-                    return;
-                }
+            Ok(Err(e)) if Instant::now() < good_until => {
+                tracing::warn!("cannot renew the leader lease (retrying): {e}");
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::error!(
+                    "the leader lease was not renewed within its TTL ({ttl:?}): no longer active"
+                );
+                let _ = lost.send(true);
+                return;
             }
         }
     }

@@ -6,4 +6,5 @@
 pub mod fencing;
 pub mod leader;
 pub mod role;
+pub mod status;
 pub mod token;

@@ -8,13 +8,23 @@
 //! Every failover is logged with its parts, as wall-clock times so that a test or an
 //! operator can line them up with the death: `vacant_at_ms` (the standby saw the key
 //! gone: detection), `fenced_at_ms` (the device confirmed: fencing), `serving_at_ms`
-//! (the controller serves: takeover).
+//! (the controller serves: takeover). The same is kept in [`ClusterStatus`] for
+//! `GET /api/cluster` and `/metrics`.
+//!
+//! The controller's own record in the shared state (`cluster/<name>.json`: role, token,
+//! time) is written through the state's fencing-token gate: when it becomes active, and
+//! when it steps down because its lease is lost. A controller that was paused and
+//! replaced meanwhile finds that last write refused (and says so): the gate at work.
 
 use crate::ha::fencing::{RaceDelay, Topology};
 use crate::ha::leader::{Etcd, Leader, campaign, wait_vacant};
+use crate::ha::status::{ClusterStatus, Failover, Role};
+use crate::ha::token::StateGate;
 use crate::points::bindings::fence_agent::FenceAction;
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Ha {
@@ -26,6 +36,9 @@ pub struct Ha {
     pub race: RaceDelay,
     /// Per peer name, how to fence it.
     pub fencing: HashMap<String, Topology>,
+    /// The shared state directory (for this controller's record in it).
+    pub state_dir: PathBuf,
+    pub status: Arc<ClusterStatus>,
 }
 
 fn now_ms() -> i64 {
@@ -43,14 +56,15 @@ impl Ha {
         // A peer that held the key and is not fenced yet: no campaign before it is.
         let mut to_fence: Option<Leader> = None;
         let mut vacant_at = None;
+        let mut fenced_at = None;
         loop {
             if let Some(old) = &to_fence {
-                let fenced_at = self.fence(old).await;
-                let Some(fenced_at) = fenced_at else {
+                let Some(at) = self.fence(old).await else {
                     tokio::time::sleep(self.lease_ttl).await;
                     continue;
                 };
-                tracing::info!(peer = %old.holder, fenced_at_ms = fenced_at, "the old active is fenced");
+                tracing::info!(peer = %old.holder, fenced_at_ms = at, "the old active is fenced");
+                fenced_at = Some(at);
                 to_fence = None;
             }
             match campaign(&self.etcd, &self.key, &self.name, self.lease_ttl).await {
@@ -59,6 +73,16 @@ impl Ha {
                     tracing::info!(token, "{}: active (fencing token {token})", self.name);
                     become_active(token).await?;
                     let serving_at = now_ms();
+                    let gate = StateGate::open(&self.state_dir, token)?;
+                    self.record(&gate, "active", token)?;
+                    let failover = vacant_at.zip(fenced_at).map(|(v, f)| Failover {
+                        vacant_at_ms: v,
+                        fenced_at_ms: f,
+                        serving_at_ms: serving_at,
+                        fencing_ms: f - v,
+                        takeover_ms: serving_at - f,
+                    });
+                    self.status.active(token, failover);
                     tracing::info!(
                         serving_at_ms = serving_at,
                         vacant_at_ms = vacant_at.unwrap_or(serving_at),
@@ -70,6 +94,20 @@ impl Ha {
                         self.name
                     );
                     lead.lost().await;
+                    self.status.set_role(Role::Standby);
+                    // The last write: a record that this controller stepped down. If a
+                    // newer active already wrote to the state, the gate refuses it.
+                    match self.record(&gate, "stepped-down", token) {
+                        Ok(()) => eprintln!(
+                            "trellis ha: {} stepped down (lease lost), recorded with token {token}",
+                            self.name
+                        ),
+                        Err(e) => eprintln!(
+                            "trellis ha: {} stepped down (lease lost); its late write was refused ({} refused): {e}",
+                            self.name,
+                            gate.refused()
+                        ),
+                    }
                     anyhow::bail!(
                         "{}: the leader lease is lost (or may be): stopping at once, since a standby may be fencing this node; restart to rejoin as a standby",
                         self.name
@@ -98,6 +136,7 @@ impl Ha {
                     self.name
                 );
                 vacant_at = Some(seen);
+                fenced_at = None;
                 to_fence = Some(old);
             }
         }
@@ -106,7 +145,20 @@ impl Ha {
     /// Fence `old` through its levels, after the race delay; the wall-clock time it was
     /// confirmed, or None (logged loudly: no takeover).
     async fn fence(&self, old: &Leader) -> Option<i64> {
+        let started = now_ms();
+        // A retry after a failure stays `not-taking-over` (and keeps its since).
+        if self.status.snapshot().role == Role::Standby {
+            self.status.set_role(Role::Fencing);
+        }
         let Some(topology) = self.fencing.get(&old.holder) else {
+            self.status.fenced(
+                &old.holder,
+                started,
+                Err(&format!(
+                    "no fencing is configured for `{}`; add [ha.fencing.{}] levels",
+                    old.holder, old.holder
+                )),
+            );
             tracing::error!(
                 peer = %old.holder,
                 "NOT TAKING OVER: no fencing is configured for `{}`; add [ha.fencing.{}] levels",
@@ -122,6 +174,7 @@ impl Ha {
         tokio::time::sleep(self.race.before_fencing(true)).await;
         let t = Instant::now();
         let report = topology.fence(FenceAction::Off).await;
+        self.status.fenced(&old.holder, started, Ok(&report));
         if !report.fenced() {
             eprintln!(
                 "trellis ha: NOT TAKING OVER: fencing {} failed: {}",
@@ -138,5 +191,18 @@ impl Ha {
             t.elapsed()
         );
         Some(at)
+    }
+
+    /// Write this controller's record (`cluster/<name>.json`) through the state's gate.
+    fn record(&self, gate: &StateGate, role: &str, token: u64) -> std::io::Result<()> {
+        let dir = self.state_dir.join("cluster");
+        gate.write(|| {
+            std::fs::create_dir_all(&dir)?;
+            let text = serde_json::json!({ "name": self.name, "role": role, "token": token, "at_ms": now_ms() });
+            crate::controller::state::write_atomic(
+                &dir.join(format!("{}.json", self.name)),
+                text.to_string().as_bytes(),
+            )
+        })
     }
 }

@@ -206,14 +206,22 @@ pub fn wait_for_success(server: &str, run: &str, within: Duration, daemon_log: &
 
 /// A plain HTTP/1.0 GET on loopback; the body.
 pub fn http_get(port: u16, path: &str) -> String {
+    http_get_status(port, path).1
+}
+
+/// A plain HTTP/1.0 GET on loopback; the status and the body.
+pub fn http_get_status(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
-        .unwrap_or(out)
+        .unwrap_or(out);
+    (status, body)
 }
 
 /// The depth of `plugin`'s log buffer, from the controller's `/metrics` on port `http`.
