@@ -133,4 +133,12 @@ if ! command -v pacemakerd >/dev/null 2>&1 && [ ! -x /usr/sbin/pacemakerd ]; the
     DISABLE="pacemaker.service corosync.service" install_quietly corosync pacemaker pacemaker-cli-utils
 fi
 
+# Network namespaces and nftables: the HA partition test (host/tests/ha_partition.rs)
+# puts a controller in a namespace it creates and cuts its link to etcd with a rule
+# inside that namespace (the host's own rules are never touched).
+if ! command -v nft >/dev/null 2>&1 && [ ! -x /usr/sbin/nft ]; then
+    echo "setup: installing nftables and iproute2 (partition tests; no service started)"
+    DISABLE=nftables.service install_quietly nftables iproute2
+fi
+
 echo "setup: ok"

@@ -14,79 +14,9 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const LINES: u64 = 400;
-
-fn stamp(log: &str, who: &str, field: &str) -> Option<i64> {
-    log.lines()
-        .filter(|l| l.contains(&format!("trellis ha: {who}")))
-        .find_map(|l| l.split(&format!("{field}=")).nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.trim_end_matches(',').parse().ok())
-}
-
-/// The BMC both controllers' fencing goes to: the emulator (with its CA), or a port
-/// where nothing listens.
-enum Bmc<'a> {
-    Emulator(&'a Sushy),
-    Dead(u16),
-}
-
-/// Two controller configs (`a`, `b`) from `write_configs`'s one: the same state
-/// directory and transport, their own HTTP port and `[ha]` name, each fencing the other
-/// through `bmc` (lease 1 s). (config a, config b, http port a, http port b)
-fn ha_configs(
-    dir: &Path,
-    t: &Transport,
-    etcd: &EtcdCluster,
-    bmc: Bmc,
-) -> (PathBuf, PathBuf, PathBuf, u16, u16) {
-    let (base_cfg, agent_cfg, http_a) = write_configs(dir, t);
-    let mut secrets = std::fs::read_to_string(dir.join("secrets.toml")).unwrap();
-    secrets += "bmc = \"bmc-password-value\"\n";
-    std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
-    let http_b = free_port();
-    let etcd_list = etcd
-        .clients
-        .iter()
-        .map(|c| format!("\"{c}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let (grant, port) = match bmc {
-        Bmc::Emulator(s) => (
-            format!("http = [\"{}\"]\ntls-ca = [\"{}\"]", s.url(), s.ca),
-            s.port,
-        ),
-        Bmc::Dead(port) => (format!("http = [\"https://127.0.0.1:{port}\"]"), port),
-    };
-    let base = std::fs::read_to_string(&base_cfg).unwrap();
-    let config = |me: &str, peer: &str, http: u16| {
-        let path = dir.join(format!("controller-{me}.toml"));
-        let text = base.replace(
-            &format!("http = \"127.0.0.1:{http_a}\""),
-            &format!("http = \"127.0.0.1:{http}\""),
-        ) + &format!(
-            r#"
-[plugins.redfish-fence]
-{grant}
-secrets = ["bmc"]
-limits = {{ call-timeout = "60s" }}
-[ha]
-name = "{me}"
-etcd = [{etcd_list}]
-lease-ttl = "1s"
-[ha.fencing.{peer}]
-levels = [[{{ plugin = "redfish-fence", params = {{ ip = "127.0.0.1", ipport = "{port}", username = "admin", password = "bmc" }} }}]]
-"#
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let (a, b) = (config("a", "b", http_a), config("b", "a", http_b));
-    (a, b, agent_cfg, http_a, http_b)
-}
 
 #[test]
 fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
@@ -115,22 +45,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
     let _agent = start("agent", &agent_cfg, &daemon_log);
     wait_for_agent(&server_a, &daemon_log);
     // The active node's BMC: its system is on.
-    let power = |action: &str| {
-        use std::io::Write;
-        let mut c = std::process::Command::new("fence_redfish")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        write!(
-            c.stdin.take().unwrap(),
-            "ip=127.0.0.1\nipport={}\nusername=admin\npassword=x\nssl_insecure=1\naction={action}\n",
-            sushy.port
-        )
-        .unwrap();
-        c.wait().unwrap().code()
-    };
+    let power = |action: &str| bmc_power(&sushy, action);
     assert_eq!(power("on"), Some(0));
     // Both controllers answer `trellis cluster status`: A active, B standing by.
     let servers = ["--server", &server_a, "--server", &server_b];
@@ -161,14 +76,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
         "a standby does not serve the API"
     );
 
-    let job = dir.join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "name = \"survivor\"\nagent = \"linux\"\n[[step]]\nname = \"count\"\nrun = \"for i in $(seq 1 {LINES}); do echo line $i; sleep 0.02; done\"\n"
-        ),
-    )
-    .unwrap();
+    let job = counting_job(dir, LINES);
     let (code, out, err) = cli(&server_a, &["run", job.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let run = "r-000001";
@@ -316,4 +224,75 @@ fn a_standby_that_cannot_fence_does_not_take_over() {
         !metrics.contains("trellis_ha_fencings_total{result=\"failed\"} 0"),
         "{metrics}"
     );
+}
+
+/// A zombie: the active is paused (SIGSTOP: a VM freeze, a long GC), its lease expires,
+/// the standby fences it (the emulator's power-off cannot stop a process on this
+/// machine: this is the case of a fencing that did not take, which the token exists
+/// for) and takes over. When the old active wakes, it learns at once that its lease is
+/// gone, and its one late write to the shared state is refused by the token gate.
+#[test]
+fn a_paused_active_wakes_to_find_its_late_write_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let etcd = EtcdCluster::start(dir);
+    let sushy = Sushy::start(dir);
+    // Kafka: both controllers can serve it (with TCP, the paused one would still hold
+    // the port the new active must bind).
+    let broker = Tansu::start("memory://tansu/");
+    let transport = Transport::Kafka {
+        brokers: broker.brokers(),
+    };
+    let (cfg_a, cfg_b, _agent_cfg, _, _) =
+        ha_configs(dir, &transport, &etcd, Bmc::Emulator(&sushy));
+    let daemon_log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let mut a = start("controller", &cfg_a, &daemon_log);
+    wait_until(
+        &format!("A did not become active: {}", logs()),
+        Duration::from_secs(30),
+        || logs().contains("trellis ha: a active"),
+    );
+    let _b = start("controller", &cfg_b, &daemon_log);
+    assert_eq!(bmc_power(&sushy, "on"), Some(0));
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = a.0.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+
+    wait_until(
+        &format!("B did not take over: {}", logs()),
+        Duration::from_secs(60),
+        || logs().contains("trellis ha: b active"),
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_until(
+        &format!("A did not notice: {}", logs()),
+        Duration::from_secs(20),
+        || logs().contains("trellis ha: a stepped down"),
+    );
+    wait_until("A did not exit", Duration::from_secs(10), || {
+        a.0.try_wait().unwrap().is_some()
+    });
+    let log = logs();
+    assert!(
+        log.contains(
+            "trellis ha: a stepped down (lease lost); its late write was refused (1 refused)"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("is older than"),
+        "the refusal names the tokens: {log}"
+    );
+    // The shared state still holds A's record from when it was active, and B's.
+    let rec = |n: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("state/cluster/{n}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let (ra, rb) = (rec("a"), rec("b"));
+    assert_eq!(ra["role"], "active", "A's late write did not land: {ra}");
+    assert_eq!(rb["role"], "active", "{rb}");
+    assert!(ra["token"].as_u64() < rb["token"].as_u64());
 }

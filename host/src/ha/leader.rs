@@ -160,12 +160,12 @@ fn leader_of(kvs: &Value) -> Option<Leader> {
     })
 }
 
-/// Seconds left on a lease as etcd counts them (-1: expired or unknown).
+/// Whole seconds left on a lease as etcd counts them (-1: expired; etcd omits a 0).
 pub async fn lease_ttl_left(etcd: &Etcd, lease: i64) -> Result<i64, EtcdError> {
     let r = etcd
         .call("/v3/lease/timetolive", json!({ "ID": lease.to_string() }))
         .await?;
-    Ok(number(&r["TTL"]).unwrap_or(-1))
+    Ok(number(&r["TTL"]).unwrap_or(0))
 }
 
 /// Holding the leader key. Dropping it stops the keepalive (the lease then expires);

@@ -99,13 +99,15 @@ impl Ha {
                     // newer active already wrote to the state, the gate refuses it.
                     match self.record(&gate, "stepped-down", token) {
                         Ok(()) => eprintln!(
-                            "trellis ha: {} stepped down (lease lost), recorded with token {token}",
-                            self.name
+                            "trellis ha: {} stepped down (lease lost), recorded with token {token}, stepped_down_at_ms={}",
+                            self.name,
+                            now_ms()
                         ),
                         Err(e) => eprintln!(
-                            "trellis ha: {} stepped down (lease lost); its late write was refused ({} refused): {e}",
+                            "trellis ha: {} stepped down (lease lost); its late write was refused ({} refused), stepped_down_at_ms={}: {e}",
                             self.name,
-                            gate.refused()
+                            gate.refused(),
+                            now_ms()
                         ),
                     }
                     anyhow::bail!(

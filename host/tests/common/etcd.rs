@@ -10,10 +10,18 @@ pub struct EtcdCluster {
     peers: Vec<String>,
     dir: PathBuf,
     members: Vec<Option<Child>>,
+    /// Another address the members also serve clients on (a test namespace's host end).
+    also_on: Option<String>,
 }
 
 impl EtcdCluster {
     pub fn start(dir: &std::path::Path) -> EtcdCluster {
+        Self::start_also_on(dir, None)
+    }
+
+    /// Serving clients on loopback and, with `also_on`, on that address too (the same
+    /// ports): for a controller inside a test's network namespace.
+    pub fn start_also_on(dir: &std::path::Path, also_on: Option<&str>) -> EtcdCluster {
         let clients: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", super::free_port()))
             .collect();
@@ -25,6 +33,7 @@ impl EtcdCluster {
             peers,
             dir: dir.to_path_buf(),
             members: vec![None, None, None],
+            also_on: also_on.map(String::from),
         };
         for i in 0..3 {
             c.start_member(i);
@@ -52,10 +61,7 @@ impl EtcdCluster {
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(self.dir.join(format!("etcd-m{i}")))
-            .args([
-                "--listen-client-urls",
-                &format!("http://{}", self.clients[i]),
-            ])
+            .args(["--listen-client-urls", &self.listen_urls(i)])
             .args([
                 "--advertise-client-urls",
                 &format!("http://{}", self.clients[i]),
@@ -73,6 +79,23 @@ impl EtcdCluster {
             .spawn()
             .expect("etcd (Debian's etcd-server; run ./scripts/setup.sh)");
         self.members[i] = Some(child);
+    }
+
+    fn listen_urls(&self, i: usize) -> String {
+        let mut urls = format!("http://{}", self.clients[i]);
+        if let Some(ip) = &self.also_on {
+            let port = self.clients[i].rsplit(':').next().unwrap();
+            urls += &format!(",http://{ip}:{port}");
+        }
+        urls
+    }
+
+    /// The client ports (the same on every address the members serve).
+    pub fn ports(&self) -> Vec<u16> {
+        self.clients
+            .iter()
+            .map(|c| c.rsplit(':').next().unwrap().parse().unwrap())
+            .collect()
     }
 
     /// SIGKILL member `i`.

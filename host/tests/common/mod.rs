@@ -5,12 +5,18 @@
 
 mod es;
 mod etcd;
+mod ha;
+mod netns;
 mod processes;
 mod redfish;
 #[allow(unused_imports)]
 pub use es::*;
 #[allow(unused_imports)]
 pub use etcd::*;
+#[allow(unused_imports)]
+pub use ha::*;
+#[allow(unused_imports)]
+pub use netns::*;
 #[allow(unused_imports)]
 pub use processes::*;
 #[allow(unused_imports)]
@@ -257,6 +263,7 @@ pub fn free_port() -> u16 {
 /// SQLite file, which survives restarts). Killed on drop.
 pub struct Tansu {
     pub port: u16,
+    host: String,
     child: std::process::Child,
 }
 
@@ -275,6 +282,13 @@ impl Tansu {
     /// front of it, say).
     pub fn start_advertising(port: u16, advertised: u16, storage: &str, dir: &Path) -> Tansu {
         Self::launch(port, advertised, storage, dir, &[])
+    }
+
+    /// On a free port of `host` (a test namespace's host end, which processes on the
+    /// host reach too), advertising that address.
+    pub fn start_at(host: &str, storage: &str) -> Tansu {
+        let port = free_port();
+        Self::launch_at(host, port, port, storage, Path::new("."), &[])
     }
 
     /// On `port`, with a SQLite store in `dir` holding one SCRAM-SHA-512 user, and
@@ -300,8 +314,19 @@ impl Tansu {
     }
 
     fn launch(port: u16, advertised: u16, storage: &str, dir: &Path, extra: &[&str]) -> Tansu {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let advertised = format!("tcp://127.0.0.1:{advertised}");
+        Self::launch_at("127.0.0.1", port, advertised, storage, dir, extra)
+    }
+
+    fn launch_at(
+        host: &str,
+        port: u16,
+        advertised: u16,
+        storage: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Tansu {
+        let url = format!("tcp://{host}:{port}");
+        let advertised = format!("tcp://{host}:{advertised}");
         let child = std::process::Command::new("tansu")
             .args([
                 "broker",
@@ -321,18 +346,22 @@ impl Tansu {
                 panic!("cannot start the tansu Kafka broker ({e}): run ./scripts/setup.sh, which installs it")
             });
         let t = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             assert!(
                 t.elapsed() < std::time::Duration::from_secs(20),
                 "tansu did not listen on {port} within 20 s"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Tansu { port, child }
+        Tansu {
+            port,
+            host: host.to_string(),
+            child,
+        }
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// The broker's process id (the transport bench reads its CPU time).

@@ -1,0 +1,106 @@
+//! Two HA controllers' configurations, and reading their failover stamps.
+
+use super::*;
+use std::path::{Path, PathBuf};
+
+/// The number after `field=` on the first `trellis ha: {who}...` line of the daemons' log.
+pub fn stamp(log: &str, who: &str, field: &str) -> Option<i64> {
+    log.lines()
+        .filter(|l| l.contains(&format!("trellis ha: {who}")))
+        .find_map(|l| l.split(&format!("{field}=")).nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+}
+
+/// The BMC both controllers' fencing goes to: the emulator (with its CA), or a port
+/// where nothing listens.
+pub enum Bmc<'a> {
+    Emulator(&'a Sushy),
+    Dead(u16),
+}
+
+/// Two controller configs (`a`, `b`) from `write_configs`'s one: the same state
+/// directory and transport, their own HTTP port and `[ha]` name, each fencing the other
+/// through `bmc` (lease 1 s). (config a, config b, http port a, http port b)
+pub fn ha_configs(
+    dir: &Path,
+    t: &Transport,
+    etcd: &EtcdCluster,
+    bmc: Bmc,
+) -> (PathBuf, PathBuf, PathBuf, u16, u16) {
+    let (base_cfg, agent_cfg, http_a) = write_configs(dir, t);
+    let mut secrets = std::fs::read_to_string(dir.join("secrets.toml")).unwrap();
+    secrets += "bmc = \"bmc-password-value\"\n";
+    std::fs::write(dir.join("secrets.toml"), secrets).unwrap();
+    let http_b = free_port();
+    let etcd_list = etcd
+        .clients
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (grant, port) = match bmc {
+        Bmc::Emulator(s) => (
+            format!("http = [\"{}\"]\ntls-ca = [\"{}\"]", s.url(), s.ca),
+            s.port,
+        ),
+        Bmc::Dead(port) => (format!("http = [\"https://127.0.0.1:{port}\"]"), port),
+    };
+    let base = std::fs::read_to_string(&base_cfg).unwrap();
+    let config = |me: &str, peer: &str, http: u16| {
+        let path = dir.join(format!("controller-{me}.toml"));
+        let text = base.replace(
+            &format!("http = \"127.0.0.1:{http_a}\""),
+            &format!("http = \"127.0.0.1:{http}\""),
+        ) + &format!(
+            r#"
+[plugins.redfish-fence]
+{grant}
+secrets = ["bmc"]
+limits = {{ call-timeout = "60s" }}
+[ha]
+name = "{me}"
+etcd = [{etcd_list}]
+lease-ttl = "1s"
+[ha.fencing.{peer}]
+levels = [[{{ plugin = "redfish-fence", params = {{ ip = "127.0.0.1", ipport = "{port}", username = "admin", password = "bmc" }} }}]]
+"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (a, b) = (config("a", "b", http_a), config("b", "a", http_b));
+    (a, b, agent_cfg, http_a, http_b)
+}
+
+/// What Debian's fence_redfish says of the emulator's system after `action` (on, off,
+/// status): its exit code (0 ok / on, 2 off, 1 failed).
+pub fn bmc_power(sushy: &Sushy, action: &str) -> Option<i32> {
+    use std::io::Write;
+    let mut c = std::process::Command::new("fence_redfish")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    write!(
+        c.stdin.take().unwrap(),
+        "ip=127.0.0.1\nipport={}\nusername=admin\npassword=x\nssl_insecure=1\naction={action}\n",
+        sushy.port
+    )
+    .unwrap();
+    c.wait().unwrap().code()
+}
+
+/// A job that prints `lines` numbered lines, 20 ms apart (long enough to be killed mid-step).
+pub fn counting_job(dir: &Path, lines: u64) -> PathBuf {
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"survivor\"\nagent = \"linux\"\n[[step]]\nname = \"count\"\nrun = \"for i in $(seq 1 {lines}); do echo line $i; sleep 0.02; done\"\n"
+        ),
+    )
+    .unwrap();
+    job
+}
