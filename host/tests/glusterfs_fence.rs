@@ -4,121 +4,33 @@
 //! host's `exec` capability as the templates an operator would grant: monitor sees the
 //! bricks online and a killed brick, fence cuts an address off (`auth.reject`, read back
 //! with the gluster CLI itself), unfence lets it back, and status follows. Needs root
-//! (glusterd). Cutting a real client off is not tested here yet (it needs a mount from
-//! a network namespace).
+//! (glusterd).
+//!
+//! And a real client cut off: two FUSE clients, each mounting from its own network
+//! namespace (so the server sees each one's own address); fencing one makes its I/O
+//! fail while the other's goes on, and unfencing lets it back.
 
 mod common;
 
 use common::*;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use trellis::points::bindings::fence_agent::{FenceAction, PowerState};
 use trellis::points::fence::{FenceDevice, FenceOutcome};
 
-const TEMPLATES: &str = r#"exec = [
-  { name = "volume-status", argv = ["gluster", "--mode=script", "volume", "status", "{volume}", "--xml"] },
-  { name = "get-reject", argv = ["gluster", "--mode=script", "volume", "get", "{volume}", "auth.reject", "--xml"] },
-  { name = "set-reject", argv = ["gluster", "--mode=script", "volume", "set", "{volume}", "auth.reject", "{addresses}"] },
-  { name = "reset-reject", argv = ["gluster", "--mode=script", "volume", "reset", "{volume}", "auth.reject"] },
-]
-"#;
-
-fn gluster(args: &[&str]) -> (bool, String) {
-    let o = Command::new("gluster")
-        .arg("--mode=script")
-        .args(args)
-        .output()
-        .expect("gluster (Debian's glusterfs-server; run ./scripts/setup.sh)");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
-    )
-}
-
-/// glusterd and the test's volume, stopped and removed when dropped.
-struct Gluster {
-    pidfile: std::path::PathBuf,
-    volume: String,
-}
-
-impl Drop for Gluster {
-    fn drop(&mut self) {
-        let _ = gluster(&["volume", "stop", &self.volume, "force"]);
-        let _ = gluster(&["volume", "delete", &self.volume]);
-        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
-        }
-        let _ = Command::new("pkill").args(["-x", "glusterd"]).status();
-        let t = Instant::now();
-        while Command::new("pgrep")
-            .args(["-x", "glusterd"])
-            .status()
-            .is_ok_and(|s| s.success())
-            && t.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // The brick and self-heal processes, by exact name (this test's own binary is
-        // called glusterfs_fence-...).
-        for name in ["glusterfsd", "glusterfs"] {
-            let _ = Command::new("pkill").args(["-x", name]).status();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_fencing_cuts_an_address_off_the_volume_and_lets_it_back() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "glusterd needs root");
-    let (running, _) = (
-        Command::new("pgrep")
-            .args(["-x", "glusterd"])
-            .status()
-            .unwrap()
-            .success(),
-        (),
-    );
-    assert!(!running, "a glusterd is already running on this machine");
+    let _one = GLUSTER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let pidfile = dir.join("glusterd.pid");
-    let ok = Command::new("glusterd")
-        .arg("-p")
-        .arg(&pidfile)
-        .arg(format!("--log-file={}", dir.join("glusterd.log").display()))
-        .status()
-        .expect("glusterd (run ./scripts/setup.sh)")
-        .success();
-    assert!(ok, "glusterd did not start");
-    let volume = format!("trellis-{}", std::process::id());
-    let g = Gluster {
-        pidfile,
-        volume: volume.clone(),
-    };
-    let t = Instant::now();
-    while !gluster(&["volume", "list"]).0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "glusterd does not answer"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let host = String::from_utf8(Command::new("hostname").output().unwrap().stdout).unwrap();
-    let host = host.trim();
-    let bricks: Vec<String> = ["b1", "b2"]
-        .iter()
-        .map(|b| {
-            std::fs::create_dir_all(dir.join(b)).unwrap();
-            format!("{host}:{}", dir.join(b).display())
-        })
-        .collect();
-    let (ok, out) = gluster(&[
-        "volume", "create", &volume, "replica", "2", &bricks[0], &bricks[1], "force",
-    ]);
-    assert!(ok, "{out}");
-    let (ok, out) = gluster(&["volume", "start", &volume]);
-    assert!(ok, "{out}");
-
-    let rt = runtime(&format!("[plugins.glusterfs-fence]\n{TEMPLATES}"), dir, &[]);
+    let g = Gluster::start(dir, &Gluster::hostname(), &[]);
+    let volume = g.volume.clone();
+    let rt = runtime(
+        &format!("[plugins.glusterfs-fence]\n{GLUSTER_TEMPLATES}"),
+        dir,
+        &[],
+    );
     let p = rt.load(&bundle().join("glusterfs-fence")).await.unwrap();
     let dev = |target: &str| {
         FenceDevice::new(
@@ -177,5 +89,105 @@ async fn storage_fencing_cuts_an_address_off_the_volume_and_lets_it_back() {
         }
         o => panic!("{o:?}"),
     }
+    drop(g);
+}
+
+/// Write `text` to `path` through a mount, giving up after `secs` (a cut-off FUSE client
+/// blocks until its ping timeout): Ok, or the error the writer saw.
+fn write_within(path: &Path, text: &str, secs: u32) -> Result<(), String> {
+    let out = Command::new("timeout")
+        .arg(secs.to_string())
+        .args(["sh", "-c", "printf %s \"$1\" > \"$2\"", "sh", text])
+        .arg(path)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "exit {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_client_loses_its_storage_while_the_other_keeps_it() {
+    let _one = GLUSTER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let storage = HostAddress::create("10.213.9.1").expect("an address on lo (root)");
+    let ns_a = Netns::create("ga", 4).expect("a network namespace (root)");
+    let ns_b = Netns::create("gb", 5).expect("a network namespace (root)");
+    let g = Gluster::start(dir, &storage.ip, &[("network.ping-timeout", "5")]);
+    let (ma, mb) = (dir.join("mount-a"), dir.join("mount-b"));
+    g.mount(Some(&ns_a), &ma, &dir.join("client-a.log"))
+        .unwrap();
+    g.mount(Some(&ns_b), &mb, &dir.join("client-b.log"))
+        .unwrap();
+    write_within(&ma.join("from-a"), "a1", 30).unwrap();
+    write_within(&mb.join("from-b"), "b1", 30).unwrap();
+    assert_eq!(std::fs::read_to_string(mb.join("from-a")).unwrap(), "a1");
+
+    let rt = runtime(
+        &format!("[plugins.glusterfs-fence]\n{GLUSTER_TEMPLATES}"),
+        dir,
+        &[],
+    );
+    let p = rt.load(&bundle().join("glusterfs-fence")).await.unwrap();
+    let node_a = FenceDevice::new(
+        p.clone(),
+        vec![
+            ("volume".into(), g.volume.clone()),
+            ("plug".into(), ns_a.ns_ip.clone()),
+        ],
+    )
+    .unwrap();
+    let t = Instant::now();
+    assert_eq!(node_a.fence(FenceAction::Off).await, FenceOutcome::Fenced);
+    let fenced_in = t.elapsed();
+    // A's I/O fails (after its ping timeout at most); B's goes on meanwhile.
+    let ma2 = ma.clone();
+    let cut = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        loop {
+            match write_within(&ma2.join("late"), "late write from a", 40) {
+                Err(e) => return (t.elapsed(), e),
+                Ok(()) => {
+                    assert!(t.elapsed() < Duration::from_secs(60), "A can still write");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "storage fencing: auth.reject set in {fenced_in:?}; A's write failed {:?} later ({})",
+        cut.0, cut.1
+    );
+    write_within(&mb.join("from-b"), "b2", 30).expect("B keeps its storage");
+    assert_eq!(std::fs::read_to_string(mb.join("from-b")).unwrap(), "b2");
+    assert!(
+        std::fs::read_to_string(mb.join("late")).map_or(true, |t| t != "late write from a"),
+        "A's write after the fence did not land"
+    );
+
+    // Unfenced, A's client reconnects on its own.
+    assert_eq!(node_a.fence(FenceAction::On).await, FenceOutcome::Fenced);
+    let t = Instant::now();
+    while write_within(&ma.join("back"), "a is back", 20).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "A did not get its storage back"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("storage unfenced: A wrote again {:?} later", t.elapsed());
+    assert_eq!(
+        std::fs::read_to_string(mb.join("back")).unwrap(),
+        "a is back"
+    );
     drop(g);
 }

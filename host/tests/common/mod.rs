@@ -5,6 +5,7 @@
 
 mod es;
 mod etcd;
+mod gluster;
 mod ha;
 mod netns;
 mod processes;
@@ -13,6 +14,8 @@ mod redfish;
 pub use es::*;
 #[allow(unused_imports)]
 pub use etcd::*;
+#[allow(unused_imports)]
+pub use gluster::*;
 #[allow(unused_imports)]
 pub use ha::*;
 #[allow(unused_imports)]

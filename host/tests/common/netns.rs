@@ -61,6 +61,8 @@ impl Netns {
         ns.exec_ok(&["ip", "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if])?;
         ns.exec_ok(&["ip", "link", "set", &ns_if, "up"])?;
         ns.exec_ok(&["ip", "link", "set", "lo", "up"])?;
+        // Other test-made addresses of the host (a storage address) through the veth.
+        ns.exec_ok(&["ip", "route", "add", "default", "via", &host_ip])?;
         Ok(ns)
     }
 
@@ -68,6 +70,16 @@ impl Netns {
     pub fn command(&self, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// `program` run with only its network namespace switched (`nsenter --net`), so
+    /// that what it mounts is seen by the host: a FUSE client whose traffic leaves from
+    /// the namespace's address.
+    pub fn nsenter(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program);
         c
     }
 
@@ -104,5 +116,26 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// An address of the host's own, on its loopback interface (GlusterFS bricks need a
+/// host address other than 127.0.0.1 that namespaces can reach, through their veth;
+/// this kernel has no dummy interfaces). Removed on drop.
+pub struct HostAddress {
+    pub ip: String,
+}
+
+impl HostAddress {
+    pub fn create(ip: &str) -> Result<HostAddress, String> {
+        let _ = run(&["ip", "addr", "del", &format!("{ip}/32"), "dev", "lo"]);
+        run(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+        Ok(HostAddress { ip: ip.to_string() })
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "addr", "del", &format!("{}/32", self.ip), "dev", "lo"]);
     }
 }
