@@ -21,7 +21,7 @@ use trellis::points::fence::{FenceDevice, FenceOutcome};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_fencing_cuts_an_address_off_the_volume_and_lets_it_back() {
-    let _one = GLUSTER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = GLUSTER_LOCK.lock().await;
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let g = Gluster::start(dir, &Gluster::hostname(), &[]);
@@ -114,7 +114,7 @@ fn write_within(path: &Path, text: &str, secs: u32) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_client_loses_its_storage_while_the_other_keeps_it() {
-    let _one = GLUSTER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = GLUSTER_LOCK.lock().await;
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let storage = HostAddress::create("10.213.9.1").expect("an address on lo (root)");

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Held by each test that runs glusterd (one per machine).
-pub static GLUSTER_LOCK: Mutex<()> = Mutex::new(());
+/// Held by each test that runs glusterd (one per machine; `blocking_lock` outside async).
+pub static GLUSTER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The glusterfs-fence plugin's exec grants, as an operator would write them.
 pub const GLUSTER_TEMPLATES: &str = r#"exec = [
