@@ -8,8 +8,8 @@
 //! the system off), takes over with a newer fencing token, and the run completes with
 //! a complete log. Failover is measured in three parts from the standby's own log
 //! lines: detection (death → key seen vacant), fencing (→ device confirmed), takeover
-//! (→ serving). Both controllers share one state directory (a local one here; on
-//! GlusterFS in production, which this test does not set up yet).
+//! (→ serving). Both controllers share one state directory (a local one here;
+//! `ha_gluster.rs` runs them on a GlusterFS volume with storage fencing).
 
 mod common;
 

@@ -153,7 +153,11 @@ impl Gluster {
 impl Drop for Gluster {
     fn drop(&mut self) {
         for m in self.mounts.lock().unwrap().drain(..) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .stderr(std::process::Stdio::null())
+                .status();
             let _ = Command::new("chattr").arg("-i").arg(&m).status();
         }
         let _ = gluster(&["volume", "stop", &self.volume, "force"]);

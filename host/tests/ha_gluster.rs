@@ -1,0 +1,167 @@
+//! Issue 7 with the controllers' shared state on GlusterFS, as the seed's Jenkins
+//! cluster has it: one replica-2 volume, mounted with FUSE by each controller; the
+//! active one (A) runs in a network namespace the test creates and mounts from there,
+//! so the volume sees its own address. The standby (B) fences A through two levels:
+//! Redfish first (its BMC is down here, so that level fails), then storage fencing
+//! with glusterfs-fence (`auth.reject` for A's address). Real etcd ×3, tansu, glusterd.
+//!
+//! A is cut off from etcd (nftables inside its namespace) with a run in flight. What
+//! must hold: A stops by itself; B falls through to level 2 and takes over only once
+//! it confirmed; A's mount of the state is cut (a write through it fails); the run
+//! completes under B from the same state, every line once; `cluster status` names the
+//! level that fenced A and why level 1 failed.
+//!
+//! (B mounts from the host's own network rather than a second namespace: it is never
+//! fenced here, and what storage fencing needs is that the fenced node has an address
+//! of its own.) Needs root.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const LINES: u64 = 300;
+
+#[test]
+fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
+    let _one = GLUSTER_LOCK.blocking_lock();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let storage = HostAddress::create("10.213.9.1").expect("an address on lo (root)");
+    let ns = Netns::create("hg", 6).expect("a network namespace (root)");
+    let gluster = Gluster::start(dir, &storage.ip, &[("network.ping-timeout", "5")]);
+    let (state_a, state_b) = (dir.join("state-a"), dir.join("state-b"));
+    gluster
+        .mount(Some(&ns), &state_a, &dir.join("client-a.log"))
+        .unwrap();
+    gluster
+        .mount(None, &state_b, &dir.join("client-b.log"))
+        .unwrap();
+    std::fs::create_dir_all(state_a.join("logs")).unwrap();
+    assert!(state_b.join("logs").is_dir(), "one volume, seen by both");
+
+    let etcd = EtcdCluster::start_also_on(dir, Some(&ns.host_ip));
+    let broker = Tansu::start_at(&ns.host_ip, "memory://tansu/");
+    let transport = Transport::Kafka {
+        brokers: broker.brokers(),
+    };
+    let dead_bmc = free_port();
+    let (cfg_a, cfg_b, agent_cfg, http_a, http_b) =
+        ha_configs(dir, &transport, &etcd, Bmc::Dead(dead_bmc));
+    // Each controller's state on its own mount of the volume; A in its namespace.
+    let edit = |path: &std::path::Path, state: &str, f: &dyn Fn(String) -> String| {
+        let text = std::fs::read_to_string(path)
+            .unwrap()
+            .replace("state-dir = \"state\"", &format!("state-dir = \"{state}\""))
+            .replace("\"state/logs\"", &format!("\"{state}/logs\""));
+        std::fs::write(path, f(text)).unwrap();
+    };
+    edit(&cfg_a, "state-a", &|text| {
+        let mut text = text.replace(
+            &format!("http = \"127.0.0.1:{http_a}\""),
+            &format!("http = \"{}:{http_a}\"", ns.ns_ip),
+        );
+        for c in &etcd.clients {
+            let port = c.rsplit(':').next().unwrap();
+            text = text.replace(&format!("\"{c}\""), &format!("\"{}:{port}\"", ns.host_ip));
+        }
+        text
+    });
+    // B's fencing of A: Redfish (down), then storage.
+    edit(&cfg_b, "state-b", &|text| {
+        let (head, tail) = text.split_once("[ha.fencing.a]\n").unwrap();
+        let redfish = tail.lines().next().unwrap();
+        let redfish = redfish
+            .strip_prefix("levels = [[")
+            .and_then(|l| l.strip_suffix("]]"))
+            .unwrap();
+        format!(
+            "[plugins.glusterfs-fence]\n{GLUSTER_TEMPLATES}\n{head}[ha.fencing.a]\nlevels = [[{redfish}], [{{ plugin = \"glusterfs-fence\", params = {{ volume = \"{}\", plug = \"{}\" }} }}]]\n",
+            gluster.volume, ns.ns_ip
+        )
+    });
+    let server_a = format!("http://{}:{http_a}", ns.ns_ip);
+    let server_b = format!("http://127.0.0.1:{http_b}");
+    let daemon_log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let log_file = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&daemon_log)
+            .unwrap()
+    };
+    let mut a = Daemon(
+        ns.command(std::path::Path::new(env!("CARGO_BIN_EXE_trellis")))
+            .args(["controller", "--config", cfg_a.to_str().unwrap()])
+            .env("TRELLIS_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(
+        &format!("A did not become active: {}", logs()),
+        Duration::from_secs(30),
+        || logs().contains("trellis ha: a active"),
+    );
+    let _b = start("controller", &cfg_b, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_for_agent(&server_a, &daemon_log);
+    let job = counting_job(dir, LINES);
+    let (code, out, err) = cli(&server_a, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let run = "r-000001";
+    wait_until("no output before the cut", Duration::from_secs(30), || {
+        cli(&server_a, &["logs", run]).1.lines().count() >= 50
+    });
+    assert!(
+        state_b.join("runs").is_dir(),
+        "A's run state is on the volume B sees"
+    );
+
+    let probe = |name: &str| {
+        std::process::Command::new("timeout")
+            .args(["30", "sh", "-c", "echo probe > \"$1\"", "sh"])
+            .arg(state_a.join(name))
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(probe("before"), "A's mount takes writes before the fencing");
+    ns.cut(&etcd.ports()).unwrap();
+    wait_until(
+        &format!("B did not take over: {}", logs()),
+        Duration::from_secs(90),
+        || logs().contains("trellis ha: b active"),
+    );
+    wait_until("A did not exit", Duration::from_secs(10), || {
+        a.0.try_wait().unwrap().is_some()
+    });
+    let log = logs();
+    assert!(log.contains("trellis ha: fenced a at level 2"), "{log}");
+    // A's mount of the state is cut off: a write through it fails.
+    assert!(!probe("zombie-write"), "A's storage is fenced");
+    assert!(!state_b.join("zombie-write").exists());
+    assert!(state_b.join("before").exists());
+
+    // The run completes under B, from the same state, every line once.
+    wait_for_success(&server_b, run, Duration::from_secs(90), &daemon_log);
+    let (code, out, err) = cli(&server_b, &["logs", run]);
+    assert_eq!(code, 0, "{err}");
+    let want: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        want,
+        "every line once, in order"
+    );
+    let (code, out, err) = cli(&server_b, &["cluster", "status"]);
+    eprintln!("{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("a: fenced at level 2"), "{out}");
+    let status = http_get(http_b, "/api/cluster");
+    assert!(
+        status.contains("\"level\":1") && status.contains("redfish-fence#1"),
+        "the failed level-1 try is reported: {status}"
+    );
+}
