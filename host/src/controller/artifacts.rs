@@ -3,6 +3,7 @@
 //! size and SHA-256 the agent computed, which the stored bytes must match before the
 //! file moves to `runs/<id>/artifacts/<name>` and is listed in the run's record.
 
+use crate::ha::token::StateGate;
 use crate::protocol::ArtifactEnd;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -50,8 +51,11 @@ pub fn path(run_dir: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Take one chunk. Returns the artifact's record when this was its last chunk and the
-/// stored file matched the agent's size and checksum.
+/// stored file matched the agent's size and checksum. With a fencing-token `gate` (HA),
+/// the artifact is made visible (renamed into `artifacts/`) only through it: a replaced
+/// controller cannot publish one.
 pub fn receive(
+    gate: Option<&StateGate>,
     run_dir: &Path,
     step: Option<&str>,
     name: &str,
@@ -102,11 +106,16 @@ pub fn receive(
     }
     let done = run_dir.join("artifacts").join(&rel);
     let parent = done.parent().expect("has a parent");
-    std::fs::create_dir_all(parent).map_err(io_err)?;
-    std::fs::rename(&incoming, &done).map_err(io_err)?;
-    std::fs::File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err)?;
+    let publish = || {
+        std::fs::create_dir_all(parent)?;
+        std::fs::rename(&incoming, &done)?;
+        std::fs::File::open(parent).and_then(|d| d.sync_all())
+    };
+    match gate {
+        Some(g) => g.write(publish),
+        None => publish(),
+    }
+    .map_err(io_err)?;
     Ok(Some(ArtifactRecord {
         name: name.into(),
         step: step.map(str::to_string),
@@ -147,11 +156,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         assert!(
-            receive(d.path(), Some("b"), "out/x.bin", 0, &data[..600], None)
-                .unwrap()
-                .is_none()
+            receive(
+                None,
+                d.path(),
+                Some("b"),
+                "out/x.bin",
+                0,
+                &data[..600],
+                None
+            )
+            .unwrap()
+            .is_none()
         );
         let r = receive(
+            None,
             d.path(),
             Some("b"),
             "out/x.bin",
@@ -171,20 +189,35 @@ mod tests {
     #[test]
     fn a_wrong_checksum_a_gap_or_a_bad_name_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        let e = receive(d.path(), None, "a", 0, b"hello", Some(&end(b"hellO"))).unwrap_err();
+        let e = receive(None, d.path(), None, "a", 0, b"hello", Some(&end(b"hellO"))).unwrap_err();
         assert!(e.to_string().contains("discarded"), "{e}");
         assert!(path(d.path(), "a").is_some_and(|p| !p.exists()));
-        receive(d.path(), None, "b", 0, b"12", None).unwrap();
-        let e = receive(d.path(), None, "b", 5, b"34", None).unwrap_err();
+        receive(None, d.path(), None, "b", 0, b"12", None).unwrap();
+        let e = receive(None, d.path(), None, "b", 5, b"34", None).unwrap_err();
         assert!(
             matches!(e, ArtifactError::OutOfOrder { stored: 2, .. }),
             "{e}"
         );
         for bad in ["../x", "/etc/passwd", ""] {
             assert!(matches!(
-                receive(d.path(), None, bad, 0, b"x", None),
+                receive(None, d.path(), None, bad, 0, b"x", None),
                 Err(ArtifactError::BadName(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_replaced_controller_cannot_publish_an_artifact() {
+        let d = tempfile::tempdir().unwrap();
+        let newer = StateGate::open(d.path(), 7).unwrap();
+        newer.write(|| Ok(())).unwrap();
+        let older = StateGate::open(d.path(), 5).unwrap();
+        let e = receive(Some(&older), d.path(), None, "a", 0, b"x", Some(&end(b"x"))).unwrap_err();
+        assert!(e.to_string().contains("older than 7"), "{e}");
+        assert!(path(d.path(), "a").is_some_and(|p| !p.exists()));
+        assert_eq!(older.refused(), 1);
+        // The current active publishes as before.
+        let r = receive(Some(&newer), d.path(), None, "a", 0, b"x", Some(&end(b"x"))).unwrap();
+        assert!(r.is_some() && path(d.path(), "a").unwrap().exists());
     }
 }

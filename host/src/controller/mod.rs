@@ -732,11 +732,13 @@ impl Controller {
                 end,
             } => {
                 let dir = self.store.run_dir(&run);
+                let gate = self.store.gate();
                 let data = data.to_vec();
                 let got = tokio::task::spawn_blocking({
                     let (step, name) = (step.clone(), name.clone());
                     move || {
                         artifacts::receive(
+                            gate.as_deref(),
                             &dir,
                             step.as_deref(),
                             &name,

@@ -113,7 +113,7 @@ pub struct RunStore {
     /// When each unfinished run's record was last written.
     saved: Mutex<HashMap<String, Instant>>,
     /// The fencing-token gate every write goes through, in HA setups.
-    gate: std::sync::OnceLock<StateGate>,
+    gate: std::sync::OnceLock<std::sync::Arc<StateGate>>,
 }
 
 impl RunStore {
@@ -149,12 +149,17 @@ impl RunStore {
     /// From now on every record write carries this gate's fencing token, and is
     /// refused once the state has seen a newer one (`ha::token::StateGate`).
     pub fn guard_with(&self, gate: StateGate) {
-        let _ = self.gate.set(gate);
+        let _ = self.gate.set(std::sync::Arc::new(gate));
+    }
+
+    /// The fencing-token gate other writes to the state go through (artifacts), if HA.
+    pub fn gate(&self) -> Option<std::sync::Arc<StateGate>> {
+        self.gate.get().cloned()
     }
 
     /// Writes refused for an older fencing token.
     pub fn refused_writes(&self) -> u64 {
-        self.gate.get().map_or(0, StateGate::refused)
+        self.gate.get().map_or(0, |g| g.refused())
     }
 
     fn persist(&self, r: &RunRecord) -> io::Result<()> {
