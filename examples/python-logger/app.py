@@ -1,6 +1,7 @@
 """A Trellis logging method in Python: each run's events as JSON lines, one file per
 run in a directory the operator grants (JEP-212's fields: id, message, timestamp,
-data, plus the log's metadata).
+data, plus the log's metadata), in the default file store's layout, so the default
+`file-browser` reads what it writes.
 
 Built with componentize-py against the project's WIT (`cargo xtask bundle` does it):
 

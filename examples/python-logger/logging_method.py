@@ -39,11 +39,31 @@ def events(batch: bytes):
         yield seq, ts, step, message, data
 
 
+def safe_name(part: str) -> str:
+    """A metadata value as one path component (the default browser refuses others)."""
+    if not part or part in (".", "..") or any(c in part for c in "/\\\0"):
+        raise Err(types.Error_Permanent(f"`{part}` cannot be used as a file name"))
+    return part
+
+
 class Writer:
+    """One run's log in the default file store's layout, so the default `file-browser`
+    reads it (as it reads the Rust `jsonl-logger` example's):
+
+        <directory>/<job-id>/<loggable-id>.jsonl   one event per line, in seq order
+        <directory>/<job-id>/<loggable-id>.count   the final event count, at close
+    """
+
     def __init__(self, directory: str, meta: types.LogMetadata):
         self.meta = meta
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in meta.loggable_id)
-        self.path = os.path.join(directory, f"{safe}.jsonl")
+        folder = os.path.join(directory, safe_name(meta.job_id))
+        run = safe_name(meta.loggable_id)
+        self.path = os.path.join(folder, f"{run}.jsonl")
+        self.count_path = os.path.join(folder, f"{run}.count")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise Err(types.Error_Retryable(f"cannot create {folder}: {e}"))
         # Resume after the highest seq already stored (a resent batch writes nothing twice).
         self.last = 0
         try:
@@ -61,6 +81,9 @@ class Writer:
         for seq, ts, step, message, data in events(batch):
             if seq <= self.last:
                 continue
+            if seq != self.last + 1:
+                raise Err(types.Error_Permanent(
+                    f"gap in the log: expected seq {self.last + 1}, got {seq}"))
             lines.append(json.dumps({
                 "id": f"{self.meta.loggable_id}:{seq}",
                 "seq": seq,
@@ -86,8 +109,13 @@ class Writer:
         pass
 
     def close(self, final_count: int) -> None:
+        if final_count != self.last:
+            raise Err(types.Error_Permanent(
+                f"closing with {final_count} events but {self.last} are stored"))
+        # Written aside and renamed, so a browser never reads half a count.
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"closed": True, "final_count": final_count}) + "\n")
+            with open(self.count_path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(str(final_count))
+            os.replace(self.count_path + ".tmp", self.count_path)
         except OSError as e:
-            raise Err(types.Error_Retryable(f"cannot close {self.path}: {e}"))
+            raise Err(types.Error_Retryable(f"cannot record the final count: {e}"))

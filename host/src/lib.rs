@@ -6,6 +6,7 @@ pub mod api;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
+pub mod conformance;
 pub mod controller;
 pub mod ha;
 pub mod jobs;

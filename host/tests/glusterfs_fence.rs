@@ -89,6 +89,33 @@ async fn storage_fencing_cuts_an_address_off_the_volume_and_lets_it_back() {
         }
         o => panic!("{o:?}"),
     }
+
+    // The conformance kit passes it too, on this volume.
+    let kit_cfg = dir.join("kit.toml");
+    std::fs::write(
+        &kit_cfg,
+        format!("[plugins.glusterfs-fence]\n{GLUSTER_TEMPLATES}"),
+    )
+    .unwrap();
+    let out = trellis()
+        .args(["plugin", "test"])
+        .arg(bundle().join("glusterfs-fence"))
+        .arg("--config")
+        .arg(&kit_cfg)
+        .args([
+            "--param",
+            &format!("volume={volume}"),
+            "--param",
+            "plug=10.99.0.7",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success() && text.contains(" passed, 0 failed"),
+        "{text}"
+    );
     drop(g);
 }
 

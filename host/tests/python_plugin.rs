@@ -1,7 +1,8 @@
 //! A plugin written in Python (examples/python-logger, built by componentize-py in
 //! `cargo xtask bundle`) loads in the host's runtime like the Rust ones and writes a
 //! run's events: every field intact (any text), a resent batch stored once, the close
-//! recorded; and without its directory grant, it is refused at load with the fix.
+//! recorded in the default file store's layout; and without its directory grant, it is
+//! refused at load with the fix. (`conformance.rs` runs the kit on it with file-browser.)
 
 mod common;
 
@@ -48,12 +49,14 @@ async fn a_python_logging_method_writes_each_event_once() {
     w.write(batch(1, 5)).await.unwrap(); // 2 and 3 again: stored once
     w.close(5).await.unwrap();
 
-    let text = std::fs::read_to_string(d.path().join("logs/r-3.jsonl")).unwrap();
+    // The default file store's layout: <dir>/<job>/<run>.jsonl and .count.
+    let log = d.path().join("logs/py job/r-3.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 6, "5 events and the close: {text}");
+    assert_eq!(lines.len(), 5, "5 events, each once: {text}");
     for (i, v) in lines[..5].iter().enumerate() {
         assert_eq!(v["seq"], i as u64 + 1);
         assert_eq!(v["id"], format!("r-3:{}", i + 1));
@@ -63,14 +66,15 @@ async fn a_python_logging_method_writes_each_event_once() {
         assert_eq!(v["job_id"], "py job");
         assert_eq!(v["step_id"], "build");
     }
-    assert_eq!(lines[5]["final_count"], 5);
+    let count = std::fs::read_to_string(d.path().join("logs/py job/r-3.count")).unwrap();
+    assert_eq!(count, "5", "the final count, where the browser looks");
 
     // A reopened log (a fresh instance, as after a failure) resumes after seq 5.
     let mut again = LogWriter::open(p.clone(), meta("py job", "r-3"))
         .await
         .unwrap();
     again.write(batch(0, 5)).await.unwrap();
-    let after = std::fs::read_to_string(d.path().join("logs/r-3.jsonl")).unwrap();
+    let after = std::fs::read_to_string(&log).unwrap();
     assert_eq!(after, text, "nothing written twice");
 }
 

@@ -199,6 +199,11 @@ impl std::fmt::Debug for KafkaGate {
 pub struct Consumer {
     /// Always Some until dropped (see `Drop`).
     inner: Option<StreamConsumer<ClusterContext>>,
+    /// The last offset handed to the plugin, per topic and partition. A consumer only
+    /// moves forward, so a record at or below it is a redelivery: seen with tansu,
+    /// where a reader positioned at the end got the next record again on every poll
+    /// (the conformance kit's new-link check found it). Dropped here, once for all.
+    delivered: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
 }
 
 impl Consumer {
@@ -381,10 +386,24 @@ impl InstanceState {
             Ok(m) => Some(m),
         };
         let mut n = 0;
+        let mut delivered = c.delivered.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(m) = next.take() {
             let m = m.map_err(|e| classify(&e).explained(c.get().context()))?;
-            each(&m);
-            n += 1;
+            let last = delivered
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(-1);
+            if m.offset() > *last {
+                *last = m.offset();
+                each(&m);
+                n += 1;
+            } else {
+                tracing::debug!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "a record delivered again by the client: dropped"
+                );
+            }
             if n < max {
                 next = c.get().recv().now_or_never();
             }
@@ -505,6 +524,7 @@ impl Host for InstanceState {
         self.table
             .push(Consumer {
                 inner: Some(consumer),
+                delivered: Default::default(),
             })
             .map_err(|e| KafkaError::Retryable(format!("too many open consumers: {e}")))
     }

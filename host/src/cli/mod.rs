@@ -179,6 +179,29 @@ pub enum PluginCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run the conformance kit for the plugin's extension points against the real
+    /// host runtime, and print a pass/fail list with the reason for each failure.
+    #[command(after_help = "Examples:\n  \
+        trellis plugin test bundle/file-logging --with bundle/file-browser --config kit.toml\n  \
+        trellis plugin test bundle/tcp-transport --config kit.toml\n  \
+        trellis plugin test bundle/redfish-fence --config kit.toml --param ip=127.0.0.1 --param ipport=8000 \\\n      \
+        --param username=admin --param password=bmc\n\n\
+        The configuration grants the plugin what it needs for the test (a scratch directory, a loopback\n\
+        address, a test BMC). Fencing is real: point the kit at a test device, never at a production node.")]
+    Test {
+        /// The plugin (plugin.toml, its directory, or the .wasm with one beside it).
+        plugin: PathBuf,
+        /// The partner a logging method is tested with (its log browser), or a browser with.
+        #[arg(long)]
+        with: Option<PathBuf>,
+        /// A daemon configuration with the plugins' grants in [plugins.<name>].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A fence device parameter, `key=value` (repeat); a secret parameter names a
+        /// secret of --config's [secrets].
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
     /// Describe every plugin in a plugin directory.
     List {
         /// The plugin directory (default: [runtime] plugin-dir of --config).
@@ -222,6 +245,12 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Plugin(PluginCommand::Check { paths, config }) => {
                 plugin::check(&paths, config.as_deref()).await
             }
+            Command::Plugin(PluginCommand::Test {
+                plugin,
+                with,
+                config,
+                params,
+            }) => plugin::test(&plugin, with.as_deref(), config.as_deref(), &params).await,
             Command::Plugin(PluginCommand::List { dir, config, json }) => {
                 plugin::list(dir.as_deref(), config.as_deref(), json).await
             }

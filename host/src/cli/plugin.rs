@@ -1,4 +1,4 @@
-//! `trellis plugin check|list` and `trellis config check`.
+//! `trellis plugin check|test|list` and `trellis config check`.
 
 use crate::config::DaemonConfig;
 use crate::runtime::manifest::Capability;
@@ -353,6 +353,87 @@ pub async fn list(
         println!("{} plugin(s) in {}", rows.len(), dir.display());
     }
     Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `trellis plugin test`: the conformance kit (`crate::conformance`).
+pub async fn test(
+    plugin: &Path,
+    with: Option<&Path>,
+    config: Option<&Path>,
+    params: &[String],
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let secrets = match &cfg.secrets.file {
+        Some(f) => crate::capabilities::secrets::SecretStore::load(f)?,
+        None => Default::default(),
+    };
+    let params = params
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--param `{p}`: write it as key=value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runtime = Runtime::with_secrets(cfg, secrets)?;
+    let load = |path: &Path| {
+        let runtime = runtime.clone();
+        let path = path.to_path_buf();
+        async move {
+            runtime.load(&path).await.map_err(|p| {
+                let items: Vec<String> = p.items.iter().map(|i| format!("  - {i}")).collect();
+                anyhow::anyhow!("{} does not load:\n{}", path.display(), items.join("\n"))
+            })
+        }
+    };
+    let subject = load(plugin).await?;
+    let partner = match with {
+        Some(w) => Some(load(w).await?),
+        None => None,
+    };
+    println!(
+        "conformance kit: {} {} (trellis:plugin@{}; {})",
+        subject.manifest.name,
+        subject.manifest.version,
+        subject
+            .info
+            .plugin_versions()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", "),
+        subject
+            .info
+            .points()
+            .iter()
+            .map(|p| p.interface())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let suites = crate::conformance::run(
+        subject,
+        &crate::conformance::Options {
+            with: partner,
+            params,
+        },
+    )
+    .await;
+    if suites.is_empty() {
+        println!("no suite applies: the plugin exports none of the four extension points");
+        return Ok(ExitCode::FAILURE);
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for s in &suites {
+        println!();
+        print!("{}", s.render());
+        passed += s.passed();
+        failed += s.failed();
+    }
+    println!("\n{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,0 +1,166 @@
+//! `trellis plugin test` (the conformance kit) on the sample bundle and the examples,
+//! through the real binary: the logging pairs (file, the Rust and Python examples with
+//! the file browser, Elasticsearch against the mock), both transports (TCP; Kafka on
+//! tansu), the Redfish fence agent against sushy. And the kit fails what breaks the
+//! contract, naming why: a fence agent whose status ignores a confirmed off, a logging
+//! method given no browser. (glusterfs-fence is run through the kit in
+//! `glusterfs_fence.rs`, which has a glusterd.)
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// `trellis plugin test ARGS` with the kit config `config` (written into `dir`).
+fn kit(dir: &Path, config: &str, args: &[&str]) -> (i32, String) {
+    let cfg = dir.join("kit.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let out = trellis()
+        .args(["plugin", "test"])
+        .args(args)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn plugin(name: &str) -> String {
+    bundle().join(name).display().to_string()
+}
+
+fn all_passed(code: i32, text: &str) {
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    assert!(text.contains(" passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn the_file_logging_pair_and_both_example_loggers_pass() {
+    for writer in ["file-logging", "jsonl-logger", "python-logger"] {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("logs")).unwrap();
+        let config = format!(
+            "[plugins.{writer}]\ndirs = [{{ host = \"logs\", guest = \"/logs\", mode = \"read-write\" }}]\n\
+             [plugins.file-browser]\ndirs = [{{ host = \"logs\", guest = \"/logs\" }}]\n"
+        );
+        let (code, text) = kit(
+            d.path(),
+            &config,
+            &[&plugin(writer), "--with", &plugin("file-browser")],
+        );
+        all_passed(code, &text);
+        assert!(text.contains("13 passed, 0 failed"), "{writer}: {text}");
+    }
+}
+
+#[test]
+fn the_elasticsearch_pair_passes_against_the_mock() {
+    let d = tempfile::tempdir().unwrap();
+    let es = EsMock::start(&[]);
+    let url = es.url();
+    let config = format!(
+        "[plugins.elasticsearch-logging]\nhttp = [\"{url}\"]\nconfig = {{ url = \"{url}\" }}\n\
+         [plugins.elasticsearch-browser]\nhttp = [\"{url}\"]\nconfig = {{ url = \"{url}\" }}\n"
+    );
+    let (code, text) = kit(
+        d.path(),
+        &config,
+        &[
+            &plugin("elasticsearch-logging"),
+            "--with",
+            &plugin("elasticsearch-browser"),
+        ],
+    );
+    all_passed(code, &text);
+}
+
+#[test]
+fn both_transports_pass() {
+    let d = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (code, text) = kit(
+        d.path(),
+        &format!(
+            "[plugins.tcp-transport]\nsockets = {{ bind = [\"127.0.0.1:{port}\"], connect = [\"127.0.0.1:{port}\"] }}\n\
+             config = {{ address = \"127.0.0.1:{port}\" }}\n"
+        ),
+        &[&plugin("tcp-transport")],
+    );
+    all_passed(code, &text);
+    assert!(text.contains("PASS  a control frame is not stuck behind bulk frames"));
+
+    let broker = Tansu::start("memory://tansu/");
+    let (code, text) = kit(
+        d.path(),
+        &format!(
+            "[kafka]\nbrokers = \"{}\"\n[plugins.kafka-transport]\nkafka = {{ topics = [\"kit.\"] }}\nconfig = {{ prefix = \"kit\" }}\n",
+            broker.brokers()
+        ),
+        &[&plugin("kafka-transport")],
+    );
+    all_passed(code, &text);
+}
+
+#[test]
+fn redfish_fence_passes_against_the_emulator() {
+    let d = tempfile::tempdir().unwrap();
+    let sushy = Sushy::start(d.path());
+    let secrets = d.path().join("secrets.toml");
+    std::fs::write(&secrets, "bmc = \"any-password\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = format!(
+        "[secrets]\nfile = \"secrets.toml\"\n[plugins.redfish-fence]\nhttp = [\"{}\"]\ntls-ca = [\"{}\"]\nsecrets = [\"bmc\"]\nlimits = {{ call-timeout = \"60s\" }}\n",
+        sushy.url(),
+        sushy.ca
+    );
+    let port = sushy.port.to_string();
+    let (code, text) = kit(
+        d.path(),
+        &config,
+        &[
+            &plugin("redfish-fence"),
+            "--param",
+            "ip=127.0.0.1",
+            "--param",
+            &format!("ipport={port}"),
+            "--param",
+            "username=admin",
+            "--param",
+            "password=bmc",
+        ],
+    );
+    all_passed(code, &text);
+    assert!(text.contains("PASS  off, then status says off"), "{text}");
+}
+
+#[test]
+fn the_kit_names_what_breaks_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    // The fence stub confirms off, but its status still says on, and it does not
+    // offer monitor.
+    let stub = fixtures().join("fence-stub").display().to_string();
+    let (code, text) = kit(d.path(), "", &[&stub, "--param", "behaviour=ok"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("FAIL  metadata names the agent, its parameters and actions: the actions do not include `monitor`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL  off, then status says off: status `on` after a confirmed off"),
+        "{text}"
+    );
+    // A logging method alone: the round trip needs its browser, and the kit says how.
+    std::fs::create_dir(d.path().join("logs")).unwrap();
+    let (code, text) = kit(
+        d.path(),
+        "[plugins.file-logging]\ndirs = [{ host = \"logs\", guest = \"/logs\", mode = \"read-write\" }]\n",
+        &[&plugin("file-logging")],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("pass the other one with --with"), "{text}");
+}
