@@ -18,8 +18,18 @@ use std::time::Duration;
 
 const LINES: u64 = 400;
 
+/// One HA test at a time: each starts three etcd members, a broker, an emulator and
+/// controller processes; three at once on a 2-core machine kept etcd from forming a
+/// cluster within a minute once.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
+    let _one = one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let etcd = EtcdCluster::start(dir);
@@ -171,6 +181,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
 /// active's BMC, so when the active dies the standby says so and does not serve.
 #[test]
 fn a_standby_that_cannot_fence_does_not_take_over() {
+    let _one = one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let etcd = EtcdCluster::start(dir);
@@ -233,6 +244,7 @@ fn a_standby_that_cannot_fence_does_not_take_over() {
 /// gone, and its one late write to the shared state is refused by the token gate.
 #[test]
 fn a_paused_active_wakes_to_find_its_late_write_refused() {
+    let _one = one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let etcd = EtcdCluster::start(dir);

@@ -129,7 +129,7 @@ fn run(c: &mut Command) -> Result<()> {
 /// Kafka transport (`TRELLIS_TEST_TRANSPORT=kafka`, see host/tests/common), echoing
 /// their output, then one summary line over all test binaries.
 fn test(env: &[(&str, &Path)]) -> Result<()> {
-    let all = cargo_test(&["test", "--workspace"], env, None)?;
+    let all = cargo_test(&["test", "--workspace", "--no-fail-fast"], env, None)?;
     println!("\n== the controller/agent suite again, over the Kafka transport ==");
     let kafka = cargo_test(
         &["test", "-p", "trellis", "--test", "controller_agent"],

@@ -4,6 +4,7 @@ mod client;
 mod daemon;
 mod fence;
 mod plugin;
+mod scaffold;
 mod up;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -179,6 +180,25 @@ pub enum PluginCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Create a buildable plugin project for one extension point: manifest, source,
+    /// build command and a README (build, check, test).
+    New {
+        /// The plugin's name (lowercase letters, digits, `-`).
+        name: String,
+        /// The extension point it fills.
+        #[arg(long, value_enum)]
+        point: PointArg,
+        /// The language: rust (every point) or python (logging-method).
+        #[arg(long, default_value = "rust")]
+        lang: String,
+        /// Where to create it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The trellis-sdk to depend on (the `sdk` folder of a Trellis checkout;
+        /// default: the one this trellis was built from, if it is still there).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Run the conformance kit for the plugin's extension points against the real
     /// host runtime, and print a pass/fail list with the reason for each failure.
     #[command(after_help = "Examples:\n  \
@@ -214,6 +234,26 @@ pub enum PluginCommand {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PointArg {
+    CommandTransport,
+    LoggingMethod,
+    LogBrowser,
+    FenceAgent,
+}
+
+impl From<PointArg> for crate::points::Point {
+    fn from(p: PointArg) -> Self {
+        use crate::points::Point;
+        match p {
+            PointArg::CommandTransport => Point::CommandTransport,
+            PointArg::LoggingMethod => Point::LoggingMethod,
+            PointArg::LogBrowser => Point::LogBrowser,
+            PointArg::FenceAgent => Point::FenceAgent,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum ConfigCommand {
     /// Check a daemon configuration file and name every mistake in it.
@@ -245,6 +285,19 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Plugin(PluginCommand::Check { paths, config }) => {
                 plugin::check(&paths, config.as_deref()).await
             }
+            Command::Plugin(PluginCommand::New {
+                name,
+                point,
+                lang,
+                dir,
+                sdk,
+            }) => scaffold::new_plugin(scaffold::NewPlugin {
+                name: &name,
+                point: point.into(),
+                lang: &lang,
+                dir: dir.as_deref(),
+                sdk: sdk.as_deref(),
+            }),
             Command::Plugin(PluginCommand::Test {
                 plugin,
                 with,

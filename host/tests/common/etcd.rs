@@ -40,11 +40,21 @@ impl EtcdCluster {
         }
         let t = Instant::now();
         while !c.healthy() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "etcd did not form a cluster: see {}/etcd-*.log",
-                dir.display()
-            );
+            if t.elapsed() > Duration::from_secs(60) {
+                // The test's directory goes with the panic: say what the members said.
+                let tails: Vec<String> = (0..3)
+                    .map(|i| {
+                        let log = std::fs::read_to_string(dir.join(format!("etcd-m{i}.log")))
+                            .unwrap_or_default();
+                        let last: Vec<&str> = log.lines().rev().take(4).collect();
+                        format!("m{i}: {}", last.join(" | "))
+                    })
+                    .collect();
+                panic!(
+                    "etcd did not form a cluster within 60 s:\n{}",
+                    tails.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
         c
