@@ -133,6 +133,14 @@ if ! command -v pacemakerd >/dev/null 2>&1 && [ ! -x /usr/sbin/pacemakerd ]; the
     DISABLE="pacemaker.service corosync.service" install_quietly corosync pacemaker pacemaker-cli-utils
 fi
 
+# Node.js and npm: `cargo xtask bundle` installs componentize-js (pinned by
+# examples/js-logger/package.json, into the target directory) and builds the
+# JavaScript example plugin with it.
+if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: installing nodejs and npm (builds the JavaScript example plugin)"
+    install_quietly nodejs npm
+fi
+
 # Network namespaces and nftables: the HA partition test (host/tests/ha_partition.rs)
 # puts a controller in a namespace it creates and cuts its link to etcd with a rule
 # inside that namespace (the host's own rules are never touched).

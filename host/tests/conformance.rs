@@ -1,6 +1,6 @@
 //! `trellis plugin test` (the conformance kit) on the sample bundle and the examples,
-//! through the real binary: the logging pairs (file, the Rust and Python examples with
-//! the file browser, Elasticsearch against the mock), both transports (TCP; Kafka on
+//! through the real binary: the logging pairs (file, the Rust, Python and JavaScript
+//! examples with the file browser, Elasticsearch against the mock), both transports (TCP; Kafka on
 //! tansu), the Redfish fence agent against sushy. And the kit fails what breaks the
 //! contract, naming why: a fence agent whose status ignores a confirmed off, a logging
 //! method given no browser. (glusterfs-fence is run through the kit in
@@ -39,8 +39,8 @@ fn all_passed(code: i32, text: &str) {
 }
 
 #[test]
-fn the_file_logging_pair_and_both_example_loggers_pass() {
-    for writer in ["file-logging", "jsonl-logger", "python-logger"] {
+fn the_file_logging_pair_and_the_example_loggers_in_three_languages_pass() {
+    for writer in ["file-logging", "jsonl-logger", "python-logger", "js-logger"] {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("logs")).unwrap();
         let config = format!(

@@ -298,6 +298,7 @@ fn bundle(root: &Path) -> Result<PathBuf> {
     eprintln!("bundle: {} plugin(s) -> {}", crates.len(), out.display());
     build_into(root, &crates, &out)?;
     build_python(root, &root.join("examples"), &out)?;
+    build_js(root, &root.join("examples"), &out)?;
     // Check every plugin with the host and leave its precompiled artifact beside it
     // (<bundle>/<plugin>/.cache/); an invalid plugin fails the build here.
     cargo(&["build", "-q", "-p", "trellis"], &[])?;
@@ -314,7 +315,6 @@ fn bundle(root: &Path) -> Result<PathBuf> {
 /// sources and the WIT are unchanged since the last build (componentize-py takes about
 /// 15 s, and a new file would also cost the host a fresh compile).
 fn build_python(root: &Path, parent: &Path, out: &Path) -> Result<()> {
-    use sha2::{Digest, Sha256};
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Ok(());
     };
@@ -333,27 +333,11 @@ fn build_python(root: &Path, parent: &Path, out: &Path) -> Result<()> {
         let world = m["plugin"]["worlds"][0]
             .as_str()
             .context("plugin.worlds[0]")?;
-        let mut sources: Vec<PathBuf> = Vec::new();
-        for d in [
-            dir.clone(),
-            root.join("wit"),
-            root.join("wit/deps"),
-            root.join("wit/deps/trellis-host"),
-        ] {
-            for f in std::fs::read_dir(&d)? {
-                let f = f?.path();
-                if f.extension().is_some_and(|x| x == "py" || x == "wit") {
-                    sources.push(f);
-                }
-            }
+        let mut sources = files_with(&dir, &["py"])?;
+        for d in ["wit", "wit/deps", "wit/deps/trellis-host"] {
+            sources.extend(files_with(&root.join(d), &["wit"])?);
         }
-        sources.sort();
-        let mut h = Sha256::new();
-        for f in &sources {
-            h.update(f.to_string_lossy().as_bytes());
-            h.update(std::fs::read(f)?);
-        }
-        let hash = format!("{:x}", h.finalize());
+        let hash = sources_hash(&mut sources)?;
         let dest = out.join(plugin);
         std::fs::create_dir_all(&dest)?;
         let (wasm, stamp) = (dest.join(component), dest.join(".source-hash"));
@@ -380,6 +364,147 @@ fn build_python(root: &Path, parent: &Path, out: &Path) -> Result<()> {
         std::fs::write(&stamp, &hash)?;
         eprintln!(
             "  built {:<16} {:>7} KiB  {:>5.1}s  -> {} (Python, componentize-py)",
+            plugin,
+            std::fs::metadata(&wasm)?.len() / 1024,
+            t.elapsed().as_secs_f64(),
+            dest.display()
+        );
+    }
+    Ok(())
+}
+
+/// SHA-256 over files' names and contents: an example is rebuilt only when it changed.
+fn sources_hash(files: &mut [PathBuf]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files.iter() {
+        h.update(f.to_string_lossy().as_bytes());
+        h.update(std::fs::read(f)?);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// The files in `dir` whose extension is one of `exts` (not recursive).
+fn files_with(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(out);
+    };
+    for f in entries {
+        let f = f?.path();
+        if f.extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| exts.contains(&x))
+        {
+            out.push(f);
+        }
+    }
+    Ok(out)
+}
+
+/// Plugins in JavaScript (`examples/*/app.js` with `package.json` and `wit/world.wit`),
+/// built with componentize-js. The tool is installed from the example's own
+/// package.json into the target directory (no node_modules in the tree); the WIT folder
+/// it builds against is the example's world with the project's package and WASI under
+/// `deps/`, so it builds offline once installed.
+fn build_js(root: &Path, parent: &Path, out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for e in entries {
+        let dir = e?.path();
+        let manifest = dir.join("plugin.toml");
+        let world_file = dir.join("wit/world.wit");
+        if !dir.join("app.js").is_file() || !manifest.is_file() || !world_file.is_file() {
+            continue;
+        }
+        let m: toml::Table = toml::from_str(&std::fs::read_to_string(&manifest)?)
+            .with_context(|| format!("{}", manifest.display()))?;
+        let plugin = m["plugin"]["name"].as_str().context("plugin.name")?;
+        let component = m["plugin"]["component"]
+            .as_str()
+            .context("plugin.component")?;
+        let world_text = std::fs::read_to_string(&world_file)?;
+        let world = world_text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("world "))
+            .and_then(|l| l.split_whitespace().next())
+            .with_context(|| format!("{}: no `world NAME`", world_file.display()))?;
+        let mut sources = files_with(&dir, &["js", "json"])?;
+        sources.extend(files_with(&dir.join("wit"), &["wit"])?);
+        sources.extend(files_with(&root.join("wit"), &["wit"])?);
+        sources.extend(files_with(&root.join("wit/deps"), &["wit"])?);
+        sources.extend(files_with(&root.join("wit/deps/trellis-host"), &["wit"])?);
+        let hash = sources_hash(&mut sources)?;
+        let dest = out.join(plugin);
+        std::fs::create_dir_all(&dest)?;
+        let (wasm, stamp) = (dest.join(component), dest.join(".source-hash"));
+        std::fs::copy(&manifest, dest.join("plugin.toml"))?;
+        if wasm.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&hash) {
+            eprintln!("  up to date {plugin:<11} (JavaScript)");
+            continue;
+        }
+        let t = Instant::now();
+        // componentize-js, as the example's package.json pins it.
+        let tools = target_dir(root).join("js-tools").join(plugin);
+        std::fs::create_dir_all(&tools)?;
+        let package = std::fs::read(dir.join("package.json"))?;
+        let tool = tools.join("node_modules/.bin/componentize-js");
+        if !tool.is_file()
+            || std::fs::read(tools.join("package.json")).ok() != Some(package.clone())
+        {
+            std::fs::write(tools.join("package.json"), &package)?;
+            eprintln!("  installing componentize-js for {plugin} (npm)");
+            let ok = Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&tools)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .context("npm (run ./scripts/setup.sh)")?
+                .success();
+            if !ok {
+                bail!("npm install failed in {}", tools.display());
+            }
+        }
+        // The WIT folder: the example's world, the project's package and WASI as deps.
+        let wit = target_dir(root).join("js-wit").join(plugin);
+        let _ = std::fs::remove_dir_all(&wit);
+        std::fs::create_dir_all(wit.join("deps/trellis-plugin"))?;
+        std::fs::create_dir_all(wit.join("deps/trellis-host"))?;
+        for f in files_with(&dir.join("wit"), &["wit"])? {
+            std::fs::copy(&f, wit.join(f.file_name().unwrap()))?;
+        }
+        for f in files_with(&root.join("wit"), &["wit"])? {
+            std::fs::copy(
+                &f,
+                wit.join("deps/trellis-plugin").join(f.file_name().unwrap()),
+            )?;
+        }
+        for f in files_with(&root.join("wit/deps"), &["wit"])? {
+            std::fs::copy(&f, wit.join("deps").join(f.file_name().unwrap()))?;
+        }
+        for f in files_with(&root.join("wit/deps/trellis-host"), &["wit"])? {
+            std::fs::copy(
+                &f,
+                wit.join("deps/trellis-host").join(f.file_name().unwrap()),
+            )?;
+        }
+        let status = Command::new(&tool)
+            .arg(dir.join("app.js"))
+            .arg("--wit")
+            .arg(&wit)
+            .args(["-n", world, "-o"])
+            .arg(&wasm)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("componentize-js")?;
+        if !status.success() {
+            bail!("componentize-js failed for {}", dir.display());
+        }
+        std::fs::write(&stamp, &hash)?;
+        eprintln!(
+            "  built {:<16} {:>7} KiB  {:>5.1}s  -> {} (JavaScript, componentize-js)",
             plugin,
             std::fs::metadata(&wasm)?.len() / 1024,
             t.elapsed().as_secs_f64(),

@@ -87,8 +87,8 @@ pub fn new_plugin(n: NewPlugin<'_>) -> anyhow::Result<ExitCode> {
             python_project(n.name, &wit)
         }
         "js" => anyhow::bail!(
-            "there is no JavaScript template yet: componentize-js builds a component from a JS module and the world (`npx componentize-js app.js --wit WIT -n {}-plugin`); see docs/PLUGINS.md",
-            n.point
+            "there is no JavaScript template yet: start from examples/js-logger (a {} in JavaScript, built with componentize-js; docs/PLUGINS.md)",
+            Point::LoggingMethod
         ),
         other => anyhow::bail!("--lang {other}: choose rust or python"),
     };
