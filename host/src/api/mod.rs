@@ -14,7 +14,8 @@
 //! | `GET /api/runs/{id}/artifacts` | the run's artifacts: name, step, size, sha256 |
 //! | `GET /api/runs/{id}/artifacts/{name}` | download one (`name` may contain `/`); `x-checksum-sha256` header |
 //! | `GET /api/agents` | connected agents and their labels |
-//! | `GET /api/plugins` | loaded plugins: points, health, call counts |
+//! | `GET /api/plugins` | loaded plugins: points, version serving new work, generation, health, call counts |
+//! | `POST /api/plugins/{name}/reload` | hot reload: the new code is tried on a canary first; 200 with the new version, 422 naming why it is refused (the old one keeps serving) |
 //! | `GET /metrics` | Prometheus text: per-plugin metrics (and the HA role's) |
 //! | `GET /api/cluster` | HA: this controller's role, token, last fencing and failover, and the leader lease as etcd has it |
 //!
@@ -114,6 +115,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/runs/{id}/artifacts/{*name}", get(download_artifact))
         .route("/api/agents", get(agents))
         .route("/api/plugins", get(plugins))
+        .route("/api/plugins/{name}/reload", post(reload_plugin))
         .with_state(api)
 }
 
@@ -597,7 +599,8 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
         .map(|p| {
             serde_json::json!({
                 "name": p.manifest.name,
-                "version": p.manifest.version,
+                "version": p.version(),
+                "generation": p.current().0,
                 "points": p.info.points().iter().map(|x| x.interface()).collect::<Vec<_>>(),
                 "health": format!("{:?}", p.health()),
                 "calls": p.metrics.calls(),
@@ -608,6 +611,29 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
         })
         .collect();
     Json(list).into_response()
+}
+
+async fn reload_plugin(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
+    if api.runtime.get(&name).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin named `{name}` is loaded"),
+        );
+    }
+    match api.runtime.reload(&name).await {
+        Ok(r) => Json(r).into_response(),
+        Err(problems) => {
+            let list: Vec<String> = problems.items.iter().map(|p| p.to_string()).collect();
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(serde_json::json!({
+                    "error": format!("the new version of `{name}` is refused; the old one keeps serving"),
+                    "problems": list,
+                })),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn metrics(State(front): State<Arc<Front>>) -> Response {

@@ -457,3 +457,21 @@ pub async fn cluster_status(servers: &[Server], json: bool) -> anyhow::Result<Ex
         ExitCode::FAILURE
     })
 }
+
+/// `trellis plugin reload NAME`.
+pub async fn reload_plugin(server: &Server, name: &str) -> anyhow::Result<ExitCode> {
+    let (status, v) = server
+        .request("POST", &format!("/api/plugins/{name}/reload"), "")
+        .await?;
+    if status != 200 {
+        return Err(fail(status, &v));
+    }
+    println!(
+        "{}: reloaded, version {} (generation {}, sha256 {}…); new work uses it, work in flight finishes on the old code",
+        v["name"].as_str().unwrap_or(name),
+        v["version"].as_str().unwrap_or("?"),
+        v["generation"],
+        v["sha256"].as_str().unwrap_or("").get(..12).unwrap_or("")
+    );
+    Ok(ExitCode::SUCCESS)
+}

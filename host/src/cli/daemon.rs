@@ -50,6 +50,9 @@ fn secret(store: &SecretStore, name: &str, whose: &str) -> anyhow::Result<String
         .ok_or_else(|| anyhow::anyhow!("{whose}: secret `{name}` is not in the secrets file"))
 }
 
+/// How often a daemon looks at its plugins' files for a new version.
+const PLUGIN_WATCH: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
     let cfg = load(file)?;
     let Some(c) = cfg.controller.clone() else {
@@ -96,6 +99,8 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&c.state_dir)?;
+    // A plugin whose files change is reloaded (after a canary), in a running daemon.
+    crate::runtime::reload::watch(rt.clone(), PLUGIN_WATCH);
     let ha = match &ha_cfg {
         Some(h) => Some(ha_role(&rt, &dir, h, &c.state_dir).await?),
         None => None,
@@ -256,6 +261,7 @@ pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&a.workspace)?;
+    crate::runtime::reload::watch(rt.clone(), PLUGIN_WATCH);
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     eprintln!(
         "trellis agent `{}` (labels {:?}) starting",

@@ -222,6 +222,16 @@ pub enum PluginCommand {
         #[arg(long = "param", value_name = "KEY=VALUE")]
         params: Vec<String>,
     },
+    /// Reload a plugin in a running daemon: its new code (from where it was loaded) is
+    /// tried on a canary instance first; a broken one is refused and the old one keeps
+    /// serving. Work in flight finishes on the old code. (The daemon also reloads a
+    /// plugin whose files change.)
+    Reload {
+        name: String,
+        /// The controller (default: $TRELLIS_SERVER or http://127.0.0.1:8080).
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Describe every plugin in a plugin directory.
     List {
         /// The plugin directory (default: [runtime] plugin-dir of --config).
@@ -298,6 +308,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 dir: dir.as_deref(),
                 sdk: sdk.as_deref(),
             }),
+            Command::Plugin(PluginCommand::Reload { name, server }) => {
+                client::reload_plugin(&client::Server::new(server)?, &name).await
+            }
             Command::Plugin(PluginCommand::Test {
                 plugin,
                 with,

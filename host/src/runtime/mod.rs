@@ -9,6 +9,7 @@ pub mod limits;
 pub mod manifest;
 pub mod metrics;
 pub mod plugin;
+pub mod reload;
 pub mod state;
 pub mod stdio;
 

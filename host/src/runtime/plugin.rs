@@ -22,7 +22,7 @@ use crate::runtime::state::{Grants, InstanceState};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU32};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use wasmtime::component::{InstancePre, ResourceTableError};
@@ -66,6 +66,9 @@ pub struct Instance {
     pub store: Store<InstanceState>,
     pub exports: Exports,
     poisoned: bool,
+    /// The plugin generation it was made from: after a reload, older instances finish
+    /// what they do and are not reused.
+    generation: u64,
 }
 
 impl Instance {
@@ -83,9 +86,8 @@ pub struct Plugin {
     pub grants: Grants,
     pub compiled: CompileStats,
     pub metrics: Arc<PluginMetrics>,
-    pub(crate) config_json: Arc<str>,
-    pub(crate) pre: InstancePre<InstanceState>,
-    pub(crate) indices: ExportIndices,
+    /// What a reload replaces (the component and its configuration), numbered.
+    current: RwLock<(u64, Arc<Generation>)>,
     pub(crate) secrets: Arc<SecretStore>,
     pub(crate) quarantine: QuarantineConfig,
     health: Mutex<Health>,
@@ -97,6 +99,17 @@ pub struct Plugin {
     deadline_ticks: u64,
     wall_timeout: Duration,
     idle: Mutex<Vec<Instance>>,
+}
+
+/// One version of a plugin's code: the compiled, linked component and the configuration
+/// its instances start with. A reload puts a new one in place; instances made from the
+/// old one keep running until their work is done.
+pub struct Generation {
+    pub version: String,
+    pub sha256: String,
+    pre: InstancePre<InstanceState>,
+    indices: ExportIndices,
+    config_json: Arc<str>,
 }
 
 impl Plugin {
@@ -113,6 +126,13 @@ impl Plugin {
         secrets: Arc<SecretStore>,
         quarantine: QuarantineConfig,
     ) -> Plugin {
+        let generation = Generation {
+            version: manifest.version.clone(),
+            sha256: compiled.sha256.clone(),
+            pre,
+            indices,
+            config_json: config_json.into(),
+        };
         Plugin {
             name: manifest.name.as_str().into(),
             manifest,
@@ -121,9 +141,7 @@ impl Plugin {
             grants,
             compiled,
             metrics: Arc::default(),
-            config_json: config_json.into(),
-            pre,
-            indices,
+            current: RwLock::new((1, Arc::new(generation))),
             secrets,
             quarantine,
             health: Mutex::default(),
@@ -137,9 +155,49 @@ impl Plugin {
         }
     }
 
+    /// The generation new instances are made from, and its number (1 until a reload).
+    pub fn current(&self) -> (u64, Arc<Generation>) {
+        let c = self.current.read().unwrap_or_else(|p| p.into_inner());
+        (c.0, c.1.clone())
+    }
+
+    /// The version serving new work (the manifest's, or a reloaded one's).
+    pub fn version(&self) -> String {
+        self.current().1.version.clone()
+    }
+
+    /// Put `new`'s code and configuration in place of this plugin's: new instances come
+    /// from it, idle ones of the old generation are dropped, busy ones finish their work
+    /// (a log being written, a link) and are not reused. `new` must be the same plugin
+    /// filling the same extension points; it has passed its canary already.
+    pub(crate) fn replace_with(&self, new: Plugin) -> Result<u64, String> {
+        if new.name != self.name {
+            return Err(format!(
+                "the new manifest names `{}`, not `{}`",
+                new.name, self.name
+            ));
+        }
+        if new.info.points() != self.info.points() {
+            return Err(format!(
+                "a reload cannot change the extension points (it fills {:?}, the new one {:?}): restart the daemon for that",
+                self.info.points(),
+                new.info.points()
+            ));
+        }
+        let (_, generation) = new.current();
+        let number = {
+            let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
+            c.0 += 1;
+            c.1 = generation;
+            c.0
+        };
+        self.drain_idle();
+        Ok(number)
+    }
+
     /// The linked, pre-instantiated component (for benchmarks and tools).
-    pub fn instance_pre(&self) -> &InstancePre<InstanceState> {
-        &self.pre
+    pub fn instance_pre(&self) -> InstancePre<InstanceState> {
+        self.current().1.pre.clone()
     }
 
     /// A fresh instance's state, prepared from the grants (for benchmarks and tools).
@@ -155,22 +213,24 @@ impl Plugin {
 
     /// Instantiate without `init` and without the guarded path: the bare cost.
     pub async fn instantiate_bare(&self, state: InstanceState) -> wasmtime::Result<Instance> {
-        let mut store = Store::new(self.pre.engine(), state);
+        let (generation, g) = self.current();
+        let mut store = Store::new(g.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let instance = self.pre.instantiate_async(&mut store).await?;
-        let exports = self.load_exports(&mut store, &instance)?;
+        let instance = g.pre.instantiate_async(&mut store).await?;
+        let exports = load_exports(&g.indices, &mut store, &instance)?;
         Ok(Instance {
             store,
             exports,
             poisoned: false,
+            generation,
         })
     }
 
     /// The configuration `init` receives (JSON).
-    pub fn config_json(&self) -> &str {
-        &self.config_json
+    pub fn config_json(&self) -> Arc<str> {
+        self.current().1.config_json.clone()
     }
 
     pub fn health(&self) -> HealthState {
@@ -225,14 +285,15 @@ impl Plugin {
                 detail: format!("{e:#}"),
             })
         })?;
-        let mut store = Store::new(self.pre.engine(), state);
+        let (generation, g) = self.current();
+        let mut store = Store::new(g.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
         self.metrics.instantiations.fetch_add(1, Relaxed);
         let instance = match tokio::time::timeout(
             self.limits.call_timeout,
-            self.pre.instantiate_async(&mut store),
+            g.pre.instantiate_async(&mut store),
         )
         .await
         {
@@ -259,7 +320,7 @@ impl Plugin {
                 }));
             }
         };
-        let exports = self.load_exports(&mut store, &instance).map_err(|e| {
+        let exports = load_exports(&g.indices, &mut store, &instance).map_err(|e| {
             self.crashed(PluginError::Instantiate {
                 plugin: self.name.to_string(),
                 detail: format!("{e:#}"),
@@ -269,8 +330,9 @@ impl Plugin {
             store,
             exports,
             poisoned: false,
+            generation,
         };
-        let config = self.config_json.clone();
+        let config = g.config_json.clone();
         let r = self
             .call(&mut inst, "init", move |i| {
                 Box::pin(async move { i.exports.lifecycle.call_init(&mut i.store, &config).await })
@@ -280,50 +342,19 @@ impl Plugin {
         Ok(inst)
     }
 
-    fn load_exports(
-        &self,
-        store: &mut Store<InstanceState>,
-        instance: &wasmtime::component::Instance,
-    ) -> wasmtime::Result<Exports> {
-        let ix = &self.indices;
-        Ok(Exports {
-            lifecycle: ix.lifecycle.load(&mut *store, instance)?,
-            transport: ix
-                .transport
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            logging: ix
-                .logging
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            browser: ix
-                .browser
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            fence: ix
-                .fence
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-        })
-    }
-
     /// An instance for a short, stateless use: an idle one, or a fresh one.
     pub async fn checkout(&self) -> Result<Instance, PluginError> {
         self.admit()?;
         let idle = self.idle.lock().unwrap().pop();
         match idle {
-            Some(i) => Ok(i),
-            None => self.instantiate().await,
+            Some(i) if i.generation == self.current().0 => Ok(i),
+            _ => self.instantiate().await,
         }
     }
 
     /// Give an instance back for reuse. Poisoned instances are dropped.
     pub fn checkin(&self, inst: Instance) {
-        if inst.poisoned {
+        if inst.poisoned || inst.generation != self.current().0 {
             return;
         }
         let mut idle = self.idle.lock().unwrap();
@@ -597,4 +628,35 @@ macro_rules! guarded {
             }
         }
     }};
+}
+
+/// The typed exports of a fresh instance, by the component's export indices.
+fn load_exports(
+    ix: &ExportIndices,
+    store: &mut Store<InstanceState>,
+    instance: &wasmtime::component::Instance,
+) -> wasmtime::Result<Exports> {
+    Ok(Exports {
+        lifecycle: ix.lifecycle.load(&mut *store, instance)?,
+        transport: ix
+            .transport
+            .as_ref()
+            .map(|i| i.load(&mut *store, instance))
+            .transpose()?,
+        logging: ix
+            .logging
+            .as_ref()
+            .map(|i| i.load(&mut *store, instance))
+            .transpose()?,
+        browser: ix
+            .browser
+            .as_ref()
+            .map(|i| i.load(&mut *store, instance))
+            .transpose()?,
+        fence: ix
+            .fence
+            .as_ref()
+            .map(|i| i.load(&mut *store, instance))
+            .transpose()?,
+    })
 }
