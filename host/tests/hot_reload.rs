@@ -3,7 +3,9 @@
 //! method in place; a broken one (a component for another extension point) is refused
 //! by its canary with the reason while the old one keeps serving; the daemon picks up
 //! a changed plugin directory by itself. The run in flight completes with every line
-//! once, and a run started after the reload is served by the new generation.
+//! once, and a run started after the reload is served by the new generation. And a
+//! changed `config` in the daemon's configuration goes the same way: a bad one is
+//! refused by its canary, a good one reloads, changed grants are refused (restart).
 
 mod common;
 
@@ -143,4 +145,76 @@ fn a_logging_method_is_reloaded_under_a_running_job_and_a_broken_one_is_refused(
     wait_for_success(&server, "r-000002", Duration::from_secs(60), &log);
     let (_, out, _) = cli(&server, &["logs", "r-000002"]);
     assert_eq!(out.lines().count(), 20, "{out}");
+}
+
+#[test]
+fn a_changed_plugin_config_is_tried_on_a_canary_and_changed_grants_need_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let transport = Transport::Tcp { port: free_port() };
+    let (controller, agent, http) = write_configs(dir, &transport);
+    let log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let _c = start("controller", &controller, &log);
+    let _a = start("agent", &agent, &log);
+    let server = format!("http://127.0.0.1:{http}");
+    wait_for_agent(&server, &log);
+    let original = std::fs::read_to_string(&controller).unwrap();
+    let grant = "[plugins.file-logging]\ndirs = [{ host = \"state/logs\", guest = \"/logs\", mode = \"read-write\" }]\n";
+    assert!(original.contains(grant));
+    let with_config =
+        |config: &str| original.replace(grant, &format!("{grant}config = {config}\n"));
+    let wait_for_log = |what: &str| {
+        let t = std::time::Instant::now();
+        while !logs().contains(what) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no `{what}` in: {}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // A directory the plugin was not granted: its init refuses it on the canary.
+    std::fs::write(&controller, with_config("{ directory = \"/nope\" }")).unwrap();
+    wait_for_log("its configuration changed, but it is refused");
+    assert!(
+        logs().contains("directory `/nope` is not available"),
+        "{}",
+        logs()
+    );
+    assert_eq!(plugin_state(http, "file-logging")["generation"], 1);
+
+    // A good one (the granted directory, said explicitly): reloaded.
+    std::fs::write(&controller, with_config("{ directory = \"/logs\" }")).unwrap();
+    wait_for_log("its configuration changed: reloaded");
+    assert_eq!(plugin_state(http, "file-logging")["generation"], 2);
+
+    // Changed grants: refused, naming the restart.
+    std::fs::write(
+        &controller,
+        with_config("{ directory = \"/logs\" }").replace(
+            "mode = \"read-write\" }]",
+            "mode = \"read-write\" }, { host = \"state\", guest = \"/state\" }]",
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = cli(&server, &["plugin", "reload", "file-logging"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("restart the daemon"), "{err}");
+    assert_eq!(plugin_state(http, "file-logging")["generation"], 2);
+
+    // Runs are logged by the reloaded generation.
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        "name = \"after\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"seq 1 50\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for_success(&server, "r-000001", Duration::from_secs(60), &log);
+    let (_, out, _) = cli(&server, &["logs", "r-000001"]);
+    assert_eq!(out.lines().count(), 50, "{out}");
 }

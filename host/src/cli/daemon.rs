@@ -99,7 +99,10 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&c.state_dir)?;
-    // A plugin whose files change is reloaded (after a canary), in a running daemon.
+    // A plugin whose files (or `config` table here) change is reloaded, canary first.
+    if let Err(e) = rt.set_config_file(file) {
+        tracing::warn!("configuration reloads are off: {e}");
+    }
     crate::runtime::reload::watch(rt.clone(), PLUGIN_WATCH);
     let ha = match &ha_cfg {
         Some(h) => Some(ha_role(&rt, &dir, h, &c.state_dir).await?),
@@ -261,6 +264,9 @@ pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&a.workspace)?;
+    if let Err(e) = rt.set_config_file(file) {
+        tracing::warn!("configuration reloads are off: {e}");
+    }
     crate::runtime::reload::watch(rt.clone(), PLUGIN_WATCH);
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     eprintln!(

@@ -46,6 +46,9 @@ pub struct Runtime {
     pub config: DaemonConfig,
     secrets: Arc<SecretStore>,
     plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
+    /// The daemon's configuration file and its `[plugins]` tables as they were at start
+    /// (a reload applies a changed `config` table from it; see `reload`).
+    config_file: std::sync::Mutex<Option<(PathBuf, toml::Table)>>,
     /// The `[kafka]` cluster's client, made on first use by a plugin granted Kafka.
     kafka: std::sync::Mutex<Option<Arc<crate::capabilities::kafka::KafkaClient>>>,
 }
@@ -118,6 +121,7 @@ impl Runtime {
             config,
             secrets: Arc::new(secrets),
             plugins: RwLock::default(),
+            config_file: Default::default(),
             kafka: Default::default(),
         }))
     }
@@ -126,6 +130,15 @@ impl Runtime {
     /// operator's grants and configuration, compile (or load the cached artifact),
     /// check the component's imports and exports, link. Errors list every problem.
     pub fn prepare(&self, path: &Path) -> Result<Plugin, Problems> {
+        self.prepare_with(path, None)
+    }
+
+    /// `prepare`, with the plugin's `config` table replaced (a configuration reload).
+    pub(crate) fn prepare_with(
+        &self,
+        path: &Path,
+        plugin_config: Option<&toml::Table>,
+    ) -> Result<Plugin, Problems> {
         let manifest = Manifest::locate(path)?;
         let file = manifest.path.display().to_string();
         let fail = |items: Vec<Problem>| Problems {
@@ -133,12 +146,15 @@ impl Runtime {
             items,
         };
         let at = format!("plugins.{}", manifest.name);
-        let operator = self
+        let mut operator = self
             .config
             .plugins
             .get(&manifest.name)
             .cloned()
             .unwrap_or_default();
+        if let Some(c) = plugin_config {
+            operator.config = c.clone();
+        }
 
         let mut problems = Vec::new();
         let kafka = if manifest.capabilities.contains(&Capability::Kafka) {

@@ -5,13 +5,17 @@
 //! on the old code (a log being written, a transport link) finishes on it; new work
 //! uses the new code.
 //!
+//! A changed `config` table of the plugin in the daemon's configuration file goes the
+//! same way (canary first). Grants and limits are not reloaded: a reload that finds
+//! them changed is refused, naming the restart that applies them.
+//!
 //! Triggered by `trellis plugin reload NAME` (`POST /api/plugins/{name}/reload`) or by
-//! the daemon noticing that a plugin's files changed ([`watch`]).
+//! the daemon noticing that a plugin's files or its configuration changed ([`watch`]).
 
 use super::{Runtime, canary};
 use crate::config::{Problem, Problems};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +29,72 @@ pub struct Reloaded {
     pub generation: u64,
 }
 
+/// A daemon configuration file's `[plugins]` tables.
+fn plugin_tables(file: &Path) -> Result<toml::Table, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let all: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(match all.get("plugins") {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => toml::Table::new(),
+    })
+}
+
+/// One plugin's table without its `config`: its grants and limits.
+fn grants_of(tables: &toml::Table, name: &str) -> toml::Table {
+    let mut t = match tables.get(name) {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => toml::Table::new(),
+    };
+    t.remove("config");
+    t
+}
+
+fn config_of(tables: &toml::Table, name: &str) -> toml::Table {
+    match tables.get(name).and_then(|t| t.get("config")) {
+        Some(toml::Value::Table(c)) => c.clone(),
+        _ => toml::Table::new(),
+    }
+}
+
 impl Runtime {
+    /// Remember the daemon's configuration file, so that reloads apply a changed
+    /// `config` table of a plugin (and refuse changed grants or limits).
+    pub fn set_config_file(&self, file: &Path) -> Result<(), String> {
+        let tables = plugin_tables(file)?;
+        *self.config_file.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((file.to_path_buf(), tables));
+        Ok(())
+    }
+
+    /// The `config` table to reload `name` with: None when there is no configuration
+    /// file to read it from; an error when its grants or limits changed.
+    fn reloaded_config(&self, name: &str) -> Result<Option<toml::Table>, Problems> {
+        let Some((file, at_start)) = self
+            .config_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(None);
+        };
+        let problem = |problem: String, fix: &str| Problems {
+            file: file.display().to_string(),
+            items: vec![Problem {
+                field: format!("plugins.{name}"),
+                problem,
+                fix: fix.into(),
+            }],
+        };
+        let now = plugin_tables(&file).map_err(|e| problem(e, "correct the configuration file"))?;
+        if grants_of(&now, name) != grants_of(&at_start, name) {
+            return Err(problem(
+                "its grants or limits changed; a reload applies a new version and a changed `config` only".into(),
+                "restart the daemon to apply changed grants or limits",
+            ));
+        }
+        Ok(Some(config_of(&now, name)))
+    }
+
     /// Reload plugin `name` from where it was loaded.
     pub async fn reload(&self, name: &str) -> Result<Reloaded, Problems> {
         let Some(old) = self.get(name) else {
@@ -38,7 +107,8 @@ impl Runtime {
                 }],
             });
         };
-        let new = self.prepare(&old.manifest.path)?;
+        let config = self.reloaded_config(name)?;
+        let new = self.prepare_with(&old.manifest.path, config.as_ref())?;
         canary(&new).await?;
         let (version, sha256) = (new.manifest.version.clone(), new.compiled.sha256.clone());
         let generation = old.replace_with(new).map_err(|why| Problems {
@@ -100,8 +170,52 @@ pub fn watch(runtime: Arc<Runtime>, every: Duration) {
             };
             let mut seen: HashMap<String, Stamp> = HashMap::new();
             let mut changed: HashMap<String, Stamp> = HashMap::new();
+            // The daemon's configuration: a changed `config` table reloads its plugin.
+            let config_file = runtime
+                .config_file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|(f, t)| (f.clone(), t.clone()));
+            let mut config_seen = config_file.as_ref().map(|(f, _)| stamp(std::slice::from_ref(f)));
+            let mut config_changed: Option<Stamp> = None;
+            let mut configs = config_file.map(|(_, t)| t).unwrap_or_default();
             // The first look is at once: it is what a change is measured against.
             loop {
+                // (Taken in a statement of its own: a guard living through the block
+                // below would deadlock the reload, which reads it too.)
+                let current = runtime
+                    .config_file
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let (Some(before), Some((file, _))) = (config_seen.clone(), current) {
+                    let now = stamp(std::slice::from_ref(&file));
+                    if now != before && config_changed.as_ref() != Some(&now) {
+                        config_changed = Some(now);
+                    } else if now != before {
+                        config_changed = None;
+                        config_seen = Some(now);
+                        match plugin_tables(&file) {
+                            Err(e) => tracing::error!("the configuration file changed but cannot be read: {e}"),
+                            Ok(tables) => {
+                                for p in runtime.plugins() {
+                                    let name = p.name.to_string();
+                                    if config_of(&tables, &name) == config_of(&configs, &name)
+                                        && grants_of(&tables, &name) == grants_of(&configs, &name)
+                                    {
+                                        continue;
+                                    }
+                                    match reloads.block_on(runtime.reload(&name)) {
+                                        Ok(r) => tracing::warn!(plugin = %name, generation = r.generation, "its configuration changed: reloaded"),
+                                        Err(problems) => tracing::error!(plugin = %name, "its configuration changed, but it is refused (the old one keeps serving):\n{problems}"),
+                                    }
+                                }
+                                configs = tables;
+                            }
+                        }
+                    }
+                }
                 for p in runtime.plugins() {
                     let now = stamp(&[p.manifest.path.clone(), p.manifest.component.clone()]);
                     let name = p.name.to_string();
