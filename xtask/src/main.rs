@@ -310,65 +310,112 @@ fn bundle(root: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// The WIT the examples build against: the project's package and its vendored deps.
+const PROJECT_WIT: [&str; 3] = ["wit", "wit/deps", "wit/deps/trellis-host"];
+
+/// One example in another language, built into `out/<plugin>/` by a tool: the manifest
+/// copied beside the component, and the build skipped when the sources' hash is the one
+/// stamped by the last build (the tools take 15 s or so, and a new file would also cost
+/// the host a fresh compile).
+struct Example {
+    dir: PathBuf,
+    manifest: toml::Table,
+    dest: PathBuf,
+    wasm: PathBuf,
+    stamp: PathBuf,
+    hash: String,
+}
+
+impl Example {
+    /// `dir`'s example, its sources those of `sources`; None when it is up to date.
+    fn prepare(
+        dir: &Path,
+        out: &Path,
+        mut sources: Vec<PathBuf>,
+        lang: &str,
+    ) -> Result<Option<Example>> {
+        let file = dir.join("plugin.toml");
+        let manifest: toml::Table = toml::from_str(&std::fs::read_to_string(&file)?)
+            .with_context(|| format!("{}", file.display()))?;
+        let plugin = manifest["plugin"]["name"].as_str().context("plugin.name")?;
+        let component = manifest["plugin"]["component"]
+            .as_str()
+            .context("plugin.component")?;
+        let hash = sources_hash(&mut sources)?;
+        let dest = out.join(plugin);
+        std::fs::create_dir_all(&dest)?;
+        let (wasm, stamp) = (dest.join(component), dest.join(".source-hash"));
+        std::fs::copy(&file, dest.join("plugin.toml"))?;
+        if wasm.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&hash) {
+            eprintln!("  up to date {plugin:<11} ({lang})");
+            return Ok(None);
+        }
+        Ok(Some(Example {
+            dir: dir.to_path_buf(),
+            manifest,
+            dest,
+            wasm,
+            stamp,
+            hash,
+        }))
+    }
+
+    fn name(&self) -> &str {
+        self.manifest["plugin"]["name"].as_str().unwrap_or_default()
+    }
+
+    /// Run the tool that writes the component, then stamp the hash and report.
+    fn build(&self, mut tool: Command, what: &str) -> Result<()> {
+        let t = Instant::now();
+        let status = tool
+            .stdout(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("{what} (run ./scripts/setup.sh)"))?;
+        if !status.success() {
+            bail!("{what} failed for {}", self.dir.display());
+        }
+        std::fs::write(&self.stamp, &self.hash)?;
+        eprintln!(
+            "  built {:<16} {:>7} KiB  {:>5.1}s  -> {} ({what})",
+            self.name(),
+            std::fs::metadata(&self.wasm)?.len() / 1024,
+            t.elapsed().as_secs_f64(),
+            self.dest.display()
+        );
+        Ok(())
+    }
+}
+
 /// Plugins written in Python (a folder with `app.py` and `plugin.toml`): built with
-/// componentize-py against `wit/`, for the manifest's first world. Skipped when the
-/// sources and the WIT are unchanged since the last build (componentize-py takes about
-/// 15 s, and a new file would also cost the host a fresh compile).
+/// componentize-py against `wit/`, for the manifest's first world.
 fn build_python(root: &Path, parent: &Path, out: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Ok(());
     };
     for e in entries {
         let dir = e?.path();
-        let manifest = dir.join("plugin.toml");
-        if !dir.join("app.py").is_file() || !manifest.is_file() {
+        if !dir.join("app.py").is_file() || !dir.join("plugin.toml").is_file() {
             continue;
         }
-        let m: toml::Table = toml::from_str(&std::fs::read_to_string(&manifest)?)
-            .with_context(|| format!("{}", manifest.display()))?;
-        let plugin = m["plugin"]["name"].as_str().context("plugin.name")?;
-        let component = m["plugin"]["component"]
-            .as_str()
-            .context("plugin.component")?;
-        let world = m["plugin"]["worlds"][0]
-            .as_str()
-            .context("plugin.worlds[0]")?;
         let mut sources = files_with(&dir, &["py"])?;
-        for d in ["wit", "wit/deps", "wit/deps/trellis-host"] {
+        for d in PROJECT_WIT {
             sources.extend(files_with(&root.join(d), &["wit"])?);
         }
-        let hash = sources_hash(&mut sources)?;
-        let dest = out.join(plugin);
-        std::fs::create_dir_all(&dest)?;
-        let (wasm, stamp) = (dest.join(component), dest.join(".source-hash"));
-        std::fs::copy(&manifest, dest.join("plugin.toml"))?;
-        if wasm.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&hash) {
-            eprintln!("  up to date {plugin:<11} (Python)");
+        let Some(ex) = Example::prepare(&dir, out, sources, "Python")? else {
             continue;
-        }
-        let t = Instant::now();
-        let status = Command::new("componentize-py")
-            .arg("-d")
+        };
+        let world = ex.manifest["plugin"]["worlds"][0]
+            .as_str()
+            .context("plugin.worlds[0]")?;
+        let mut tool = Command::new("componentize-py");
+        tool.arg("-d")
             .arg(root.join("wit"))
             .args(["-w", world, "componentize", "-p"])
             .arg(&dir)
             .arg("app")
             .arg("-o")
-            .arg(&wasm)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .context("componentize-py (run ./scripts/setup.sh)")?;
-        if !status.success() {
-            bail!("componentize-py failed for {}", dir.display());
-        }
-        std::fs::write(&stamp, &hash)?;
-        eprintln!(
-            "  built {:<16} {:>7} KiB  {:>5.1}s  -> {} (Python, componentize-py)",
-            plugin,
-            std::fs::metadata(&wasm)?.len() / 1024,
-            t.elapsed().as_secs_f64(),
-            dest.display()
-        );
+            .arg(&ex.wasm);
+        ex.build(tool, "Python, componentize-py")?;
     }
     Ok(())
 }
@@ -414,38 +461,28 @@ fn build_js(root: &Path, parent: &Path, out: &Path) -> Result<()> {
     };
     for e in entries {
         let dir = e?.path();
-        let manifest = dir.join("plugin.toml");
         let world_file = dir.join("wit/world.wit");
-        if !dir.join("app.js").is_file() || !manifest.is_file() || !world_file.is_file() {
+        if !dir.join("app.js").is_file()
+            || !dir.join("plugin.toml").is_file()
+            || !world_file.is_file()
+        {
             continue;
         }
-        let m: toml::Table = toml::from_str(&std::fs::read_to_string(&manifest)?)
-            .with_context(|| format!("{}", manifest.display()))?;
-        let plugin = m["plugin"]["name"].as_str().context("plugin.name")?;
-        let component = m["plugin"]["component"]
-            .as_str()
-            .context("plugin.component")?;
+        let mut sources = files_with(&dir, &["js", "json"])?;
+        sources.extend(files_with(&dir.join("wit"), &["wit"])?);
+        for d in PROJECT_WIT {
+            sources.extend(files_with(&root.join(d), &["wit"])?);
+        }
+        let Some(ex) = Example::prepare(&dir, out, sources, "JavaScript")? else {
+            continue;
+        };
+        let plugin = ex.name();
         let world_text = std::fs::read_to_string(&world_file)?;
         let world = world_text
             .lines()
             .find_map(|l| l.trim().strip_prefix("world "))
             .and_then(|l| l.split_whitespace().next())
             .with_context(|| format!("{}: no `world NAME`", world_file.display()))?;
-        let mut sources = files_with(&dir, &["js", "json"])?;
-        sources.extend(files_with(&dir.join("wit"), &["wit"])?);
-        sources.extend(files_with(&root.join("wit"), &["wit"])?);
-        sources.extend(files_with(&root.join("wit/deps"), &["wit"])?);
-        sources.extend(files_with(&root.join("wit/deps/trellis-host"), &["wit"])?);
-        let hash = sources_hash(&mut sources)?;
-        let dest = out.join(plugin);
-        std::fs::create_dir_all(&dest)?;
-        let (wasm, stamp) = (dest.join(component), dest.join(".source-hash"));
-        std::fs::copy(&manifest, dest.join("plugin.toml"))?;
-        if wasm.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&hash) {
-            eprintln!("  up to date {plugin:<11} (JavaScript)");
-            continue;
-        }
-        let t = Instant::now();
         // componentize-js, as the example's package.json pins it.
         let tools = target_dir(root).join("js-tools").join(plugin);
         std::fs::create_dir_all(&tools)?;
@@ -470,46 +507,27 @@ fn build_js(root: &Path, parent: &Path, out: &Path) -> Result<()> {
         // The WIT folder: the example's world, the project's package and WASI as deps.
         let wit = target_dir(root).join("js-wit").join(plugin);
         let _ = std::fs::remove_dir_all(&wit);
-        std::fs::create_dir_all(wit.join("deps/trellis-plugin"))?;
-        std::fs::create_dir_all(wit.join("deps/trellis-host"))?;
-        for f in files_with(&dir.join("wit"), &["wit"])? {
-            std::fs::copy(&f, wit.join(f.file_name().unwrap()))?;
+        for (from, to) in [
+            (dir.join("wit"), wit.clone()),
+            (root.join("wit"), wit.join("deps/trellis-plugin")),
+            (root.join("wit/deps"), wit.join("deps")),
+            (
+                root.join("wit/deps/trellis-host"),
+                wit.join("deps/trellis-host"),
+            ),
+        ] {
+            std::fs::create_dir_all(&to)?;
+            for f in files_with(&from, &["wit"])? {
+                std::fs::copy(&f, to.join(f.file_name().unwrap()))?;
+            }
         }
-        for f in files_with(&root.join("wit"), &["wit"])? {
-            std::fs::copy(
-                &f,
-                wit.join("deps/trellis-plugin").join(f.file_name().unwrap()),
-            )?;
-        }
-        for f in files_with(&root.join("wit/deps"), &["wit"])? {
-            std::fs::copy(&f, wit.join("deps").join(f.file_name().unwrap()))?;
-        }
-        for f in files_with(&root.join("wit/deps/trellis-host"), &["wit"])? {
-            std::fs::copy(
-                &f,
-                wit.join("deps/trellis-host").join(f.file_name().unwrap()),
-            )?;
-        }
-        let status = Command::new(&tool)
-            .arg(dir.join("app.js"))
+        let mut cmd = Command::new(&tool);
+        cmd.arg(dir.join("app.js"))
             .arg("--wit")
             .arg(&wit)
             .args(["-n", world, "-o"])
-            .arg(&wasm)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .context("componentize-js")?;
-        if !status.success() {
-            bail!("componentize-js failed for {}", dir.display());
-        }
-        std::fs::write(&stamp, &hash)?;
-        eprintln!(
-            "  built {:<16} {:>7} KiB  {:>5.1}s  -> {} (JavaScript, componentize-js)",
-            plugin,
-            std::fs::metadata(&wasm)?.len() / 1024,
-            t.elapsed().as_secs_f64(),
-            dest.display()
-        );
+            .arg(&ex.wasm);
+        ex.build(cmd, "JavaScript, componentize-js")?;
     }
     Ok(())
 }
