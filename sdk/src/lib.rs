@@ -30,6 +30,7 @@
 
 pub mod config;
 pub mod events;
+pub mod fence_params;
 pub mod fs;
 #[cfg(all(feature = "http", target_os = "wasi"))]
 pub mod http;

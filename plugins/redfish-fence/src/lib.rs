@@ -112,22 +112,14 @@ const IGNORED: &[&str] = &[
 impl Device {
     /// Read and check the parameters; an error names the parameter.
     pub fn from_params(params: &[(String, String)]) -> Result<Device, String> {
-        let get = |name: &str| {
-            params
-                .iter()
-                .rev()
-                .find(|(k, _)| k.replace('_', "-") == name)
-                .map(|(_, v)| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        for (k, _) in params {
-            let k = k.replace('_', "-");
-            if !PARAMETERS.iter().any(|p| p.0 == k) && !IGNORED.contains(&k.as_str()) {
-                return Err(format!(
-                    "unknown parameter `{k}` (this agent takes: {})",
-                    names()
-                ));
-            }
+        let device = trellis_sdk::fence_params::DeviceParams(params);
+        let get = |name: &str| device.get(name);
+        let takes: Vec<&str> = PARAMETERS.iter().map(|p| p.0).collect();
+        if let Some(k) = device.unknown(&takes, IGNORED) {
+            return Err(format!(
+                "unknown parameter `{k}` (this agent takes: {})",
+                names()
+            ));
         }
         let required =
             |name: &str| get(name).ok_or_else(|| format!("parameter `{name}` is required"));
