@@ -46,11 +46,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
 
     let mut a = start("controller", &cfg_a, &daemon_log);
-    wait_until(
-        &format!("A did not become active: {}", logs()),
-        Duration::from_secs(30),
-        || logs().contains("trellis ha: a active"),
-    );
+    wait_for_line(&daemon_log, "trellis ha: a active", Duration::from_secs(30));
     let _b = start("controller", &cfg_b, &daemon_log);
     let _agent = start("agent", &agent_cfg, &daemon_log);
     wait_for_agent(&server_a, &daemon_log);
@@ -97,11 +93,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
     a.0.kill().unwrap(); // SIGKILL mid-step
     a.0.wait().unwrap();
 
-    wait_until(
-        &format!("B did not take over: {}", logs()),
-        Duration::from_secs(60),
-        || logs().contains("trellis ha: b active"),
-    );
+    wait_for_line(&daemon_log, "trellis ha: b active", Duration::from_secs(60));
     assert_eq!(
         power("status"),
         Some(2),
@@ -150,16 +142,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
     );
 
     // The run completes under B, its log whole.
-    wait_until(
-        &format!("the run did not finish under B: {}", logs()),
-        Duration::from_secs(90),
-        || {
-            cli(&server_b, &["runs"])
-                .1
-                .lines()
-                .any(|l| l.contains(run) && l.contains("succeeded"))
-        },
-    );
+    wait_for_success(&server_b, run, Duration::from_secs(90), &daemon_log);
     let (code, out, err) = cli(&server_b, &["logs", run]);
     assert_eq!(code, 0, "{err}");
     let want: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
@@ -192,19 +175,15 @@ fn a_standby_that_cannot_fence_does_not_take_over() {
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
     let mut a = start("controller", &cfg_a, &daemon_log);
-    wait_until(
-        &format!("A did not become active: {}", logs()),
-        Duration::from_secs(30),
-        || logs().contains("trellis ha: a active"),
-    );
+    wait_for_line(&daemon_log, "trellis ha: a active", Duration::from_secs(30));
     let _b = start("controller", &cfg_b, &daemon_log);
     std::thread::sleep(Duration::from_secs(1));
     a.0.kill().unwrap();
     a.0.wait().unwrap();
-    wait_until(
-        &format!("B did not report the failed fencing: {}", logs()),
+    wait_for_line(
+        &daemon_log,
+        "trellis ha: NOT TAKING OVER: fencing a failed",
         Duration::from_secs(30),
-        || logs().contains("trellis ha: NOT TAKING OVER: fencing a failed"),
     );
     std::thread::sleep(Duration::from_secs(3)); // and it keeps not taking over
     assert!(!logs().contains("trellis ha: b active"), "{}", logs());
@@ -260,27 +239,19 @@ fn a_paused_active_wakes_to_find_its_late_write_refused() {
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
     let mut a = start("controller", &cfg_a, &daemon_log);
-    wait_until(
-        &format!("A did not become active: {}", logs()),
-        Duration::from_secs(30),
-        || logs().contains("trellis ha: a active"),
-    );
+    wait_for_line(&daemon_log, "trellis ha: a active", Duration::from_secs(30));
     let _b = start("controller", &cfg_b, &daemon_log);
     assert_eq!(bmc_power(&sushy, "on"), Some(0));
     std::thread::sleep(Duration::from_secs(1));
     let pid = a.0.id() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
 
-    wait_until(
-        &format!("B did not take over: {}", logs()),
-        Duration::from_secs(60),
-        || logs().contains("trellis ha: b active"),
-    );
+    wait_for_line(&daemon_log, "trellis ha: b active", Duration::from_secs(60));
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    wait_until(
-        &format!("A did not notice: {}", logs()),
+    wait_for_line(
+        &daemon_log,
+        "trellis ha: a stepped down",
         Duration::from_secs(20),
-        || logs().contains("trellis ha: a stepped down"),
     );
     wait_until("A did not exit", Duration::from_secs(10), || {
         a.0.try_wait().unwrap().is_some()

@@ -56,17 +56,8 @@ fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
             .replace("\"state/logs\"", &format!("\"{state}/logs\""));
         std::fs::write(path, f(text)).unwrap();
     };
-    edit(&cfg_a, "state-a", &|text| {
-        let mut text = text.replace(
-            &format!("http = \"127.0.0.1:{http_a}\""),
-            &format!("http = \"{}:{http_a}\"", ns.ns_ip),
-        );
-        for c in &etcd.clients {
-            let port = c.rsplit(':').next().unwrap();
-            text = text.replace(&format!("\"{c}\""), &format!("\"{}:{port}\"", ns.host_ip));
-        }
-        text
-    });
+    edit(&cfg_a, "state-a", &|text| text);
+    let server_a = config_in_netns(&cfg_a, http_a, &ns, &etcd);
     // B's fencing of A: Redfish (down), then storage.
     edit(&cfg_b, "state-b", &|text| {
         let (head, tail) = text.split_once("[ha.fencing.a]\n").unwrap();
@@ -80,31 +71,11 @@ fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
             gluster.volume, ns.ns_ip
         )
     });
-    let server_a = format!("http://{}:{http_a}", ns.ns_ip);
     let server_b = format!("http://127.0.0.1:{http_b}");
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
-    let log_file = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&daemon_log)
-            .unwrap()
-    };
-    let mut a = Daemon(
-        ns.command(std::path::Path::new(env!("CARGO_BIN_EXE_trellis")))
-            .args(["controller", "--config", cfg_a.to_str().unwrap()])
-            .env("TRELLIS_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(
-        &format!("A did not become active: {}", logs()),
-        Duration::from_secs(30),
-        || logs().contains("trellis ha: a active"),
-    );
+    let mut a = start_in(&ns, "controller", &cfg_a, &daemon_log);
+    wait_for_line(&daemon_log, "trellis ha: a active", Duration::from_secs(30));
     let _b = start("controller", &cfg_b, &daemon_log);
     let _agent = start("agent", &agent_cfg, &daemon_log);
     wait_for_agent(&server_a, &daemon_log);
@@ -130,11 +101,7 @@ fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
     };
     assert!(probe("before"), "A's mount takes writes before the fencing");
     ns.cut(&etcd.ports()).unwrap();
-    wait_until(
-        &format!("B did not take over: {}", logs()),
-        Duration::from_secs(90),
-        || logs().contains("trellis ha: b active"),
-    );
+    wait_for_line(&daemon_log, "trellis ha: b active", Duration::from_secs(90));
     wait_until("A did not exit", Duration::from_secs(10), || {
         a.0.try_wait().unwrap().is_some()
     });

@@ -39,42 +39,12 @@ fn an_active_cut_off_from_etcd_stops_by_itself_and_the_standby_fences_before_tak
     let (cfg_a, cfg_b, agent_cfg, http_a, http_b) =
         ha_configs(dir, &transport, &etcd, Bmc::Emulator(&sushy));
     // A lives in the namespace: etcd and its API through the veth.
-    let text = std::fs::read_to_string(&cfg_a).unwrap();
-    let mut text = text.replace(
-        &format!("http = \"127.0.0.1:{http_a}\""),
-        &format!("http = \"{}:{http_a}\"", ns.ns_ip),
-    );
-    for c in &etcd.clients {
-        let port = c.rsplit(':').next().unwrap();
-        text = text.replace(&format!("\"{c}\""), &format!("\"{}:{port}\"", ns.host_ip));
-    }
-    std::fs::write(&cfg_a, text).unwrap();
-    let server_a = format!("http://{}:{http_a}", ns.ns_ip);
+    let server_a = config_in_netns(&cfg_a, http_a, &ns, &etcd);
     let server_b = format!("http://127.0.0.1:{http_b}");
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
-    let log_file = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&daemon_log)
-            .unwrap()
-    };
-
-    let mut a = Daemon(
-        ns.command(std::path::Path::new(env!("CARGO_BIN_EXE_trellis")))
-            .args(["controller", "--config", cfg_a.to_str().unwrap()])
-            .env("TRELLIS_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(
-        &format!("A did not become active: {}", logs()),
-        Duration::from_secs(30),
-        || logs().contains("trellis ha: a active"),
-    );
+    let mut a = start_in(&ns, "controller", &cfg_a, &daemon_log);
+    wait_for_line(&daemon_log, "trellis ha: a active", Duration::from_secs(30));
     let _b = start("controller", &cfg_b, &daemon_log);
     let _agent = start("agent", &agent_cfg, &daemon_log);
     wait_for_agent(&server_a, &daemon_log);
@@ -90,19 +60,15 @@ fn an_active_cut_off_from_etcd_stops_by_itself_and_the_standby_fences_before_tak
     let cut_at = trellis::protocol::now_ms();
     ns.cut(&etcd.ports()).unwrap();
 
-    wait_until(
-        &format!("A did not step down: {}", logs()),
+    wait_for_line(
+        &daemon_log,
+        "trellis ha: a stepped down",
         Duration::from_secs(20),
-        || logs().contains("trellis ha: a stepped down"),
     );
     wait_until("A did not exit", Duration::from_secs(10), || {
         a.0.try_wait().unwrap().is_some()
     });
-    wait_until(
-        &format!("B did not take over: {}", logs()),
-        Duration::from_secs(60),
-        || logs().contains("trellis ha: b active"),
-    );
+    wait_for_line(&daemon_log, "trellis ha: b active", Duration::from_secs(60));
     let log = logs();
     let stepped_down = stamp(&log, "a stepped down", "stepped_down_at_ms").expect("A's stamp");
     let vacant = stamp(&log, "b saw", "vacant_at_ms").expect("vacant stamp");

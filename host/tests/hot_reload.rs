@@ -164,21 +164,13 @@ fn a_changed_plugin_config_is_tried_on_a_canary_and_changed_grants_need_a_restar
     assert!(original.contains(grant));
     let with_config =
         |config: &str| original.replace(grant, &format!("{grant}config = {config}\n"));
-    let wait_for_log = |what: &str| {
-        let t = std::time::Instant::now();
-        while !logs().contains(what) {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no `{what}` in: {}",
-                logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-
     // A directory the plugin was not granted: its init refuses it on the canary.
     std::fs::write(&controller, with_config("{ directory = \"/nope\" }")).unwrap();
-    wait_for_log("its configuration changed, but it is refused");
+    wait_for_line(
+        &log,
+        "its configuration changed, but it is refused",
+        Duration::from_secs(30),
+    );
     assert!(
         logs().contains("directory `/nope` is not available"),
         "{}",
@@ -188,7 +180,11 @@ fn a_changed_plugin_config_is_tried_on_a_canary_and_changed_grants_need_a_restar
 
     // A good one (the granted directory, said explicitly): reloaded.
     std::fs::write(&controller, with_config("{ directory = \"/logs\" }")).unwrap();
-    wait_for_log("its configuration changed: reloaded");
+    wait_for_line(
+        &log,
+        "its configuration changed: reloaded",
+        Duration::from_secs(30),
+    );
     assert_eq!(plugin_state(http, "file-logging")["generation"], 2);
 
     // Changed grants: refused, naming the restart.

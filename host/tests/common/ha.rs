@@ -104,3 +104,18 @@ pub fn counting_job(dir: &Path, lines: u64) -> PathBuf {
     .unwrap();
     job
 }
+
+/// Controller config `cfg` (serving on `http`) moved into namespace `ns`: its API on the
+/// namespace's address, etcd through the host's end of the veth. The server's URL.
+pub fn config_in_netns(cfg: &Path, http: u16, ns: &Netns, etcd: &EtcdCluster) -> String {
+    let mut text = std::fs::read_to_string(cfg).unwrap().replace(
+        &format!("http = \"127.0.0.1:{http}\""),
+        &format!("http = \"{}:{http}\"", ns.ns_ip),
+    );
+    for c in &etcd.clients {
+        let port = c.rsplit(':').next().unwrap();
+        text = text.replace(&format!("\"{c}\""), &format!("\"{}:{port}\"", ns.host_ip));
+    }
+    std::fs::write(cfg, text).unwrap();
+    format!("http://{}:{http}", ns.ns_ip)
+}

@@ -52,14 +52,30 @@ pub fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
 // Two daemons on one machine: a controller and agent `build-1` (label `linux`), as
 // processes, with their configs written into a test's directory.
 
-/// `trellis ROLE --config CONFIG`, its stderr appended to `log`.
-pub fn start(role: &str, config: &Path, log: &Path) -> Daemon {
-    let log = std::fs::OpenOptions::new()
+fn append_to(log: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
-        .unwrap();
-    daemon(role, config, log.into())
+        .unwrap()
+}
+
+/// `trellis ROLE --config CONFIG`, its stderr appended to `log`.
+pub fn start(role: &str, config: &Path, log: &Path) -> Daemon {
+    daemon(role, config, append_to(log).into())
+}
+
+/// `start`, inside the network namespace `ns`.
+pub fn start_in(ns: &super::Netns, role: &str, config: &Path, log: &Path) -> Daemon {
+    Daemon(
+        ns.command(Path::new(env!("CARGO_BIN_EXE_trellis")))
+            .args([role, "--config", config.to_str().unwrap()])
+            .env("TRELLIS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(append_to(log))
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// The transport section of both configs, and of the controller's and agent's
@@ -160,6 +176,23 @@ heartbeat = "500ms"
     )
     .unwrap();
     (controller, agent, http)
+}
+
+/// Wait until the daemons' log `log` has a line containing `needle`; on failure, the
+/// panic shows the log as it is then (not as it was when the wait began).
+pub fn wait_for_line(log: &Path, needle: &str, within: Duration) {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            t.elapsed() < within,
+            "no `{needle}` in the daemons' log within {within:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
