@@ -149,14 +149,14 @@ async fn main() {
             b_samples.push(
                 measure(1, 10_000, async || {
                     inst.store.set_epoch_deadline(1000);
-                    let _ = guest.call_runs_on(&mut inst.store).await.unwrap();
+                    let _ = guest.runs_on(&mut inst.store).await.unwrap();
                 })
                 .await,
             );
             g_samples.push(
                 measure(1, 10_000, async || {
                     let _ = trellis::guarded!(*p, &mut inst, "runs-on", |store| guest
-                        .call_runs_on(store))
+                        .runs_on(store))
                     .unwrap();
                 })
                 .await,

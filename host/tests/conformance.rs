@@ -53,7 +53,7 @@ fn the_file_logging_pair_and_the_example_loggers_in_three_languages_pass() {
             &[&plugin(writer), "--with", &plugin("file-browser")],
         );
         all_passed(code, &text);
-        assert!(text.contains("13 passed, 0 failed"), "{writer}: {text}");
+        assert!(text.contains("14 passed, 0 failed"), "{writer}: {text}");
     }
 }
 
@@ -76,6 +76,89 @@ fn the_elasticsearch_pair_passes_against_the_mock() {
         ],
     );
     all_passed(code, &text);
+    // Elasticsearch counts a step too (`_count` with the step's filter).
+    assert!(
+        text.contains("count what the request matches: the whole log: 250; step `test`: 130"),
+        "{text}"
+    );
+}
+
+/// The text of a kit run with its timings (`(12 ms)`) taken out, for comparing runs.
+fn without_timings(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.starts_with("  PASS") || l.starts_with("  FAIL") || l.contains(" passed, "))
+        .map(|l| match l.rfind(" (") {
+            Some(at) if l.ends_with(')') => &l[..at],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_point_built_for_0_1_0_runs_through_the_hosts_0_1_0_bindings() {
+    // The same sources as the bundle's (and the fence stub's), built for 0.1.0: the kit
+    // drives each through the host's 0.1.0 bindings and conversions (frames, lanes,
+    // fence actions and states, agent info), with the results of the 0.2.0 builds.
+    let d = tempfile::tempdir().unwrap();
+    let f = |name: &str| fixtures().join(name).display().to_string();
+    let port = free_port();
+    let (code, text) = kit(
+        d.path(),
+        &format!(
+            "[plugins.tcp-transport-v0-1]\nsockets = {{ bind = [\"127.0.0.1:{port}\"], connect = [\"127.0.0.1:{port}\"] }}\n\
+             config = {{ address = \"127.0.0.1:{port}\" }}\n"
+        ),
+        &[&f("tcp-transport-v0-1")],
+    );
+    all_passed(code, &text);
+    assert!(
+        text.contains("(trellis:plugin@0.1.0; command-transport)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("PASS  a control frame is not stuck behind bulk frames"),
+        "{text}"
+    );
+
+    std::fs::create_dir(d.path().join("logs")).unwrap();
+    let (code, text) = kit(
+        d.path(),
+        "[plugins.file-logging-v0-1]\ndirs = [{ host = \"logs\", guest = \"/logs\", mode = \"read-write\" }]\n\
+         [plugins.file-browser-v0-1]\ndirs = [{ host = \"logs\", guest = \"/logs\" }]\n",
+        &[&f("file-logging-v0-1"), "--with", &f("file-browser-v0-1")],
+    );
+    all_passed(code, &text);
+    assert!(text.contains("14 passed, 0 failed"), "{text}");
+
+    // The fence stub fails the kit on purpose; both builds must fail it the same way.
+    let (code_old, old) = kit(
+        d.path(),
+        "",
+        &[&f("fence-stub-v0-1"), "--param", "behaviour=ok"],
+    );
+    let (code_new, new) = kit(d.path(), "", &[&f("fence-stub"), "--param", "behaviour=ok"]);
+    assert_eq!((code_old, code_new), (1, 1), "{old}\n{new}");
+    assert_eq!(without_timings(&old), without_timings(&new));
+    assert!(old.contains("PASS  "), "{old}");
+}
+
+#[test]
+fn a_browser_built_for_0_1_0_passes_with_a_0_2_0_logging_method() {
+    // file-browser's 0.1.0 release (tests/fixtures/file-browser-v0-1): the kit runs it
+    // through the host's 0.1.0 bindings; its pages have no totals, which is allowed.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("logs")).unwrap();
+    let config = "[plugins.file-logging]\ndirs = [{ host = \"logs\", guest = \"/logs\", mode = \"read-write\" }]\n\
+                  [plugins.file-browser-v0-1]\ndirs = [{ host = \"logs\", guest = \"/logs\" }]\n";
+    let old = fixtures().join("file-browser-v0-1").display().to_string();
+    let (code, text) = kit(d.path(), config, &[&plugin("file-logging"), "--with", &old]);
+    all_passed(code, &text);
+    assert!(text.contains("14 passed, 0 failed"), "{text}");
+    assert!(
+        text.contains("the whole log: not counted; step `test`: not counted"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -29,11 +29,43 @@ fn a_component_for_another_wit_version_is_refused_naming_both_versions() {
     let rt = runtime("", d.path(), &[]);
     let p = problems(&rt, &fixtures().join("future-wit"));
     assert!(p.contains("built for trellis:plugin@0.9.0"), "{p}");
-    assert!(p.contains("this host serves trellis:plugin@0.1.0"), "{p}");
     assert!(
-        p.contains("fix: rebuild the plugin against trellis:plugin@0.1.0"),
+        p.contains("this host serves trellis:plugin@0.1.0, 0.2.0"),
         "{p}"
     );
+    assert!(
+        p.contains("fix: rebuild the plugin against trellis:plugin@0.2.0"),
+        "{p}"
+    );
+}
+
+#[test]
+fn a_manifest_naming_another_served_version_than_its_component_is_refused() {
+    // Both versions are served, so a wrong `wit` would pick the wrong bindings: the
+    // component says which it is, and the manifest must agree.
+    let manifest = r#"
+        [plugin]
+        name = "file-browser"
+        version = "0.1.0"
+        component = "file_browser.wasm"
+        wit = "0.1.0"
+        worlds = ["log-browser-plugin"]
+        capabilities = ["log", "filesystem"]
+    "#;
+    let (_d, dir) = with_manifest(
+        &bundle().join("file-browser"),
+        "file_browser.wasm",
+        manifest,
+    );
+    let rt = runtime("", _d.path(), &[]);
+    let p = problems(&rt, &dir);
+    assert!(
+        p.contains(
+            "the manifest says wit = \"0.1.0\" but the component exports trellis:plugin@0.2.0"
+        ),
+        "{p}"
+    );
+    assert!(p.contains("set wit = \"0.2.0\""), "{p}");
 }
 
 #[test]
@@ -43,7 +75,7 @@ fn importing_an_undeclared_host_capability_is_refused() {
         name = "hostile"
         version = "0.1.0"
         component = "hostile_plugin.wasm"
-        wit = "0.1.0"
+        wit = "0.2.0"
         worlds = ["logging-pair-plugin"]
         capabilities = ["log", "filesystem", "http", "sockets"]
     "#;
@@ -66,7 +98,7 @@ fn worlds_must_match_the_exports() {
         name = "hostile"
         version = "0.1.0"
         component = "hostile_plugin.wasm"
-        wit = "0.1.0"
+        wit = "0.2.0"
         worlds = ["logging-method-plugin", "fence-agent-plugin"]
         capabilities = ["log", "secrets", "filesystem", "http", "sockets"]
     "#;
@@ -237,7 +269,7 @@ fn cli_plugin_check_and_list() {
     let b = bundle();
     let (code, out) = trellis(&["plugin", "check", b.join("jsonl-logger").to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("contract       trellis:plugin@0.1.0"), "{out}");
+    assert!(out.contains("contract       trellis:plugin@0.2.0"), "{out}");
     assert!(
         out.contains("policy         logging-method: keep events in the host and retry"),
         "{out}"
@@ -248,7 +280,7 @@ fn cli_plugin_check_and_list() {
     let (code, out) = trellis(&["plugin", "check", f.join("future-wit").to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("trellis:plugin@0.9.0") && out.contains("serves trellis:plugin@0.1.0"),
+        out.contains("trellis:plugin@0.9.0") && out.contains("serves trellis:plugin@0.1.0, 0.2.0"),
         "{out}"
     );
 
@@ -264,7 +296,13 @@ fn cli_plugin_check_and_list() {
         "{out}"
     );
     assert!(out.contains("invalid:"), "{out}");
-    assert!(out.contains("3 plugin(s)"), "{out}");
+    // The 0.1.0 browser is listed with its own contract version, and valid.
+    let old = out
+        .lines()
+        .find(|l| l.starts_with("file-browser-v0-1 "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(old.contains(" 0.1.0  ") && old.contains("valid"), "{old}");
+    assert!(out.contains("7 plugin(s)"), "{out}");
 
     let (code, out) = trellis(&["plugin", "check", "/nonexistent/plugin"]);
     assert_eq!(code, 1);

@@ -66,7 +66,7 @@ fn kit_logging(dir: &Path, project: &Path, name: &str) {
         .arg(bundle().join("file-browser"))
         .arg("--config")
         .arg(&cfg));
-    assert!(text.contains("13 passed, 0 failed"), "{text}");
+    assert!(text.contains("14 passed, 0 failed"), "{text}");
 }
 
 #[test]

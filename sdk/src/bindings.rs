@@ -36,10 +36,28 @@ compile_error!(
      invocation each (cargo xtask bundle does)."
 );
 
-/// Types and host capabilities shared by every world.
+/// Types and host capabilities shared by every world (of the current contract, or of
+/// 0.1.0 with feature `wit-0-1`).
 pub mod base {
+    #[cfg(not(feature = "wit-0-1"))]
     wit_bindgen::generate!({
         path: "../wit",
+        inline: "
+            package trellis:sdk;
+            world base {
+                import trellis:plugin/types@0.2.0;
+                import trellis:host/log@0.1.0;
+                import trellis:host/secrets@0.1.0;
+                import trellis:host/kafka@0.1.0;
+                import trellis:host/exec@0.1.0;
+            }
+        ",
+        world: "trellis:sdk/base",
+        generate_all,
+    });
+    #[cfg(feature = "wit-0-1")]
+    wit_bindgen::generate!({
+        path: "../wit/v0.1.0",
         inline: "
             package trellis:sdk;
             world base {
@@ -179,8 +197,24 @@ macro_rules! world {
         #[cfg(feature = $feature)]
         #[doc(hidden)]
         pub mod $module {
+            #[cfg(not(feature = "wit-0-1"))]
             wit_bindgen::generate!({
                 path: "../wit",
+                world: $world,
+                with: {
+                    "trellis:plugin/types@0.2.0": crate::bindings::base::trellis::plugin::types,
+                    "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
+                    "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
+                    "trellis:host/kafka@0.1.0": crate::bindings::base::trellis::host::kafka,
+                    $($extra: $path,)*
+                },
+                pub_export_macro: true,
+                export_macro_name: $macro_name,
+                default_bindings_module: $bindings,
+            });
+            #[cfg(feature = "wit-0-1")]
+            wit_bindgen::generate!({
+                path: "../wit/v0.1.0",
                 world: $world,
                 with: {
                     "trellis:plugin/types@0.1.0": crate::bindings::base::trellis::plugin::types,

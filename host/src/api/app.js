@@ -261,6 +261,10 @@ async function showRun(id) {
       const page = await getJSON(`${base}/log?${q}`);
       addLines(page.events);
       cursor = page.next;
+      // a browser that can count says how many there are (null: it cannot)
+      if (page.total != null && page.events.length) {
+        setLogState("loading", `loading the log… ${lastSeq} of ${page.total} lines`);
+      }
       complete = page.completeness.state === "complete";
       if (!page.events.length) break;
     }

@@ -460,7 +460,9 @@ async fn log_page(
         limit: q.limit.unwrap_or(1000).clamp(1, MAX_PAGE),
     };
     match reader.read(&m, req).await {
-        Ok(page) => Json(serde_json::json!({ "events": events(&page.events), "next": page.next, "completeness": c })).into_response(),
+        // `total`: what the request matches in the store, null when the browser cannot
+        // count (a 0.1.0 browser never can).
+        Ok(page) => Json(serde_json::json!({ "events": events(&page.events), "next": page.next, "total": page.total, "completeness": c })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("log store unavailable: {e}")),
     }
 }
@@ -600,6 +602,7 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
             serde_json::json!({
                 "name": p.manifest.name,
                 "version": p.version(),
+                "wit": p.current().1.wit,
                 "generation": p.current().0,
                 "points": p.info.points().iter().map(|x| x.interface()).collect::<Vec<_>>(),
                 "health": format!("{:?}", p.health()),

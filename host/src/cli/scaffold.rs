@@ -121,6 +121,7 @@ fn snake(name: &str) -> String {
 }
 
 fn manifest(name: &str, point: Point, component: &str, capabilities: &str, config: &str) -> String {
+    let wit = crate::points::bindings::versioned::CURRENT;
     format!(
         r#"# The plugin's manifest: what the host reads before it loads the component.
 [plugin]
@@ -128,7 +129,7 @@ name = "{name}"
 version = "0.1.0"
 description = "A {point} plugin"
 component = "{component}"
-wit = "0.1.0"
+wit = "{wit}"
 worlds = ["{point}-plugin"]
 # What the component may import; the operator still grants each one (deny by default).
 capabilities = [{capabilities}]
@@ -137,11 +138,12 @@ capabilities = [{capabilities}]
 }
 
 fn readme(name: &str, point: Point, build: &str, grants: &str, test: &str) -> String {
+    let wit = crate::points::bindings::versioned::CURRENT;
     format!(
         r#"# {name}
 
 A Trellis `{point}` plugin. The contract it implements is the `{point}` interface of
-the WIT package `trellis:plugin@0.1.0` (its docs say what the host guarantees and
+the WIT package `trellis:plugin@{wit}` (its docs say what the host guarantees and
 what the plugin must do); docs/PLUGINS.md is the guide.
 
 ## Build

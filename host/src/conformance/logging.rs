@@ -363,6 +363,35 @@ pub async fn suite(method: Option<Arc<Plugin>>, browser: Option<Arc<Plugin>>) ->
         Ok(String::new())
     })
     .await;
+    s.check(
+        "page totals, where given, count what the request matches",
+        async {
+            let mut said = Vec::new();
+            for (step, want) in [(None, EVENTS), (Some("test"), EVENTS - BUILD_LAST)] {
+                let page = reader
+                    .read(
+                        &log,
+                        PageRequest {
+                            step: step.map(String::from),
+                            cursor: None,
+                            limit: 10,
+                        },
+                    )
+                    .await
+                    .map_err(|e| format!("read: {e}"))?;
+                let what = step.map_or("the whole log".to_string(), |s| format!("step `{s}`"));
+                match page.total {
+                    Some(n) if n != want => {
+                        return Err(format!("{what}: total {n}, but it holds {want} events"));
+                    }
+                    Some(n) => said.push(format!("{what}: {n}")),
+                    None => said.push(format!("{what}: not counted")),
+                }
+            }
+            Ok(said.join("; "))
+        },
+    )
+    .await;
     s.check("tail: the last N events, oldest first", async {
         let all = unpack(
             &reader

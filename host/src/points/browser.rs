@@ -38,7 +38,7 @@ impl LogReader {
             .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
         let r = crate::guarded!(p, &mut inst, "read", |store| guest
-            .call_read(store, &log, &request))?;
+            .read(store, &log, &request))?;
         let page = p.answer("read", r)?;
         p.check_return(&mut inst, "read", page.events.len() + page.next.len())?;
         p.checkin(inst);
@@ -59,7 +59,7 @@ impl LogReader {
             .clone()
             .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
-        let r = crate::guarded!(p, &mut inst, "tail", |store| guest.call_tail(
+        let r = crate::guarded!(p, &mut inst, "tail", |store| guest.tail(
             store,
             &log,
             step.as_deref(),
@@ -81,7 +81,7 @@ impl LogReader {
             .ok_or_else(|| p.not_implemented("log-browser"))?;
         let log = log.clone();
         let r = crate::guarded!(p, &mut inst, "completeness", |store| guest
-            .call_completeness(store, &log))?;
+            .completeness(store, &log))?;
         let c = p.answer("completeness", r)?;
         p.checkin(inst);
         Ok(c)

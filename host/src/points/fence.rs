@@ -47,7 +47,7 @@ impl FenceDevice {
                 .ok_or_else(|| p.not_implemented("fence-agent"))?;
             let params = self.params.clone();
             let r = crate::guarded!(p, &mut inst, "fence", |store| guest
-                .call_fence(store, &params, action))?;
+                .fence(store, &params, action))?;
             p.answer("fence", r)?;
             p.checkin(inst);
             Ok(())
@@ -73,8 +73,7 @@ impl FenceDevice {
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = crate::guarded!(p, &mut inst, "status", |store| guest
-            .call_status(store, &params))?;
+        let r = crate::guarded!(p, &mut inst, "status", |store| guest.status(store, &params))?;
         let s = p.answer("status", r)?;
         p.checkin(inst);
         Ok(s)
@@ -90,7 +89,7 @@ impl FenceDevice {
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
         let r = crate::guarded!(p, &mut inst, "monitor", |store| guest
-            .call_monitor(store, &params))?;
+            .monitor(store, &params))?;
         p.answer("monitor", r)?;
         p.checkin(inst);
         Ok(())
@@ -106,7 +105,7 @@ impl FenceDevice {
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
         let r = crate::guarded!(p, &mut inst, "validate", |store| guest
-            .call_validate(store, &params))?;
+            .validate(store, &params))?;
         p.answer("validate", r)?;
         p.checkin(inst);
         Ok(())
@@ -121,8 +120,7 @@ impl FenceDevice {
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
         let params = self.params.clone();
-        let r = crate::guarded!(p, &mut inst, "list", |store| guest
-            .call_list(store, &params))?;
+        let r = crate::guarded!(p, &mut inst, "list", |store| guest.list(store, &params))?;
         let l = p.answer("list", r)?;
         p.checkin(inst);
         Ok(l)
@@ -136,7 +134,7 @@ impl FenceDevice {
             .fence
             .clone()
             .ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let info = crate::guarded!(p, &mut inst, "metadata", |store| guest.call_metadata(store))?;
+        let info = crate::guarded!(p, &mut inst, "metadata", |store| guest.metadata(store))?;
         p.checkin(inst);
         Ok(info)
     }

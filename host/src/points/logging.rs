@@ -24,8 +24,7 @@ pub async fn runs_on(plugin: &Plugin) -> Result<Side, PluginError> {
         .logging
         .clone()
         .ok_or_else(|| plugin.not_implemented("logging-method"))?;
-    let side = crate::guarded!(*plugin, &mut inst, "runs-on", |store| guest
-        .call_runs_on(store))?;
+    let side = crate::guarded!(*plugin, &mut inst, "runs-on", |store| guest.runs_on(store))?;
     plugin.checkin(inst);
     Ok(side)
 }
@@ -187,7 +186,7 @@ impl LogWriter {
             .clone()
             .ok_or_else(|| p.not_implemented("logging-method"))?;
         let meta = self.meta.clone();
-        let r = crate::guarded!(p, &mut inst, "open", |store| guest.call_open(store, &meta))?;
+        let r = crate::guarded!(p, &mut inst, "open", |store| guest.open(store, &meta))?;
         let writer = p.answer("open", r)?;
         self.open = Some((inst, writer));
         Ok(())
@@ -247,9 +246,11 @@ impl LogWriter {
             let (inst, writer) = self.open.as_mut().expect("opened above");
             let guest = inst.exports.logging.clone().expect("checked at open");
             let writer = *writer;
-            let r = crate::guarded!(*self.plugin, inst, "write", |store| guest
-                .writer()
-                .call_write(store, writer, batch.as_ref()));
+            let r = crate::guarded!(*self.plugin, inst, "write", |store| guest.write(
+                store,
+                writer,
+                batch.as_ref()
+            ));
             match r.and_then(|r| self.plugin.answer("write", r)) {
                 Ok(()) => {
                     self.pending.pop_front();
@@ -287,9 +288,11 @@ impl LogWriter {
         self.ensure_open().await?;
         let (mut inst, writer) = self.open.take().expect("opened above");
         let guest = inst.exports.logging.clone().expect("checked at open");
-        let r = crate::guarded!(*self.plugin, &mut inst, "close", |store| guest
-            .writer()
-            .call_close(store, writer, final_count));
+        let r = crate::guarded!(*self.plugin, &mut inst, "close", |store| guest.close(
+            store,
+            writer,
+            final_count
+        ));
         match r.and_then(|r| self.plugin.answer("close", r)) {
             Ok(()) => {
                 let _ = writer.resource_drop_async(&mut inst.store).await;

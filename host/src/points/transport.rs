@@ -39,7 +39,7 @@ pub async fn connect(plugin: Arc<Plugin>, agent: &str) -> Result<Link, PluginErr
         .ok_or_else(|| plugin.not_implemented("command-transport"))?;
     let agent = agent.to_string();
     let r = crate::guarded!(*plugin, &mut inst, "connect", |store| guest
-        .call_connect(store, &agent))?;
+        .connect(store, &agent))?;
     let channel = plugin.answer("connect", r)?;
     Ok(Link {
         plugin,
@@ -56,8 +56,7 @@ pub async fn listen(plugin: Arc<Plugin>) -> Result<Listener, PluginError> {
         .transport
         .clone()
         .ok_or_else(|| plugin.not_implemented("command-transport"))?;
-    let r = crate::guarded!(*plugin, &mut inst, "listen", |store| guest
-        .call_listen(store))?;
+    let r = crate::guarded!(*plugin, &mut inst, "listen", |store| guest.listen(store))?;
     let listener = plugin.answer("listen", r)?;
     Ok(Listener {
         plugin,
@@ -73,8 +72,7 @@ impl Listener {
         let guest = inst.exports.transport.clone().expect("checked at listen");
         let l = self.listener;
         let r = crate::guarded!(p, &mut inst, "accept", |store| guest
-            .listener()
-            .call_accept(store, l, timeout_ms))?;
+            .accept(store, l, timeout_ms))?;
         let ch = p.answer("accept", r)?;
         Ok(ch.map(|channel| Link {
             plugin: p.clone(),
@@ -90,9 +88,7 @@ impl Link {
         let mut inst = self.inst.lock().await;
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
-        let r = crate::guarded!(p, &mut inst, "send", |store| guest
-            .channel()
-            .call_send(store, ch, &frames))?;
+        let r = crate::guarded!(p, &mut inst, "send", |store| guest.send(store, ch, frames))?;
         p.answer("send", r)
     }
 
@@ -102,8 +98,7 @@ impl Link {
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
         let r = crate::guarded!(p, &mut inst, "receive", |store| guest
-            .channel()
-            .call_receive(store, ch, timeout_ms))?;
+            .receive(store, ch, timeout_ms))?;
         let frames = p.answer("receive", r)?;
         p.check_return(&mut inst, "receive", frames_size(&frames))?;
         Ok(frames)
@@ -115,8 +110,7 @@ impl Link {
         let guest = inst.exports.transport.clone().expect("checked at connect");
         let ch = self.channel;
         let r = crate::guarded!(p, &mut inst, "commit", |store| guest
-            .channel()
-            .call_commit(store, ch, lane, seq))?;
+            .commit(store, ch, lane, seq))?;
         p.answer("commit", r)
     }
 

@@ -127,7 +127,18 @@ impl ComponentInfo {
                 ),
             );
         }
-        for v in self.plugin_versions() {
+        let versions = self.plugin_versions();
+        if versions.len() > 1 {
+            p(
+                "plugin.component",
+                format!(
+                    "the component mixes trellis:plugin versions ({}); a plugin is built for one",
+                    versions.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+                "build every world and interface from one version of the WIT".into(),
+            );
+        }
+        for v in versions {
             if !SERVED_WIT.contains(&v) {
                 p(
                     "plugin.component",

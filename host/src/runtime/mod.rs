@@ -18,11 +18,8 @@ use crate::capabilities::http::Authority;
 use crate::capabilities::secrets::SecretStore;
 use crate::capabilities::sockets::SocketGrant;
 use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
-use crate::points::Point;
-use crate::points::bindings::{
-    command_transport, fence_agent, host_exec, host_kafka, host_log, host_secrets, lifecycle,
-    log_browser, logging_method,
-};
+use crate::points::bindings::versioned::Version;
+use crate::points::bindings::{host_exec, host_kafka, host_log, host_secrets};
 pub use errors::{ErrorKind, PluginError};
 use inspect::ComponentInfo;
 use limits::Limits;
@@ -37,7 +34,7 @@ use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
 /// The `trellis:plugin` versions this host serves, oldest first.
-pub const SERVED_WIT: &[&str] = &["0.1.0"];
+pub use crate::points::bindings::versioned::SERVED as SERVED_WIT;
 /// The `trellis:host` versions this host serves.
 pub const SERVED_HOST_WIT: &[&str] = &["0.1.0"];
 
@@ -202,7 +199,14 @@ impl Runtime {
                 fix: "the component imports something this host does not provide".into(),
             }])
         })?;
-        let indices = export_indices(&pre, &info.points()).map_err(|e| {
+        // `check` above made sure the component is of one served version, the manifest's.
+        let version = Version::of(manifest.wit).ok_or_else(|| {
+            fail(vec![internal(anyhow::anyhow!(
+                "no bindings for trellis:plugin@{}",
+                manifest.wit
+            ))])
+        })?;
+        let indices = ExportIndices::new(version, &pre, &info.points()).map_err(|e| {
             fail(vec![Problem {
                 field: "plugin.component".into(),
                 problem: format!(
@@ -351,31 +355,6 @@ fn linker_for(
         host_exec::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
     }
     Ok(l)
-}
-
-fn export_indices(
-    pre: &wasmtime::component::InstancePre<InstanceState>,
-    points: &BTreeSet<Point>,
-) -> wasmtime::Result<ExportIndices> {
-    Ok(ExportIndices {
-        lifecycle: lifecycle::GuestIndices::new(pre)?,
-        transport: points
-            .contains(&Point::CommandTransport)
-            .then(|| command_transport::GuestIndices::new(pre))
-            .transpose()?,
-        logging: points
-            .contains(&Point::LoggingMethod)
-            .then(|| logging_method::GuestIndices::new(pre))
-            .transpose()?,
-        browser: points
-            .contains(&Point::LogBrowser)
-            .then(|| log_browser::GuestIndices::new(pre))
-            .transpose()?,
-        fence: points
-            .contains(&Point::FenceAgent)
-            .then(|| fence_agent::GuestIndices::new(pre))
-            .transpose()?,
-    })
 }
 
 /// Check the operator's grants against what the manifest requests (both must agree:

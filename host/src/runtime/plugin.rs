@@ -8,9 +8,7 @@
 
 use crate::capabilities::secrets::SecretStore;
 use crate::config::QuarantineConfig;
-use crate::points::bindings::{
-    command_transport, fence_agent, lifecycle, log_browser, logging_method, types,
-};
+use crate::points::bindings::types;
 use crate::runtime::engine::EPOCH_TICK;
 use crate::runtime::errors::{ErrorKind, PluginError};
 use crate::runtime::health::{Health, HealthState};
@@ -42,23 +40,8 @@ pub struct CompileStats {
     pub from_cache: bool,
 }
 
-/// Export lookups resolved once against the `InstancePre`.
-pub(crate) struct ExportIndices {
-    pub lifecycle: lifecycle::GuestIndices,
-    pub transport: Option<command_transport::GuestIndices>,
-    pub logging: Option<logging_method::GuestIndices>,
-    pub browser: Option<log_browser::GuestIndices>,
-    pub fence: Option<fence_agent::GuestIndices>,
-}
-
-/// The typed exports of one instance.
-pub struct Exports {
-    pub lifecycle: lifecycle::Guest,
-    pub transport: Option<command_transport::Guest>,
-    pub logging: Option<logging_method::Guest>,
-    pub browser: Option<log_browser::Guest>,
-    pub fence: Option<fence_agent::Guest>,
-}
+pub(crate) use crate::points::bindings::versioned::ExportIndices;
+pub use crate::points::bindings::versioned::Exports;
 
 /// One live instance. Owned by whoever uses it; resources (a log writer, a channel)
 /// live inside it, so stateful users keep their instance.
@@ -106,6 +89,8 @@ pub struct Plugin {
 /// old one keep running until their work is done.
 pub struct Generation {
     pub version: String,
+    /// The `trellis:plugin` version it was built for (a reload may move to another).
+    pub wit: String,
     pub sha256: String,
     pre: InstancePre<InstanceState>,
     indices: ExportIndices,
@@ -128,6 +113,7 @@ impl Plugin {
     ) -> Plugin {
         let generation = Generation {
             version: manifest.version.clone(),
+            wit: manifest.wit.to_string(),
             sha256: compiled.sha256.clone(),
             pre,
             indices,
@@ -219,7 +205,7 @@ impl Plugin {
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
         let instance = g.pre.instantiate_async(&mut store).await?;
-        let exports = load_exports(&g.indices, &mut store, &instance)?;
+        let exports = g.indices.load(&mut store, &instance)?;
         Ok(Instance {
             store,
             exports,
@@ -320,7 +306,7 @@ impl Plugin {
                 }));
             }
         };
-        let exports = load_exports(&g.indices, &mut store, &instance).map_err(|e| {
+        let exports = g.indices.load(&mut store, &instance).map_err(|e| {
             self.crashed(PluginError::Instantiate {
                 plugin: self.name.to_string(),
                 detail: format!("{e:#}"),
@@ -335,7 +321,7 @@ impl Plugin {
         let config = g.config_json.clone();
         let r = self
             .call(&mut inst, "init", move |i| {
-                Box::pin(async move { i.exports.lifecycle.call_init(&mut i.store, &config).await })
+                Box::pin(async move { i.exports.lifecycle.init(&mut i.store, &config).await })
             })
             .await?;
         self.answer("init", r)?;
@@ -628,35 +614,4 @@ macro_rules! guarded {
             }
         }
     }};
-}
-
-/// The typed exports of a fresh instance, by the component's export indices.
-fn load_exports(
-    ix: &ExportIndices,
-    store: &mut Store<InstanceState>,
-    instance: &wasmtime::component::Instance,
-) -> wasmtime::Result<Exports> {
-    Ok(Exports {
-        lifecycle: ix.lifecycle.load(&mut *store, instance)?,
-        transport: ix
-            .transport
-            .as_ref()
-            .map(|i| i.load(&mut *store, instance))
-            .transpose()?,
-        logging: ix
-            .logging
-            .as_ref()
-            .map(|i| i.load(&mut *store, instance))
-            .transpose()?,
-        browser: ix
-            .browser
-            .as_ref()
-            .map(|i| i.load(&mut *store, instance))
-            .transpose()?,
-        fence: ix
-            .fence
-            .as_ref()
-            .map(|i| i.load(&mut *store, instance))
-            .transpose()?,
-    })
 }

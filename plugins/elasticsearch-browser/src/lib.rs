@@ -62,6 +62,22 @@ mod component {
         }
     }
 
+    /// How many of the log's events (of `step`, or all) are searchable now (`_count`).
+    fn visible(meta: &Meta, index: &str, step: Option<&str>) -> Result<u64, Error> {
+        let body = serde_json::to_vec(&queries::count(meta, step)).expect("json");
+        let r = call(
+            "POST",
+            &format!("/{index}/_count"),
+            "application/json",
+            &body,
+        )?;
+        match r.status {
+            200 => count_of(&r.body).map_err(Error::retryable),
+            404 => Ok(0),
+            _ => Err(refused("_count", &r)),
+        }
+    }
+
     fn push(out: &mut BatchBuilder, h: &Hit) {
         let labels: Vec<(&str, &str)> = h
             .labels
@@ -107,6 +123,8 @@ mod component {
             Ok(Page {
                 events: out.finish(),
                 next: pos.to_string(),
+                // One `_count` more per page: what "N of M" needs, for a step too.
+                total: Some(visible(&meta, &index, step)?),
             })
         }
 
@@ -138,18 +156,7 @@ mod component {
             let Some(expected) = expected else {
                 return Ok(LogCompleteness::Open);
             };
-            let body = serde_json::to_vec(&queries::count(&meta)).expect("json");
-            let r = call(
-                "POST",
-                &format!("/{index}/_count"),
-                "application/json",
-                &body,
-            )?;
-            let present = match r.status {
-                200 => count_of(&r.body).map_err(Error::retryable)?,
-                404 => 0,
-                _ => return Err(refused("_count", &r)),
-            };
+            let present = visible(&meta, &index, None)?;
             Ok(if present >= expected {
                 LogCompleteness::Complete(expected)
             } else {

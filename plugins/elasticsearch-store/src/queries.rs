@@ -57,9 +57,9 @@ pub fn tail(meta: &Meta, step: Option<&str>, count: u32) -> Value {
     })
 }
 
-/// How many of the log's events are visible (`_count` body).
-pub fn count(meta: &Meta) -> Value {
-    json!({ "query": log_filter(meta, None) })
+/// How many of the log's events (of one step, or all) are visible (`_count` body).
+pub fn count(meta: &Meta, step: Option<&str>) -> Value {
+    json!({ "query": log_filter(meta, step) })
 }
 
 /// One event read back.

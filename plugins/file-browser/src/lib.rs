@@ -54,12 +54,20 @@ mod component {
                     Error::permanent(format!("`{c}` is not a cursor of this browser"))
                 })?,
             };
-            let (events, next) = reader(&log)?
+            let reader = reader(&log)?;
+            let (events, next) = reader
                 .page(cursor, request.step.as_deref(), request.limit.max(1))
                 .map_err(io_error)?;
+            // The whole run's count is its last line's seq; a step's would need a scan
+            // of the file, so it is left unknown.
+            let total = match request.step {
+                None => Some(reader.present().map_err(io_error)?),
+                Some(_) => None,
+            };
             Ok(Page {
                 events,
                 next: next.to_string(),
+                total,
             })
         }
 

@@ -308,6 +308,19 @@ impl RunReader {
         Ok(batch.finish())
     }
 
+    /// How many events the log holds now: the seq of its last complete line (the
+    /// writer stores seqs 1..=n in order, once each). Reads only the file's end.
+    pub fn present(&self) -> io::Result<u64> {
+        Ok(match self.open()? {
+            None => 0,
+            // Without modifying the file: a torn line is simply not counted.
+            Some(mut f) => {
+                let t = read_tail(&mut f)?;
+                if t.overlong { 0 } else { t.seq }
+            }
+        })
+    }
+
     pub fn completeness(&self) -> io::Result<Completeness> {
         let expected = match std::fs::read_to_string(&self.count) {
             Ok(s) => s
@@ -317,14 +330,7 @@ impl RunReader {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Completeness::Open),
             Err(e) => return Err(e),
         };
-        let present = match self.open()? {
-            None => 0,
-            // Without modifying the file: a torn line is simply not counted.
-            Some(mut f) => {
-                let t = read_tail(&mut f)?;
-                if t.overlong { 0 } else { t.seq }
-            }
-        };
+        let present = self.present()?;
         Ok(if present >= expected {
             Completeness::Complete(expected)
         } else {

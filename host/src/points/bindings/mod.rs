@@ -1,8 +1,18 @@
-//! Host-side bindings for `trellis:plugin@0.1.0`, generated from `wit/`.
+//! Host-side bindings for the `trellis:plugin` versions the host serves, side by side.
+//!
+//! The current version (0.2.0, generated from `wit/`) is the host's own vocabulary: every
+//! adapter in `points/` speaks its types. Each older version (`v0_1`, from the frozen
+//! `wit/v0.1.0/`) has its own bindings for its exports, converted into the current types
+//! at the boundary; `versioned` picks the right ones per component. The `trellis:host`
+//! capabilities and the shared `types` interface did not change, so all versions use one
+//! set of those (one implementation of each capability serves every version).
 //!
 //! One world (`host`) covers every capability and every extension point; a component
 //! fills only some points, so exports are looked up per interface (`GuestIndices`),
 //! never through the world as a whole.
+
+pub mod v0_1;
+pub mod versioned;
 
 wasmtime::component::bindgen!({
     path: "../wit",
