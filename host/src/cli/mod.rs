@@ -188,14 +188,16 @@ pub enum PluginCommand {
         /// The extension point it fills.
         #[arg(long, value_enum)]
         point: PointArg,
-        /// The language: rust (every point) or python (logging-method).
-        #[arg(long, default_value = "rust")]
+        /// The language: rust (on trellis-sdk), python (componentize-py) or js
+        /// (componentize-js); every point in each.
+        #[arg(long, default_value = "rust", value_parser = ["rust", "python", "js"])]
         lang: String,
         /// Where to create it (default: ./NAME).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The trellis-sdk to depend on (the `sdk` folder of a Trellis checkout;
-        /// default: the one this trellis was built from, if it is still there).
+        /// The trellis-sdk a Rust project depends on (the `sdk` folder of a Trellis
+        /// checkout; default: the one this trellis was built from, if it is still there).
+        /// Python and JavaScript projects get their own copy of the WIT instead.
         #[arg(long)]
         sdk: Option<PathBuf>,
     },

@@ -1,177 +1,10 @@
-//! `trellis plugin new`: a buildable plugin project for one extension point, in Rust
-//! (all four points) or Python (logging-method): manifest, source, build command and a
-//! README that says how to build, check and test it. The logging method writes the
-//! default file store's layout, so it passes `trellis plugin test` with `file-browser`
-//! as generated; the other points start from the contract's shape, every call failing
-//! with "not implemented yet" (a fence agent fails closed) until the author fills it in.
+//! The Rust templates: a crate on trellis-sdk with the point's world feature.
 
+use super::{NOT_YET, capability_list, manifest, needs, readme, snake};
 use crate::points::Point;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 
-pub struct NewPlugin<'a> {
-    pub name: &'a str,
-    pub point: Point,
-    pub lang: &'a str,
-    /// Where the project goes (default: ./NAME).
-    pub dir: Option<&'a Path>,
-    /// The trellis-sdk the Rust project depends on (a path).
-    pub sdk: Option<&'a Path>,
-}
-
-/// The SDK's path on the machine this `trellis` was built on, if it is still there.
-fn default_sdk() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
-    p.join("Cargo.toml")
-        .exists()
-        .then(|| p.canonicalize().ok())
-        .flatten()
-}
-
-/// The WIT package (for componentize-py), next to the SDK.
-fn default_wit(sdk: Option<&Path>) -> Option<PathBuf> {
-    sdk.map(|s| s.join("../wit"))
-        .or_else(|| Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit")))
-        .filter(|w| w.join("worlds.wit").exists())
-        .and_then(|w| w.canonicalize().ok())
-}
-
-fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        anyhow::bail!(
-            "`{name}`: a plugin name is lowercase letters, digits and `-`, starting with a letter (e.g. `my-logger`)"
-        )
-    }
-}
-
-pub fn new_plugin(n: NewPlugin<'_>) -> anyhow::Result<ExitCode> {
-    check_name(n.name)?;
-    let dir = n
-        .dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(n.name));
-    if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
-        anyhow::bail!(
-            "{} exists and is not empty: choose another name or --dir",
-            dir.display()
-        );
-    }
-    let files = match n.lang {
-        "rust" => {
-            let sdk = match n.sdk.map(Path::to_path_buf).or_else(default_sdk) {
-                Some(s) => s,
-                None => anyhow::bail!(
-                    "where is trellis-sdk? pass --sdk PATH (the `sdk` folder of a Trellis checkout)"
-                ),
-            };
-            rust_project(n.name, n.point, &sdk)
-        }
-        "python" => {
-            if n.point != Point::LoggingMethod {
-                anyhow::bail!(
-                    "the Python template is a logging-method for now; for {} use --lang rust (any language that builds a component for the world works: see docs/PLUGINS.md)",
-                    n.point
-                );
-            }
-            let wit = default_wit(n.sdk).ok_or_else(|| {
-                anyhow::anyhow!("where is the WIT package? pass --sdk PATH (the `sdk` folder of a Trellis checkout; `wit` is beside it)")
-            })?;
-            python_project(n.name, &wit)
-        }
-        "js" => anyhow::bail!(
-            "there is no JavaScript template yet: start from examples/js-logger (a {} in JavaScript, built with componentize-js; docs/PLUGINS.md)",
-            Point::LoggingMethod
-        ),
-        other => anyhow::bail!("--lang {other}: choose rust or python"),
-    };
-    std::fs::create_dir_all(&dir)?;
-    for (rel, text) in &files {
-        let path = dir.join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&path, text)?;
-    }
-    println!(
-        "created {} ({} plugin in {}):",
-        dir.display(),
-        n.point,
-        n.lang
-    );
-    for (rel, _) in &files {
-        println!("  {}", dir.join(rel).display());
-    }
-    println!(
-        "\nnext: see {}/README.md (build, check, test)",
-        dir.display()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-fn snake(name: &str) -> String {
-    name.replace('-', "_")
-}
-
-fn manifest(name: &str, point: Point, component: &str, capabilities: &str, config: &str) -> String {
-    let wit = crate::points::bindings::versioned::CURRENT;
-    format!(
-        r#"# The plugin's manifest: what the host reads before it loads the component.
-[plugin]
-name = "{name}"
-version = "0.1.0"
-description = "A {point} plugin"
-component = "{component}"
-wit = "{wit}"
-worlds = ["{point}-plugin"]
-# What the component may import; the operator still grants each one (deny by default).
-capabilities = [{capabilities}]
-{config}"#
-    )
-}
-
-fn readme(name: &str, point: Point, build: &str, grants: &str, test: &str) -> String {
-    let wit = crate::points::bindings::versioned::CURRENT;
-    format!(
-        r#"# {name}
-
-A Trellis `{point}` plugin. The contract it implements is the `{point}` interface of
-the WIT package `trellis:plugin@{wit}` (its docs say what the host guarantees and
-what the plugin must do); docs/PLUGINS.md is the guide.
-
-## Build
-
-{build}
-
-## Check and test
-
-```sh
-trellis plugin check .                  # manifest, component, exports, capabilities
-trellis plugin test . --config kit.toml {test}
-```
-
-`trellis plugin test` runs the conformance kit for the extension point against the
-real host runtime and prints what passes and what fails, with the reason.
-
-## Grant it what it needs
-
-Plugins get nothing by default. In the daemon's (or the kit's) configuration:
-
-```toml
-{grants}
-```
-"#
-    )
-}
-
-fn rust_project(name: &str, point: Point, sdk: &Path) -> Vec<(String, String)> {
+pub(super) fn project(name: &str, point: Point, sdk: &Path) -> Vec<(String, String)> {
     let crate_name = snake(name);
     let feature = point.interface();
     let sdk = sdk.display();
@@ -196,42 +29,13 @@ opt-level = "s"
 strip = true
 "#
     );
-    let (source, capabilities, config, grants, test) = match point {
-        Point::LoggingMethod => (
-            rust_logging(name),
-            "\"log\", \"filesystem\"",
-            "\n[config.directory]\ntype = \"string\"\ndefault = \"/logs\"\ndescription = \"Where the logs go, as the plugin sees it (grant it read-write)\"\n",
-            format!(
-                "[plugins.{name}]\ndirs = [{{ host = \"logs\", guest = \"/logs\", mode = \"read-write\" }}]\n[plugins.file-browser]\ndirs = [{{ host = \"logs\", guest = \"/logs\" }}]"
-            ),
-            "--with <bundle>/file-browser",
-        ),
-        Point::LogBrowser => (
-            rust_browser(name),
-            "\"log\"",
-            "",
-            format!("[plugins.{name}]\n# what your store needs: dirs, http, secrets ..."),
-            "--with <the logging method that writes your store>",
-        ),
-        Point::CommandTransport => (
-            rust_transport(name),
-            "\"log\", \"sockets\"",
-            "",
-            format!(
-                "[plugins.{name}]\nsockets = {{ bind = [\"127.0.0.1:7400\"], connect = [\"127.0.0.1:7400\"] }}\nconfig = {{ address = \"127.0.0.1:7400\" }}"
-            ),
-            "",
-        ),
-        Point::FenceAgent => (
-            rust_fence(name),
-            "\"log\", \"secrets\", \"http\"",
-            "",
-            format!(
-                "[plugins.{name}]\nhttp = [\"https://bmc.example\"]\nsecrets = [\"bmc-password\"]"
-            ),
-            "--param ip=... --param username=... --param password=bmc-password",
-        ),
+    let source = match point {
+        Point::LoggingMethod => rust_logging(name),
+        Point::LogBrowser => rust_browser(name),
+        Point::CommandTransport => rust_transport(name),
+        Point::FenceAgent => rust_fence(name),
     };
+    let needs = needs(name, point);
     let build = format!(
         "```sh\ncargo build --target wasm32-wasip2 --release\ncp target/wasm32-wasip2/release/{crate_name}.wasm .\n```\n\n(`rustup target add wasm32-wasip2` once.) The `.wasm` next to `plugin.toml` is the\nplugin: copy both into the daemon's plugin directory, under `{name}/`."
     );
@@ -243,14 +47,14 @@ strip = true
                 name,
                 point,
                 &format!("{crate_name}.wasm"),
-                capabilities,
-                config,
+                &capability_list(needs.capabilities, &[]),
+                needs.config,
             ),
         ),
         ("src/lib.rs".into(), source),
         (
             "README.md".into(),
-            readme(name, point, &build, &grants, test),
+            readme(name, point, &build, &needs.grants, needs.test),
         ),
         (".gitignore".into(), "/target\n*.wasm\n".into()),
     ]
@@ -395,8 +199,6 @@ trellis_sdk::export_logging_method!(Plugin);
 "#
     )
 }
-
-const NOT_YET: &str = "not implemented yet";
 
 fn rust_browser(name: &str) -> String {
     format!(
@@ -575,41 +377,4 @@ trellis_sdk::export_fence_agent!(Plugin);
 "#,
         snake = snake(name)
     )
-}
-
-fn python_project(name: &str, wit: &Path) -> Vec<(String, String)> {
-    let module = snake(name);
-    let wit = wit.display();
-    let app = include_str!("../../../examples/python-logger/app.py").replace("python-logger", name);
-    let writer = include_str!("../../../examples/python-logger/logging_method.py");
-    let build = format!(
-        "```sh\ncomponentize-py -d {wit} -w logging-method-plugin componentize app -o {module}.wasm\n```\n\n(`pip install componentize-py==0.25.1` once; about 8 s, an 18 MB component. The host\ncompiles it once and caches the result; an instance starts in about 0.6 ms.)"
-    );
-    vec![
-        ("app.py".into(), app),
-        ("logging_method.py".into(), writer.into()),
-        (
-            "plugin.toml".into(),
-            manifest(
-                name,
-                Point::LoggingMethod,
-                &format!("{module}.wasm"),
-                "\"filesystem\", \"log\", \"secrets\", \"kafka\"",
-                "\n# componentize-py imports everything the world offers, used or not, so the\n# manifest declares it all; declaring grants nothing.\n[config.directory]\ntype = \"string\"\ndefault = \"/logs\"\ndescription = \"Where the logs go, as the plugin sees it (grant it read-write)\"\n",
-            ),
-        ),
-        (
-            "README.md".into(),
-            readme(
-                name,
-                Point::LoggingMethod,
-                &build,
-                &format!(
-                    "[plugins.{name}]\ndirs = [{{ host = \"logs\", guest = \"/logs\", mode = \"read-write\" }}]\n[plugins.file-browser]\ndirs = [{{ host = \"logs\", guest = \"/logs\" }}]"
-                ),
-                "--with <bundle>/file-browser",
-            ),
-        ),
-        (".gitignore".into(), "*.wasm\n__pycache__/\n".into()),
-    ]
 }
