@@ -4,8 +4,9 @@
 //! by its canary with the reason while the old one keeps serving; the daemon picks up
 //! a changed plugin directory by itself. The run in flight completes with every line
 //! once, and a run started after the reload is served by the new generation. And a
-//! changed `config` in the daemon's configuration goes the same way: a bad one is
-//! refused by its canary, a good one reloads, changed grants are refused (restart).
+//! changed `[plugins.<name>]` table in the daemon's configuration goes the same way: a
+//! bad config is refused by its canary, a good one reloads; moved directory grants and a
+//! new call timeout are reloaded, and a revoked grant the plugin needs is refused.
 
 mod common;
 
@@ -148,7 +149,7 @@ fn a_logging_method_is_reloaded_under_a_running_job_and_a_broken_one_is_refused(
 }
 
 #[test]
-fn a_changed_plugin_config_is_tried_on_a_canary_and_changed_grants_need_a_restart() {
+fn changed_plugin_config_grants_and_limits_are_tried_on_a_canary_and_reloaded() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let transport = Transport::Tcp { port: free_port() };
@@ -187,19 +188,37 @@ fn a_changed_plugin_config_is_tried_on_a_canary_and_changed_grants_need_a_restar
     );
     assert_eq!(plugin_state(http, "file-logging")["generation"], 2);
 
-    // Changed grants: refused, naming the restart.
-    std::fs::write(
-        &controller,
-        with_config("{ directory = \"/logs\" }").replace(
-            "mode = \"read-write\" }]",
-            "mode = \"read-write\" }, { host = \"state\", guest = \"/state\" }]",
-        ),
-    )
-    .unwrap();
+    // Changed grants and limits: the logging method and the browser move to another
+    // directory, and the method gets a shorter call timeout. Both are reloaded (canary
+    // first) with their new tables.
+    std::fs::create_dir_all(dir.join("state/logs2")).unwrap();
+    let moved = with_config("{ directory = \"/logs\" }")
+        .replace("host = \"state/logs\"", "host = \"state/logs2\"")
+        .replace(
+            "config = { directory = \"/logs\" }\n",
+            "config = { directory = \"/logs\" }\nlimits = { call-timeout = \"3s\" }\n",
+        );
+    assert_eq!(moved.matches("state/logs2").count(), 2, "{moved}");
+    std::fs::write(&controller, &moved).unwrap();
+    wait_until("both plugins reloaded", Duration::from_secs(30), || {
+        plugin_state(http, "file-logging")["generation"] == 3
+            && plugin_state(http, "file-browser")["generation"] == 2
+    });
+    let state = plugin_state(http, "file-logging");
+    assert_eq!(state["limits"]["call_timeout_ms"], 3000, "{state}");
+
+    // A revoked grant its init needs: the canary refuses it; the old one keeps serving.
+    let revoked = moved.replace(
+        "[plugins.file-logging]\ndirs = [{ host = \"state/logs2\", guest = \"/logs\", mode = \"read-write\" }]\n",
+        "[plugins.file-logging]\n",
+    );
+    assert_ne!(revoked, moved);
+    std::fs::write(&controller, &revoked).unwrap();
     let (code, _, err) = cli(&server, &["plugin", "reload", "file-logging"]);
     assert_ne!(code, 0);
-    assert!(err.contains("restart the daemon"), "{err}");
-    assert_eq!(plugin_state(http, "file-logging")["generation"], 2);
+    assert!(err.contains("directory `/logs` is not available"), "{err}");
+    assert_eq!(plugin_state(http, "file-logging")["generation"], 3);
+    std::fs::write(&controller, &moved).unwrap();
 
     // Runs are logged by the reloaded generation.
     let job = dir.join("job.toml");
@@ -213,4 +232,7 @@ fn a_changed_plugin_config_is_tried_on_a_canary_and_changed_grants_need_a_restar
     wait_for_success(&server, "r-000001", Duration::from_secs(60), &log);
     let (_, out, _) = cli(&server, &["logs", "r-000001"]);
     assert_eq!(out.lines().count(), 50, "{out}");
+    // Written and read where the reloaded grants say.
+    assert!(dir.join("state/logs2/after/r-000001.jsonl").is_file());
+    assert!(!dir.join("state/logs/after").exists());
 }

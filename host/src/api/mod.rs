@@ -604,6 +604,10 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
                 "version": p.version(),
                 "wit": p.current().1.wit,
                 "generation": p.current().0,
+                "limits": {
+                    "memory": p.limits().memory,
+                    "call_timeout_ms": p.limits().call_timeout.as_millis() as u64,
+                },
                 "points": p.info.points().iter().map(|x| x.interface()).collect::<Vec<_>>(),
                 "health": format!("{:?}", p.health()),
                 "calls": p.metrics.calls(),

@@ -176,7 +176,8 @@ fn describe(p: &Plugin) {
         "wasi imports   {} interface(s); grants decide what they reach",
         p.info.wasi_imports.len()
     );
-    let g = &p.grants;
+    let current = p.current().1;
+    let g = &current.grants;
     let mut grants = Vec::new();
     for d in &g.dirs {
         grants.push(format!(
@@ -224,7 +225,7 @@ fn describe(p: &Plugin) {
             ungranted.join(", ")
         );
     }
-    let l = &p.limits;
+    let l = &p.limits();
     println!(
         "limits         memory {} MiB, call {:?}, return {} MiB, {} handles",
         l.memory >> 20,

@@ -207,7 +207,7 @@ pub struct RuntimeSection {
 }
 
 /// Limits per plugin instance. Every field is optional; unset means the default.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LimitsConfig {
     /// Linear memory cap per instance (default 128MiB).

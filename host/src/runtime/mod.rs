@@ -130,11 +130,12 @@ impl Runtime {
         self.prepare_with(path, None)
     }
 
-    /// `prepare`, with the plugin's `config` table replaced (a configuration reload).
+    /// `prepare`, with the operator's table for the plugin (grants, limits, config)
+    /// replaced: a configuration reload.
     pub(crate) fn prepare_with(
         &self,
         path: &Path,
-        plugin_config: Option<&toml::Table>,
+        reloaded: Option<&PluginGrants>,
     ) -> Result<Plugin, Problems> {
         let manifest = Manifest::locate(path)?;
         let file = manifest.path.display().to_string();
@@ -143,15 +144,15 @@ impl Runtime {
             items,
         };
         let at = format!("plugins.{}", manifest.name);
-        let mut operator = self
-            .config
-            .plugins
-            .get(&manifest.name)
-            .cloned()
-            .unwrap_or_default();
-        if let Some(c) = plugin_config {
-            operator.config = c.clone();
-        }
+        let operator = match reloaded {
+            Some(o) => o.clone(),
+            None => self
+                .config
+                .plugins
+                .get(&manifest.name)
+                .cloned()
+                .unwrap_or_default(),
+        };
 
         let mut problems = Vec::new();
         let kafka = if manifest.capabilities.contains(&Capability::Kafka) {

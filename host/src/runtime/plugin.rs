@@ -1,5 +1,6 @@
-//! A loaded plugin: its `InstancePre` (linked once), its grants and limits, a small
-//! pool of idle instances, and the one guarded path every call into it takes.
+//! A loaded plugin: its current generation (`InstancePre` linked once, grants, limits,
+//! configuration), a small pool of idle instances, and the one guarded path every call
+//! into it takes.
 //!
 //! The guarded call sets the epoch deadline and a wall-clock timeout, measures the call,
 //! and turns whatever went wrong into a `PluginError`. An instance that trapped, hit a
@@ -49,9 +50,16 @@ pub struct Instance {
     pub store: Store<InstanceState>,
     pub exports: Exports,
     poisoned: bool,
-    /// The plugin generation it was made from: after a reload, older instances finish
-    /// what they do and are not reused.
-    generation: u64,
+    /// The plugin generation it was made from (its code, grants and limits): after a
+    /// reload, older instances finish what they do and are not reused.
+    generation: Arc<Generation>,
+}
+
+/// When a call began, and how long it may take in wall-clock time (its instance's).
+#[derive(Clone, Copy)]
+pub struct CallStart {
+    at: Instant,
+    wall: Duration,
 }
 
 impl Instance {
@@ -65,8 +73,6 @@ pub struct Plugin {
     pub name: Arc<str>,
     pub manifest: Manifest,
     pub info: ComponentInfo,
-    pub limits: Limits,
-    pub grants: Grants,
     pub compiled: CompileStats,
     pub metrics: Arc<PluginMetrics>,
     /// What a reload replaces (the component and its configuration), numbered.
@@ -78,17 +84,22 @@ pub struct Plugin {
     /// no lock. `crashes` > 0 or `quarantined` send a call through the slow path.
     crashes: AtomicU32,
     quarantined: AtomicBool,
-    /// The call deadline in epoch ticks, and the wall-clock timeout (computed once).
-    deadline_ticks: u64,
-    wall_timeout: Duration,
     idle: Mutex<Vec<Instance>>,
 }
 
-/// One version of a plugin's code: the compiled, linked component and the configuration
-/// its instances start with. A reload puts a new one in place; instances made from the
-/// old one keep running until their work is done.
+/// One version of a plugin: the compiled, linked component, and the configuration,
+/// grants and limits its instances start with. A reload puts a new one in place;
+/// instances made from the old one keep running (with its grants and limits) until
+/// their work is done.
 pub struct Generation {
     pub version: String,
+    /// The operator's grants and the limits it runs under (a reload may change them:
+    /// new instances get the new ones, instances at work keep theirs).
+    pub grants: Grants,
+    pub limits: Limits,
+    /// The call deadline in epoch ticks, and the wall-clock timeout (computed once).
+    deadline_ticks: u64,
+    wall_timeout: Duration,
     /// The `trellis:plugin` version it was built for (a reload may move to another).
     pub wit: String,
     pub sha256: String,
@@ -113,6 +124,12 @@ impl Plugin {
     ) -> Plugin {
         let generation = Generation {
             version: manifest.version.clone(),
+            grants,
+            limits,
+            deadline_ticks: (limits.call_timeout.as_micros() / EPOCH_TICK.as_micros()) as u64 + 1,
+            // A few ticks longer than the epoch deadline, so the cleaner epoch trap wins
+            // for a spinning guest; this one stops a guest blocked in a host call.
+            wall_timeout: limits.call_timeout + EPOCH_TICK * 3,
             wit: manifest.wit.to_string(),
             sha256: compiled.sha256.clone(),
             pre,
@@ -123,8 +140,6 @@ impl Plugin {
             name: manifest.name.as_str().into(),
             manifest,
             info,
-            limits,
-            grants,
             compiled,
             metrics: Arc::default(),
             current: RwLock::new((1, Arc::new(generation))),
@@ -133,10 +148,6 @@ impl Plugin {
             health: Mutex::default(),
             crashes: AtomicU32::new(0),
             quarantined: AtomicBool::new(false),
-            deadline_ticks: (limits.call_timeout.as_micros() / EPOCH_TICK.as_micros()) as u64 + 1,
-            // A few ticks longer than the epoch deadline, so the cleaner epoch trap wins
-            // for a spinning guest; this one stops a guest blocked in a host call.
-            wall_timeout: limits.call_timeout + EPOCH_TICK * 3,
             idle: Mutex::default(),
         }
     }
@@ -188,29 +199,35 @@ impl Plugin {
 
     /// A fresh instance's state, prepared from the grants (for benchmarks and tools).
     pub fn prepare_state(&self) -> anyhow::Result<InstanceState> {
+        let g = self.current().1;
         InstanceState::prepare(
             &self.name,
-            &self.grants,
-            &self.limits,
+            &g.grants,
+            &g.limits,
             &self.secrets,
             &self.metrics,
         )
     }
 
+    /// The limits new instances run under.
+    pub fn limits(&self) -> Limits {
+        self.current().1.limits
+    }
+
     /// Instantiate without `init` and without the guarded path: the bare cost.
     pub async fn instantiate_bare(&self, state: InstanceState) -> wasmtime::Result<Instance> {
-        let (generation, g) = self.current();
+        let g = self.current().1;
         let mut store = Store::new(g.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_epoch_deadline(g.deadline_ticks);
         let instance = g.pre.instantiate_async(&mut store).await?;
         let exports = g.indices.load(&mut store, &instance)?;
         Ok(Instance {
             store,
             exports,
             poisoned: false,
-            generation,
+            generation: g,
         })
     }
 
@@ -251,17 +268,14 @@ impl Plugin {
         }
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        self.deadline_ticks
-    }
-
     /// A fresh instance, initialised with the plugin's configuration.
     pub async fn instantiate(&self) -> Result<Instance, PluginError> {
         self.admit()?;
+        let g = self.current().1;
         let state = InstanceState::prepare(
             &self.name,
-            &self.grants,
-            &self.limits,
+            &g.grants,
+            &g.limits,
             &self.secrets,
             &self.metrics,
         )
@@ -271,54 +285,51 @@ impl Plugin {
                 detail: format!("{e:#}"),
             })
         })?;
-        let (generation, g) = self.current();
         let mut store = Store::new(g.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_epoch_deadline(g.deadline_ticks);
         self.metrics.instantiations.fetch_add(1, Relaxed);
-        let instance = match tokio::time::timeout(
-            self.limits.call_timeout,
-            g.pre.instantiate_async(&mut store),
-        )
-        .await
-        {
-            Ok(Ok(i)) => i,
-            Ok(Err(e)) => {
-                let detail = if store.data().limiter.hit_memory {
-                    format!(
-                        "its initial memory exceeds the limit of {} bytes (limits.memory)",
-                        self.limits.memory
-                    )
-                } else {
-                    format!("{e:#}")
-                };
-                return Err(self.crashed(PluginError::Instantiate {
-                    plugin: self.name.to_string(),
-                    detail,
-                }));
-            }
-            Err(_) => {
-                return Err(self.crashed(PluginError::Deadline {
-                    plugin: self.name.to_string(),
-                    call: "instantiate",
-                    limit: self.limits.call_timeout,
-                }));
-            }
-        };
+        let instance =
+            match tokio::time::timeout(g.limits.call_timeout, g.pre.instantiate_async(&mut store))
+                .await
+            {
+                Ok(Ok(i)) => i,
+                Ok(Err(e)) => {
+                    let detail = if store.data().limiter.hit_memory {
+                        format!(
+                            "its initial memory exceeds the limit of {} bytes (limits.memory)",
+                            g.limits.memory
+                        )
+                    } else {
+                        format!("{e:#}")
+                    };
+                    return Err(self.crashed(PluginError::Instantiate {
+                        plugin: self.name.to_string(),
+                        detail,
+                    }));
+                }
+                Err(_) => {
+                    return Err(self.crashed(PluginError::Deadline {
+                        plugin: self.name.to_string(),
+                        call: "instantiate",
+                        limit: g.limits.call_timeout,
+                    }));
+                }
+            };
         let exports = g.indices.load(&mut store, &instance).map_err(|e| {
             self.crashed(PluginError::Instantiate {
                 plugin: self.name.to_string(),
                 detail: format!("{e:#}"),
             })
         })?;
+        let config = g.config_json.clone();
         let mut inst = Instance {
             store,
             exports,
             poisoned: false,
-            generation,
+            generation: g,
         };
-        let config = g.config_json.clone();
         let r = self
             .call(&mut inst, "init", move |i| {
                 Box::pin(async move { i.exports.lifecycle.init(&mut i.store, &config).await })
@@ -333,14 +344,14 @@ impl Plugin {
         self.admit()?;
         let idle = self.idle.lock().unwrap().pop();
         match idle {
-            Some(i) if i.generation == self.current().0 => Ok(i),
+            Some(i) if Arc::ptr_eq(&i.generation, &self.current().1) => Ok(i),
             _ => self.instantiate().await,
         }
     }
 
     /// Give an instance back for reuse. Poisoned instances are dropped.
     pub fn checkin(&self, inst: Instance) {
-        if inst.poisoned || inst.generation != self.current().0 {
+        if inst.poisoned || !Arc::ptr_eq(&inst.generation, &self.current().1) {
             return;
         }
         let mut idle = self.idle.lock().unwrap();
@@ -377,7 +388,7 @@ impl Plugin {
 
     /// Before a call: refuse a poisoned instance or a quarantined plugin, arm the epoch
     /// deadline. Returns the call's start time.
-    pub fn begin(&self, inst: &mut Instance, call: &'static str) -> Result<Instant, PluginError> {
+    pub fn begin(&self, inst: &mut Instance, call: &'static str) -> Result<CallStart, PluginError> {
         if inst.poisoned {
             return Err(PluginError::Trap {
                 plugin: self.name.to_string(),
@@ -387,8 +398,13 @@ impl Plugin {
         }
         self.admit()?;
         // (No need to reset the limiter's flag: an instance that hit it is poisoned.)
-        inst.store.set_epoch_deadline(self.deadline_ticks);
-        Ok(Instant::now())
+        let g = &inst.generation;
+        let (ticks, wall) = (g.deadline_ticks, g.wall_timeout);
+        inst.store.set_epoch_deadline(ticks);
+        Ok(CallStart {
+            at: Instant::now(),
+            wall,
+        })
     }
 
     /// The call's future under the wall-clock deadline (the epoch deadline stops a
@@ -396,15 +412,15 @@ impl Plugin {
     pub fn with_deadline<'f, F: Future + ?Sized>(
         &self,
         call: &'static str,
-        start: Instant,
+        start: CallStart,
         fut: Pin<&'f mut F>,
     ) -> WithDeadline<'f, F> {
         let span = tracing::debug_span!("plugin_call", plugin = %self.name, call);
         WithDeadline {
             call: fut,
             span,
-            start,
-            limit: self.wall_timeout,
+            start: start.at,
+            limit: start.wall,
             timer: None,
         }
     }
@@ -415,10 +431,10 @@ impl Plugin {
         &self,
         inst: &mut Instance,
         call: &'static str,
-        start: Instant,
+        start: CallStart,
         out: Result<wasmtime::Result<T>, ()>,
     ) -> Result<T, PluginError> {
-        self.metrics.observe(start.elapsed());
+        self.metrics.observe(start.at.elapsed());
         let err = match out {
             Ok(Ok(v)) => {
                 // `init` runs on every fresh instance: its success says nothing about
@@ -432,7 +448,7 @@ impl Plugin {
             Err(()) => PluginError::Deadline {
                 plugin: self.name.to_string(),
                 call,
-                limit: self.limits.call_timeout,
+                limit: inst.generation.limits.call_timeout,
             },
         };
         inst.poisoned = true;
@@ -441,18 +457,19 @@ impl Plugin {
 
     fn classify(&self, inst: &Instance, call: &'static str, e: wasmtime::Error) -> PluginError {
         let plugin = self.name.to_string();
+        let limits = &inst.generation.limits;
         if inst.store.data().limiter.hit_memory {
             return PluginError::MemoryLimit {
                 plugin,
                 call,
-                limit: self.limits.memory,
+                limit: limits.memory,
             };
         }
         if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
             return PluginError::Deadline {
                 plugin,
                 call,
-                limit: self.limits.call_timeout,
+                limit: limits.call_timeout,
             };
         }
         let text = format!("{e:#}");
@@ -462,7 +479,7 @@ impl Plugin {
             return PluginError::ResourceLimit {
                 plugin,
                 call,
-                limit: self.limits.max_resources,
+                limit: limits.max_resources,
             };
         }
         let detail = match e.downcast_ref::<Trap>() {
@@ -535,13 +552,14 @@ impl Plugin {
         call: &'static str,
         size: usize,
     ) -> Result<(), PluginError> {
-        if size as u64 > self.limits.max_return {
+        let max = inst.generation.limits.max_return;
+        if size as u64 > max {
             inst.poisoned = true;
             return Err(self.crashed(PluginError::Oversized {
                 plugin: self.name.to_string(),
                 call,
                 size: size as u64,
-                limit: self.limits.max_return,
+                limit: max,
             }));
         }
         Ok(())

@@ -5,15 +5,18 @@
 //! on the old code (a log being written, a transport link) finishes on it; new work
 //! uses the new code.
 //!
-//! A changed `config` table of the plugin in the daemon's configuration file goes the
-//! same way (canary first). Grants and limits are not reloaded: a reload that finds
-//! them changed is refused, naming the restart that applies them.
+//! A changed `[plugins.<name>]` table in the daemon's configuration file goes the same
+//! way (canary first): its `config`, its grants and its limits. New instances get the
+//! new ones; instances at work (a log writer, a transport link) finish with what they
+//! were made with, so a revoked grant reaches work in flight only when it ends (restart
+//! the daemon to cut it off at once). Not reloaded: the plugin's `path` and `[runtime]`
+//! (the default limits among them): those need a restart, and a reload says so.
 //!
 //! Triggered by `trellis plugin reload NAME` (`POST /api/plugins/{name}/reload`) or by
 //! the daemon noticing that a plugin's files or its configuration changed ([`watch`]).
 
 use super::{Runtime, canary};
-use crate::config::{Problem, Problems};
+use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,26 +42,17 @@ fn plugin_tables(file: &Path) -> Result<toml::Table, String> {
     })
 }
 
-/// One plugin's table without its `config`: its grants and limits.
-fn grants_of(tables: &toml::Table, name: &str) -> toml::Table {
-    let mut t = match tables.get(name) {
+/// One plugin's table (grants, limits, config), empty when it has none.
+fn table_of(tables: &toml::Table, name: &str) -> toml::Table {
+    match tables.get(name) {
         Some(toml::Value::Table(t)) => t.clone(),
-        _ => toml::Table::new(),
-    };
-    t.remove("config");
-    t
-}
-
-fn config_of(tables: &toml::Table, name: &str) -> toml::Table {
-    match tables.get(name).and_then(|t| t.get("config")) {
-        Some(toml::Value::Table(c)) => c.clone(),
         _ => toml::Table::new(),
     }
 }
 
 impl Runtime {
     /// Remember the daemon's configuration file, so that reloads apply a changed
-    /// `config` table of a plugin (and refuse changed grants or limits).
+    /// `[plugins.<name>]` table (grants, limits, config).
     pub fn set_config_file(&self, file: &Path) -> Result<(), String> {
         let tables = plugin_tables(file)?;
         *self.config_file.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -66,10 +60,11 @@ impl Runtime {
         Ok(())
     }
 
-    /// The `config` table to reload `name` with: None when there is no configuration
-    /// file to read it from; an error when its grants or limits changed.
-    fn reloaded_config(&self, name: &str) -> Result<Option<toml::Table>, Problems> {
-        let Some((file, at_start)) = self
+    /// The operator's table to reload `name` with, as the configuration file says now:
+    /// None when there is no file to read it from; an error when the file no longer
+    /// checks (every problem named) or the plugin's `path` changed.
+    fn reloaded_operator(&self, name: &str) -> Result<Option<PluginGrants>, Problems> {
+        let Some((file, _)) = self
             .config_file
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -77,22 +72,26 @@ impl Runtime {
         else {
             return Ok(None);
         };
-        let problem = |problem: String, fix: &str| Problems {
-            file: file.display().to_string(),
-            items: vec![Problem {
-                field: format!("plugins.{name}"),
-                problem,
-                fix: fix.into(),
-            }],
-        };
-        let now = plugin_tables(&file).map_err(|e| problem(e, "correct the configuration file"))?;
-        if grants_of(&now, name) != grants_of(&at_start, name) {
-            return Err(problem(
-                "its grants or limits changed; a reload applies a new version and a changed `config` only".into(),
-                "restart the daemon to apply changed grants or limits",
-            ));
+        let now = DaemonConfig::load(&file)?;
+        let operator = now.plugins.get(name).cloned().unwrap_or_default();
+        let at_start = self.config.plugins.get(name).and_then(|g| g.path.clone());
+        if operator.path != at_start {
+            return Err(Problems {
+                file: file.display().to_string(),
+                items: vec![Problem {
+                    field: format!("plugins.{name}.path"),
+                    problem: "the plugin's path changed; a reload replaces a plugin where it was loaded from".into(),
+                    fix: "restart the daemon to load it from the new path".into(),
+                }],
+            });
         }
-        Ok(Some(config_of(&now, name)))
+        if now.runtime.limits != self.config.runtime.limits {
+            tracing::warn!(
+                "[runtime.limits] changed in {}: the defaults apply after a restart",
+                file.display()
+            );
+        }
+        Ok(Some(operator))
     }
 
     /// Reload plugin `name` from where it was loaded.
@@ -107,8 +106,8 @@ impl Runtime {
                 }],
             });
         };
-        let config = self.reloaded_config(name)?;
-        let new = self.prepare_with(&old.manifest.path, config.as_ref())?;
+        let operator = self.reloaded_operator(name)?;
+        let new = self.prepare_with(&old.manifest.path, operator.as_ref())?;
         canary(&new).await?;
         let (version, sha256) = (new.manifest.version.clone(), new.compiled.sha256.clone());
         let generation = old.replace_with(new).map_err(|why| Problems {
@@ -201,9 +200,7 @@ pub fn watch(runtime: Arc<Runtime>, every: Duration) {
                             Ok(tables) => {
                                 for p in runtime.plugins() {
                                     let name = p.name.to_string();
-                                    if config_of(&tables, &name) == config_of(&configs, &name)
-                                        && grants_of(&tables, &name) == grants_of(&configs, &name)
-                                    {
+                                    if table_of(&tables, &name) == table_of(&configs, &name) {
                                         continue;
                                     }
                                     match reloads.block_on(runtime.reload(&name)) {
