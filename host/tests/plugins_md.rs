@@ -1,8 +1,9 @@
 //! docs/PLUGINS.md's examples are built and checked, so the guide cannot drift from the
 //! SDK and the host: every code block under a `<!-- compiled: ... -->` line. The Rust
-//! plugin (its Cargo.toml and src/lib.rs) is built for wasm32-wasip2 with the manifest
-//! beside it and passes `trellis plugin check`; the grants example passes `trellis config
-//! check`. The only edits: the SDK's path, a `[workspace]` table so that the crate builds
+//! plugin (its Cargo.toml, src/lib.rs and the Errors section's src/errors.rs) is built
+//! for wasm32-wasip2 with the manifest beside it and passes `trellis plugin check`; so do
+//! the Python and JavaScript versions, built in projects `trellis plugin new` made; the
+//! grants example passes `trellis config check`. The only edits: the SDK's path, a `[workspace]` table so that the crate builds
 //! on its own, and the grants' paths pointed into the test's directory.
 
 mod common;
@@ -41,6 +42,20 @@ fn run(c: &mut Command) -> String {
     text
 }
 
+/// `trellis plugin new NAME --point logging-method --lang LANG` in `dir`.
+fn new_project(dir: &Path, name: &str, lang: &str) -> PathBuf {
+    run(trellis().current_dir(dir).args([
+        "plugin",
+        "new",
+        name,
+        "--point",
+        "logging-method",
+        "--lang",
+        lang,
+    ]));
+    dir.join(name)
+}
+
 #[test]
 fn the_guides_examples_build_and_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -49,7 +64,17 @@ fn the_guides_examples_build_and_check() {
     let labels: Vec<&str> = blocks.iter().map(|(l, _)| l.as_str()).collect();
     assert_eq!(
         labels,
-        ["Cargo.toml", "src/lib.rs", "plugin.toml", "daemon"],
+        [
+            "Cargo.toml",
+            "src/lib.rs",
+            "app.py",
+            "logging_method.py",
+            "world.wit",
+            "app.js",
+            "plugin.toml",
+            "daemon",
+            "src/errors.rs",
+        ],
         "the guide's compiled examples"
     );
     let block = |label: &str| {
@@ -65,7 +90,13 @@ fn the_guides_examples_build_and_check() {
     let sdk = root.join("sdk").canonicalize().unwrap();
     let cargo = block("Cargo.toml").replace("../../sdk", &sdk.display().to_string());
     std::fs::write(project.join("Cargo.toml"), cargo + "\n[workspace]\n").unwrap();
-    std::fs::write(project.join("src/lib.rs"), block("src/lib.rs")).unwrap();
+    // The Errors section's module is part of the same crate.
+    std::fs::write(
+        project.join("src/lib.rs"),
+        block("src/lib.rs") + "\npub mod errors;\n",
+    )
+    .unwrap();
+    std::fs::write(project.join("src/errors.rs"), block("src/errors.rs")).unwrap();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| project.join("target"));
@@ -84,6 +115,43 @@ fn the_guides_examples_build_and_check() {
         text.contains("OK") && text.contains("trial start    ok"),
         "{text}"
     );
+
+    // The Python and JavaScript versions: projects as `trellis plugin new` makes them,
+    // their sources replaced by the guide's, built as their READMEs say.
+    let python = new_project(d.path(), "log-to-host-py", "python");
+    std::fs::write(python.join("app.py"), block("app.py")).unwrap();
+    std::fs::write(python.join("logging_method.py"), block("logging_method.py")).unwrap();
+    run(Command::new("componentize-py").current_dir(&python).args([
+        "-d",
+        "wit",
+        "-w",
+        "logging-method-plugin",
+        "componentize",
+        "app",
+        "-o",
+        "log_to_host_py.wasm",
+    ]));
+    let text = run(trellis().args(["plugin", "check"]).arg(&python));
+    assert!(text.contains("trial start    ok"), "{text}");
+
+    let js = new_project(d.path(), "log-to-host-js", "js");
+    std::fs::write(js.join("app.js"), block("app.js")).unwrap();
+    std::fs::write(js.join("wit/world.wit"), block("world.wit")).unwrap();
+    let tools = bundle()
+        .join("../js-tools/js-logger/node_modules/.bin")
+        .canonicalize()
+        .expect("componentize-js under <target>/js-tools (run cargo xtask bundle)");
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(Command::new("npm")
+        .current_dir(&js)
+        .args(["run", "build", "--silent"])
+        .env("PATH", path));
+    let text = run(trellis().args(["plugin", "check"]).arg(&js));
+    assert!(text.contains("trial start    ok"), "{text}");
 
     // The grants example, its paths in the test's directory.
     let x = d.path().join("x");
