@@ -263,10 +263,43 @@ pub async fn suite(plugin: Arc<Plugin>) -> Suite {
     .await;
     drop(agent);
     drop(controller);
+    let mut relinked = None;
     s.check("a new link after a dropped one", async {
-        pair(&plugin, &listener).await?;
+        relinked = Some(pair(&plugin, &listener).await?);
         Ok(String::new())
     })
+    .await;
+    let Some((_agent, controller)) = relinked else {
+        s.blocked("committed frames are not delivered again", "no new link");
+        return s;
+    };
+    // Everything the controller received above was committed: a transport that keeps a
+    // read position (Kafka) must resume after it, not deliver those frames again.
+    // (Uncommitted frames may come again; the host's session drops what it has seen.)
+    s.check(
+        "committed frames are not delivered again on a new link",
+        async {
+            let t = Instant::now();
+            let mut again = Vec::new();
+            while t.elapsed() < Duration::from_millis(1500) {
+                again.extend(
+                    controller
+                        .receive(200)
+                        .await
+                        .map_err(|e| format!("receive: {e}"))?,
+                );
+            }
+            if again.is_empty() {
+                Ok("none in 1.5 s".into())
+            } else {
+                Err(format!(
+                    "{} frame(s) came again after commit: {}",
+                    again.len(),
+                    describe(&again)
+                ))
+            }
+        },
+    )
     .await;
     s
 }
