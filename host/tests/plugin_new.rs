@@ -182,17 +182,7 @@ fn every_python_template_builds_and_checks_and_the_logging_method_passes_the_kit
 
 #[test]
 fn every_javascript_template_builds_and_checks_and_the_logging_method_passes_the_kit() {
-    // componentize-js as `cargo xtask bundle` installed it for examples/js-logger (the
-    // same pins the templates' package.json carries), instead of an npm install each.
-    let tools = bundle()
-        .join("../js-tools/js-logger/node_modules/.bin")
-        .canonicalize()
-        .expect("componentize-js under <target>/js-tools (run cargo xtask bundle)");
-    let path = format!(
-        "{}:{}",
-        tools.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_with_componentize_js();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     for point in POINTS {

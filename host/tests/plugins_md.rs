@@ -137,15 +137,7 @@ fn the_guides_examples_build_and_check() {
     let js = new_project(d.path(), "log-to-host-js", "js");
     std::fs::write(js.join("app.js"), block("app.js")).unwrap();
     std::fs::write(js.join("wit/world.wit"), block("world.wit")).unwrap();
-    let tools = bundle()
-        .join("../js-tools/js-logger/node_modules/.bin")
-        .canonicalize()
-        .expect("componentize-js under <target>/js-tools (run cargo xtask bundle)");
-    let path = format!(
-        "{}:{}",
-        tools.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_with_componentize_js();
     run(Command::new("npm")
         .current_dir(&js)
         .args(["run", "build", "--silent"])

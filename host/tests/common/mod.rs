@@ -455,3 +455,18 @@ pub fn tls_files(dir: &std::path::Path) -> (String, String, String) {
     }
     (ca, cert, key)
 }
+
+/// PATH with componentize-js first, as `cargo xtask bundle` installed it for
+/// examples/js-logger (the pins generated JavaScript projects carry too), so a test can
+/// build a JavaScript project without an npm install of its own.
+pub fn path_with_componentize_js() -> String {
+    let tools = bundle()
+        .join("../js-tools/js-logger/node_modules/.bin")
+        .canonicalize()
+        .expect("componentize-js under <target>/js-tools (run cargo xtask bundle)");
+    format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}

@@ -4,7 +4,7 @@
 //! examples/js-logger; the other points are the contract's shape with every call
 //! failing "not implemented yet".
 
-use super::{NOT_YET, Needs, capability_list, manifest, needs, readme, snake, wit, world_imports};
+use super::{NOT_YET, Needs, needs, readme, snake, tool_manifest, wit};
 use crate::points::Point;
 use crate::points::bindings::versioned::CURRENT;
 
@@ -43,12 +43,7 @@ pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, S
             " and the WASI filesystem"
         }
     );
-    let Needs {
-        capabilities,
-        config,
-        grants,
-        test,
-    } = needs(name, point);
+    let Needs { grants, test, .. } = needs(name, point);
     let mut files: Vec<(String, String)> = vec![
         ("app.js".into(), app),
         (
@@ -58,15 +53,7 @@ pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, S
         ("wit/world.wit".into(), world),
         (
             "plugin.toml".into(),
-            manifest(
-                name,
-                point,
-                &format!("{module}.wasm"),
-                &capability_list(capabilities, world_imports(point)),
-                &format!(
-                    "\n# componentize-js imports everything the world offers, used or not, so the\n# manifest declares it all; declaring grants nothing.\n{config}"
-                ),
-            ),
+            tool_manifest(name, point, "componentize-js"),
         ),
         (
             "README.md".into(),

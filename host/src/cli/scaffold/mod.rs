@@ -229,3 +229,22 @@ fn world_imports(point: Point) -> &'static [&'static str] {
         _ => &["log", "secrets", "kafka"],
     }
 }
+
+/// The manifest of a project built by `tool` (componentize-py or componentize-js):
+/// those import everything the world offers, used or not, so it declares it all.
+fn tool_manifest(name: &str, point: Point, tool: &str) -> String {
+    let Needs {
+        capabilities,
+        config,
+        ..
+    } = needs(name, point);
+    manifest(
+        name,
+        point,
+        &format!("{}.wasm", snake(name)),
+        &capability_list(capabilities, world_imports(point)),
+        &format!(
+            "\n# {tool} imports everything the world offers, used or not, so the\n# manifest declares it all; declaring grants nothing.\n{config}"
+        ),
+    )
+}

@@ -2,7 +2,7 @@
 //! the WIT (`wit/`). The logging method is examples/python-logger; the other points are
 //! the contract's shape with every call failing "not implemented yet".
 
-use super::{NOT_YET, Needs, capability_list, manifest, needs, readme, snake, wit, world_imports};
+use super::{NOT_YET, Needs, needs, readme, snake, tool_manifest, wit};
 use crate::points::Point;
 
 pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, String)>> {
@@ -30,12 +30,7 @@ pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, S
         ],
         Point::FenceAgent => vec![("app.py".into(), fence(name))],
     };
-    let Needs {
-        capabilities,
-        config,
-        grants,
-        test,
-    } = needs(name, point);
+    let Needs { grants, test, .. } = needs(name, point);
     let build = format!(
         "```sh\ncomponentize-py -d wit -w {world} componentize app -o {module}.wasm\n```\n\n\
          (`pip install componentize-py==0.25.1` once; about 8 s, an 18 MB component. The host\n\
@@ -44,15 +39,7 @@ pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, S
     );
     files.push((
         "plugin.toml".into(),
-        manifest(
-            name,
-            point,
-            &format!("{module}.wasm"),
-            &capability_list(capabilities, world_imports(point)),
-            &format!(
-                "\n# componentize-py imports everything the world offers, used or not, so the\n# manifest declares it all; declaring grants nothing.\n{config}"
-            ),
-        ),
+        tool_manifest(name, point, "componentize-py"),
     ));
     files.push((
         "README.md".into(),
