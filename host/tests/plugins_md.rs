@@ -1,7 +1,8 @@
 //! docs/PLUGINS.md's examples are built and checked, so the guide cannot drift from the
 //! SDK and the host: every code block under a `<!-- compiled: ... -->` line. The Rust
 //! plugin (its Cargo.toml, src/lib.rs and the Errors section's src/errors.rs) is built
-//! for wasm32-wasip2 with the manifest beside it and passes `trellis plugin check`; so do
+//! for wasm32-wasip2 with the manifest beside it and passes `trellis plugin check`, and
+//! again for trellis:plugin@0.1.0 (the Versioning section's dependency line); so do
 //! the Python and JavaScript versions, built in projects `trellis plugin new` made; the
 //! grants example passes `trellis config check`. The only edits: the SDK's path, a `[workspace]` table so that the crate builds
 //! on its own, and the grants' paths pointed into the test's directory.
@@ -74,6 +75,7 @@ fn the_guides_examples_build_and_check() {
             "plugin.toml",
             "daemon",
             "src/errors.rs",
+            "Cargo.toml@0.1.0",
         ],
         "the guide's compiled examples"
     );
@@ -113,6 +115,37 @@ fn the_guides_examples_build_and_check() {
     let text = run(trellis().args(["plugin", "check"]).arg(&project));
     assert!(
         text.contains("OK") && text.contains("trial start    ok"),
+        "{text}"
+    );
+
+    // Versioning: the same plugin built for 0.1.0 (the SDK's wit-0-1 feature), which
+    // the host serves as 0.1.0.
+    let old = d.path().join("log-to-host-0-1");
+    std::fs::create_dir_all(old.join("src")).unwrap();
+    let package = block("Cargo.toml");
+    let package = &package[..package.find("[dependencies]").unwrap()];
+    let cargo = format!("{package}{}", block("Cargo.toml@0.1.0"))
+        .replace("../../sdk", &sdk.display().to_string());
+    std::fs::write(old.join("Cargo.toml"), cargo + "\n[workspace]\n").unwrap();
+    std::fs::copy(project.join("src/lib.rs"), old.join("src/lib.rs")).unwrap();
+    std::fs::copy(project.join("src/errors.rs"), old.join("src/errors.rs")).unwrap();
+    run(Command::new(env!("CARGO"))
+        .current_dir(&old)
+        .args(["build", "--target", "wasm32-wasip2", "--release"])
+        .env("CARGO_TARGET_DIR", &target));
+    std::fs::copy(
+        target.join("wasm32-wasip2/release/log_to_host.wasm"),
+        old.join("log_to_host.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        old.join("plugin.toml"),
+        block("plugin.toml").replace("wit = \"0.2.0\"", "wit = \"0.1.0\""),
+    )
+    .unwrap();
+    let text = run(trellis().args(["plugin", "check"]).arg(&old));
+    assert!(
+        text.contains("contract       trellis:plugin@0.1.0") && text.contains("trial start    ok"),
         "{text}"
     );
 
