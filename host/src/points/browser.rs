@@ -30,15 +30,8 @@ impl LogReader {
 
     pub async fn read(&self, log: &LogMetadata, request: PageRequest) -> Result<Page, PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .browser
-            .clone()
-            .ok_or_else(|| p.not_implemented("log-browser"))?;
-        let log = log.clone();
-        let r = crate::guarded!(p, &mut inst, "read", |store| guest
-            .read(store, &log, &request))?;
+        let (mut inst, r) = pooled_call!(p, browser, "log-browser", "read", |g, store| g
+            .read(store, log, &request));
         let page = p.answer("read", r)?;
         p.check_return(&mut inst, "read", page.events.len() + page.next.len())?;
         p.checkin(inst);
@@ -52,19 +45,12 @@ impl LogReader {
         count: u32,
     ) -> Result<Vec<u8>, PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .browser
-            .clone()
-            .ok_or_else(|| p.not_implemented("log-browser"))?;
-        let log = log.clone();
-        let r = crate::guarded!(p, &mut inst, "tail", |store| guest.tail(
+        let (mut inst, r) = pooled_call!(p, browser, "log-browser", "tail", |g, store| g.tail(
             store,
-            &log,
+            log,
             step.as_deref(),
             count
-        ))?;
+        ));
         let events = p.answer("tail", r)?;
         p.check_return(&mut inst, "tail", events.len())?;
         p.checkin(inst);
@@ -73,15 +59,8 @@ impl LogReader {
 
     pub async fn completeness(&self, log: &LogMetadata) -> Result<LogCompleteness, PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .browser
-            .clone()
-            .ok_or_else(|| p.not_implemented("log-browser"))?;
-        let log = log.clone();
-        let r = crate::guarded!(p, &mut inst, "completeness", |store| guest
-            .completeness(store, &log))?;
+        let (inst, r) = pooled_call!(p, browser, "log-browser", "completeness", |g, store| g
+            .completeness(store, log));
         let c = p.answer("completeness", r)?;
         p.checkin(inst);
         Ok(c)

@@ -39,15 +39,11 @@ impl FenceDevice {
     pub async fn fence(&self, action: FenceAction) -> FenceOutcome {
         let p = &self.plugin;
         let result: Result<(), PluginError> = async {
-            let mut inst = p.checkout().await?;
-            let guest = inst
-                .exports
-                .fence
-                .clone()
-                .ok_or_else(|| p.not_implemented("fence-agent"))?;
-            let params = self.params.clone();
-            let r = crate::guarded!(p, &mut inst, "fence", |store| guest
-                .fence(store, &params, action))?;
+            let (inst, r) = pooled_call!(p, fence, "fence-agent", "fence", |g, store| g.fence(
+                store,
+                &self.params,
+                action
+            ));
             p.answer("fence", r)?;
             p.checkin(inst);
             Ok(())
@@ -66,14 +62,8 @@ impl FenceDevice {
 
     pub async fn status(&self) -> Result<PowerState, PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .fence
-            .clone()
-            .ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let params = self.params.clone();
-        let r = crate::guarded!(p, &mut inst, "status", |store| guest.status(store, &params))?;
+        let (inst, r) = pooled_call!(p, fence, "fence-agent", "status", |g, store| g
+            .status(store, &self.params));
         let s = p.answer("status", r)?;
         p.checkin(inst);
         Ok(s)
@@ -81,15 +71,8 @@ impl FenceDevice {
 
     pub async fn monitor(&self) -> Result<(), PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .fence
-            .clone()
-            .ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let params = self.params.clone();
-        let r = crate::guarded!(p, &mut inst, "monitor", |store| guest
-            .monitor(store, &params))?;
+        let (inst, r) = pooled_call!(p, fence, "fence-agent", "monitor", |g, store| g
+            .monitor(store, &self.params));
         p.answer("monitor", r)?;
         p.checkin(inst);
         Ok(())
@@ -97,15 +80,8 @@ impl FenceDevice {
 
     pub async fn validate(&self) -> Result<(), PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .fence
-            .clone()
-            .ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let params = self.params.clone();
-        let r = crate::guarded!(p, &mut inst, "validate", |store| guest
-            .validate(store, &params))?;
+        let (inst, r) = pooled_call!(p, fence, "fence-agent", "validate", |g, store| g
+            .validate(store, &self.params));
         p.answer("validate", r)?;
         p.checkin(inst);
         Ok(())
@@ -113,28 +89,18 @@ impl FenceDevice {
 
     pub async fn list(&self) -> Result<Vec<Target>, PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .fence
-            .clone()
-            .ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let params = self.params.clone();
-        let r = crate::guarded!(p, &mut inst, "list", |store| guest.list(store, &params))?;
+        let (inst, r) = pooled_call!(p, fence, "fence-agent", "list", |g, store| g
+            .list(store, &self.params));
         let l = p.answer("list", r)?;
         p.checkin(inst);
         Ok(l)
     }
 
+    /// (`metadata` cannot fail in the plugin: no answer to check.)
     pub async fn metadata(&self) -> Result<AgentInfo, PluginError> {
         let p = &self.plugin;
-        let mut inst = p.checkout().await?;
-        let guest = inst
-            .exports
-            .fence
-            .clone()
-            .ok_or_else(|| p.not_implemented("fence-agent"))?;
-        let info = crate::guarded!(p, &mut inst, "metadata", |store| guest.metadata(store))?;
+        let (inst, info) = pooled_call!(p, fence, "fence-agent", "metadata", |g, store| g
+            .metadata(store));
         p.checkin(inst);
         Ok(info)
     }

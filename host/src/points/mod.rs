@@ -2,6 +2,25 @@
 //! when a plugin fails there (the failure policy), and a typed adapter per point that
 //! callers use instead of raw bindings.
 
+/// A short call on a pooled instance: check one out, take the point's exports (`field`
+/// of `Exports`, interface `name`), and make the call under the plugin's guard.
+/// Evaluates to `(instance, answer)`; the caller turns the plugin's answer into a result
+/// (`Plugin::answer`) and gives the instance back (`Plugin::checkin`) if all went well.
+/// Use inside a function returning `Result<_, PluginError>`.
+macro_rules! pooled_call {
+    ($plugin:expr, $field:ident, $name:literal, $call:literal, |$guest:ident, $store:ident| $fut:expr) => {{
+        let p: &$crate::runtime::Plugin = &$plugin;
+        let mut inst = p.checkout().await?;
+        let $guest = inst
+            .exports
+            .$field
+            .clone()
+            .ok_or_else(|| p.not_implemented($name))?;
+        let answer = $crate::guarded!(p, &mut inst, $call, |$store| $fut)?;
+        (inst, answer)
+    }};
+}
+
 pub mod bindings;
 pub mod browser;
 pub mod fence;
