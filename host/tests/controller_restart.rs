@@ -21,11 +21,7 @@ fn controller_restarted_mid_step(t: Transport) {
     let mut controller = start("controller", &controller_cfg, &daemon_log);
     let _agent = start("agent", &agent_cfg, &daemon_log);
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
-    wait_until(
-        &format!("the agent did not connect: {}", logs()),
-        Duration::from_secs(30),
-        || cli(&server, &["agents"]).1.contains("build-1"),
-    );
+    wait_for_agent(&server, &daemon_log);
 
     let job = d.path().join("job.toml");
     std::fs::write(
@@ -153,11 +149,16 @@ fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
     controller.0.wait().unwrap();
     std::fs::remove_file(dir.join("ctl/fail")).unwrap(); // the store is back
     let _controller = start("controller", &controller_cfg, &daemon_log);
-    wait_until(
-        &format!("the buffer was not delivered and emptied: {}", logs()),
-        Duration::from_secs(60),
-        || wal_files() == 0,
-    );
+    let t = std::time::Instant::now();
+    while wal_files() != 0 {
+        // The log as it is when the wait fails, not as it was when it began.
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the buffer was not delivered and emptied: {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let got: Vec<u64> = std::fs::read_to_string(&seen)
         .unwrap()
         .lines()
