@@ -82,13 +82,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
         "a standby does not serve the API"
     );
 
-    let job = counting_job(dir, LINES);
-    let (code, out, err) = cli(&server_a, &["run", job.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    let run = "r-000001";
-    wait_until("no output before the kill", Duration::from_secs(30), || {
-        cli(&server_a, &["logs", run]).1.lines().count() >= 50
-    });
+    let run = start_counting_run(dir, &server_a, LINES);
     let killed_at = trellis::protocol::now_ms();
     a.0.kill().unwrap(); // SIGKILL mid-step
     a.0.wait().unwrap();
@@ -142,15 +136,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
     );
 
     // The run completes under B, its log whole.
-    wait_for_success(&server_b, run, Duration::from_secs(90), &daemon_log);
-    let (code, out, err) = cli(&server_b, &["logs", run]);
-    assert_eq!(code, 0, "{err}");
-    let want: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
-    assert_eq!(
-        out.lines().collect::<Vec<_>>(),
-        want,
-        "every line once, in order"
-    );
+    assert_run_whole(&server_b, run, LINES, &daemon_log);
     // The state directory knows B's token is the newest.
     let token: u64 = std::fs::read_to_string(dir.join("state/fencing-token"))
         .unwrap()

@@ -79,13 +79,7 @@ fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
     let _b = start("controller", &cfg_b, &daemon_log);
     let _agent = start("agent", &agent_cfg, &daemon_log);
     wait_for_agent(&server_a, &daemon_log);
-    let job = counting_job(dir, LINES);
-    let (code, out, err) = cli(&server_a, &["run", job.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    let run = "r-000001";
-    wait_until("no output before the cut", Duration::from_secs(30), || {
-        cli(&server_a, &["logs", run]).1.lines().count() >= 50
-    });
+    let run = start_counting_run(dir, &server_a, LINES);
     assert!(
         state_b.join("runs").is_dir(),
         "A's run state is on the volume B sees"
@@ -113,15 +107,7 @@ fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
     assert!(state_b.join("before").exists());
 
     // The run completes under B, from the same state, every line once.
-    wait_for_success(&server_b, run, Duration::from_secs(90), &daemon_log);
-    let (code, out, err) = cli(&server_b, &["logs", run]);
-    assert_eq!(code, 0, "{err}");
-    let want: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
-    assert_eq!(
-        out.lines().collect::<Vec<_>>(),
-        want,
-        "every line once, in order"
-    );
+    assert_run_whole(&server_b, run, LINES, &daemon_log);
     let (code, out, err) = cli(&server_b, &["cluster", "status"]);
     eprintln!("{out}{err}");
     assert_eq!(code, 0, "{out}{err}");

@@ -49,13 +49,7 @@ fn an_active_cut_off_from_etcd_stops_by_itself_and_the_standby_fences_before_tak
     let _agent = start("agent", &agent_cfg, &daemon_log);
     wait_for_agent(&server_a, &daemon_log);
     assert_eq!(bmc_power(&sushy, "on"), Some(0));
-    let job = counting_job(dir, LINES);
-    let (code, out, err) = cli(&server_a, &["run", job.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    let run = "r-000001";
-    wait_until("no output before the cut", Duration::from_secs(30), || {
-        cli(&server_a, &["logs", run]).1.lines().count() >= 50
-    });
+    let run = start_counting_run(dir, &server_a, LINES);
 
     let cut_at = trellis::protocol::now_ms();
     ns.cut(&etcd.ports()).unwrap();
@@ -115,15 +109,7 @@ fn an_active_cut_off_from_etcd_stops_by_itself_and_the_standby_fences_before_tak
     assert_eq!(Some(newest), rb["token"].as_u64());
 
     // The run completes under B, every line once.
-    wait_for_success(&server_b, run, Duration::from_secs(90), &daemon_log);
-    let (code, out, err) = cli(&server_b, &["logs", run]);
-    assert_eq!(code, 0, "{err}");
-    let want: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
-    assert_eq!(
-        out.lines().collect::<Vec<_>>(),
-        want,
-        "every line once, in order"
-    );
+    assert_run_whole(&server_b, run, LINES, &daemon_log);
 
     // `cluster status` from the survivor's side.
     let (code, out, err) = cli(

@@ -105,6 +105,35 @@ pub fn counting_job(dir: &Path, lines: u64) -> PathBuf {
     job
 }
 
+/// Start the counting job through `server` and wait until 50 of its `lines` are logged:
+/// a run in the middle of its step. Its id.
+pub fn start_counting_run(dir: &Path, server: &str, lines: u64) -> &'static str {
+    let job = counting_job(dir, lines);
+    let (code, out, err) = cli(server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let run = "r-000001";
+    wait_until(
+        "no output from the run within 30 s",
+        std::time::Duration::from_secs(30),
+        || cli(server, &["logs", run]).1.lines().count() >= 50,
+    );
+    run
+}
+
+/// The counting run completes through `server` (the survivor), its log whole: every line
+/// once, in order.
+pub fn assert_run_whole(server: &str, run: &str, lines: u64, daemon_log: &Path) {
+    wait_for_success(server, run, std::time::Duration::from_secs(90), daemon_log);
+    let (code, out, err) = cli(server, &["logs", run]);
+    assert_eq!(code, 0, "{err}");
+    let want: Vec<String> = (1..=lines).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        want,
+        "every line once, in order"
+    );
+}
+
 /// Controller config `cfg` (serving on `http`) moved into namespace `ns`: its API on the
 /// namespace's address, etcd through the host's end of the veth. The server's URL.
 pub fn config_in_netns(cfg: &Path, http: u16, ns: &Netns, etcd: &EtcdCluster) -> String {
