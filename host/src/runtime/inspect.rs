@@ -252,6 +252,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_component_mixing_contract_versions_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("p.wasm"), b"").unwrap();
+        let m = Manifest::parse(
+            "[plugin]\nname = \"x\"\nversion = \"0.1.0\"\ncomponent = \"p.wasm\"\nwit = \"0.2.0\"\nworlds = [\"logging-pair-plugin\"]\n",
+            &d.path().join("plugin.toml"),
+        )
+        .unwrap();
+        let exports = |logging: &str| ComponentInfo {
+            plugin_exports: [
+                ("lifecycle", "0.2.0"),
+                ("logging-method", logging),
+                ("log-browser", "0.2.0"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..Default::default()
+        };
+        let text = |ps: Vec<Problem>| {
+            ps.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(text(exports("0.2.0").check(&m)), "");
+        let mixed = text(exports("0.1.0").check(&m));
+        assert!(
+            mixed.contains("the component mixes trellis:plugin versions (0.1.0, 0.2.0)")
+                && mixed.contains("build every world and interface from one version"),
+            "{mixed}"
+        );
+    }
+
+    #[test]
     fn names() {
         let n = InterfaceName::parse("trellis:plugin/logging-method@0.1.0").unwrap();
         assert_eq!(
