@@ -19,6 +19,11 @@
 //!   so the difference is the cost of our layers, not of different settings. One
 //!   producer for both sides, like the host's.
 //! * **tcp-transport**: the plugin over loopback TCP, for scale.
+//! * **tcp-transport, 0.1.0 build** (`tests/fixtures/tcp-transport-v0-1`: the same
+//!   source built for `trellis:plugin@0.1.0`), when `TRELLIS_FIXTURES_DIR` is set
+//!   (`cargo xtask bench` sets it): what serving the previous contract costs, i.e. the
+//!   host's 0.1.0 bindings and the frame conversions at the boundary, against the
+//!   0.2.0 build in the same rounds.
 //!
 //! Measured per contender and round:
 //!
@@ -39,7 +44,8 @@
 //!     cargo xtask bench transport     (builds the bundle, then runs this in release)
 //!
 //! The broker is `tansu` on the PATH (`./scripts/setup.sh` installs it).
-//! TRELLIS_BENCH_ONLY=kafka|rdkafka|tcp runs one contender alone (for profiling);
+//! TRELLIS_BENCH_ONLY=kafka|rdkafka|tcp|tcp01 runs one contender alone (for profiling;
+//! `tcp,tcp01` runs those two);
 //! TRELLIS_BENCH_RAW_HEADERS=1 gives the raw records the plugin's four headers (link,
 //! lane, seq, chunk), to tell the cost of the headers from the cost of the layers;
 //! TRELLIS_BENCH_RAW_PARTITIONS=2 gives the raw topics two partitions (the plugin's
@@ -117,7 +123,7 @@ impl Knobs {
     }
 
     fn runs(&self, contender: &str) -> bool {
-        self.only.is_empty() || self.only == contender
+        self.only.is_empty() || self.only.split(',').any(|c| c == contender)
     }
 }
 
@@ -697,6 +703,8 @@ async fn main() {
     let _ = BROKER_PID.set(broker.pid());
     let brokers = broker.brokers();
     let tcp_port = free_port();
+    let tcp01_port = free_port();
+    let fixtures = std::env::var_os("TRELLIS_FIXTURES_DIR").map(std::path::PathBuf::from);
     let base = tempfile::tempdir().unwrap();
     let config = format!(
         r#"
@@ -709,6 +717,9 @@ async fn main() {
         [plugins.tcp-transport]
         sockets = {{ bind = ["127.0.0.1:{tcp_port}"], connect = ["127.0.0.1:{tcp_port}"] }}
         config = {{ address = "127.0.0.1:{tcp_port}" }}
+        [plugins.tcp-transport-v0-1]
+        sockets = {{ bind = ["127.0.0.1:{tcp01_port}"], connect = ["127.0.0.1:{tcp01_port}"] }}
+        config = {{ address = "127.0.0.1:{tcp01_port}" }}
         "#,
         fetch_wait = k.fetch_wait_ms
     );
@@ -744,15 +755,19 @@ async fn main() {
         true => Some(side(&rt, &bundle, "tcp-transport").await),
         false => None,
     };
+    let tcp01 = match (&fixtures, k.runs("tcp01")) {
+        (Some(f), true) => Some(side(&rt, f, "tcp-transport-v0-1").await),
+        _ => None,
+    };
     let producer = raw_producer(&brokers);
 
-    let (mut kr, mut rr, mut tr) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut kr, mut rr, mut tr, mut t1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..k.rounds {
         println!("round {}", round + 1);
         // Each round on fresh links and topics, and in a rotated order: tansu's memory
         // store slows down as it fills, which must not favour whoever goes first.
-        for turn in 0..3 {
-            match (round + turn) % 3 {
+        for turn in 0..4 {
+            match (round + turn) % 4 {
                 0 if kafka.is_some() => {
                     let side = kafka.as_ref().expect("checked");
                     let mut p = pair(side, &format!("{AGENT}-{round}")).await;
@@ -773,6 +788,13 @@ async fn main() {
                     show_round("tcp-transport", &r);
                     tr.push(r);
                 }
+                3 if tcp01.is_some() => {
+                    let side = tcp01.as_ref().expect("checked");
+                    let mut p = pair(side, &format!("{AGENT}-{round}")).await;
+                    let r = link_round(&mut p, &k).await;
+                    show_round("tcp-transport 0.1.0", &r);
+                    t1.push(r);
+                }
                 _ => {}
             }
         }
@@ -792,10 +814,16 @@ async fn main() {
             );
         }
     };
-    let (ks, rs, ts) = (summarize(&kr), summarize(&rr), summarize(&tr));
+    let (ks, rs, ts, t1s) = (
+        summarize(&kr),
+        summarize(&rr),
+        summarize(&tr),
+        summarize(&t1),
+    );
     show("kafka-transport", &ks);
     show("raw rdkafka", &rs);
     show("tcp-transport", &ts);
+    show("tcp 0.1.0 build", &t1s);
     println!("load average at the end: {}", load_average());
 
     if let (Some(ks), Some(rs)) = (&ks, &rs) {
@@ -836,7 +864,24 @@ async fn main() {
             ts.rate / ks.rate
         );
     }
+    if let (Some(ts), Some(t1s)) = (&ts, &t1s) {
+        // The same source, the same rounds: the cost of the 0.1.0 bindings and the frame
+        // conversions. Paired per round, since the two ran back to back.
+        let mut paired: Vec<f64> = t1.iter().zip(&tr).map(|(o, n)| o.rate / n.rate).collect();
+        paired.sort_by(f64::total_cmp);
+        println!(
+            "\nserving 0.1.0 (tcp-transport's 0.1.0 build / its 0.2.0 build): RTT p50 {:.2}x, \
+             frames/s {:.2}x (per round: median {:.2}x, range {:.2}x - {:.2}x), cpu/frame {:.2}x",
+            t1s.p50 / ts.p50,
+            t1s.rate / ts.rate,
+            paired[paired.len() / 2],
+            paired[0],
+            paired[paired.len() - 1],
+            t1s.cpu / ts.cpu
+        );
+    }
     drop(kafka);
     drop(tcp);
+    drop(tcp01);
     drop(broker);
 }

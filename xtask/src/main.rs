@@ -51,10 +51,12 @@ fn main() -> Result<()> {
                 Some(b) => bail!("unknown benchmark `{b}` (there are: {BENCHES:?})\n\n{HELP}"),
             };
             let b = bundle(&root)?;
+            // Fixtures too: the transport bench compares a 0.1.0 build with the bundle's.
+            let f = fixtures(&root)?;
             for bench in &which {
                 cargo(
                     &["bench", "-p", "trellis", "--bench", bench],
-                    &[("TRELLIS_BUNDLE_DIR", &b)],
+                    &[("TRELLIS_BUNDLE_DIR", &b), ("TRELLIS_FIXTURES_DIR", &f)],
                 )?;
             }
         }
