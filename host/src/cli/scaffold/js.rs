@@ -20,14 +20,23 @@ pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, S
     };
     // The example's package.json pins componentize-js and the shim it needs; the
     // project gets the same pins and a build script.
-    let mut package: serde_json::Value =
+    // (Written out rather than serialised, to keep the order people expect.)
+    let example: serde_json::Value =
         serde_json::from_str(include_str!("../../../../examples/js-logger/package.json"))?;
-    package["name"] = name.into();
-    package["description"] =
-        format!("A Trellis {point} plugin in JavaScript, built with componentize-js").into();
-    package["scripts"] = serde_json::json!({
-        "build": format!("componentize-js app.js --wit wit -n plugin -o {module}.wasm")
-    });
+    let package = format!(
+        "{{\n  \"name\": {name},\n  \"private\": true,\n  \"description\": {description},\n  \
+         \"scripts\": {{\n    \"build\": {build}\n  }},\n  \"devDependencies\": {dev},\n  \
+         \"overrides\": {overrides}\n}}\n",
+        name = serde_json::Value::from(name),
+        description = serde_json::Value::from(format!(
+            "A Trellis {point} plugin in JavaScript, built with componentize-js"
+        )),
+        build = serde_json::Value::from(format!(
+            "componentize-js app.js --wit wit -n plugin -o {module}.wasm"
+        )),
+        dev = pins(&example["devDependencies"]),
+        overrides = pins(&example["overrides"]),
+    );
     let filesystem = if point == Point::LoggingMethod {
         "\n  // The directory the logs go to (the operator grants it).\n  import wasi:filesystem/preopens@0.2.12;"
     } else {
@@ -46,10 +55,7 @@ pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, S
     let Needs { grants, test, .. } = needs(name, point);
     let mut files: Vec<(String, String)> = vec![
         ("app.js".into(), app),
-        (
-            "package.json".into(),
-            serde_json::to_string_pretty(&package)? + "\n",
-        ),
+        ("package.json".into(), package),
         ("wit/world.wit".into(), world),
         (
             "plugin.toml".into(),
@@ -77,6 +83,17 @@ pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, S
         files.push((format!("wit/deps/{path}"), text.to_string()));
     }
     Ok(files)
+}
+
+/// A `{ "package": "version" }` object of package.json, indented at the second level.
+fn pins(object: &serde_json::Value) -> String {
+    let lines: Vec<String> = object
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("    {}: {v}", serde_json::Value::from(k.as_str())))
+        .collect();
+    format!("{{\n{}\n  }}", lines.join(",\n"))
 }
 
 fn header(name: &str, point: Point, what: &str) -> String {
