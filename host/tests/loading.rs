@@ -303,6 +303,17 @@ fn cli_plugin_check_and_list() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!(old.contains(" 0.1.0  ") && old.contains("valid"), "{old}");
     assert!(out.contains("7 plugin(s)"), "{out}");
+    let (code, out) = trellis(&[
+        "plugin",
+        "check",
+        f.join("file-browser-v0-1").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("contract       trellis:plugin@0.1.0 (this host serves 0.1.0, 0.2.0)")
+            && out.contains("the current contract is 0.2.0"),
+        "{out}"
+    );
 
     let (code, out) = trellis(&["plugin", "check", "/nonexistent/plugin"]);
     assert_eq!(code, 1);

@@ -138,6 +138,12 @@ fn describe(p: &Plugin) {
         versions.join(", "),
         SERVED_WIT.join(", ")
     );
+    let current = crate::points::bindings::versioned::CURRENT;
+    if !versions.is_empty() && !versions.contains(&current) {
+        println!(
+            "               served as it is; the current contract is {current} (what changed: wit/README.md)"
+        );
+    }
     for w in &m.worlds {
         let points: Vec<_> = w.points().iter().map(|p| p.interface()).collect();
         println!(
