@@ -69,12 +69,9 @@ fn a_logging_method_is_reloaded_under_a_running_job_and_a_broken_one_is_refused(
         );
         std::fs::write(cfg, text).unwrap();
     }
-    let log = dir.join("daemons.log");
+    let daemons = start_daemons(dir, &controller, &agent, http);
+    let (log, server) = (daemons.log.clone(), daemons.server.clone());
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
-    let _c = start("controller", &controller, &log);
-    let _a = start("agent", &agent, &log);
-    let server = format!("http://127.0.0.1:{http}");
-    wait_for_agent(&server, &log);
     assert_eq!(plugin_state(http, "file-logging")["generation"], 1);
 
     let job = |name: &str, lines: u32| {
@@ -154,12 +151,9 @@ fn changed_plugin_config_grants_and_limits_are_tried_on_a_canary_and_reloaded() 
     let dir = d.path();
     let transport = Transport::Tcp { port: free_port() };
     let (controller, agent, http) = write_configs(dir, &transport);
-    let log = dir.join("daemons.log");
+    let daemons = start_daemons(dir, &controller, &agent, http);
+    let (log, server) = (daemons.log.clone(), daemons.server.clone());
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
-    let _c = start("controller", &controller, &log);
-    let _a = start("agent", &agent, &log);
-    let server = format!("http://127.0.0.1:{http}");
-    wait_for_agent(&server, &log);
     let original = std::fs::read_to_string(&controller).unwrap();
     let grant = "[plugins.file-logging]\ndirs = [{ host = \"state/logs\", guest = \"/logs\", mode = \"read-write\" }]\n";
     assert!(original.contains(grant));

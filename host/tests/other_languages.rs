@@ -15,17 +15,14 @@ fn jobs_log_through_python_and_javascript_plugins_in_the_daemon() {
     let dir = d.path();
     let transport = Transport::Tcp { port: free_port() };
     let (controller, agent, http) = write_configs(dir, &transport);
-    let text = std::fs::read_to_string(&controller).unwrap().replace(
-        "heartbeat = \"500ms\"\n",
-        "heartbeat = \"500ms\"\nlogging-methods = [\"python-logger\", \"js-logger\"]\n",
-    ) + "[plugins.python-logger]\ndirs = [{ host = \"state/logs\", guest = \"/logs\", mode = \"read-write\" }]\n\
-          [plugins.js-logger]\ndirs = [{ host = \"state/logs\", guest = \"/logs\", mode = \"read-write\" }]\n";
-    std::fs::write(&controller, text).unwrap();
-    let log = dir.join("daemons.log");
-    let _c = start("controller", &controller, &log);
-    let _a = start("agent", &agent, &log);
-    let server = format!("http://127.0.0.1:{http}");
-    wait_for_agent(&server, &log);
+    extend_controller(
+        &controller,
+        "logging-methods = [\"python-logger\", \"js-logger\"]",
+        "[plugins.python-logger]\ndirs = [{ host = \"state/logs\", guest = \"/logs\", mode = \"read-write\" }]\n\
+         [plugins.js-logger]\ndirs = [{ host = \"state/logs\", guest = \"/logs\", mode = \"read-write\" }]\n",
+    );
+    let daemons = start_daemons(dir, &controller, &agent, http);
+    let (log, server) = (daemons.log.clone(), daemons.server.clone());
 
     let methods = ["file-logging", "python-logger", "js-logger"];
     for (i, method) in methods.iter().enumerate() {

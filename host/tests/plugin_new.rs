@@ -9,43 +9,18 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn run(c: &mut Command) -> String {
-    let out = c.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{c:?}:\n{text}");
-    text
-}
-
 /// `trellis plugin new NAME --point POINT --lang LANG` in `dir`; the project's path.
 fn new(dir: &Path, name: &str, point: &str, lang: &str) -> PathBuf {
     let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
-    run(trellis()
-        .current_dir(dir)
-        .args([
-            "plugin", "new", name, "--point", point, "--lang", lang, "--sdk",
-        ])
-        .arg(&sdk));
+    run_ok(
+        trellis()
+            .current_dir(dir)
+            .args([
+                "plugin", "new", name, "--point", point, "--lang", lang, "--sdk",
+            ])
+            .arg(&sdk),
+    );
     dir.join(name)
-}
-
-/// Build a generated Rust project as its README says, the component beside its manifest.
-fn build_rust(project: &Path, name: &str) {
-    // The test's own target directory when there is one: trellis-sdk's dependencies
-    // are built already.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| project.join("target"));
-    run(Command::new(env!("CARGO"))
-        .current_dir(project)
-        .args(["build", "--target", "wasm32-wasip2", "--release"])
-        .env("CARGO_TARGET_DIR", &target));
-    let wasm = format!("{}.wasm", name.replace('-', "_"));
-    std::fs::copy(
-        target.join("wasm32-wasip2/release").join(&wasm),
-        project.join(&wasm),
-    )
-    .unwrap();
 }
 
 fn kit_logging(dir: &Path, project: &Path, name: &str) {
@@ -59,13 +34,15 @@ fn kit_logging(dir: &Path, project: &Path, name: &str) {
         ),
     )
     .unwrap();
-    let text = run(trellis()
-        .args(["plugin", "test"])
-        .arg(project)
-        .arg("--with")
-        .arg(bundle().join("file-browser"))
-        .arg("--config")
-        .arg(&cfg));
+    let text = run_ok(
+        trellis()
+            .args(["plugin", "test"])
+            .arg(project)
+            .arg("--with")
+            .arg(bundle().join("file-browser"))
+            .arg("--config")
+            .arg(&cfg),
+    );
     assert!(text.contains("14 passed, 0 failed"), "{text}");
 }
 
@@ -84,8 +61,9 @@ fn every_rust_template_builds_and_checks_and_the_logging_method_passes_the_kit()
         for f in ["Cargo.toml", "plugin.toml", "src/lib.rs", "README.md"] {
             assert!(project.join(f).exists(), "{name}: {f}");
         }
-        build_rust(&project, &name);
-        let text = run(trellis().args(["plugin", "check"]).arg(&project));
+        // As its README says.
+        build_rust_plugin(&project, &name);
+        let text = run_ok(trellis().args(["plugin", "check"]).arg(&project));
         assert!(text.contains("OK"), "{text}");
         assert!(
             text.contains(&format!("exports lifecycle, {point}")),
@@ -97,9 +75,11 @@ fn every_rust_template_builds_and_checks_and_the_logging_method_passes_the_kit()
 
 /// `trellis plugin new` without `--sdk`: Python and JavaScript projects need none.
 fn new_other(dir: &Path, name: &str, point: &str, lang: &str) -> PathBuf {
-    run(trellis()
-        .current_dir(dir)
-        .args(["plugin", "new", name, "--point", point, "--lang", lang]));
+    run_ok(
+        trellis()
+            .current_dir(dir)
+            .args(["plugin", "new", name, "--point", point, "--lang", lang]),
+    );
     dir.join(name)
 }
 
@@ -114,7 +94,7 @@ const POINTS: [&str; 4] = [
 /// closed: the logging method passes with file-browser; the fence agent answers its
 /// metadata and validate, and fails the rest with "not implemented yet".
 fn check_and_kit(dir: &Path, project: &Path, name: &str, point: &str) {
-    let text = run(trellis().args(["plugin", "check"]).arg(project));
+    let text = run_ok(trellis().args(["plugin", "check"]).arg(project));
     assert!(text.contains("OK"), "{text}");
     assert!(
         text.contains(&format!("exports lifecycle, {point}")),
@@ -166,7 +146,7 @@ fn every_python_template_builds_and_checks_and_the_logging_method_passes_the_kit
             )),
             "{readme}"
         );
-        run(Command::new("componentize-py").current_dir(&project).args([
+        run_ok(Command::new("componentize-py").current_dir(&project).args([
             "-d",
             "wit",
             "-w",
@@ -191,10 +171,12 @@ fn every_javascript_template_builds_and_checks_and_the_logging_method_passes_the
         let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
         assert!(readme.contains("npm run build"), "{readme}");
         // `npm run build`: the package.json's build script, as the README says.
-        run(Command::new("npm")
-            .current_dir(&project)
-            .args(["run", "build", "--silent"])
-            .env("PATH", &path));
+        run_ok(
+            Command::new("npm")
+                .current_dir(&project)
+                .args(["run", "build", "--silent"])
+                .env("PATH", &path),
+        );
         check_and_kit(dir, &project, &name, point);
     }
 }

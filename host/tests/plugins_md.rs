@@ -35,17 +35,9 @@ fn marked_blocks(text: &str) -> Vec<(String, String)> {
     out
 }
 
-fn run(c: &mut Command) -> String {
-    let out = c.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{c:?}:\n{text}");
-    text
-}
-
 /// `trellis plugin new NAME --point logging-method --lang LANG` in `dir`.
 fn new_project(dir: &Path, name: &str, lang: &str) -> PathBuf {
-    run(trellis().current_dir(dir).args([
+    run_ok(trellis().current_dir(dir).args([
         "plugin",
         "new",
         name,
@@ -99,20 +91,9 @@ fn the_guides_examples_build_and_check() {
     )
     .unwrap();
     std::fs::write(project.join("src/errors.rs"), block("src/errors.rs")).unwrap();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| project.join("target"));
-    run(Command::new(env!("CARGO"))
-        .current_dir(&project)
-        .args(["build", "--target", "wasm32-wasip2", "--release"])
-        .env("CARGO_TARGET_DIR", &target));
-    std::fs::copy(
-        target.join("wasm32-wasip2/release/log_to_host.wasm"),
-        project.join("log_to_host.wasm"),
-    )
-    .unwrap();
+    build_rust_plugin(&project, "log-to-host");
     std::fs::write(project.join("plugin.toml"), block("plugin.toml")).unwrap();
-    let text = run(trellis().args(["plugin", "check"]).arg(&project));
+    let text = run_ok(trellis().args(["plugin", "check"]).arg(&project));
     assert!(
         text.contains("OK") && text.contains("trial start    ok"),
         "{text}"
@@ -129,21 +110,13 @@ fn the_guides_examples_build_and_check() {
     std::fs::write(old.join("Cargo.toml"), cargo + "\n[workspace]\n").unwrap();
     std::fs::copy(project.join("src/lib.rs"), old.join("src/lib.rs")).unwrap();
     std::fs::copy(project.join("src/errors.rs"), old.join("src/errors.rs")).unwrap();
-    run(Command::new(env!("CARGO"))
-        .current_dir(&old)
-        .args(["build", "--target", "wasm32-wasip2", "--release"])
-        .env("CARGO_TARGET_DIR", &target));
-    std::fs::copy(
-        target.join("wasm32-wasip2/release/log_to_host.wasm"),
-        old.join("log_to_host.wasm"),
-    )
-    .unwrap();
+    build_rust_plugin(&old, "log-to-host");
     std::fs::write(
         old.join("plugin.toml"),
         block("plugin.toml").replace("wit = \"0.2.0\"", "wit = \"0.1.0\""),
     )
     .unwrap();
-    let text = run(trellis().args(["plugin", "check"]).arg(&old));
+    let text = run_ok(trellis().args(["plugin", "check"]).arg(&old));
     assert!(
         text.contains("contract       trellis:plugin@0.1.0") && text.contains("trial start    ok"),
         "{text}"
@@ -154,7 +127,7 @@ fn the_guides_examples_build_and_check() {
     let python = new_project(d.path(), "log-to-host-py", "python");
     std::fs::write(python.join("app.py"), block("app.py")).unwrap();
     std::fs::write(python.join("logging_method.py"), block("logging_method.py")).unwrap();
-    run(Command::new("componentize-py").current_dir(&python).args([
+    run_ok(Command::new("componentize-py").current_dir(&python).args([
         "-d",
         "wit",
         "-w",
@@ -164,18 +137,20 @@ fn the_guides_examples_build_and_check() {
         "-o",
         "log_to_host_py.wasm",
     ]));
-    let text = run(trellis().args(["plugin", "check"]).arg(&python));
+    let text = run_ok(trellis().args(["plugin", "check"]).arg(&python));
     assert!(text.contains("trial start    ok"), "{text}");
 
     let js = new_project(d.path(), "log-to-host-js", "js");
     std::fs::write(js.join("app.js"), block("app.js")).unwrap();
     std::fs::write(js.join("wit/world.wit"), block("world.wit")).unwrap();
     let path = path_with_componentize_js();
-    run(Command::new("npm")
-        .current_dir(&js)
-        .args(["run", "build", "--silent"])
-        .env("PATH", path));
-    let text = run(trellis().args(["plugin", "check"]).arg(&js));
+    run_ok(
+        Command::new("npm")
+            .current_dir(&js)
+            .args(["run", "build", "--silent"])
+            .env("PATH", path),
+    );
+    let text = run_ok(trellis().args(["plugin", "check"]).arg(&js));
     assert!(text.contains("trial start    ok"), "{text}");
 
     // The grants example, its paths in the test's directory.
@@ -187,5 +162,5 @@ fn the_guides_examples_build_and_check() {
         .replace("/etc/trellis/es-ca.pem", &ca);
     let file = d.path().join("trellis.toml");
     std::fs::write(&file, config).unwrap();
-    run(trellis().args(["config", "check"]).arg(&file));
+    run_ok(trellis().args(["config", "check"]).arg(&file));
 }

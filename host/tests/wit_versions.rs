@@ -47,19 +47,16 @@ fn a_0_1_0_plugin_and_0_2_0_plugins_serve_in_one_daemon() {
     copy_plugin(&fixtures().join("file-browser-v0-1"), &old, "old-browser");
     let transport = Transport::Tcp { port: free_port() };
     let (controller, agent, http) = write_configs(dir, &transport);
-    let text = std::fs::read_to_string(&controller).unwrap().replace(
-        "heartbeat = \"500ms\"\n",
-        "heartbeat = \"500ms\"\nlog-browsers = [\"old-browser\"]\n",
-    ) + &format!(
-        "[plugins.old-browser]\npath = \"{}\"\ndirs = [{{ host = \"state/logs\", guest = \"/logs\" }}]\n",
-        old.display()
+    extend_controller(
+        &controller,
+        "log-browsers = [\"old-browser\"]",
+        &format!(
+            "[plugins.old-browser]\npath = \"{}\"\ndirs = [{{ host = \"state/logs\", guest = \"/logs\" }}]\n",
+            old.display()
+        ),
     );
-    std::fs::write(&controller, text).unwrap();
-    let log = dir.join("daemons.log");
-    let _c = start("controller", &controller, &log);
-    let _a = start("agent", &agent, &log);
-    let server = format!("http://127.0.0.1:{http}");
-    wait_for_agent(&server, &log);
+    let daemons = start_daemons(dir, &controller, &agent, http);
+    let (log, server) = (daemons.log.clone(), daemons.server.clone());
 
     // Which contract each plugin serves, as the daemon reports it.
     let plugins: Value = serde_json::from_str(&http_get(http, "/api/plugins")).unwrap();

@@ -65,6 +65,71 @@ pub fn start(role: &str, config: &Path, log: &Path) -> Daemon {
     daemon(role, config, append_to(log).into())
 }
 
+/// Add `line` to the `[controller]` section of a controller config `write_configs` made,
+/// and `tables` at its end.
+pub fn extend_controller(config: &Path, line: &str, tables: &str) {
+    let heartbeat = "heartbeat = \"500ms\"\n";
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains(heartbeat), "{text}");
+    let text = text.replacen(heartbeat, &format!("{heartbeat}{line}\n"), 1) + tables;
+    std::fs::write(config, text).unwrap();
+}
+
+/// A controller and an agent (configs from `write_configs`) running, their output in
+/// `DIR/daemons.log`, the agent connected. Both are killed when this is dropped.
+pub struct Daemons {
+    pub controller: Daemon,
+    pub agent: Daemon,
+    /// The daemons' shared log.
+    pub log: PathBuf,
+    /// `http://127.0.0.1:PORT` of the controller's API.
+    pub server: String,
+}
+
+pub fn start_daemons(dir: &Path, controller: &Path, agent: &Path, http: u16) -> Daemons {
+    let log = dir.join("daemons.log");
+    let controller = start("controller", controller, &log);
+    let agent = start("agent", agent, &log);
+    let server = format!("http://127.0.0.1:{http}");
+    wait_for_agent(&server, &log);
+    Daemons {
+        controller,
+        agent,
+        log,
+        server,
+    }
+}
+
+/// Run `c` to success (the failure shows its command and output); stdout + stderr.
+pub fn run_ok(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{c:?}:\n{text}");
+    text
+}
+
+/// Build the Rust plugin crate in `project` for wasm32-wasip2 (release) and put its
+/// component `CRATE.wasm` beside its manifest. Uses the test's own target directory when
+/// there is one: trellis-sdk's dependencies are built already.
+pub fn build_rust_plugin(project: &Path, crate_name: &str) {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project.join("target"));
+    run_ok(
+        Command::new(env!("CARGO"))
+            .current_dir(project)
+            .args(["build", "--target", "wasm32-wasip2", "--release"])
+            .env("CARGO_TARGET_DIR", &target),
+    );
+    let wasm = format!("{}.wasm", crate_name.replace('-', "_"));
+    std::fs::copy(
+        target.join("wasm32-wasip2/release").join(&wasm),
+        project.join(&wasm),
+    )
+    .unwrap();
+}
+
 /// `start`, inside the network namespace `ns`.
 pub fn start_in(ns: &super::Netns, role: &str, config: &Path, log: &Path) -> Daemon {
     Daemon(
