@@ -599,14 +599,17 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
         .plugins()
         .iter()
         .map(|p| {
+            // One read of the generation serving new work, so that its fields agree
+            // even while a reload swaps it.
+            let (generation, g) = p.current();
             serde_json::json!({
                 "name": p.manifest.name,
-                "version": p.version(),
-                "wit": p.current().1.wit,
-                "generation": p.current().0,
+                "version": g.version,
+                "wit": g.wit,
+                "generation": generation,
                 "limits": {
-                    "memory": p.limits().memory,
-                    "call_timeout_ms": p.limits().call_timeout.as_millis() as u64,
+                    "memory": g.limits.memory,
+                    "call_timeout_ms": g.limits.call_timeout.as_millis() as u64,
                 },
                 "points": p.info.points().iter().map(|x| x.interface()).collect::<Vec<_>>(),
                 "health": format!("{:?}", p.health()),

@@ -397,3 +397,20 @@ impl FenceAgent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_version_has_bindings() {
+        for v in SERVED {
+            let wit = WitVersion::parse(v).unwrap();
+            assert!(Version::of(wit).is_some(), "no bindings for served {v}");
+        }
+        assert_eq!(
+            Version::of(WitVersion::parse(CURRENT).unwrap()),
+            Some(Version::V0_2)
+        );
+    }
+}
