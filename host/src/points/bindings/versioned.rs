@@ -85,26 +85,27 @@ pub struct Exports {
     pub fence: Option<FenceAgent>,
 }
 
-/// `GuestIndices::new` for the points in `points`, only those.
+/// `ExportIndices::$variant` from version module `$m`'s `GuestIndices::new`, for the
+/// points in `points` only.
 macro_rules! indices {
-    ($m:ident, $pre:expr, $points:expr) => {{
+    ($variant:ident, $m:ident, $pre:expr, $points:expr) => {{
         let (pre, points) = ($pre, $points);
         let want = |p: Point| points.contains(&p);
-        (
-            $m::lifecycle::GuestIndices::new(pre)?,
-            want(Point::CommandTransport)
+        ExportIndices::$variant {
+            lifecycle: $m::lifecycle::GuestIndices::new(pre)?,
+            transport: want(Point::CommandTransport)
                 .then(|| $m::command_transport::GuestIndices::new(pre))
                 .transpose()?,
-            want(Point::LoggingMethod)
+            logging: want(Point::LoggingMethod)
                 .then(|| $m::logging_method::GuestIndices::new(pre))
                 .transpose()?,
-            want(Point::LogBrowser)
+            browser: want(Point::LogBrowser)
                 .then(|| $m::log_browser::GuestIndices::new(pre))
                 .transpose()?,
-            want(Point::FenceAgent)
+            fence: want(Point::FenceAgent)
                 .then(|| $m::fence_agent::GuestIndices::new(pre))
                 .transpose()?,
-        )
+        }
     }};
 }
 
@@ -115,26 +116,8 @@ impl ExportIndices {
         points: &BTreeSet<Point>,
     ) -> Result<ExportIndices> {
         Ok(match version {
-            Version::V0_1 => {
-                let (lifecycle, transport, logging, browser, fence) = indices!(v0_1, pre, points);
-                ExportIndices::V0_1 {
-                    lifecycle,
-                    transport,
-                    logging,
-                    browser,
-                    fence,
-                }
-            }
-            Version::V0_2 => {
-                let (lifecycle, transport, logging, browser, fence) = indices!(super, pre, points);
-                ExportIndices::V0_2 {
-                    lifecycle,
-                    transport,
-                    logging,
-                    browser,
-                    fence,
-                }
-            }
+            Version::V0_1 => indices!(V0_1, v0_1, pre, points),
+            Version::V0_2 => indices!(V0_2, super, pre, points),
         })
     }
 
