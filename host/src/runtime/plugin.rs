@@ -158,11 +158,6 @@ impl Plugin {
         (c.0, c.1.clone())
     }
 
-    /// The version serving new work (the manifest's, or a reloaded one's).
-    pub fn version(&self) -> String {
-        self.current().1.version.clone()
-    }
-
     /// Put `new`'s code and configuration in place of this plugin's: new instances come
     /// from it, idle ones of the old generation are dropped, busy ones finish their work
     /// (a log being written, a link) and are not reused. `new` must be the same plugin
