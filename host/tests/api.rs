@@ -1,5 +1,7 @@
 //! The HTTP API over a live controller and agent: submit, show, list, log pages (cursor,
-//! step, tail), live follow over SSE to the end, cancel, agents, plugins, metrics.
+//! step, tail), live follow over SSE to the end, cancel, agents, plugins, metrics; and
+//! the route table: every route the router serves has an access rule, and keeps it for
+//! each role.
 
 mod common;
 
@@ -8,14 +10,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use trellis::api::{Api, serve};
+use trellis::api::access::{Access, AccessConfig, Role, Rule, TokenStore, rule};
+use trellis::api::{Api, serve, served_routes};
 use trellis::points::browser::LogReader;
 
+/// The API's address and the token requests carry (none: no `Authorization`).
+#[derive(Clone, Copy)]
+struct Target {
+    addr: SocketAddr,
+    token: Option<&'static str>,
+}
+
 /// One request, `Connection: close`; returns (status, body).
-async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+async fn http(t: Target, method: &str, path: &str, body: &str) -> (u16, String) {
+    let addr = t.addr;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = t
+        .token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/toml\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\ncontent-type: application/toml\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -30,11 +45,15 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, S
 }
 
 /// Follow `path` (SSE) to its `end`: the `line` events' messages and the `end` payload.
-async fn follow(addr: SocketAddr, path: &str) -> (Vec<String>, serde_json::Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+async fn follow(t: Target, path: &str) -> (Vec<String>, serde_json::Value) {
+    let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    let auth = t
+        .token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n")
+            format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{auth}accept: text/event-stream\r\n\r\n")
                 .as_bytes(),
         )
         .await
@@ -76,11 +95,8 @@ name = "two"
 run = "sleep 0.3; echo last"
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_end_to_end() {
-    let s = stack().await;
-    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
-    wait_connected(&s.controller).await;
+/// The API of `s` on a free loopback port, guarded by the tokens in its state dir.
+async fn serve_api(s: &Stack) -> SocketAddr {
     let reader = LogReader::new(s.runtime.get("file-browser").unwrap()).unwrap();
     let api = Arc::new(Api {
         controller: s.controller.clone(),
@@ -88,7 +104,35 @@ async fn the_api_end_to_end() {
         browsers: reader.into(),
         instance_id: "test-controller".into(),
     });
-    let addr = serve("127.0.0.1:0".parse().unwrap(), api).await.unwrap();
+    let access = Arc::new(Access::new(AccessConfig {
+        state_dir: &s.dir.path().join("state"),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        hosts: &[],
+        open_metrics: false,
+        tls: false,
+    }));
+    serve("127.0.0.1:0".parse().unwrap(), api, access, None)
+        .await
+        .unwrap()
+}
+
+/// A token made in `s`'s state dir, leaked for `Target`'s sake (tests only).
+fn token(s: &Stack, name: &str, role: Role) -> &'static str {
+    let t = TokenStore::in_state_dir(&s.dir.path().join("state"))
+        .create(name, role)
+        .unwrap();
+    Box::leak(t.into_boxed_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_end_to_end() {
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let addr = Target {
+        addr: serve_api(&s).await,
+        token: Some(token(&s, "test-operator", Role::Operator)),
+    };
 
     // bad input is named
     let (code, body) = http(
@@ -113,6 +157,7 @@ async fn the_api_end_to_end() {
     let (code, body) = http(addr, "POST", "/api/runs", JOB).await;
     assert_eq!(code, 201, "{body}");
     let id = json(&body)["id"].as_str().unwrap().to_string();
+    assert_eq!(json(&body)["submitted_by"], "test-operator", "{body}");
     let (messages, ended) = follow(addr, &format!("/api/runs/{id}/log/follow")).await;
     assert_eq!(ended["status"], "succeeded");
     assert_eq!(messages.len(), 302, "every line once, then the end");
@@ -214,4 +259,80 @@ async fn the_api_end_to_end() {
         body.contains("trellis_plugin_calls_total{plugin=\"file-logging\"}"),
         "{body}"
     );
+}
+
+/// Every route the router serves has a rule in `access::RULES`, every rule names a
+/// served route, and each route answers each kind of caller as its rule says: nobody
+/// 401, too small a role 403, enough of one neither. A new route without a rule fails
+/// here (and is refused at run time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_has_a_rule_and_keeps_it() {
+    let s = stack().await;
+    let addr = serve_api(&s).await;
+    let callers = [
+        ("nobody", None, None),
+        ("viewer", Some(Role::Viewer), Some(token(&s, "v", Role::Viewer))),
+        ("operator", Some(Role::Operator), Some(token(&s, "o", Role::Operator))),
+        ("admin", Some(Role::Admin), Some(token(&s, "a", Role::Admin))),
+    ];
+    let served = served_routes();
+    for (method, path, _) in trellis::api::access::RULES {
+        assert!(
+            served.iter().any(|(m, p)| m.as_str() == *method && p == path),
+            "access::RULES has {method} {path}, which no router serves: remove the rule"
+        );
+    }
+    for (method, path) in &served {
+        let rule = rule(method, path).unwrap_or_else(|| {
+            panic!("{method} {path} has no rule in api::access::RULES: add one")
+        });
+        let concrete = path
+            .replace("{id}", "r-999999")
+            .replace("{*name}", "a/b")
+            .replace("{name}", "no-such-plugin");
+        for (who, role, token) in callers {
+            let body = if method.as_str() == "POST" { "{}" } else { "" };
+            let (code, text) = http(Target { addr, token }, method.as_str(), &concrete, body).await;
+            let allowed = match rule {
+                Rule::Public => true,
+                Rule::Metrics | Rule::Needs(Role::Viewer) => role.is_some(),
+                Rule::Needs(need) => role.is_some_and(|r| r >= need),
+            };
+            if allowed {
+                assert!(
+                    code != 401 && code != 403 && code != 500,
+                    "{method} {path} as {who}: {code} {text}"
+                );
+            } else {
+                let want = if role.is_none() { 401 } else { 403 };
+                assert_eq!(code, want, "{method} {path} as {who}: {text}");
+            }
+        }
+    }
+    // a wrong token is a 401 even on a public route's neighbour
+    let (code, text) = http(
+        Target {
+            addr,
+            token: Some("trellis_0000"),
+        },
+        "GET",
+        "/api/runs",
+        "",
+    )
+    .await;
+    assert_eq!(code, 401, "{text}");
+    assert!(text.contains("trellis token create"), "{text}");
+    // a viewer is told which role it needs
+    let (code, text) = http(
+        Target {
+            addr,
+            token: callers[1].2,
+        },
+        "POST",
+        "/api/plugins/file-logging/reload",
+        "{}",
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert!(text.contains("needs the `admin` role"), "{text}");
 }

@@ -78,6 +78,7 @@ config = {{ address = "127.0.0.1:{tp}" }}
         ),
     )
     .unwrap();
+    use_token(http, &create_token(&controller, "test-admin", "admin"));
     (controller, agent, http)
 }
 

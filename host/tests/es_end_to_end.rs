@@ -388,6 +388,7 @@ fn a_finished_log_is_incomplete_until_the_store_shows_all_of_it() {
     let follower = trellis()
         .args(["logs", &run, "--follow"])
         .env("TRELLIS_SERVER", &server)
+        .env("TRELLIS_TOKEN", token_for(http).unwrap())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -71,6 +71,10 @@ fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
             gluster.volume, ns.ns_ip
         )
     });
+    // The API tokens live on the shared volume too.
+    let token = create_token(&cfg_b, "gluster-admin", "admin");
+    use_token(http_a, &token);
+    use_token(http_b, &token);
     let server_b = format!("http://127.0.0.1:{http_b}");
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();

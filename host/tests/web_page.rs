@@ -2,6 +2,10 @@
 //! on loopback, Debian's `chromium` headless, driven over the Chrome DevTools Protocol.
 //! The job waits on gate files, so the log is sampled while the run is certainly live.
 //! Needs `chromium` on PATH (`./scripts/setup.sh` installs it); fails without it.
+//!
+//! The page signs in with a token (a session cookie), and another origin's page (a
+//! second HTTP server on another port, so the same *site*: the cookie goes along) tries
+//! a form POST, a `no-cors` `text/plain` fetch, and a DNS-rebound `Host`: no run.
 
 mod common;
 
@@ -13,17 +17,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use trellis::api::access::{Access, AccessConfig, Role, TokenStore};
 use trellis::api::{Api, serve};
 use trellis::controller::Controller;
 use trellis::points::browser::LogReader;
 
-/// One HTTP/1.1 request; returns (status, lower-cased headers, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
+/// One HTTP/1.1 request with `headers` (lines ending in CRLF); returns (status,
+/// lower-cased headers, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -88,6 +100,8 @@ impl Browser {
                 "--disable-component-update",
                 "--password-store=basic",
                 "--remote-debugging-address=127.0.0.1",
+                // a DNS name that resolves to the controller: a rebinding attack's view
+                "--host-resolver-rules=MAP rebind.test 127.0.0.1",
                 "--remote-debugging-port=0",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -125,7 +139,7 @@ impl Browser {
     /// A DevTools session with the browser's first tab.
     fn tab(&self) -> Cdp {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let (code, _, body) = http(addr, "GET", "/json/list", "");
+        let (code, _, body) = http(addr, "GET", "/json/list", "", "");
         assert_eq!(code, 200, "{body}");
         let targets: Vec<Value> = serde_json::from_str(&body).unwrap();
         let url = targets
@@ -296,13 +310,68 @@ fn live(c: &Controller, id: &str) -> bool {
     !c.run(id).expect("the run exists").status.is_final()
 }
 
-fn drive(chromium: &Path, addr: SocketAddr, controller: Arc<Controller>, gates: &Path) {
+/// Sign the tab in on the page at `url` with `token` (a viewer's), through its form.
+fn sign_in(tab: &mut Cdp, url: &str, token: &str) {
+    sign_in_as(tab, url, token, "viewer")
+}
+
+fn sign_in_as(tab: &mut Cdp, url: &str, token: &str, role: &str) {
+    let t = Duration::from_secs(30);
+    tab.navigate(url);
+    tab.wait_for("the sign-in form", "document.getElementById('signin')", t);
+    tab.eval(&format!(
+        "document.getElementById('token').value = {}; document.querySelector('#signin button').click()",
+        json!(token)
+    ));
+    tab.wait_for(
+        "signed in",
+        &format!("document.getElementById('who')?.textContent.includes('({role})')"),
+        t,
+    );
+}
+
+/// Serve the API of `s` on a free loopback port, guarded by its state dir's tokens;
+/// (address, a viewer's token, an operator's token).
+async fn serve_api(s: &Stack) -> (SocketAddr, String, String) {
+    let api = Arc::new(Api {
+        controller: s.controller.clone(),
+        runtime: s.runtime.clone(),
+        browsers: LogReader::new(s.runtime.get("file-browser").unwrap())
+            .unwrap()
+            .into(),
+        instance_id: "test-controller".into(),
+    });
+    let state = s.dir.path().join("state");
+    let access = Arc::new(Access::new(AccessConfig {
+        state_dir: &state,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        hosts: &[],
+        open_metrics: false,
+        tls: false,
+    }));
+    let tokens = TokenStore::in_state_dir(&state);
+    let viewer = tokens.create("web-viewer", Role::Viewer).unwrap();
+    let operator = tokens.create("web-operator", Role::Operator).unwrap();
+    let addr = serve("127.0.0.1:0".parse().unwrap(), api, access, None)
+        .await
+        .unwrap();
+    (addr, viewer, operator)
+}
+
+fn drive(
+    chromium: &Path,
+    addr: SocketAddr,
+    controller: Arc<Controller>,
+    gates: &Path,
+    (viewer, operator): (&str, &str),
+) {
     let t = Duration::from_secs(60);
     let browser = Browser::launch(chromium);
     let mut tab = browser.tab();
+    let op = format!("authorization: Bearer {operator}\r\ncontent-type: application/toml\r\n");
 
     // the page and its script, with their headers
-    let (code, headers, body) = http(addr, "GET", "/", "");
+    let (code, headers, body) = http(addr, "GET", "/", "", "");
     assert_eq!(code, 200);
     assert!(
         headers.contains("content-type: text/html; charset=utf-8"),
@@ -313,21 +382,32 @@ fn drive(chromium: &Path, addr: SocketAddr, controller: Arc<Controller>, gates: 
         "{headers}"
     );
     assert!(body.contains("<script src=\"/app.js\">"));
-    let (code, headers, _) = http(addr, "GET", "/app.js", "");
+    let (code, headers, _) = http(addr, "GET", "/app.js", "", "");
     assert_eq!(code, 200);
     assert!(
         headers.contains("content-type: text/javascript"),
         "{headers}"
     );
 
-    // submit, open the run's page while the job waits on the first gate
-    let (code, _, body) = http(addr, "POST", "/api/runs", &job(gates));
+    // submit, then sign in on the run's page (the viewer's token for a session cookie)
+    // and watch it while the job waits on the first gate
+    let (code, _, body) = http(addr, "POST", "/api/runs", &op, &job(gates));
     assert_eq!(code, 201, "{body}");
     let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
-    tab.navigate(&format!("http://{addr}/runs/{id}"));
+    sign_in(&mut tab, &format!("http://{addr}/runs/{id}"), viewer);
+    let cookie = tab.call("Network.getCookies", json!({ "urls": [format!("http://{addr}/")] }));
+    let cookie = &cookie["cookies"][0];
+    assert_eq!(cookie["name"], "trellis_session", "{cookie}");
+    assert_eq!(cookie["httpOnly"], true, "{cookie}");
+    assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
+    assert_eq!(
+        tab.eval("document.cookie"),
+        "",
+        "the page's script cannot read the session"
+    );
     tab.wait_for(
         "the run's page",
         "document.querySelector('details[data-step=build]')",
@@ -490,21 +570,124 @@ async fn the_web_page_in_chromium() {
     let s = stack().await;
     let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
     wait_connected(&s.controller).await;
-    let api = Arc::new(Api {
-        controller: s.controller.clone(),
-        runtime: s.runtime.clone(),
-        browsers: LogReader::new(s.runtime.get("file-browser").unwrap())
-            .unwrap()
-            .into(),
-        instance_id: "test-controller".into(),
-    });
-    let addr = serve("127.0.0.1:0".parse().unwrap(), api).await.unwrap();
+    let (addr, viewer, operator) = serve_api(&s).await;
     let gates = s.dir.path().join("gates");
     std::fs::create_dir_all(&gates).unwrap();
     let controller = s.controller.clone();
     // the DevTools client blocks; the controller and agent keep running on the runtime
+    let done = tokio::task::spawn_blocking(move || {
+        drive(&chromium, addr, controller, &gates, (&viewer, &operator))
+    })
+    .await;
+    if let Err(e) = done {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Another origin's page, served on another port of the same host: the same *site*, so
+/// the browser sends the SameSite=Strict cookie along. It tries a job submit as a form
+/// POST (`text/plain`) and as a `no-cors` `text/plain` fetch, with an operator signed
+/// in. Then a DNS name that resolves to the controller (rebinding) is refused by its
+/// `Host`. No run is created by any of it; the page's own same-origin submit works.
+fn attack(chromium: &Path, addr: SocketAddr, controller: Arc<Controller>, operator: &str) {
+    let t = Duration::from_secs(30);
+    let api = format!("http://{addr}");
+    let job = "name = \"csrf\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo pwned\"\n";
+    let page = format!(
+        r#"<!doctype html><html><body>
+<form id="f" method="POST" action="{api}/api/runs" enctype="text/plain"><input type="hidden" name='name = "csrf-form"&#10;agent = "linux"&#10;[[step]]&#10;name = "s"&#10;run = "echo x' value='"'></form>
+<script>
+fetch("{api}/api/runs", {{ method: "POST", mode: "no-cors", credentials: "include",
+  headers: {{ "content-type": "text/plain" }}, body: {job} }})
+  .then(() => {{ document.title = "fetch sent"; }}, (e) => {{ document.title = "fetch failed " + e; }})
+  .finally(() => setTimeout(() => document.getElementById("f").submit(), 200));
+</script></body></html>"#,
+        job = json!(job)
+    );
+    let evil = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let evil_addr = evil.local_addr().unwrap();
+    // bounded: a few page loads (and a favicon), then the thread ends
+    std::thread::spawn(move || {
+        for conn in evil.incoming().take(8) {
+            let Ok(mut c) = conn else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+
+    let browser = Browser::launch(chromium);
+    let mut tab = browser.tab();
+    sign_in_as(&mut tab, &format!("{api}/"), operator, "operator");
+
+    // 1, 2: the other origin's fetch, then its form
+    tab.navigate(&format!("http://{evil_addr}/attack"));
+    tab.wait_for(
+        "the form's POST to land on the API",
+        &format!("location.href === '{api}/api/runs' && document.body && document.body.innerText"),
+        t,
+    );
+    let shown = tab.eval("document.body.innerText");
+    assert!(
+        shown
+            .as_str()
+            .unwrap()
+            .contains("may not change anything here"),
+        "the form POST was not refused as cross-site: {shown}"
+    );
+    assert!(
+        controller.runs().is_empty(),
+        "a cross-site request made a run: {:?}",
+        controller.runs()
+    );
+
+    // 3: DNS rebinding: a name the attacker controls, resolving to the controller
+    let rebound = format!("http://rebind.test:{}", addr.port());
+    tab.navigate(&format!("{rebound}/"));
+    tab.wait_for(
+        "the rebound page",
+        "document.body && document.body.innerText.includes('does not answer to the host')",
+        t,
+    );
+    let status = tab.eval(&format!(
+        "fetch('/api/runs', {{ method: 'POST', headers: {{ 'content-type': 'application/toml' }}, body: {} }}).then(r => r.status)",
+        json!(job)
+    ));
+    assert_eq!(status, 421, "a rebound Host must be refused");
+    assert!(controller.runs().is_empty(), "{:?}", controller.runs());
+
+    // the control: the signed-in page itself may submit (so the refusals above came from
+    // the cross-site checks, not from a missing session)
+    tab.navigate(&format!("{api}/"));
+    tab.wait_for("the runs page", "document.getElementById('who')", t);
+    let status = tab.eval(&format!(
+        "fetch('/api/runs', {{ method: 'POST', headers: {{ 'content-type': 'application/toml' }}, body: {} }}).then(r => r.status)",
+        json!(job)
+    ));
+    assert_eq!(status, 201);
+    let runs = controller.runs();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].job, "csrf");
+    assert_eq!(runs[0].submitted_by, "web-operator");
+    drop(tab);
+    drop(browser);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_origins_cannot_submit_in_chromium() {
+    let chromium = find_chromium();
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let (addr, _viewer, operator) = serve_api(&s).await;
+    let controller = s.controller.clone();
     let done =
-        tokio::task::spawn_blocking(move || drive(&chromium, addr, controller, &gates)).await;
+        tokio::task::spawn_blocking(move || attack(&chromium, addr, controller, &operator)).await;
     if let Err(e) = done {
         std::panic::resume_unwind(e.into_panic());
     }

@@ -299,6 +299,49 @@ async function showRun(id) {
   });
 }
 
-const m = location.pathname.match(/^\/runs\/([^/]+)\/?$/);
-if (m) showRun(decodeURIComponent(m[1]));
-else showList();
+// ---- signing in ------------------------------------------------------------------------
+// The API needs a token. The page trades one for a session cookie (HttpOnly: this script
+// never sees it) and forgets the token; the cookie then goes with every request, the
+// live follow's EventSource included.
+
+function showSignIn() {
+  where.textContent = "sign in";
+  const input = el("input", { type: "password", id: "token", autocomplete: "off", size: 50, placeholder: "trellis_…" });
+  const note = el("p", { class: "muted", id: "signin-note" },
+    "This controller needs an API token. An admin makes one on the controller's host with " +
+    "`trellis token create NAME --role viewer --config CONTROLLER.toml`.");
+  const form = el("form", { id: "signin" }, el("label", {}, "API token ", input), " ",
+    el("button", { type: "submit" }, "sign in"), note);
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const r = await fetch("/api/session", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token: input.value }),
+    });
+    input.value = "";
+    if (r.ok) return start();
+    note.textContent = (await r.json().catch(() => ({}))).error || `HTTP ${r.status}`;
+  });
+  app.replaceChildren(el("h2", {}, "Sign in"), form);
+}
+
+async function signOut() {
+  await fetch("/api/session", { method: "DELETE", headers: { "x-trellis-request": "1" } });
+  location.reload();
+}
+
+async function start() {
+  const who = await (await fetch("/api/session", { headers: { accept: "application/json" } })).json();
+  if (!who) return showSignIn();
+  const header = document.querySelector("header");
+  header.querySelector("#who")?.remove();
+  const out = el("button", { type: "button" }, "sign out");
+  out.addEventListener("click", signOut);
+  header.append(el("span", { id: "who", class: "muted" }, `${who.name} (${who.role}) `, out));
+  const m = location.pathname.match(/^\/runs\/([^/]+)\/?$/);
+  if (m) showRun(decodeURIComponent(m[1]));
+  else showList();
+}
+
+start();

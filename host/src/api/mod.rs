@@ -18,12 +18,20 @@
 //! | `POST /api/plugins/{name}/reload` | hot reload: the new code is tried on a canary first; 200 with the new version, 422 naming why it is refused (the old one keeps serving) |
 //! | `GET /metrics` | Prometheus text: per-plugin metrics (and the HA role's) |
 //! | `GET /api/cluster` | HA: this controller's role, token, last fencing and failover, and the leader lease as etcd has it |
+//! | `POST /api/session` (body `{"token": "..."}`), `GET`, `DELETE` | the web page signs in (a session cookie), asks who it is, signs out |
+//! | `GET /api/tokens` | the API tokens: name, role, created (never the token) |
+//!
+//! Who may call what is in `access::RULES` (see [`access`]): every request is screened
+//! (Host allow-list; same origin and a non-simple content type for changes), then held
+//! to its route's rule. With `[controller] tls` the listener speaks HTTPS only.
 //!
 //! With `[ha]` the listener is bound at start: a standby serves `/api/cluster` and
 //! `/metrics`, and answers 503 (naming its role) to the rest until it is active.
 //!
 //! Logs are read through the configured log browser, so following works the same for
 //! any logging method, and a finished run is never shown complete before it is.
+
+pub mod access;
 
 use crate::controller::Controller;
 use crate::controller::state::RunRecord;
@@ -33,11 +41,13 @@ use crate::points::bindings::log_browser::{LogCompleteness, PageRequest};
 use crate::points::bindings::types::LogMetadata;
 use crate::points::browser::LogReader;
 use crate::runtime::Runtime;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use access::{Access, Caller};
+use axum::extract::{Extension, MatchedPath, Path, Query, State};
+use axum::handler::Handler;
+use axum::http::{Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
@@ -101,27 +111,138 @@ impl From<LogReader> for Browsers {
 /// Most events one page returns.
 const MAX_PAGE: u32 = 10_000;
 
-pub fn router(api: Arc<Api>) -> Router {
-    Router::new()
-        .route("/", get(page))
-        .route("/runs/{id}", get(page))
-        .route("/app.js", get(app_js))
-        .route("/api/runs", get(list_runs).post(submit))
-        .route("/api/runs/{id}", get(show_run))
-        .route("/api/runs/{id}/cancel", post(cancel))
-        .route("/api/runs/{id}/log", get(log_page))
-        .route("/api/runs/{id}/log/follow", get(follow))
-        .route("/api/runs/{id}/artifacts", get(list_artifacts))
-        .route("/api/runs/{id}/artifacts/{*name}", get(download_artifact))
-        .route("/api/agents", get(agents))
-        .route("/api/plugins", get(plugins))
-        .route("/api/plugins/{name}/reload", post(reload_plugin))
+/// A router that records each route it serves, so the route table test can hold every
+/// one of them to `access::RULES`.
+pub struct Routes<S> {
+    router: Router<S>,
+    pub served: Vec<(Method, &'static str)>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    fn new() -> Self {
+        Routes {
+            router: Router::new(),
+            served: Vec::new(),
+        }
+    }
+
+    fn add(mut self, method: Method, path: &'static str, m: MethodRouter<S>) -> Self {
+        self.router = self.router.route(path, m);
+        self.served.push((method, path));
+        self
+    }
+
+    fn get<H: Handler<T, S>, T: 'static>(self, path: &'static str, h: H) -> Self {
+        self.add(Method::GET, path, get(h))
+    }
+
+    fn post<H: Handler<T, S>, T: 'static>(self, path: &'static str, h: H) -> Self {
+        self.add(Method::POST, path, post(h))
+    }
+
+    fn delete<H: Handler<T, S>, T: 'static>(self, path: &'static str, h: H) -> Self {
+        self.add(Method::DELETE, path, delete(h))
+    }
+}
+
+/// The active controller's routes (the listener's own are in [`front_routes`]).
+pub fn api_routes() -> Routes<Arc<Api>> {
+    Routes::new()
+        .get("/", page)
+        .get("/runs/{id}", page)
+        .get("/app.js", app_js)
+        .get("/api/runs", list_runs)
+        .post("/api/runs", submit)
+        .get("/api/runs/{id}", show_run)
+        .post("/api/runs/{id}/cancel", cancel)
+        .get("/api/runs/{id}/log", log_page)
+        .get("/api/runs/{id}/log/follow", follow)
+        .get("/api/runs/{id}/artifacts", list_artifacts)
+        .get("/api/runs/{id}/artifacts/{*name}", download_artifact)
+        .get("/api/agents", agents)
+        .get("/api/plugins", plugins)
+        .post("/api/plugins/{name}/reload", reload_plugin)
+}
+
+/// The routes the listener answers itself, on a standby too.
+pub fn front_routes() -> Routes<Arc<Front>> {
+    Routes::new()
+        .get("/api/cluster", cluster_status)
+        .get("/metrics", metrics)
+        .post("/api/session", sign_in)
+        .get("/api/session", whoami)
+        .delete("/api/session", sign_out)
+        .get("/api/tokens", list_tokens)
+}
+
+/// Every route the controller serves: method and path pattern.
+pub fn served_routes() -> Vec<(Method, &'static str)> {
+    let mut all = api_routes().served;
+    all.extend(front_routes().served);
+    all
+}
+
+pub fn router(api: Arc<Api>, access: Arc<Access>) -> Router {
+    api_routes()
+        .router
+        .route_layer(axum::middleware::from_fn_with_state(access, authorize))
         .with_state(api)
 }
 
-/// Serve on `addr` (port 0: any free port). Returns the bound address.
-pub async fn serve(addr: SocketAddr, api: Arc<Api>) -> std::io::Result<SocketAddr> {
-    let listener = listen(addr, None).await?;
+/// Hold the request to its route's rule (the route as matched, so `{id}` is one rule
+/// whatever the id), and hand the caller to the handler.
+async fn authorize(
+    State(access): State<Arc<Access>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    match access.authorize(req.method(), route.as_deref(), req.headers()) {
+        Ok(caller) => {
+            if let Some(c) = caller {
+                req.extensions_mut().insert(c);
+            }
+            next.run(req).await
+        }
+        Err(refusal) => refuse(refusal),
+    }
+}
+
+/// Before routing: the Host allow-list, and same-origin and content type for changes.
+async fn screen(
+    State(access): State<Arc<Access>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match access.screen(req.method(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => refuse(refusal),
+    }
+}
+
+fn refuse((status, msg): access::Refusal) -> Response {
+    let mut r = error(status, msg);
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer realm=\"trellis\""),
+        );
+    }
+    r
+}
+
+/// Serve on `addr` (port 0: any free port), over TLS when `tls` is given. Returns the
+/// bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    api: Arc<Api>,
+    access: Arc<Access>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<SocketAddr> {
+    let listener = listen(addr, None, access, tls).await?;
     listener.activate(api);
     Ok(listener.addr)
 }
@@ -132,39 +253,133 @@ pub struct Listener {
     front: Arc<Front>,
 }
 
-struct Front {
+pub struct Front {
     api: OnceLock<(Arc<Api>, Router)>,
     cluster: Option<Arc<ClusterStatus>>,
+    access: Arc<Access>,
 }
 
-/// Bind `addr`; until [`Listener::activate`], only `/api/cluster` and `/metrics` answer.
+/// Bind `addr`; until [`Listener::activate`], only the front routes (`/api/cluster`,
+/// `/metrics`, signing in) answer. With `tls`, only HTTPS is spoken.
 pub async fn listen(
     addr: SocketAddr,
     cluster: Option<Arc<ClusterStatus>>,
+    access: Arc<Access>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<Listener> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let front = Arc::new(Front {
         api: OnceLock::new(),
         cluster,
+        access: access.clone(),
     });
-    let app = Router::new()
-        .route("/api/cluster", get(cluster_status))
-        .route("/metrics", get(metrics))
+    let app = front_routes()
+        .router
+        .route_layer(axum::middleware::from_fn_with_state(
+            access.clone(),
+            authorize,
+        ))
         .fallback(forward)
+        .layer(axum::middleware::from_fn_with_state(access, screen))
         .with_state(front.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("HTTP API stopped: {e}");
+    match tls {
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("HTTP API stopped: {e}");
+                }
+            });
         }
-    });
+        Some(tls) => {
+            tokio::spawn(serve_tls(listener, app, tls));
+        }
+    }
     Ok(Listener { addr: bound, front })
+}
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accept TLS connections and serve HTTP/1.1 on each. A failed handshake ends only
+/// that connection.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, say: wait a little rather than spin.
+                tracing::warn!("HTTPS accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!("HTTPS handshake with {peer}: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("HTTPS connection with {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// The server side of `[controller] tls`: its certificate chain and key (PEM files).
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|c| c.collect())
+        .map_err(|e| anyhow::anyhow!("controller.tls.cert: cannot read {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "controller.tls.cert: {} holds no PEM certificate",
+            cert.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        anyhow::anyhow!(
+            "controller.tls.key: cannot read a PEM private key from {}: {e}",
+            key.display()
+        )
+    })?;
+    let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| anyhow::anyhow!("controller.tls: the certificate and key do not make a server identity: {e}"))?;
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(c)
 }
 
 impl Listener {
     /// Serve the whole API from now on.
     pub fn activate(&self, api: Arc<Api>) {
-        let _ = self.front.api.set((api.clone(), router(api)));
+        let _ = self
+            .front
+            .api
+            .set((api.clone(), router(api, self.front.access.clone())));
     }
 }
 
@@ -253,12 +468,16 @@ async fn list_runs(State(api): State<Arc<Api>>) -> Json<Vec<RunRecord>> {
     Json(api.controller.runs())
 }
 
-async fn submit(State(api): State<Arc<Api>>, body: String) -> Response {
+async fn submit(
+    State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    body: String,
+) -> Response {
     let job = match Job::parse(&body, "(request body)") {
         Ok(j) => j,
         Err(p) => return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": "invalid job", "problems": p.items.iter().map(|i| i.to_string()).collect::<Vec<_>>() }))).into_response(),
     };
-    match api.controller.submit(&job) {
+    match api.controller.submit_as(&job, &caller.name) {
         Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),
         Err(e @ crate::controller::SubmitError::NoAgent(_)) => {
             error(StatusCode::CONFLICT, e.to_string())
@@ -277,13 +496,18 @@ async fn show_run(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Respon
     }
 }
 
-async fn cancel(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
+async fn cancel(
+    State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     match api.controller.run(&id) {
         None => error(StatusCode::NOT_FOUND, format!("no run `{id}`")),
         Some(r) if r.status.is_final() => {
             error(StatusCode::CONFLICT, format!("run `{id}` already ended"))
         }
         Some(_) => {
+            tracing::info!(run = %id, by = %caller.name, "cancel requested");
             api.controller.cancel(&id);
             (
                 StatusCode::ACCEPTED,
@@ -623,13 +847,18 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
     Json(list).into_response()
 }
 
-async fn reload_plugin(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
+async fn reload_plugin(
+    State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Response {
     if api.runtime.get(&name).is_none() {
         return error(
             StatusCode::NOT_FOUND,
             format!("no plugin named `{name}` is loaded"),
         );
     }
+    tracing::info!(plugin = %name, by = %caller.name, "plugin reload requested");
     match api.runtime.reload(&name).await {
         Ok(r) => Json(r).into_response(),
         Err(problems) => {
@@ -644,6 +873,60 @@ async fn reload_plugin(State(api): State<Arc<Api>>, Path(name): Path<String>) ->
                 .into_response()
         }
     }
+}
+
+#[derive(Deserialize)]
+struct SignIn {
+    token: String,
+}
+
+/// The web page signs in: the token is checked once and exchanged for a session cookie
+/// (HttpOnly: page scripts never see it; SameSite=Strict: other sites never send it).
+async fn sign_in(State(front): State<Arc<Front>>, body: axum::body::Bytes) -> Response {
+    let Ok(SignIn { token }) = serde_json::from_slice(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "send {\"token\": \"...\"} as application/json",
+        );
+    };
+    match front.access.sign_in(&token) {
+        Ok((caller, cookie)) => {
+            tracing::info!(by = %caller.name, "signed in on the web page");
+            (
+                [(axum::http::header::SET_COOKIE, cookie)],
+                Json(serde_json::json!({ "name": caller.name, "role": caller.role })),
+            )
+                .into_response()
+        }
+        Err(refusal) => refuse(refusal),
+    }
+}
+
+/// Who the request is from (`null` when nobody): the page asks before anything else.
+async fn whoami(req: axum::extract::Request) -> Response {
+    let caller = req.extensions().get::<Caller>();
+    Json(caller.map(|c| serde_json::json!({ "name": c.name, "role": c.role }))).into_response()
+}
+
+async fn sign_out(State(front): State<Arc<Front>>, req: axum::extract::Request) -> Response {
+    let cookie = front.access.sign_out(req.headers());
+    (
+        StatusCode::NO_CONTENT,
+        [(axum::http::header::SET_COOKIE, cookie)],
+    )
+        .into_response()
+}
+
+/// The tokens' names, roles and ages; the tokens themselves are not kept.
+async fn list_tokens(State(front): State<Arc<Front>>) -> Response {
+    let list: Vec<_> = front
+        .access
+        .tokens
+        .tokens()
+        .into_iter()
+        .map(|t| serde_json::json!({ "name": t.name, "role": t.role, "created_ms": t.created_ms }))
+        .collect();
+    Json(list).into_response()
 }
 
 async fn metrics(State(front): State<Arc<Front>>) -> Response {
@@ -663,4 +946,30 @@ async fn metrics(State(front): State<Arc<Front>>) -> Response {
         text,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The route table: every route the routers serve has a rule, and every rule names
+    /// a served route. (tests/api.rs also calls each one as each role.)
+    #[test]
+    fn every_served_route_has_an_access_rule() {
+        let served = served_routes();
+        for (method, path) in &served {
+            assert!(
+                access::rule(method, path).is_some(),
+                "{method} {path} has no rule in api::access::RULES: add one"
+            );
+        }
+        for (method, path, _) in access::RULES {
+            assert!(
+                served
+                    .iter()
+                    .any(|(m, p)| m.as_str() == *method && p == path),
+                "access::RULES names {method} {path}, which no router serves"
+            );
+        }
+    }
 }

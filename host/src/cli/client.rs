@@ -1,55 +1,243 @@
 //! CLI commands that talk to a controller's HTTP API: run, runs, logs, cancel, agents,
-//! artifacts.
-//! Plain HTTP/1.1 over loopback or a trusted network; the server is `--server` or
-//! `$TRELLIS_SERVER` (default http://127.0.0.1:8080).
+//! artifacts, cluster status, plugin reload.
+//!
+//! Requests go through hyper's HTTP/1.1 client, over TLS (rustls) for `https://`
+//! servers. The server is `--server` or `$TRELLIS_SERVER` (default
+//! http://127.0.0.1:8080); the token `--token` or `$TRELLIS_TOKEN`; extra trusted CAs
+//! `--ca` or `$TRELLIS_CA`, beside the public roots. Paths and queries are built from
+//! percent-encoded parts: a run id, a step name or a log browser's cursor is data and
+//! can never end a request line or start another request.
 
+use bytes::Bytes;
+use http::{Method, Request, Response, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 
-pub struct Server(String);
+/// A controller to talk to, and how: its URL, the token, the TLS trust.
+pub struct Server {
+    /// `scheme://authority`, for messages.
+    url: String,
+    /// The `Host` header.
+    authority: String,
+    /// Where to connect (an IPv6 address without its brackets).
+    host: String,
+    port: u16,
+    /// Some: speak TLS, trusting these roots.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    token: Option<http::HeaderValue>,
+}
+
+/// Largest JSON answer the CLI reads (a long runs list fits many times).
+const MAX_JSON: usize = 64 << 20;
+/// Longest line of an event stream.
+const MAX_SSE_LINE: usize = 16 << 20;
+
+/// Everything but the unreserved characters (RFC 3986) is percent-encoded.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A request target from path segments (each encoded whole: a `/` in one is data) and
+/// query pairs.
+pub fn target(segments: &[&str], query: &[(&str, &str)]) -> String {
+    let mut t = String::new();
+    for s in segments {
+        t.push('/');
+        if *s == "." || *s == ".." {
+            // dot segments would be taken as path navigation: encode them
+            t.push_str(&s.replace('.', "%2E"));
+        } else {
+            t.extend(utf8_percent_encode(s, COMPONENT));
+        }
+    }
+    for (i, (k, v)) in query.iter().enumerate() {
+        t.push(if i == 0 { '?' } else { '&' });
+        t.extend(utf8_percent_encode(k, COMPONENT));
+        t.push('=');
+        t.extend(utf8_percent_encode(v, COMPONENT));
+    }
+    t
+}
 
 impl Server {
-    pub fn new(given: Option<String>) -> anyhow::Result<Server> {
+    /// `given` (or $TRELLIS_SERVER, or http://127.0.0.1:8080), with `token` (or
+    /// $TRELLIS_TOKEN) and the CA certificates in `ca` (or $TRELLIS_CA) trusted.
+    pub fn new(
+        given: Option<String>,
+        token: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> anyhow::Result<Server> {
         let url = given
             .or_else(|| std::env::var("TRELLIS_SERVER").ok())
             .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-        let host = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow::anyhow!("`{url}`: only http:// servers are supported"))?;
-        Ok(Server(host.trim_end_matches('/').to_string()))
+        let uri: http::Uri = url
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| anyhow::anyhow!("`{url}` is not a URL: {e} (write e.g. https://ci.example.com:8080)"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => anyhow::bail!("`{url}`: the server must be an http:// or https:// URL"),
+        };
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+            anyhow::bail!("`{url}`: give the server only (scheme://host:port), no path");
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| anyhow::anyhow!("`{url}` names no host"))?
+            .to_string();
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let ca = ca.or_else(|| std::env::var_os("TRELLIS_CA").map(PathBuf::from));
+        let tls = if https {
+            let files: Vec<PathBuf> = ca.into_iter().collect();
+            let config = match crate::capabilities::http::trusting(&files)
+                .map_err(|(_, e)| anyhow::anyhow!("--ca: {e}"))?
+            {
+                Some(c) => c,
+                None => Arc::new(
+                    rustls::ClientConfig::builder()
+                        .with_root_certificates(rustls::RootCertStore {
+                            roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+                        })
+                        .with_no_client_auth(),
+                ),
+            };
+            Some(config)
+        } else {
+            if ca.is_some() {
+                tracing::warn!("--ca is ignored for the plain-HTTP server {url}");
+            }
+            None
+        };
+        let token = match token.or_else(|| std::env::var("TRELLIS_TOKEN").ok()) {
+            Some(t) => Some(
+                http::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
+                    .map_err(|_| anyhow::anyhow!("the token has characters no token has: check --token / TRELLIS_TOKEN"))?,
+            ),
+            None => None,
+        };
+        Ok(Server {
+            url: format!("{}://{authority}", if https { "https" } else { "http" }),
+            authority,
+            host,
+            port,
+            tls,
+            token,
+        })
     }
 
-    async fn connect(&self) -> anyhow::Result<tokio::net::TcpStream> {
-        tokio::net::TcpStream::connect(&self.0)
+    /// Send one request (`target` from [`target`]); the response, its body unread.
+    async fn send(
+        &self,
+        method: Method,
+        target: &str,
+        body: Option<(&'static str, Bytes)>,
+    ) -> anyhow::Result<Response<Incoming>> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(target)
+            .header(header::HOST, &self.authority)
+            .header(header::USER_AGENT, concat!("trellis/", env!("CARGO_PKG_VERSION")));
+        if let Some(t) = &self.token {
+            req = req.header(header::AUTHORIZATION, t.clone());
+        }
+        let body = match body {
+            Some((content_type, b)) => {
+                req = req.header(header::CONTENT_TYPE, content_type);
+                b
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| anyhow::anyhow!("cannot make the request {target}: {e}"))?;
+        let unreachable =
+            |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot reach the controller at {}: {e}", self.url);
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach the controller at http://{}: {e}", self.0))
+            .map_err(|e| unreachable(&e))?;
+        match &self.tls {
+            None => exchange(tcp, req).await,
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| unreachable(&e))?;
+                let stream = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "TLS with {} failed: {e} (a private CA? pass its certificate with --ca or TRELLIS_CA)",
+                            self.url
+                        )
+                    })?;
+                exchange(stream, req).await
+            }
+        }
+        .map_err(|e| anyhow::anyhow!("{}: {e}", self.url))
     }
 
+    /// A request whose answer is JSON: (status, body).
     async fn request(
         &self,
-        method: &str,
-        path: &str,
-        body: &str,
+        method: Method,
+        target: &str,
+        body: Option<(&'static str, Bytes)>,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        let mut s = self.connect().await?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-            self.0,
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await?;
-        let text = String::from_utf8_lossy(&resp);
-        let status: u16 = text
-            .get(9..12)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("not an HTTP response from {}", self.0))?;
-        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-        let json =
-            serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string()));
+        let resp = self.send(method, target, body).await?;
+        let status = resp.status().as_u16();
+        let bytes = Limited::new(resp.into_body(), MAX_JSON)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the answer from {}: {e}", self.url))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|_| serde_json::Value::String(text.into_owned()));
         Ok((status, json))
     }
+
+    async fn get(&self, target: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.request(Method::GET, target, None).await
+    }
+
+    /// A POST with no body of its own (cancel, reload): still `application/json`, as
+    /// the API asks of every change.
+    async fn post_empty(&self, target: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.request(
+            Method::POST,
+            target,
+            Some(("application/json", Bytes::from_static(b"{}"))),
+        )
+        .await
+    }
+}
+
+/// One HTTP/1.1 exchange on `stream`.
+async fn exchange<S>(stream: S, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("HTTP connection: {e}");
+        }
+    });
+    Ok(sender.send_request(req).await?)
 }
 
 fn fail(status: u16, v: &serde_json::Value) -> anyhow::Error {
@@ -66,6 +254,38 @@ fn fail(status: u16, v: &serde_json::Value) -> anyhow::Error {
     anyhow::anyhow!("{msg} (HTTP {status})")
 }
 
+/// Read a response's lines (an event stream) as they arrive.
+struct Lines {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    async fn next(&mut self) -> anyhow::Result<Option<String>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            if self.buf.len() > MAX_SSE_LINE {
+                anyhow::bail!("an event stream line longer than {MAX_SSE_LINE} bytes");
+            }
+            match self.body.frame().await {
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
 fn outcome_code(run: &serde_json::Value) -> ExitCode {
     if run["status"] == "succeeded" {
         ExitCode::SUCCESS
@@ -77,7 +297,13 @@ fn outcome_code(run: &serde_json::Value) -> ExitCode {
 pub async fn run(server: &Server, job: &std::path::Path, follow: bool) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(job).map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?;
-    let (status, v) = server.request("POST", "/api/runs", &text).await?;
+    let (status, v) = server
+        .request(
+            Method::POST,
+            "/api/runs",
+            Some(("application/toml", Bytes::from(text))),
+        )
+        .await?;
     if status != 201 {
         return Err(fail(status, &v));
     }
@@ -96,17 +322,34 @@ pub async fn run(server: &Server, job: &std::path::Path, follow: bool) -> anyhow
 
 /// Stream a run's log until it ended and the log is complete; exit with its status.
 pub async fn follow_log(server: &Server, id: &str, step: Option<&str>) -> anyhow::Result<ExitCode> {
-    let mut s = server.connect().await?;
-    let q = step.map(|s| format!("?step={s}")).unwrap_or_default();
-    s.write_all(format!("GET /api/runs/{id}/log/follow{q} HTTP/1.1\r\nhost: {}\r\naccept: text/event-stream\r\n\r\n", server.0).as_bytes()).await?;
-    let mut lines = BufReader::new(s).lines();
-    let first = lines.next_line().await?.unwrap_or_default();
-    if !first.contains(" 200 ") {
-        anyhow::bail!("cannot follow run `{id}`: {first}");
+    let mut query = Vec::new();
+    if let Some(s) = step {
+        query.push(("step", s));
     }
+    let resp = server
+        .send(
+            Method::GET,
+            &target(&["api", "runs", id, "log", "follow"], &query),
+            None,
+        )
+        .await?;
+    if resp.status() != 200 {
+        let status = resp.status().as_u16();
+        let bytes = Limited::new(resp.into_body(), MAX_JSON)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let v = serde_json::from_slice(&bytes).unwrap_or_default();
+        return Err(fail(status, &v).context(format!("cannot follow run `{id}`")));
+    }
+    let mut lines = Lines {
+        body: resp.into_body(),
+        buf: Vec::new(),
+    };
     let mut event = String::new();
     let mut step_shown = String::new();
-    while let Some(line) = lines.next_line().await? {
+    while let Some(line) = lines.next().await? {
         if let Some(e) = line.strip_prefix("event: ") {
             event = e.to_string();
         } else if let Some(d) = line.strip_prefix("data: ") {
@@ -136,7 +379,7 @@ pub async fn follow_log(server: &Server, id: &str, step: Option<&str>) -> anyhow
 }
 
 pub async fn runs(server: &Server) -> anyhow::Result<ExitCode> {
-    let (status, v) = server.request("GET", "/api/runs", "").await?;
+    let (status, v) = server.get("/api/runs").await?;
     if status != 200 {
         return Err(fail(status, &v));
     }
@@ -167,25 +410,23 @@ pub async fn logs(
     if follow {
         return follow_log(server, id, step.as_deref()).await;
     }
-    let mut q = Vec::new();
-    if let Some(s) = &step {
-        q.push(format!("step={s}"));
-    }
-    if let Some(n) = tail {
-        q.push(format!("tail={n}"));
-    }
+    let tail = tail.map(|n| n.to_string());
     let mut cursor: Option<String> = None;
     loop {
-        let mut qq = q.clone();
-        if let Some(c) = &cursor {
-            qq.push(format!("cursor={c}"));
+        // Every value is percent-encoded: the cursor comes from a log browser plugin.
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = &step {
+            query.push(("step", s.as_str()));
         }
-        let path = format!(
-            "/api/runs/{id}/log{}{}",
-            if qq.is_empty() { "" } else { "?" },
-            qq.join("&")
-        );
-        let (status, v) = server.request("GET", &path, "").await?;
+        if let Some(n) = &tail {
+            query.push(("tail", n.as_str()));
+        }
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.as_str()));
+        }
+        let (status, v) = server
+            .get(&target(&["api", "runs", id, "log"], &query))
+            .await?;
         if status != 200 {
             return Err(fail(status, &v));
         }
@@ -206,13 +447,18 @@ pub async fn logs(
             }
             return Ok(ExitCode::SUCCESS);
         }
-        cursor = v["next"].as_str().map(str::to_string);
+        let next = v["next"].as_str().map(str::to_string);
+        if next.is_none() || next == cursor {
+            // A browser that hands back no cursor, or the same one, would loop forever.
+            anyhow::bail!("the log browser returned no usable cursor to continue from");
+        }
+        cursor = next;
     }
 }
 
 pub async fn cancel(server: &Server, id: &str) -> anyhow::Result<ExitCode> {
     let (status, v) = server
-        .request("POST", &format!("/api/runs/{id}/cancel"), "")
+        .post_empty(&target(&["api", "runs", id, "cancel"], &[]))
         .await?;
     if status != 202 {
         return Err(fail(status, &v));
@@ -222,7 +468,7 @@ pub async fn cancel(server: &Server, id: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn agents(server: &Server) -> anyhow::Result<ExitCode> {
-    let (status, v) = server.request("GET", "/api/agents", "").await?;
+    let (status, v) = server.get("/api/agents").await?;
     if status != 200 {
         return Err(fail(status, &v));
     }
@@ -245,7 +491,7 @@ pub async fn agents(server: &Server) -> anyhow::Result<ExitCode> {
 
 pub async fn artifacts(server: &Server, id: &str) -> anyhow::Result<ExitCode> {
     let (status, v) = server
-        .request("GET", &format!("/api/runs/{id}/artifacts"), "")
+        .get(&target(&["api", "runs", id, "artifacts"], &[]))
         .await?;
     if status != 200 {
         return Err(fail(status, &v));
@@ -269,19 +515,6 @@ pub async fn artifacts(server: &Server, id: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Percent-encode a path, keeping its `/` separators.
-fn encode_path(p: &str) -> String {
-    let mut out = String::with_capacity(p.len());
-    for b in p.bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Download one artifact, streaming it to `output` (default: its file name here), and
 /// check it against the SHA-256 the controller recorded; a mismatch removes the file.
 pub async fn get_artifact(
@@ -291,34 +524,27 @@ pub async fn get_artifact(
     output: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use sha2::Digest;
-    let mut s = server.connect().await?;
-    let req = format!(
-        "GET /api/runs/{id}/artifacts/{} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
-        encode_path(name),
-        server.0
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut r = BufReader::new(s);
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await? == 0 || line == "\r\n" {
-            break;
-        }
-        head.push_str(&line);
-    }
-    let status: u16 = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    // The name's own `/`s separate path segments (the route takes the rest of the
+    // path); each part is encoded.
+    let mut segments = vec!["api", "runs", id, "artifacts"];
+    segments.extend(name.split('/'));
+    let resp = server.send(Method::GET, &target(&segments, &[]), None).await?;
+    let status = resp.status().as_u16();
     if status != 200 {
-        let mut body = String::new();
-        r.read_to_string(&mut body).await?;
-        let v = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+        let bytes = Limited::new(resp.into_body(), MAX_JSON)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
         return Err(fail(status, &v));
     }
     let header = |h: &str| {
-        head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(h).then(|| v.trim().to_string())
-        })
+        resp.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string())
     };
     let expected = header("x-checksum-sha256").unwrap_or_default();
     let size: u64 = header("content-length")
@@ -337,16 +563,18 @@ pub async fn get_artifact(
     };
     let mut hash = sha2::Sha256::new();
     let mut got = 0u64;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut body = r.take(size);
-    loop {
-        let n = body.read(&mut buf).await?;
-        if n == 0 {
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if got + data.len() as u64 > size {
+            got += data.len() as u64;
             break;
         }
-        hash.update(&buf[..n]);
-        sink.write_all(&buf[..n]).await?;
-        got += n as u64;
+        hash.update(&data);
+        sink.write_all(&data).await?;
+        got += data.len() as u64;
     }
     sink.flush().await?;
     let actual = hex::encode(hash.finalize());
@@ -373,12 +601,12 @@ pub async fn get_artifact(
 pub async fn cluster_status(servers: &[Server], json: bool) -> anyhow::Result<ExitCode> {
     let mut views = Vec::new();
     for s in servers {
-        let view = match s.request("GET", "/api/cluster", "").await {
+        let view = match s.get("/api/cluster").await {
             Ok((200, v)) => v,
             Ok((status, v)) => serde_json::json!({ "error": fail(status, &v).to_string() }),
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
-        views.push((format!("http://{}", s.0), view));
+        views.push((s.url.clone(), view));
     }
     let any_active = views.iter().any(|(_, v)| v["me"]["role"] == "active");
     if json {
@@ -461,7 +689,7 @@ pub async fn cluster_status(servers: &[Server], json: bool) -> anyhow::Result<Ex
 /// `trellis plugin reload NAME`.
 pub async fn reload_plugin(server: &Server, name: &str) -> anyhow::Result<ExitCode> {
     let (status, v) = server
-        .request("POST", &format!("/api/plugins/{name}/reload"), "")
+        .post_empty(&target(&["api", "plugins", name, "reload"], &[]))
         .await?;
     if status != 200 {
         return Err(fail(status, &v));

@@ -1,6 +1,7 @@
 //! `trellis controller` and `trellis agent`: the two roles as long-running daemons.
 
 use crate::agent::worker::{AgentConfig, run_agent};
+use crate::api::access::{Access, AccessConfig};
 use crate::api::{Api, Browsers, listen};
 use crate::capabilities::secrets::SecretStore;
 use crate::config::DaemonConfig;
@@ -86,6 +87,10 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             browsers.add(LogReader::new(load_plugin(&rt, &dir, name).await?)?);
         }
     }
+    let tls = match &c.tls {
+        Some(t) => Some(Arc::new(crate::api::tls_config(&t.cert, &t.key)?)),
+        None => None,
+    };
     if check_only {
         let names = |v: Vec<&str>| v.join(", ");
         println!(
@@ -109,9 +114,24 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
         None => None,
     };
     // Bound now: a standby answers `/api/cluster` and `/metrics` while it waits.
-    let listener = listen(c.http.parse()?, ha.as_ref().map(|h| h.status.clone())).await?;
+    let bind: std::net::SocketAddr = c.http.parse()?;
+    let access = Arc::new(Access::new(AccessConfig {
+        state_dir: &c.state_dir,
+        bind,
+        hosts: &c.hosts,
+        open_metrics: c.open_metrics,
+        tls: tls.is_some(),
+    }));
+    if access.tokens.tokens().is_empty() {
+        eprintln!(
+            "trellis controller: no API tokens yet: make one with `trellis token create NAME --role admin --config {}`",
+            file.display()
+        );
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listener = listen(bind, ha.as_ref().map(|h| h.status.clone()), access, tls).await?;
     let addr = listener.addr;
-    eprintln!("trellis controller: listening on http://{addr}");
+    eprintln!("trellis controller: listening on {scheme}://{addr}");
     let start = |fencing_token: u64| async move {
         let controller = Controller::start(
             ControllerConfig {
@@ -139,9 +159,9 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             instance_id: c.instance_id.clone(),
         });
         listener.activate(api);
-        tracing::info!("controller `{}` serving http://{addr}", c.instance_id);
+        tracing::info!("controller `{}` serving {scheme}://{addr}", c.instance_id);
         eprintln!(
-            "trellis controller: http://{addr} (state in {})",
+            "trellis controller: {scheme}://{addr} (state in {})",
             c.state_dir.display()
         );
         anyhow::Ok(())

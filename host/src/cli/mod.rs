@@ -5,6 +5,7 @@ mod daemon;
 mod fence;
 mod plugin;
 mod scaffold;
+mod token;
 mod up;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -63,14 +64,13 @@ pub enum Command {
         job: PathBuf,
         #[arg(long)]
         follow: bool,
-        /// The controller (default: $TRELLIS_SERVER or http://127.0.0.1:8080).
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// List runs.
     Runs {
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Print a run's log (all of it, one step, or the last N lines), or follow it.
     Logs {
@@ -81,14 +81,14 @@ pub enum Command {
         tail: Option<u32>,
         #[arg(long)]
         follow: bool,
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Cancel a run.
     Cancel {
         run: String,
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// List a run's artifacts, or download one (checked against its SHA-256).
     Artifacts {
@@ -99,8 +99,8 @@ pub enum Command {
         /// Where to write it (default: its file name, in the current directory; `-`: stdout).
         #[arg(long, short, value_name = "FILE", requires = "get")]
         output: Option<PathBuf>,
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Run a fence-agent plugin as a ClusterLabs fence agent (for Pacemaker's fencer):
     /// options as key=value lines on stdin (or fence-agent options), the same actions,
@@ -128,9 +128,13 @@ pub enum Command {
     Cluster(ClusterCommand),
     /// List connected agents.
     Agents {
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
+    /// Manage API tokens (on the controller's host: they are kept, hashed, in its
+    /// state directory; a running controller sees changes at once).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run a job on this machine: a controller and local agents in one process, over
     /// the default bundle (TCP transport on loopback, file logging). Streams the log and
     /// exits with the run's status.
@@ -164,6 +168,63 @@ pub enum ClusterCommand {
         /// Print JSON (each controller's `GET /api/cluster`).
         #[arg(long)]
         json: bool,
+        /// The API token (default: $TRELLIS_TOKEN); a viewer's is enough.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+        /// A CA certificate (PEM) to trust for https:// servers, beside the public
+        /// roots (default: $TRELLIS_CA).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
+}
+
+/// How a CLI command reaches the controller's API.
+#[derive(clap::Args)]
+pub struct Conn {
+    /// The controller, http:// or https:// (default: $TRELLIS_SERVER or
+    /// http://127.0.0.1:8080).
+    #[arg(long)]
+    server: Option<String>,
+    /// The API token (default: $TRELLIS_TOKEN). An admin makes one with
+    /// `trellis token create NAME --role viewer|operator|admin --config CONTROLLER.toml`.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// A CA certificate (PEM) to trust for an https:// controller, beside the public
+    /// roots (default: $TRELLIS_CA).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+}
+
+impl Conn {
+    fn server(self) -> anyhow::Result<client::Server> {
+        client::Server::new(self.server, self.token, self.ca)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it (once: only its SHA-256 is kept).
+    Create {
+        /// Its name: run records' `submitted_by`, and what `revoke` takes.
+        name: String,
+        /// viewer reads; operator also submits and cancels; admin also reloads plugins
+        /// and manages tokens.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["viewer", "operator", "admin"]))]
+        role: String,
+        /// The controller's configuration (its [controller] state-dir holds the tokens).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the tokens: name, role, when made.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Revoke a token: it (and browser sessions signed in with it) stop working at once.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -230,9 +291,8 @@ pub enum PluginCommand {
     /// plugin whose files change.)
     Reload {
         name: String,
-        /// The controller (default: $TRELLIS_SERVER or http://127.0.0.1:8080).
-        #[arg(long)]
-        server: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Describe every plugin in a plugin directory.
     List {
@@ -310,8 +370,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 dir: dir.as_deref(),
                 sdk: sdk.as_deref(),
             }),
-            Command::Plugin(PluginCommand::Reload { name, server }) => {
-                client::reload_plugin(&client::Server::new(server)?, &name).await
+            Command::Plugin(PluginCommand::Reload { name, conn }) => {
+                client::reload_plugin(&conn.server()?, &name).await
             }
             Command::Plugin(PluginCommand::Test {
                 plugin,
@@ -331,30 +391,30 @@ pub fn run(cli: Cli) -> ExitCode {
                 config,
                 check_config,
             } => daemon::agent(&config, check_config).await,
-            Command::Run {
-                job,
-                follow,
-                server,
-            } => client::run(&client::Server::new(server)?, &job, follow).await,
-            Command::Runs { server } => client::runs(&client::Server::new(server)?).await,
+            Command::Run { job, follow, conn } => client::run(&conn.server()?, &job, follow).await,
+            Command::Runs { conn } => client::runs(&conn.server()?).await,
             Command::Logs {
                 run,
                 step,
                 tail,
                 follow,
+                conn,
+            } => client::logs(&conn.server()?, &run, step, tail, follow).await,
+            Command::Cancel { run, conn } => client::cancel(&conn.server()?, &run).await,
+            Command::Agents { conn } => client::agents(&conn.server()?).await,
+            Command::Token(t) => token::run(t),
+            Command::Cluster(ClusterCommand::Status {
                 server,
-            } => client::logs(&client::Server::new(server)?, &run, step, tail, follow).await,
-            Command::Cancel { run, server } => {
-                client::cancel(&client::Server::new(server)?, &run).await
-            }
-            Command::Agents { server } => client::agents(&client::Server::new(server)?).await,
-            Command::Cluster(ClusterCommand::Status { server, json }) => {
+                json,
+                token,
+                ca,
+            }) => {
                 let servers = if server.is_empty() {
-                    vec![client::Server::new(None)?]
+                    vec![client::Server::new(None, token, ca)?]
                 } else {
                     server
                         .into_iter()
-                        .map(|s| client::Server::new(Some(s)))
+                        .map(|s| client::Server::new(Some(s), token.clone(), ca.clone()))
                         .collect::<anyhow::Result<_>>()?
                 };
                 client::cluster_status(&servers, json).await
@@ -377,9 +437,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 run,
                 get,
                 output,
-                server,
+                conn,
             } => {
-                let server = client::Server::new(server)?;
+                let server = conn.server()?;
                 match get {
                     Some(name) => client::get_artifact(&server, &run, &name, output).await,
                     None => client::artifacts(&server, &run).await,

@@ -30,6 +30,11 @@ pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
             {
                 problems.push(format!("`secrets.file`: {e}"));
             }
+            if let Some(t) = cfg.controller.as_ref().and_then(|c| c.tls.as_ref())
+                && let Err(e) = crate::api::tls_config(&t.cert, &t.key)
+            {
+                problems.push(format!("{e}"));
+            }
             if problems.is_empty() {
                 println!(
                     "{}: ok ({} plugin grant section{})",

@@ -132,7 +132,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
     }
 
     let mut updates = controller.subscribe();
-    let run = controller.submit(&job)?;
+    let run = controller.submit_as(&job, "local")?;
     eprintln!(
         "trellis: run {} of job `{}` on {} ({} step(s))",
         run.id,

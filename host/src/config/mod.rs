@@ -128,6 +128,27 @@ pub struct ControllerSection {
     pub log_buffer_limit: ByteSize,
     /// Start-of-event pattern for jobs that set no `multiline-start` of their own.
     pub multiline_start: Option<String>,
+    /// HTTPS for the API and web page: `tls = { cert = "...", key = "..." }` (PEM).
+    pub tls: Option<TlsFiles>,
+    /// Serve plain HTTP on an address other than loopback (say, behind a proxy that
+    /// terminates TLS). Without it, such a bind needs `tls`.
+    #[serde(default)]
+    pub allow_plaintext_http: bool,
+    /// The names clients reach the API by: requests naming another `Host` are refused
+    /// (DNS rebinding). localhost and the bind address are always allowed.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Serve `/metrics` without a token (for scrapers); otherwise it needs a viewer.
+    #[serde(default)]
+    pub open_metrics: bool,
+}
+
+/// `[controller] tls`: the API's certificate chain and private key, PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -468,7 +489,11 @@ impl DaemonConfig {
             abs(p)
         }
         if let Some(c) = self.controller.as_mut() {
-            abs(&mut c.state_dir)
+            abs(&mut c.state_dir);
+            if let Some(t) = c.tls.as_mut() {
+                abs(&mut t.cert);
+                abs(&mut t.key);
+            }
         }
         if let Some(a) = self.agent.as_mut() {
             abs(&mut a.workspace)
@@ -508,12 +533,46 @@ impl DaemonConfig {
             });
         }
         if let Some(c) = &self.controller {
-            if c.http.parse::<std::net::SocketAddr>().is_err() {
-                out.push(Problem {
+            match c.http.parse::<std::net::SocketAddr>() {
+                Err(_) => out.push(Problem {
                     field: "controller.http".into(),
                     problem: format!("`{}` is not an ip:port address", c.http),
                     fix: "write e.g. 127.0.0.1:8080".into(),
-                });
+                }),
+                Ok(a) if !a.ip().is_loopback() && c.tls.is_none() && !c.allow_plaintext_http => {
+                    out.push(Problem {
+                        field: "controller.http".into(),
+                        problem: format!(
+                            "`{}` is reachable from other machines, but the API would speak plain HTTP: tokens and job files would cross the network in clear",
+                            c.http
+                        ),
+                        fix: "set tls = { cert = \"/etc/trellis/api.pem\", key = \"/etc/trellis/api.key\" }, bind 127.0.0.1, or (behind a TLS proxy) allow-plaintext-http = true".into(),
+                    })
+                }
+                Ok(_) => {}
+            }
+            if let Some(t) = &c.tls {
+                for (k, f) in [("cert", &t.cert), ("key", &t.key)] {
+                    if !f.is_file() {
+                        out.push(Problem {
+                            field: format!("controller.tls.{k}"),
+                            problem: format!("{} does not exist", f.display()),
+                            fix: format!("point it at the API's PEM {}", if k == "cert" { "certificate chain" } else { "private key" }),
+                        });
+                    }
+                }
+            }
+            for (i, h) in c.hosts.iter().enumerate() {
+                let ok = !h.is_empty()
+                    && h.chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ".-:".contains(ch));
+                if !ok {
+                    out.push(Problem {
+                        field: format!("controller.hosts[{i}]"),
+                        problem: format!("`{h}` is not a host name"),
+                        fix: "write the bare name clients use, e.g. \"ci.example.com\" (no scheme, port or path)".into(),
+                    });
+                }
             }
             if c.agents.is_empty() {
                 out.push(Problem {
@@ -677,6 +736,35 @@ mod tests {
             Ok(_) => vec![],
             Err(p) => p.items.iter().map(|p| p.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn the_api_is_not_served_in_clear_off_loopback() {
+        let controller = |extra: &str| {
+            problems(&format!(
+                "[secrets]\nfile = \"/etc/passwd\"\n[controller]\nstate-dir = \"/tmp\"\nagents = {{ a = \"s\" }}\n{extra}"
+            ))
+        };
+        assert!(controller("http = \"127.0.0.1:8080\"").is_empty());
+        assert!(controller("http = \"[::1]:8080\"").is_empty());
+        let p = controller("http = \"0.0.0.0:8080\"");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("controller.http")
+                && p[0].contains("tls = {")
+                && p[0].contains("allow-plaintext-http = true"),
+            "{p:?}"
+        );
+        assert!(controller("http = \"0.0.0.0:8080\"\nallow-plaintext-http = true").is_empty());
+        let p = controller(
+            "http = \"10.0.0.1:8080\"\ntls = { cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }",
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("controller.tls.cert") && p[1].contains("controller.tls.key"));
+        let p = controller("hosts = [\"https://ci.example.com/\"]");
+        assert!(p[0].contains("controller.hosts[0]"), "{p:?}");
+        let p = controller("tls = { cert = \"/c\" }");
+        assert!(p[0].contains("key"), "{p:?}");
     }
 
     #[test]

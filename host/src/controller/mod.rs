@@ -297,6 +297,11 @@ impl Controller {
 
     /// Place a run of `job` on a connected agent carrying its label.
     pub fn submit(&self, job: &Job) -> Result<RunRecord, SubmitError> {
+        self.submit_as(job, "")
+    }
+
+    /// Submit on behalf of `submitted_by` (an API token's name), kept in the record.
+    pub fn submit_as(&self, job: &Job, submitted_by: &str) -> Result<RunRecord, SubmitError> {
         let log = self.locate(job)?;
         let mut env: Vec<(String, String)> = job
             .env
@@ -343,7 +348,8 @@ impl Controller {
             let session = a[&agent].agent_session.clone();
             (agent, session)
         };
-        let record = self.store.create(job, &agent, &agent_session, log)?;
+        let record = self.store
+            .create(job, &agent, &agent_session, log, submitted_by)?;
         let order = RunOrder {
             run: record.id.clone(),
             job: job.name.clone(),

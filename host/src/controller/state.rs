@@ -78,6 +78,9 @@ pub struct RunRecord {
     /// Which plugins write and read this run's log.
     #[serde(default)]
     pub log: LogLocator,
+    /// The name of the API token that submitted it (`trellis up`: `local`).
+    #[serde(default)]
+    pub submitted_by: String,
 }
 
 /// JEP-212's locator: the logging method a run's log is written with and the browser it
@@ -188,6 +191,7 @@ impl RunStore {
         agent: &str,
         agent_session: &str,
         log: LogLocator,
+        submitted_by: &str,
     ) -> io::Result<RunRecord> {
         let mut runs = self.runs.lock().unwrap();
         let next = runs
@@ -218,6 +222,7 @@ impl RunStore {
             note: None,
             artifacts: Vec::new(),
             log,
+            submitted_by: submitted_by.to_string(),
         };
         self.persist(&r)?;
         runs.insert(r.id.clone(), r.clone());
@@ -318,10 +323,10 @@ mod tests {
         {
             let s = RunStore::open(d.path()).unwrap();
             let a = s
-                .create(&job, "agent-1", "p1", LogLocator::default())
+                .create(&job, "agent-1", "p1", LogLocator::default(), "test")
                 .unwrap();
             let b = s
-                .create(&job, "agent-1", "p1", LogLocator::default())
+                .create(&job, "agent-1", "p1", LogLocator::default(), "test")
                 .unwrap();
             assert_eq!((a.id.as_str(), b.id.as_str()), ("r-000001", "r-000002"));
             s.update(&a.id, |r| r.finish(RunOutcome::Succeeded))
@@ -334,7 +339,7 @@ mod tests {
         assert_eq!(running.status, RunStatus::Running);
         assert_eq!(running.agent_session, "p1");
         assert_eq!(
-            s.create(&job, "x", "p2", LogLocator::default()).unwrap().id,
+            s.create(&job, "x", "p2", LogLocator::default(), "test").unwrap().id,
             "r-000003",
             "ids continue after a restart"
         );
@@ -356,7 +361,7 @@ mod tests {
         .unwrap();
         let s = RunStore::open(d.path()).unwrap();
         let id = s
-            .create(&job, "agent-1", "p1", LogLocator::default())
+            .create(&job, "agent-1", "p1", LogLocator::default(), "test")
             .unwrap()
             .id;
         let on_disk = || RunStore::open(d.path()).unwrap().get(&id).unwrap().events;

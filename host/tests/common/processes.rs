@@ -35,13 +35,58 @@ pub fn daemon(role: &str, config: &Path, stderr: Stdio) -> Daemon {
     )
 }
 
-/// A CLI command against `server`: (exit code, stdout, stderr).
-pub fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
+// API tokens: `write_configs` makes an admin token for each controller it writes (with
+// `trellis token create`, as an operator would) and keeps it here by the controller's
+// HTTP port, so `cli` and `http_get` against that port carry it.
+static TOKENS: std::sync::Mutex<Vec<(u16, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Remember `token` for the controller serving on `port`.
+pub fn use_token(port: u16, token: &str) {
+    let mut t = TOKENS.lock().unwrap();
+    t.retain(|(p, _)| *p != port);
+    t.push((port, token.to_string()));
+}
+
+/// The token kept for the controller on `port` (see `use_token`).
+pub fn token_for(port: u16) -> Option<String> {
+    TOKENS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, t)| t.clone())
+}
+
+/// `trellis token create NAME --role ROLE --config CONFIG`: the token.
+pub fn create_token(config: &Path, name: &str, role: &str) -> String {
     let out = trellis()
-        .args(args)
-        .env("TRELLIS_SERVER", server)
+        .args(["token", "create", name, "--role", role, "--config"])
+        .arg(config)
         .output()
         .unwrap();
+    assert!(
+        out.status.success(),
+        "trellis token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("trellis_"), "{token}");
+    token
+}
+
+fn port_of(server: &str) -> Option<u16> {
+    server.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+}
+
+/// A CLI command against `server`, with the token kept for it: (exit code, stdout,
+/// stderr).
+pub fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
+    let mut c = trellis();
+    c.args(args).env("TRELLIS_SERVER", server);
+    if let Some(t) = port_of(server).and_then(token_for) {
+        c.env("TRELLIS_TOKEN", t);
+    }
+    let out = c.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -240,6 +285,7 @@ heartbeat = "500ms"
         ),
     )
     .unwrap();
+    use_token(http, &create_token(&controller, "test-admin", "admin"));
     (controller, agent, http)
 }
 
@@ -302,16 +348,20 @@ pub fn wait_for_success(server: &str, run: &str, within: Duration, daemon_log: &
     }
 }
 
-/// A plain HTTP/1.0 GET on loopback; the body.
+/// A plain HTTP/1.0 GET on loopback (with the port's token, if any); the body.
 pub fn http_get(port: u16, path: &str) -> String {
     http_get_status(port, path).1
 }
 
-/// A plain HTTP/1.0 GET on loopback; the status and the body.
+/// A plain HTTP/1.0 GET on loopback (with the port's token, if any); the status and
+/// the body.
 pub fn http_get_status(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let auth = token_for(port)
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
