@@ -53,8 +53,10 @@ async fn follow(t: Target, path: &str) -> (Vec<String>, serde_json::Value) {
         .unwrap_or_default();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{auth}accept: text/event-stream\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "GET {path} HTTP/1.1\r\nhost: localhost\r\n{auth}accept: text/event-stream\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .unwrap();
@@ -271,14 +273,28 @@ async fn every_route_has_a_rule_and_keeps_it() {
     let addr = serve_api(&s).await;
     let callers = [
         ("nobody", None, None),
-        ("viewer", Some(Role::Viewer), Some(token(&s, "v", Role::Viewer))),
-        ("operator", Some(Role::Operator), Some(token(&s, "o", Role::Operator))),
-        ("admin", Some(Role::Admin), Some(token(&s, "a", Role::Admin))),
+        (
+            "viewer",
+            Some(Role::Viewer),
+            Some(token(&s, "v", Role::Viewer)),
+        ),
+        (
+            "operator",
+            Some(Role::Operator),
+            Some(token(&s, "o", Role::Operator)),
+        ),
+        (
+            "admin",
+            Some(Role::Admin),
+            Some(token(&s, "a", Role::Admin)),
+        ),
     ];
     let served = served_routes();
     for (method, path, _) in trellis::api::access::RULES {
         assert!(
-            served.iter().any(|(m, p)| m.as_str() == *method && p == path),
+            served
+                .iter()
+                .any(|(m, p)| m.as_str() == *method && p == path),
             "access::RULES has {method} {path}, which no router serves: remove the rule"
         );
     }

@@ -53,13 +53,19 @@ fn tokens_roles_and_who_submitted() {
     // nobody: 401, saying how to get a token
     let (code, _, err) = cli_as(server, None, &["runs"]);
     assert_eq!(code, 1);
-    assert!(err.contains("trellis token create") && err.contains("401"), "{err}");
+    assert!(
+        err.contains("trellis token create") && err.contains("401"),
+        "{err}"
+    );
     // a viewer reads, but may not submit: 403 naming the role
     let (code, _, err) = cli_as(server, Some(&viewer), &["runs"]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = cli_as(server, Some(&viewer), &["run", &job]);
     assert_eq!(code, 1);
-    assert!(err.contains("needs the `operator` role") && err.contains("403"), "{err}");
+    assert!(
+        err.contains("needs the `operator` role") && err.contains("403"),
+        "{err}"
+    );
     // an operator submits; the record says who
     let (code, out, err) = cli_as(server, Some(&operator), &["run", &job, "--follow"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -67,13 +73,24 @@ fn tokens_roles_and_who_submitted() {
         serde_json::from_str(&http_get(http, "/api/runs/r-000001")).unwrap();
     assert_eq!(record["submitted_by"], "ci-operator", "{record}");
     // ... but may not reload plugins
-    let (code, _, err) = cli_as(server, Some(&operator), &["plugin", "reload", "file-logging"]);
+    let (code, _, err) = cli_as(
+        server,
+        Some(&operator),
+        &["plugin", "reload", "file-logging"],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("needs the `admin` role"), "{err}");
 
     // list, revoke: the running controller sees it at the next request
-    let out = run_ok(trellis().args(["token", "list", "--config"]).arg(&controller));
-    assert!(out.contains("ci-viewer") && out.contains("operator") && !out.contains(&viewer), "{out}");
+    let out = run_ok(
+        trellis()
+            .args(["token", "list", "--config"])
+            .arg(&controller),
+    );
+    assert!(
+        out.contains("ci-viewer") && out.contains("operator") && !out.contains(&viewer),
+        "{out}"
+    );
     run_ok(
         trellis()
             .args(["token", "revoke", "ci-operator", "--config"])
@@ -84,7 +101,14 @@ fn tokens_roles_and_who_submitted() {
     assert!(err.contains("401"), "{err}");
     // a second token of the same name is refused; a bad role names the choices
     let out = trellis()
-        .args(["token", "create", "ci-viewer", "--role", "viewer", "--config"])
+        .args([
+            "token",
+            "create",
+            "ci-viewer",
+            "--role",
+            "viewer",
+            "--config",
+        ])
         .arg(&controller)
         .output()
         .unwrap();
@@ -112,7 +136,10 @@ fn http_get_status_as(port: u16, path: &str, token: Option<&str>) -> (u16, Strin
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    (out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0), out)
+    (
+        out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0),
+        out,
+    )
 }
 
 #[test]
@@ -126,7 +153,13 @@ fn https_with_a_private_ca() {
         &format!("tls = {{ cert = \"{cert}\", key = \"{key}\" }}"),
         "",
     );
-    let d2 = start_daemons_at(dir, &controller, &agent, &format!("https://127.0.0.1:{http}"), &ca);
+    let d2 = start_daemons_at(
+        dir,
+        &controller,
+        &agent,
+        &format!("https://127.0.0.1:{http}"),
+        &ca,
+    );
     let server = &d2.server;
     let token = token_for(http).unwrap();
     let job = job(dir, "tls", "echo over tls");
@@ -161,15 +194,27 @@ fn run_cli(server: &str, token: &str, ca: Option<&str>, args: &[&str]) -> (i32, 
 }
 
 /// `start_daemons` for an HTTPS controller: waits for the agent with `--ca`.
-fn start_daemons_at(dir: &Path, controller: &Path, agent: &Path, server: &str, ca: &str) -> Daemons {
+fn start_daemons_at(
+    dir: &Path,
+    controller: &Path,
+    agent: &Path,
+    server: &str,
+    ca: &str,
+) -> Daemons {
     let log = dir.join("daemons.log");
     let c = start("controller", controller, &log);
     let a = start("agent", agent, &log);
     let port: u16 = server.rsplit(':').next().unwrap().parse().unwrap();
     let token = token_for(port).unwrap();
-    wait_until("the agent connects (over HTTPS)", Duration::from_secs(30), || {
-        run_cli(server, &token, Some(ca), &["agents"]).1.contains("build-1")
-    });
+    wait_until(
+        "the agent connects (over HTTPS)",
+        Duration::from_secs(30),
+        || {
+            run_cli(server, &token, Some(ca), &["agents"])
+                .1
+                .contains("build-1")
+        },
+    );
     Daemons {
         controller: c,
         agent: a,
@@ -183,9 +228,10 @@ fn a_plaintext_api_off_loopback_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let (controller, _, http) = write_configs(dir, &Transport::Tcp { port: free_port() });
-    let text = std::fs::read_to_string(&controller)
-        .unwrap()
-        .replace(&format!("http = \"127.0.0.1:{http}\""), &format!("http = \"0.0.0.0:{http}\""));
+    let text = std::fs::read_to_string(&controller).unwrap().replace(
+        &format!("http = \"127.0.0.1:{http}\""),
+        &format!("http = \"0.0.0.0:{http}\""),
+    );
     std::fs::write(&controller, &text).unwrap();
     for args in [
         vec!["config", "check", controller.to_str().unwrap()],
@@ -196,7 +242,9 @@ fn a_plaintext_api_off_loopback_is_refused() {
             + &String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} must refuse");
         assert!(
-            err.contains("controller.http") && err.contains("allow-plaintext-http") && err.contains("tls"),
+            err.contains("controller.http")
+                && err.contains("allow-plaintext-http")
+                && err.contains("tls"),
             "{args:?}: {err}"
         );
     }
@@ -253,7 +301,10 @@ fn a_plugin_cursor_cannot_smuggle_requests() {
     let runs: serde_json::Value = serde_json::from_str(&http_get(http, "/api/runs")).unwrap();
     let runs = runs.as_array().unwrap();
     assert_eq!(runs.len(), 1, "a smuggled submit made a run: {runs:?}");
-    assert_eq!(runs[0]["status"], "running", "a smuggled cancel ended the run: {runs:?}");
+    assert_eq!(
+        runs[0]["status"], "running",
+        "a smuggled cancel ended the run: {runs:?}"
+    );
     std::fs::write(&gate, "").unwrap();
     wait_for_success(server, &run, Duration::from_secs(30), &d2.log);
 }

@@ -398,7 +398,10 @@ fn drive(
         .unwrap()
         .to_string();
     sign_in(&mut tab, &format!("http://{addr}/runs/{id}"), viewer);
-    let cookie = tab.call("Network.getCookies", json!({ "urls": [format!("http://{addr}/")] }));
+    let cookie = tab.call(
+        "Network.getCookies",
+        json!({ "urls": [format!("http://{addr}/")] }),
+    );
     let cookie = &cookie["cookies"][0];
     assert_eq!(cookie["name"], "trellis_session", "{cookie}");
     assert_eq!(cookie["httpOnly"], true, "{cookie}");

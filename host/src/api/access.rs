@@ -88,7 +88,11 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     ("GET", "/api/runs/{id}", Rule::Needs(Role::Viewer)),
     ("POST", "/api/runs/{id}/cancel", Rule::Needs(Role::Operator)),
     ("GET", "/api/runs/{id}/log", Rule::Needs(Role::Viewer)),
-    ("GET", "/api/runs/{id}/log/follow", Rule::Needs(Role::Viewer)),
+    (
+        "GET",
+        "/api/runs/{id}/log/follow",
+        Rule::Needs(Role::Viewer),
+    ),
     ("GET", "/api/runs/{id}/artifacts", Rule::Needs(Role::Viewer)),
     (
         "GET",
@@ -97,7 +101,11 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     ),
     ("GET", "/api/agents", Rule::Needs(Role::Viewer)),
     ("GET", "/api/plugins", Rule::Needs(Role::Viewer)),
-    ("POST", "/api/plugins/{name}/reload", Rule::Needs(Role::Admin)),
+    (
+        "POST",
+        "/api/plugins/{name}/reload",
+        Rule::Needs(Role::Admin),
+    ),
     ("GET", "/api/tokens", Rule::Needs(Role::Admin)),
     ("GET", "/api/cluster", Rule::Needs(Role::Viewer)),
     ("GET", "/metrics", Rule::Metrics),
@@ -170,7 +178,10 @@ fn stamp(path: &Path) -> Option<(u64, i128, u64)> {
 pub fn check_token_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
@@ -314,7 +325,9 @@ impl TokenStore {
         let body = serde_json::to_vec_pretty(&TokenFileBody {
             tokens: tokens.to_vec(),
         })?;
-        let tmp = self.path.with_extension(format!("tmp-{}", std::process::id()));
+        let tmp = self
+            .path
+            .with_extension(format!("tmp-{}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -540,7 +553,9 @@ impl Access {
                 Some(c) => Ok(Some(c)),
                 None => Err((
                     StatusCode::UNAUTHORIZED,
-                    format!("the bearer token is not valid (revoked, or mistyped). {HOW_TO_GET_A_TOKEN}"),
+                    format!(
+                        "the bearer token is not valid (revoked, or mistyped). {HOW_TO_GET_A_TOKEN}"
+                    ),
                 )),
             };
         }
@@ -717,7 +732,9 @@ mod tests {
         let host = ("host", "127.0.0.1:8080");
         let bearer = format!("Bearer {viewer}");
         let h = headers(&[host, ("authorization", &bearer)]);
-        let submit = a.authorize(&Method::POST, Some("/api/runs"), &h).unwrap_err();
+        let submit = a
+            .authorize(&Method::POST, Some("/api/runs"), &h)
+            .unwrap_err();
         assert_eq!(submit.0, StatusCode::FORBIDDEN);
         assert!(submit.1.contains("`operator`"), "{}", submit.1);
         assert!(a.authorize(&Method::GET, Some("/api/runs"), &h).is_ok());
@@ -770,13 +787,25 @@ mod tests {
         let json = ("content-type", "application/json");
         let host = ("host", "127.0.0.1:8080");
         assert!(ok(Method::POST, &[host, json]).is_ok());
-        assert!(ok(Method::POST, &[host, json, ("origin", "http://127.0.0.1:8080")]).is_ok());
+        assert!(
+            ok(
+                Method::POST,
+                &[host, json, ("origin", "http://127.0.0.1:8080")]
+            )
+            .is_ok()
+        );
         assert_eq!(
-            ok(Method::POST, &[host, json, ("origin", "http://127.0.0.2:9000")]),
+            ok(
+                Method::POST,
+                &[host, json, ("origin", "http://127.0.0.2:9000")]
+            ),
             Err(StatusCode::FORBIDDEN)
         );
         assert_eq!(
-            ok(Method::POST, &[host, json, ("sec-fetch-site", "cross-site")]),
+            ok(
+                Method::POST,
+                &[host, json, ("sec-fetch-site", "cross-site")]
+            ),
             Err(StatusCode::FORBIDDEN)
         );
         assert_eq!(

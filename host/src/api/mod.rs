@@ -303,11 +303,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accept TLS connections and serve HTTP/1.1 on each. A failed handshake ends only
 /// that connection.
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    tls: Arc<rustls::ServerConfig>,
-) {
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, tls: Arc<rustls::ServerConfig>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -322,16 +318,15 @@ async fn serve_tls(
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!("HTTPS handshake with {peer}: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!("HTTPS handshake with {peer}: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             let service = hyper_util::service::TowerToHyperService::new(app);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -344,7 +339,10 @@ async fn serve_tls(
 }
 
 /// The server side of `[controller] tls`: its certificate chain and key (PEM files).
-pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<rustls::ServerConfig> {
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -368,7 +366,11 @@ pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Resu
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| anyhow::anyhow!("controller.tls: the certificate and key do not make a server identity: {e}"))?;
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "controller.tls: the certificate and key do not make a server identity: {e}"
+        )
+    })?;
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(c)
 }

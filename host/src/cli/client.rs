@@ -77,10 +77,9 @@ impl Server {
         let url = given
             .or_else(|| std::env::var("TRELLIS_SERVER").ok())
             .unwrap_or_else(|| "http://127.0.0.1:8080".into());
-        let uri: http::Uri = url
-            .trim_end_matches('/')
-            .parse()
-            .map_err(|e| anyhow::anyhow!("`{url}` is not a URL: {e} (write e.g. https://ci.example.com:8080)"))?;
+        let uri: http::Uri = url.trim_end_matches('/').parse().map_err(|e| {
+            anyhow::anyhow!("`{url}` is not a URL: {e} (write e.g. https://ci.example.com:8080)")
+        })?;
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
@@ -124,8 +123,11 @@ impl Server {
         };
         let token = match token.or_else(|| std::env::var("TRELLIS_TOKEN").ok()) {
             Some(t) => Some(
-                http::HeaderValue::from_str(&format!("Bearer {}", t.trim()))
-                    .map_err(|_| anyhow::anyhow!("the token has characters no token has: check --token / TRELLIS_TOKEN"))?,
+                http::HeaderValue::from_str(&format!("Bearer {}", t.trim())).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the token has characters no token has: check --token / TRELLIS_TOKEN"
+                    )
+                })?,
             ),
             None => None,
         };
@@ -150,7 +152,10 @@ impl Server {
             .method(method)
             .uri(target)
             .header(header::HOST, &self.authority)
-            .header(header::USER_AGENT, concat!("trellis/", env!("CARGO_PKG_VERSION")));
+            .header(
+                header::USER_AGENT,
+                concat!("trellis/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, t.clone());
         }
@@ -164,8 +169,9 @@ impl Server {
         let req = req
             .body(Full::new(body))
             .map_err(|e| anyhow::anyhow!("cannot make the request {target}: {e}"))?;
-        let unreachable =
-            |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot reach the controller at {}: {e}", self.url);
+        let unreachable = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("cannot reach the controller at {}: {e}", self.url)
+        };
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| unreachable(&e))?;
@@ -528,7 +534,9 @@ pub async fn get_artifact(
     // path); each part is encoded.
     let mut segments = vec!["api", "runs", id, "artifacts"];
     segments.extend(name.split('/'));
-    let resp = server.send(Method::GET, &target(&segments, &[]), None).await?;
+    let resp = server
+        .send(Method::GET, &target(&segments, &[]), None)
+        .await?;
     let status = resp.status().as_u16();
     if status != 200 {
         let bytes = Limited::new(resp.into_body(), MAX_JSON)

@@ -48,7 +48,9 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             store(&config)?
                 .revoke(&name)
                 .map_err(|e| anyhow::anyhow!(e))?;
-            eprintln!("trellis: token `{name}` revoked; it and its browser sessions stop working now");
+            eprintln!(
+                "trellis: token `{name}` revoked; it and its browser sessions stop working now"
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

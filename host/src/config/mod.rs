@@ -557,7 +557,14 @@ impl DaemonConfig {
                         out.push(Problem {
                             field: format!("controller.tls.{k}"),
                             problem: format!("{} does not exist", f.display()),
-                            fix: format!("point it at the API's PEM {}", if k == "cert" { "certificate chain" } else { "private key" }),
+                            fix: format!(
+                                "point it at the API's PEM {}",
+                                if k == "cert" {
+                                    "certificate chain"
+                                } else {
+                                    "private key"
+                                }
+                            ),
                         });
                     }
                 }

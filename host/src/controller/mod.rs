@@ -348,7 +348,8 @@ impl Controller {
             let session = a[&agent].agent_session.clone();
             (agent, session)
         };
-        let record = self.store
+        let record = self
+            .store
             .create(job, &agent, &agent_session, log, submitted_by)?;
         let order = RunOrder {
             run: record.id.clone(),

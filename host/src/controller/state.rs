@@ -339,7 +339,9 @@ mod tests {
         assert_eq!(running.status, RunStatus::Running);
         assert_eq!(running.agent_session, "p1");
         assert_eq!(
-            s.create(&job, "x", "p2", LogLocator::default(), "test").unwrap().id,
+            s.create(&job, "x", "p2", LogLocator::default(), "test")
+                .unwrap()
+                .id,
             "r-000003",
             "ids continue after a restart"
         );

@@ -71,7 +71,10 @@ levels = [[{{ plugin = "redfish-fence", params = {{ ip = "127.0.0.1", ipport = "
     };
     let (a, b) = (config("a", "b", http_a), config("b", "a", http_b));
     // one state directory, so one token for both
-    use_token(http_b, &token_for(http_a).expect("write_configs made a token"));
+    use_token(
+        http_b,
+        &token_for(http_a).expect("write_configs made a token"),
+    );
     (a, b, agent_cfg, http_a, http_b)
 }
 
@@ -142,7 +145,10 @@ pub fn config_in_netns(cfg: &Path, http: u16, ns: &Netns, etcd: &EtcdCluster) ->
     let mut text = std::fs::read_to_string(cfg).unwrap().replace(
         &format!("http = \"127.0.0.1:{http}\""),
         // a test network of its own, not reachable from elsewhere
-        &format!("http = \"{}:{http}\"\nallow-plaintext-http = true", ns.ns_ip),
+        &format!(
+            "http = \"{}:{http}\"\nallow-plaintext-http = true",
+            ns.ns_ip
+        ),
     );
     for c in &etcd.clients {
         let port = c.rsplit(':').next().unwrap();

@@ -75,7 +75,12 @@ pub fn create_token(config: &Path, name: &str, role: &str) -> String {
 }
 
 fn port_of(server: &str) -> Option<u16> {
-    server.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+    server
+        .rsplit(':')
+        .next()?
+        .trim_end_matches('/')
+        .parse()
+        .ok()
 }
 
 /// A CLI command against `server`, with the token kept for it: (exit code, stdout,
