@@ -302,7 +302,7 @@ fn cli_plugin_check_and_list() {
         .find(|l| l.starts_with("file-browser-v0-1 "))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(old.contains(" 0.1.0  ") && old.contains("valid"), "{old}");
-    assert!(out.contains("7 plugin(s)"), "{out}");
+    assert!(out.contains("8 plugin(s)"), "{out}");
     let (code, out) = trellis(&[
         "plugin",
         "check",
@@ -366,6 +366,20 @@ fn cli_up_runs_a_job_and_exits_with_its_status() {
     );
     assert!(stderr.contains("run r-000001 succeeded"), "{stderr}");
     assert!(d.path().join("s/logs/ok/r-000001.jsonl").is_file());
+    // it served the API with a token of its own, recorded as the submitter, and
+    // revoked the token when done
+    assert!(
+        stderr.contains("web page and API on http://127.0.0.1:")
+            && stderr.contains("token trellis_"),
+        "{stderr}"
+    );
+    let record = std::fs::read_to_string(d.path().join("s/runs/r-000001/run.json")).unwrap();
+    assert!(
+        record.contains("\"submitted_by\": \"trellis-up\""),
+        "{record}"
+    );
+    let tokens = std::fs::read_to_string(d.path().join("s/api-tokens.json")).unwrap();
+    assert!(!tokens.contains("trellis-up"), "{tokens}");
 
     let bad = d.path().join("bad.toml");
     std::fs::write(

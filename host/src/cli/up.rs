@@ -4,16 +4,23 @@
 //! external services, through the same extension points a cluster uses.
 
 use crate::agent::worker::{AgentConfig, run_agent};
+use crate::api::Api;
+use crate::api::access::{Access, AccessConfig, Role};
 use crate::capabilities::secrets::SecretStore;
 use crate::config::DaemonConfig;
 use crate::controller::state::RunStatus;
 use crate::controller::{Controller, ControllerConfig, Update};
 use crate::jobs::Job;
+use crate::points::browser::LogReader;
 use crate::runtime::Runtime;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The name of the token `trellis up` makes for itself (and its runs' `submitted_by`).
+const UP_TOKEN: &str = "trellis-up";
 
 pub struct UpOptions {
     pub job: PathBuf,
@@ -131,8 +138,32 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The web page and API while the job runs, on loopback, with an admin token made
+    // for this process (printed: it is how the page and CLI get in) and revoked at the
+    // end; the run records it as its submitter.
+    let access = Arc::new(Access::new(AccessConfig {
+        state_dir: &o.state,
+        bind: ([127, 0, 0, 1], 0).into(),
+        hosts: &[],
+        open_metrics: false,
+        tls: false,
+    }));
+    let _ = access.tokens.revoke(UP_TOKEN);
+    let token = access
+        .tokens
+        .create(UP_TOKEN, Role::Admin)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let api = Arc::new(Api {
+        controller: controller.clone(),
+        runtime: runtime.clone(),
+        browsers: LogReader::new(load("file-browser").await?)?.into(),
+        instance_id: "local".into(),
+    });
+    let addr = crate::api::serve(([127, 0, 0, 1], 0).into(), api, access.clone(), None).await?;
+    eprintln!("trellis: web page and API on http://{addr}/ while this runs (token {token})");
+
     let mut updates = controller.subscribe();
-    let run = controller.submit_as(&job, "local")?;
+    let run = controller.submit_as(&job, UP_TOKEN)?;
     eprintln!(
         "trellis: run {} of job `{}` on {} ({} step(s))",
         run.id,
@@ -162,6 +193,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
         }
     };
     controller.stop();
+    let _ = access.tokens.revoke(UP_TOKEN);
     let took = t0.elapsed().as_secs_f64();
     let how = match &finished.outcome {
         Some(o) => serde_json::to_string(o).unwrap_or_default(),
