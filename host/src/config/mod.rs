@@ -570,9 +570,11 @@ impl DaemonConfig {
                 }
             }
             for (i, h) in c.hosts.iter().enumerate() {
-                let ok = !h.is_empty()
-                    && h.chars()
-                        .all(|ch| ch.is_ascii_alphanumeric() || ".-:".contains(ch));
+                // a bare name or IP: `Host`'s port is not compared
+                let ok = h.parse::<std::net::Ipv6Addr>().is_ok()
+                    || (!h.is_empty()
+                        && h.chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || ".-".contains(ch)));
                 if !ok {
                     out.push(Problem {
                         field: format!("controller.hosts[{i}]"),
@@ -768,8 +770,14 @@ mod tests {
         );
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].contains("controller.tls.cert") && p[1].contains("controller.tls.key"));
-        let p = controller("hosts = [\"https://ci.example.com/\"]");
-        assert!(p[0].contains("controller.hosts[0]"), "{p:?}");
+        let p = controller(
+            "hosts = [\"https://ci.example.com/\", \"ci:8080\", \"::1\", \"ci.example.com\"]",
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].contains("controller.hosts[0]") && p[1].contains("controller.hosts[1]"),
+            "{p:?}"
+        );
         let p = controller("tls = { cert = \"/c\" }");
         assert!(p[0].contains("key"), "{p:?}");
     }
