@@ -770,6 +770,40 @@ mod tests {
     }
 
     #[test]
+    fn under_tls_cookies_are_secure_and_the_origin_is_https() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Access::new(AccessConfig {
+            state_dir: dir.path(),
+            bind: "127.0.0.1:8443".parse().unwrap(),
+            hosts: &[],
+            open_metrics: true,
+            tls: true,
+        });
+        let t = a.tokens.create("v", Role::Viewer).unwrap();
+        let (_, set) = a.sign_in(&t).unwrap();
+        assert!(set.ends_with("; Secure"), "{set}");
+        let h = |origin: &str| {
+            headers(&[
+                ("host", "127.0.0.1:8443"),
+                ("content-type", "application/json"),
+                ("origin", origin),
+            ])
+        };
+        assert!(
+            a.screen(&Method::POST, &h("https://127.0.0.1:8443"))
+                .is_ok()
+        );
+        assert!(
+            a.screen(&Method::POST, &h("http://127.0.0.1:8443"))
+                .is_err()
+        );
+        // open metrics: no token needed there, and only there
+        let none = headers(&[("host", "127.0.0.1:8443")]);
+        assert!(a.authorize(&Method::GET, Some("/metrics"), &none).is_ok());
+        assert!(a.authorize(&Method::GET, Some("/api/runs"), &none).is_err());
+    }
+
+    #[test]
     fn browsers_are_screened() {
         let dir = tempfile::tempdir().unwrap();
         let a = access(dir.path());
