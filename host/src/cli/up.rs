@@ -5,10 +5,11 @@
 
 use crate::agent::worker::{AgentConfig, run_agent};
 use crate::capabilities::secrets::SecretStore;
-use crate::config::DaemonConfig;
+use crate::config::{DaemonConfig, JobSecretRule};
 use crate::controller::state::RunStatus;
 use crate::controller::{Controller, ControllerConfig, Update};
 use crate::jobs::Job;
+use crate::jobs::secrets::{JobSecrets, problems_error};
 use crate::runtime::Runtime;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +52,23 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
         Some(f) => SecretStore::load(f)?,
         None => SecretStore::default(),
     };
+    // The secrets file given here is for this job: each of its secrets is a job secret
+    // scoped to it (the local agents' secret is made below and is no job's).
+    let rules = secrets
+        .names()
+        .map(|n| {
+            (
+                n.to_string(),
+                JobSecretRule {
+                    jobs: vec![job.name.clone()],
+                },
+            )
+        })
+        .collect();
+    let job_secrets = JobSecrets::new(&rules, &secrets, Default::default()).map_err(|p| {
+        let file = o.secrets.as_deref().unwrap_or(Path::new("--secrets"));
+        problems_error(&file.display().to_string(), p)
+    })?;
     let logs = o.state.join("logs");
     std::fs::create_dir_all(&logs)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -97,7 +115,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|n| (n.clone(), agent_secret.clone()))
                 .collect::<HashMap<_, _>>(),
-            secrets,
+            secrets: job_secrets,
             heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
             agent_lost_after: crate::controller::DEFAULT_AGENT_LOST_AFTER,
             log_buffer_limit: crate::controller::DEFAULT_LOG_BUFFER_LIMIT,
