@@ -54,13 +54,11 @@ pub struct Shown<'a>(pub &'a str);
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 80;
-        let mut n = 0;
-        for c in self.0.chars() {
+        for (n, c) in self.0.chars().enumerate() {
             if n == SHOWN {
                 return write!(f, "…({} bytes)", self.0.len());
             }
             write!(f, "{}", c.escape_debug())?;
-            n += 1;
         }
         Ok(())
     }

@@ -395,6 +395,9 @@ mod tests {
             + if cancel { "; sleep 300" } else { "" };
         let (tx, mut rx) = mpsc::channel::<Output>(16);
         let (cancel_tx, cancel_rx) = watch::channel(false);
+        // Held here too: a dropped sender reads as a cancel.
+        let cancel_tx = std::sync::Arc::new(cancel_tx);
+        let _held = cancel_tx.clone();
         let lines = tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(o) = rx.recv().await {
@@ -440,10 +443,22 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
+        let seen: Vec<String> = left
+            .iter()
+            .map(|p| {
+                let read =
+                    |f: &str| std::fs::read_to_string(format!("/proc/{p}/{f}")).unwrap_or_default();
+                format!("{p}: stat {} cgroup {}", read("stat"), read("cgroup"))
+            })
+            .collect();
         for p in &left {
             // SAFETY: kill(2) on this test's own escapees.
             unsafe { libc::kill(**p as i32, libc::SIGKILL) };
         }
+        assert!(
+            left.is_empty(),
+            "{tracking:?}, cancel {cancel}: escapees outlived the step: {seen:#?}"
+        );
         assert!(
             left.is_empty(),
             "{tracking:?}, cancel {cancel}: escapees {left:?} outlived the step"
