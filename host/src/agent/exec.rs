@@ -473,7 +473,7 @@ mod tests {
 
     #[tokio::test]
     async fn escapees_are_killed_with_their_cgroup() {
-        if let Err(why) = crate::agent::tracking::own_cgroup() {
+        if let Err(why) = StepTracker::new(Tracking::Cgroup) {
             eprintln!("SKIPPED: no cgroup v2 for steps on this machine: {why}");
             return;
         }
