@@ -52,6 +52,16 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
         Some(f) => SecretStore::load(f)?,
         None => SecretStore::default(),
     };
+    if let Some(name) = job.secrets.values().find(|n| !secrets.contains(n)) {
+        anyhow::bail!(
+            "job `{}` names secret `{name}`, which {}: pass a secrets file holding it (name = \"value\", mode 0600) with --secrets FILE",
+            job.name,
+            match &o.secrets {
+                Some(f) => format!("{} does not hold", f.display()),
+                None => "no secrets file was given for".to_string(),
+            }
+        );
+    }
     // The secrets file given here is for this job: each of its secrets is a job secret
     // scoped to it (the local agents' secret is made below and is no job's).
     let rules = secrets
