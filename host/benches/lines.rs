@@ -143,7 +143,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             instance_id: "bench".into(),
             state_dir: dir.join("state"),
             agents: [("agent-1".to_string(), "agent-secret".to_string())].into(),
-            secrets: SecretStore::default(),
+            secrets: Default::default(),
             // The daemons' defaults.
             heartbeat: trellis::session::link::DEFAULT_HEARTBEAT,
             agent_lost_after: trellis::controller::DEFAULT_AGENT_LOST_AFTER,

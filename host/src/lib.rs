@@ -9,6 +9,7 @@ pub mod config;
 pub mod conformance;
 pub mod controller;
 pub mod ha;
+pub mod ids;
 pub mod jobs;
 pub mod points;
 pub mod protocol;

@@ -44,6 +44,8 @@ file = "secrets.toml"
 state-dir = "state"
 http = "127.0.0.1:{http}"
 agents = {{ "build-1" = "agent-build-1" }}
+[job-secrets.deploy-token]
+jobs = ["cli-*"]
 [plugins.tcp-transport]
 sockets = {{ bind = ["127.0.0.1:{tp}"] }}
 config = {{ address = "127.0.0.1:{tp}" }}

@@ -59,6 +59,14 @@ pub fn find(root: &Path, dir: &Path, patterns: &[String]) -> (Vec<Found>, Vec<St
                 .to_string_lossy()
                 .into_owned();
             matched = true;
+            if !crate::ids::is_artifact_name(&name) {
+                problems.push(format!(
+                    "`{}` is not sent: an artifact name is {}",
+                    crate::ids::Shown(&name),
+                    crate::ids::ARTIFACT_RULE
+                ));
+                continue;
+            }
             if !found.iter().any(|f| f.name == name) {
                 found.push(Found { name, path });
             }
@@ -128,6 +136,7 @@ mod tests {
         std::fs::write(dir.join("out/a.tar.gz"), b"a").unwrap();
         std::fs::write(dir.join("out/deep/b.tar.gz"), b"b").unwrap();
         std::fs::write(dir.join("report.xml"), b"r").unwrap();
+        std::fs::write(dir.join("odd\tname.xml"), b"o").unwrap();
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret.key"), b"k").unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret.key"), dir.join("link.xml"))
@@ -144,5 +153,10 @@ mod tests {
                 .any(|p| p.contains("link.xml") && p.contains("outside"))
         );
         assert!(problems.iter().any(|p| p.contains("`missing/*`")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("odd\\tname.xml") && p.contains("not sent"))
+        );
     }
 }

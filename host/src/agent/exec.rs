@@ -1,8 +1,10 @@
 //! Running one step: `sh -c <run>` in its own process group, output read line by line
 //! and masked, a timeout and a cancel that take the whole process tree down, and
-//! stragglers (background processes the step left) killed when it ends.
+//! stragglers (background processes the step left) killed when it ends — also those
+//! that left the group or the session (see `tracking`).
 
 use crate::agent::mask::{LineAssembler, Masker, Piece};
+use crate::agent::tracking::{StepTracker, Tracking};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -56,6 +58,8 @@ pub struct StepCommand<'a> {
     pub env: &'a [(String, String)],
     pub timeout: Duration,
     pub kill_grace: Duration,
+    /// How the step's processes are tracked so that none outlives it.
+    pub tracking: Tracking,
 }
 
 /// Run the step to its end. Output goes to `out` as it comes (a full channel slows the
@@ -66,6 +70,10 @@ pub async fn run_step(
     out: mpsc::Sender<Output>,
     mut cancel: watch::Receiver<bool>,
 ) -> StepEnd {
+    let mut tracker = match StepTracker::new(cmd.tracking) {
+        Ok(t) => t,
+        Err(e) => return StepEnd::CouldNotStart(e),
+    };
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd.run).current_dir(cmd.dir).env_clear();
     for k in PASSED_ENV {
@@ -75,6 +83,21 @@ pub async fn run_step(
     }
     for (k, v) in cmd.env {
         c.env(k, v);
+    }
+    // Last, so the job's env cannot replace it.
+    let (var, cookie) = tracker.cookie();
+    c.env(var, cookie);
+    if let Some(fd) = tracker.join_fd() {
+        // SAFETY: runs in the forked child before exec; write(2) is async-signal-safe
+        // and touches only this static buffer. "0" moves the writing process (the
+        // step's shell, before it runs anything) into the step's cgroup.
+        unsafe {
+            c.pre_exec(move || {
+                // A refused write is noticed by `StepTracker::started`.
+                let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+                Ok(())
+            });
+        }
     }
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -90,6 +113,10 @@ pub async fn run_step(
             ));
         }
     };
+    if let Err(e) = tracker.started(child.id().unwrap_or(0)) {
+        let _ = child.kill().await;
+        return StepEnd::CouldNotStart(e);
+    }
     let pgid = child.id().map(|p| p as i32);
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -137,10 +164,13 @@ pub async fn run_step(
             let _ = child.wait().await;
         }
     }
-    // Whatever the step left running in its group goes too; then the pipes close.
+    // Whatever the step left running in its group goes too, and whatever left the
+    // group (a new session, a double fork) is found by its cgroup or cookie; then the
+    // pipes close.
     if let Some(pg) = pgid {
         signal_group(pg, libc::SIGKILL);
     }
+    let _ = tokio::task::spawn_blocking(move || tracker.kill_all()).await;
     let _ = readers.await;
     stopped
 }
@@ -225,6 +255,7 @@ mod tests {
                 env: &env,
                 timeout,
                 kill_grace: Duration::from_millis(300),
+                tracking: Tracking::Auto,
             },
             &Masker::new(secrets),
             tx,
@@ -329,6 +360,7 @@ mod tests {
                     env: &[],
                     timeout: Duration::from_secs(60),
                     kill_grace: Duration::from_millis(300),
+                    tracking: Tracking::Auto,
                 },
                 &Masker::default(),
                 tx,
@@ -342,6 +374,113 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 
+    /// Is `pid` alive (not gone, not a zombie)?
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+            .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+    }
+
+    /// A step starts two escapees — `setsid`, and a double fork into a new session —
+    /// which write their pids; the step then ends (or, with `cancel`, is cancelled).
+    /// Afterwards both are gone.
+    async fn escapees_are_gone(tracking: Tracking, cancel: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let script = "setsid sh -c 'echo $$ > p1; exec sleep 300' >/dev/null 2>&1 </dev/null &
+            ( setsid sh -c 'echo $$ > p2; exec sleep 300' >/dev/null 2>&1 </dev/null & )
+            while [ ! -s p1 ] || [ ! -s p2 ]; do sleep 0.02; done
+            echo escaped"
+            .to_string()
+            + if cancel { "; sleep 300" } else { "" };
+        let (tx, mut rx) = mpsc::channel::<Output>(16);
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        // Held here too: a dropped sender reads as a cancel.
+        let cancel_tx = std::sync::Arc::new(cancel_tx);
+        let _held = cancel_tx.clone();
+        let lines = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(o) = rx.recv().await {
+                if o.text == "escaped" && cancel {
+                    let _ = cancel_tx.send(true);
+                }
+                got.push(o.text);
+            }
+            got
+        });
+        let end = run_step(
+            StepCommand {
+                run: &script,
+                dir: dir.path(),
+                env: &[],
+                timeout: Duration::from_secs(30),
+                kill_grace: Duration::from_millis(300),
+                tracking,
+            },
+            &Masker::default(),
+            tx,
+            cancel_rx,
+        )
+        .await;
+        let want = if cancel {
+            StepEnd::Cancelled
+        } else {
+            StepEnd::Exited(0)
+        };
+        assert_eq!(end, want, "{:?}", lines.await);
+        let pids: Vec<u32> = ["p1", "p2"]
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(dir.path().join(f))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let t = Instant::now();
+        while pids.iter().any(|p| alive(*p)) && t.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
+        let seen: Vec<String> = left
+            .iter()
+            .map(|p| {
+                let read =
+                    |f: &str| std::fs::read_to_string(format!("/proc/{p}/{f}")).unwrap_or_default();
+                format!("{p}: stat {} cgroup {}", read("stat"), read("cgroup"))
+            })
+            .collect();
+        for p in &left {
+            // SAFETY: kill(2) on this test's own escapees.
+            unsafe { libc::kill(**p as i32, libc::SIGKILL) };
+        }
+        assert!(
+            left.is_empty(),
+            "{tracking:?}, cancel {cancel}: escapees outlived the step: {seen:#?}"
+        );
+        assert!(
+            left.is_empty(),
+            "{tracking:?}, cancel {cancel}: escapees {left:?} outlived the step"
+        );
+    }
+
+    #[tokio::test]
+    async fn escapees_are_killed_by_their_cookie() {
+        escapees_are_gone(Tracking::Cookie, false).await;
+        escapees_are_gone(Tracking::Cookie, true).await;
+    }
+
+    #[tokio::test]
+    async fn escapees_are_killed_with_their_cgroup() {
+        if let Err(why) = StepTracker::new(Tracking::Cgroup) {
+            eprintln!("SKIPPED: no cgroup v2 for steps on this machine: {why}");
+            return;
+        }
+        escapees_are_gone(Tracking::Cgroup, false).await;
+        escapees_are_gone(Tracking::Cgroup, true).await;
+    }
+
     #[tokio::test]
     async fn a_missing_directory_is_reported() {
         let (tx, _rx) = mpsc::channel(1);
@@ -353,6 +492,7 @@ mod tests {
                 env: &[],
                 timeout: Duration::from_secs(1),
                 kill_grace: KILL_GRACE,
+                tracking: Tracking::Auto,
             },
             &Masker::default(),
             tx,
@@ -385,6 +525,7 @@ mod tests {
                 env: &[],
                 timeout: Duration::from_secs(60),
                 kill_grace: KILL_GRACE,
+                tracking: Tracking::Auto,
             },
             &Masker::default(),
             tx,

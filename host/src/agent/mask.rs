@@ -1,9 +1,19 @@
 //! Secrets in step output are replaced before any line leaves the agent — including a
 //! secret split across two reads of the pipe, or across the cut of an overlong line.
+//!
+//! Output is masked line by line, so a secret of several lines (a PEM key) could never
+//! match whole: each of its lines is masked on its own instead, wherever it appears
+//! (trimmed of surrounding white space, as a step may indent it). Lines shorter than
+//! `MIN_LINE` (a PEM key's short last line, an empty one) are left: masking them would
+//! blank unrelated output while hiding next to nothing.
 
 use std::borrow::Cow;
 
 pub const MASK: &str = "****";
+
+/// The shortest line of a multi-line secret that is masked (the shortest job secret;
+/// see `jobs::secrets::MIN_JOB_SECRET_LEN`).
+pub const MIN_LINE: usize = crate::jobs::secrets::MIN_JOB_SECRET_LEN;
 
 /// Replaces every occurrence of the given secrets.
 #[derive(Debug, Clone, Default)]
@@ -16,7 +26,19 @@ impl Masker {
     pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(secrets: I) -> Masker {
         let mut secrets: Vec<Vec<u8>> = secrets
             .into_iter()
-            .map(|s| s.as_ref().as_bytes().to_vec())
+            .flat_map(|s| {
+                let s = s.as_ref();
+                if s.contains('\n') {
+                    // Each line whole (output is masked per line), trimmed.
+                    s.lines()
+                        .map(str::trim)
+                        .filter(|l| l.chars().count() >= MIN_LINE)
+                        .map(|l| l.as_bytes().to_vec())
+                        .collect()
+                } else {
+                    vec![s.as_bytes().to_vec()]
+                }
+            })
             .filter(|s| !s.is_empty())
             .collect();
         secrets.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
@@ -212,6 +234,37 @@ mod tests {
             b"pw=****;**** ********"
         );
         assert!(matches!(m.mask(b"nothing here"), Cow::Borrowed(_)));
+    }
+
+    /// A PEM key: every line of it that says anything is masked, however the output
+    /// arrives (in pieces, indented, with CRLF), and the key never appears whole.
+    #[test]
+    fn every_line_of_a_multi_line_secret_is_masked() {
+        let pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj\nZg==\n-----END PRIVATE KEY-----\n";
+        let m = Masker::new([pem]);
+        let printed = format!("key:\n{pem}  MIIEvQIBADANBgkqhkiG9w0BAQEFAASC\r\nafter\n");
+        for chunk in [1usize, 5, 64, 4096] {
+            let chunks: Vec<&[u8]> = printed.as_bytes().chunks(chunk).collect();
+            let mut a = LineAssembler::new(m.clone(), 1 << 16);
+            let mut out = Vec::new();
+            for c in &chunks {
+                a.push(c, &mut out);
+            }
+            a.finish(&mut out);
+            let lines: Vec<&str> = out.iter().map(|p| p.text.as_str()).collect();
+            assert_eq!(
+                lines,
+                [
+                    "key:", "****", "****", "****", "Zg==", "****", "  ****", "after"
+                ],
+                "chunk {chunk}"
+            );
+        }
+        // A one-line secret stays whole (it is not split on anything).
+        assert_eq!(
+            Masker::new(["ab cd ef"]).mask(b"x ab cd ef").as_ref(),
+            b"x ****"
+        );
     }
 
     #[test]

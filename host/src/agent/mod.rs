@@ -6,4 +6,5 @@ pub mod budget;
 pub mod exec;
 pub mod mask;
 pub mod multiline;
+pub mod tracking;
 pub mod worker;

@@ -248,6 +248,21 @@ pub async fn run_agent(
                         tracing::error!(agent = %cfg.name, run, "refusing a cancel with fencing token {token} (newest seen {})", fencing.newest());
                     }
                     Ok(ToAgent::StartRun(order)) => {
+                        if let Err(e) = check_order(&order) {
+                            tracing::error!(agent = %cfg.name, run = %crate::ids::Shown(&order.run), "refusing an order: {e}");
+                            if crate::ids::is_id(&order.run) {
+                                let refused = ToController::RunFinished {
+                                    run: order.run.clone(),
+                                    outcome: RunOutcome::Failed {
+                                        step: String::new(),
+                                        outcome: StepOutcome::CouldNotStart { reason: e },
+                                    },
+                                    lines: 0,
+                                };
+                                let _ = out_tx.try_send(protocol::encode(&refused, &[]));
+                            }
+                            continue;
+                        }
                         let (tx, rx) = watch::channel(false);
                         // Runs that ended have dropped their receiver.
                         cancels.retain(|_, c| !c.is_closed());
@@ -272,6 +287,48 @@ pub async fn run_agent(
             if handled {
                 commit_handled(session, &link, &mut committed).await;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Check an order's names before any path is built from them (see `ids`): the run id
+/// (its workspace folder), the step names, each step's workdir and artifact patterns.
+/// The controller sends only names it checked; a bad one is a bug or a forgery.
+fn check_order(order: &RunOrder) -> Result<(), String> {
+    use crate::ids::{ID_RULE, Shown, is_id};
+    if !is_id(&order.run) {
+        return Err(format!(
+            "run id `{}` is not an identifier ({ID_RULE})",
+            Shown(&order.run)
+        ));
+    }
+    for step in &order.steps {
+        if !is_id(&step.name) {
+            return Err(format!(
+                "step name `{}` is not an identifier ({ID_RULE})",
+                Shown(&step.name)
+            ));
+        }
+        if let Some(w) = &step.workdir
+            && crate::jobs::contained(w).is_none()
+        {
+            return Err(format!(
+                "step `{}`: workdir `{}` leaves the run's workspace",
+                step.name,
+                Shown(w)
+            ));
+        }
+        if let Some(a) = step
+            .artifacts
+            .iter()
+            .find(|a| crate::jobs::contained(a).is_none())
+        {
+            return Err(format!(
+                "step `{}`: artifact pattern `{}` leaves the step's directory",
+                step.name,
+                Shown(a)
+            ));
         }
     }
     Ok(())
@@ -308,6 +365,10 @@ async fn run(
             None
         }
     };
+    let tracking = crate::agent::tracking::Tracking::from_env().unwrap_or_else(|reason| {
+        outcome = could_not_start(reason);
+        Default::default()
+    });
     let out = Out { tx, log };
     if outcome != RunOutcome::Succeeded {
         // The log could not be opened: nothing runs.
@@ -353,6 +414,7 @@ async fn run(
             env: &order.env,
             timeout: Duration::from_millis(step.timeout_ms),
             kill_grace: exec::KILL_GRACE,
+            tracking,
         };
         let end: StepOutcome = exec::run_step(cmd, &masker, lines_tx, cancel.clone())
             .await
@@ -577,5 +639,47 @@ fn line(o: Output) -> OutLine {
         },
         text: o.text,
         ts_ms: now_ms(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::StepOrder;
+
+    fn order(run: &str, step: &str, workdir: Option<&str>, artifact: &str) -> RunOrder {
+        RunOrder {
+            run: run.into(),
+            job: "j".into(),
+            steps: vec![StepOrder {
+                name: step.into(),
+                run: "true".into(),
+                timeout_ms: 1000,
+                workdir: workdir.map(String::from),
+                artifacts: vec![artifact.into()],
+            }],
+            env: vec![],
+            mask: vec![],
+            log_limit: None,
+            multiline_start: None,
+            agent_log: None,
+            token: 0,
+        }
+    }
+
+    #[test]
+    fn an_order_with_a_name_that_would_leave_the_workspace_is_refused() {
+        assert!(check_order(&order("r-000001", "build", Some("src"), "out/*.tgz")).is_ok());
+        for (bad, what) in [
+            (order("../../etc", "build", None, "x"), "run id"),
+            (order("r-1/..", "build", None, "x"), "run id"),
+            (order("r-1", "../b", None, "x"), "step name"),
+            (order("r-1", "b", Some("../../x"), "x"), "workdir"),
+            (order("r-1", "b", Some("/etc"), "x"), "workdir"),
+            (order("r-1", "b", None, "../*.key"), "artifact pattern"),
+        ] {
+            let e = check_order(&bad).unwrap_err();
+            assert!(e.contains(what), "{e}");
+        }
     }
 }

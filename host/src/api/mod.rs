@@ -484,7 +484,7 @@ async fn submit(
         Err(e @ crate::controller::SubmitError::NoAgent(_)) => {
             error(StatusCode::CONFLICT, e.to_string())
         }
-        Err(e @ crate::controller::SubmitError::MissingSecret { .. }) => {
+        Err(e @ crate::controller::SubmitError::Secret(_)) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

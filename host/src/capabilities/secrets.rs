@@ -75,6 +75,11 @@ impl SecretStore {
     pub fn contains(&self, name: &str) -> bool {
         self.values.contains_key(name)
     }
+
+    /// The secrets' names (never their values), in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
 }
 
 /// One instance's view: the store and the names granted to its plugin.

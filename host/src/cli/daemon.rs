@@ -10,6 +10,7 @@ use crate::ha::fencing::{Device, RaceDelay, Topology};
 use crate::ha::leader::Etcd;
 use crate::ha::role::Ha;
 use crate::ha::status::ClusterStatus;
+use crate::jobs::secrets::{JobSecrets, problems_error};
 use crate::points::bindings::logging_method::Side;
 use crate::points::browser::LogReader;
 use crate::points::fence::FenceDevice;
@@ -70,9 +71,13 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             secret(&secrets, secret_name, &format!("controller.agents.{agent}"))?,
         );
     }
+    // Before the runtime takes the config: which secrets jobs may use, and that none of
+    // them is a daemon credential or too short to mask.
+    let job_secrets = JobSecrets::from_config(&cfg, &secrets)
+        .map_err(|p| problems_error(&file.display().to_string(), p))?;
     let dir = plugin_dir(&cfg)?;
     let ha_cfg = cfg.ha.clone();
-    let rt = Runtime::with_secrets(cfg, secrets.clone())?;
+    let rt = Runtime::with_secrets(cfg, secrets)?;
     let transport = load_plugin(&rt, &dir, &c.transport).await?;
     // The defaults first, then what jobs may name besides (a name listed twice loads once).
     let mut methods: Vec<Arc<Plugin>> = Vec::new();
@@ -138,7 +143,7 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
                 instance_id: c.instance_id.clone(),
                 state_dir: c.state_dir.clone(),
                 agents,
-                secrets,
+                secrets: job_secrets,
                 heartbeat: c.heartbeat.0,
                 agent_lost_after: c.agent_lost_after.0,
                 log_buffer_limit: c.log_buffer_limit.0,

@@ -25,10 +25,21 @@ pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
                     dir.display()
                 ));
             }
-            if let Some(f) = &cfg.secrets.file
-                && let Err(e) = crate::capabilities::secrets::SecretStore::load(f)
-            {
-                problems.push(format!("`secrets.file`: {e}"));
+            match &cfg.secrets.file {
+                Some(f) => match crate::capabilities::secrets::SecretStore::load(f) {
+                    // Job secrets against their values: present, long enough to mask,
+                    // none a daemon credential's.
+                    Ok(store) => {
+                        if let Err(p) = crate::jobs::secrets::JobSecrets::from_config(&cfg, &store) {
+                            problems.extend(p.iter().map(|p| p.to_string()));
+                        }
+                    }
+                    Err(e) => problems.push(format!("`secrets.file`: {e}")),
+                },
+                None if !cfg.job_secrets.is_empty() => problems.push(
+                    "`job-secrets`: job secrets need a secrets file for their values (fix: set [secrets] file = \"/etc/trellis/secrets.toml\", mode 0600)".into(),
+                ),
+                None => {}
             }
             if let Some(t) = cfg.controller.as_ref().and_then(|c| c.tls.as_ref())
                 && let Err(e) = crate::api::tls_config(&t.cert, &t.key)

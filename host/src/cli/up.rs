@@ -7,11 +7,12 @@ use crate::agent::worker::{AgentConfig, run_agent};
 use crate::api::Api;
 use crate::api::access::{Access, AccessConfig, Role};
 use crate::capabilities::secrets::SecretStore;
-use crate::config::DaemonConfig;
+use crate::config::{DaemonConfig, JobSecretRule};
 use crate::controller::state::RunStatus;
 use crate::controller::{Controller, ControllerConfig, Update};
 use crate::jobs::Job;
 use crate::points::browser::LogReader;
+use crate::jobs::secrets::{JobSecrets, problems_error};
 use crate::runtime::Runtime;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,33 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
         Some(f) => SecretStore::load(f)?,
         None => SecretStore::default(),
     };
+    if let Some(name) = job.secrets.values().find(|n| !secrets.contains(n)) {
+        anyhow::bail!(
+            "job `{}` names secret `{name}`, which {}: pass a secrets file holding it (name = \"value\", mode 0600) with --secrets FILE",
+            job.name,
+            match &o.secrets {
+                Some(f) => format!("{} does not hold", f.display()),
+                None => "no secrets file was given for".to_string(),
+            }
+        );
+    }
+    // The secrets file given here is for this job: each of its secrets is a job secret
+    // scoped to it (the local agents' secret is made below and is no job's).
+    let rules = secrets
+        .names()
+        .map(|n| {
+            (
+                n.to_string(),
+                JobSecretRule {
+                    jobs: vec![job.name.clone()],
+                },
+            )
+        })
+        .collect();
+    let job_secrets = JobSecrets::new(&rules, &secrets, Default::default()).map_err(|p| {
+        let file = o.secrets.as_deref().unwrap_or(Path::new("--secrets"));
+        problems_error(&file.display().to_string(), p)
+    })?;
     let logs = o.state.join("logs");
     std::fs::create_dir_all(&logs)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -104,7 +132,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|n| (n.clone(), agent_secret.clone()))
                 .collect::<HashMap<_, _>>(),
-            secrets,
+            secrets: job_secrets,
             heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
             agent_lost_after: crate::controller::DEFAULT_AGENT_LOST_AFTER,
             log_buffer_limit: crate::controller::DEFAULT_LOG_BUFFER_LIMIT,

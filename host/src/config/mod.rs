@@ -17,6 +17,10 @@ pub struct DaemonConfig {
     pub runtime: RuntimeSection,
     #[serde(default)]
     pub secrets: SecretsSection,
+    /// `[job-secrets.<name>]`: the secrets of the secrets file jobs may use, and which
+    /// jobs may use each (see `jobs::secrets`). No other secret is ever given to a job.
+    #[serde(default)]
+    pub job_secrets: BTreeMap<String, JobSecretRule>,
     /// `[plugins.<name>]`: the grants of each plugin, by the name in its manifest.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginGrants>,
@@ -283,6 +287,14 @@ impl Default for QuarantineConfig {
 pub struct SecretsSection {
     /// A TOML file of `name = "value"` pairs, readable by the daemon's user only (0600).
     pub file: Option<PathBuf>,
+}
+
+/// `[job-secrets.<name>]`: which jobs may name the secret `<name>` in their `secrets`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JobSecretRule {
+    /// Globs on the job's name, e.g. `["deploy-*"]`.
+    pub jobs: Vec<String>,
 }
 
 /// What the operator grants one plugin. Nothing is granted by default.
@@ -614,6 +626,38 @@ impl DaemonConfig {
                 });
             }
         }
+        let daemon = self.daemon_credentials();
+        for (name, rule) in &self.job_secrets {
+            let at = format!("job-secrets.{name}");
+            if let Some(used_for) = daemon.get(name) {
+                out.push(Problem {
+                    field: at.clone(),
+                    problem: format!(
+                        "`{name}` is {used_for}: a daemon credential is never given to a job"
+                    ),
+                    fix: format!(
+                        "store a separate secret for jobs in the secrets file and scope that one: [job-secrets.<its name>] jobs = {:?}",
+                        rule.jobs
+                    ),
+                });
+            }
+            if rule.jobs.is_empty() {
+                out.push(Problem {
+                    field: format!("{at}.jobs"),
+                    problem: "no job may use it".into(),
+                    fix: "list the jobs that may, by name or glob: jobs = [\"deploy-*\"]".into(),
+                });
+            }
+            for (i, g) in rule.jobs.iter().enumerate() {
+                if let Err(e) = glob::Pattern::new(g) {
+                    out.push(Problem {
+                        field: format!("{at}.jobs[{i}]"),
+                        problem: format!("`{g}` is not a glob: {e}"),
+                        fix: "write a job name or a glob on it, e.g. \"deploy-*\"".into(),
+                    });
+                }
+            }
+        }
         for (name, g) in &self.plugins {
             let at = format!("plugins.{name}");
             check_limits(&g.limits, &format!("{at}.limits"), &mut out);
@@ -650,6 +694,57 @@ impl DaemonConfig {
                             problem: format!("`{a}` is not an ip:port address"),
                             fix: "write e.g. 127.0.0.1:7000 or [::1]:7000 (names are not resolved)"
                                 .into(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl DaemonConfig {
+    /// The secrets the daemon itself uses, by name, each with what uses it: agents'
+    /// secrets, plugins' granted secrets (stores' keys, fence devices' passwords), the
+    /// Kafka SASL password and fence device parameters. None of them is ever given to a
+    /// job (see `jobs::secrets`).
+    pub fn daemon_credentials(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let Some(c) = &self.controller {
+            for (agent, secret) in &c.agents {
+                out.entry(secret.clone()).or_insert_with(|| {
+                    format!("the secret of agent `{agent}` ([controller] agents)")
+                });
+            }
+        }
+        if let Some(a) = &self.agent {
+            out.entry(a.secret.clone())
+                .or_insert_with(|| "this agent's own secret ([agent] secret)".into());
+        }
+        for (plugin, g) in &self.plugins {
+            for secret in &g.secrets {
+                out.entry(secret.clone()).or_insert_with(|| {
+                    format!("granted to plugin `{plugin}` ([plugins.{plugin}] secrets)")
+                });
+            }
+        }
+        if let Some(name) = self
+            .kafka
+            .as_ref()
+            .and_then(|k| k.sasl_password_secret.as_ref())
+        {
+            out.entry(name.clone())
+                .or_insert_with(|| "the Kafka SASL password ([kafka] sasl-password-secret)".into());
+        }
+        if let Some(ha) = &self.ha {
+            for (peer, f) in &ha.fencing {
+                for d in f.levels.iter().flatten() {
+                    for value in d.params.values() {
+                        out.entry(value.clone()).or_insert_with(|| {
+                            format!(
+                                "a parameter of fence device `{}` for `{peer}` ([ha.fencing])",
+                                d.plugin
+                            )
                         });
                     }
                 }

@@ -23,7 +23,7 @@ pub struct ArtifactRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("artifact name `{0}` is not a relative path inside the run; refused")]
+    #[error("artifact name `{}` is refused: an artifact name is {}", crate::ids::Shown(.0), crate::ids::ARTIFACT_RULE)]
     BadName(String),
     #[error("artifact `{name}`: a chunk at offset {offset}, but {stored} bytes are stored")]
     OutOfOrder {
@@ -47,7 +47,7 @@ pub enum ArtifactError {
 
 /// Where a finished artifact of the run in `run_dir` lives (None: not a valid name).
 pub fn path(run_dir: &Path, name: &str) -> Option<PathBuf> {
-    crate::jobs::contained(name).map(|rel| run_dir.join("artifacts").join(rel))
+    crate::ids::is_artifact_name(name).then(|| run_dir.join("artifacts").join(name))
 }
 
 /// Take one chunk. Returns the artifact's record when this was its last chunk and the
@@ -63,12 +63,15 @@ pub fn receive(
     data: &[u8],
     end: Option<&ArtifactEnd>,
 ) -> Result<Option<ArtifactRecord>, ArtifactError> {
-    let rel = crate::jobs::contained(name).ok_or_else(|| ArtifactError::BadName(name.into()))?;
+    if !crate::ids::is_artifact_name(name) {
+        return Err(ArtifactError::BadName(name.into()));
+    }
+    let rel = Path::new(name);
     let io_err = |source| ArtifactError::Io {
         name: name.into(),
         source,
     };
-    let incoming = run_dir.join("incoming").join(&rel);
+    let incoming = run_dir.join("incoming").join(rel);
     if offset == 0 {
         // A first chunk starts the file afresh (also when a restarted agent sends again).
         std::fs::create_dir_all(incoming.parent().expect("has a parent")).map_err(io_err)?;
@@ -104,7 +107,7 @@ pub fn receive(
             stored_size: size,
         });
     }
-    let done = run_dir.join("artifacts").join(&rel);
+    let done = run_dir.join("artifacts").join(rel);
     let parent = done.parent().expect("has a parent");
     let publish = || {
         std::fs::create_dir_all(parent)?;
@@ -198,7 +201,7 @@ mod tests {
             matches!(e, ArtifactError::OutOfOrder { stored: 2, .. }),
             "{e}"
         );
-        for bad in ["../x", "/etc/passwd", ""] {
+        for bad in ["../x", "/etc/passwd", "", "out/../../x", "a\nb"] {
             assert!(matches!(
                 receive(None, d.path(), None, bad, 0, b"x", None),
                 Err(ArtifactError::BadName(_))

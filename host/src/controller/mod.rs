@@ -4,9 +4,9 @@
 pub mod artifacts;
 pub mod state;
 
-use crate::capabilities::secrets::SecretStore;
 use crate::ha::token::StateGate;
 use crate::jobs::Job;
+use crate::jobs::secrets::{JobSecrets, SecretRefusal};
 use crate::points::bindings::command_transport::Lane;
 use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
@@ -33,8 +33,9 @@ pub struct ControllerConfig {
     pub state_dir: PathBuf,
     /// Agent name -> its secret.
     pub agents: HashMap<String, String>,
-    /// Where jobs' `secrets` are looked up.
-    pub secrets: SecretStore,
+    /// The secrets jobs may use, each scoped to some jobs (`[job-secrets]`); nothing
+    /// else (no daemon credential) is ever given to a job.
+    pub secrets: JobSecrets,
     /// How often an idle link says it is alive (see `session::link::Liveness`).
     pub heartbeat: Duration,
     /// An agent out of contact this long has its in-flight runs marked `lost`. Long
@@ -76,8 +77,8 @@ pub enum SubmitError {
         "no connected agent has label `{0}`; start one with that label or change the job's `agent`"
     )]
     NoAgent(String),
-    #[error("job `{job}` uses secret `{secret}`, which is not in the controller's secret store")]
-    MissingSecret { job: String, secret: String },
+    #[error(transparent)]
+    Secret(#[from] SecretRefusal),
     #[error(
         "job `{job}` names {what} `{name}`, which this controller does not load; add it to [controller] {key} (loaded: {loaded})"
     )]
@@ -162,7 +163,30 @@ pub struct Controller {
     updates: broadcast::Sender<Update>,
     /// Set by `stop`: links end quietly (the process is going away).
     stopping: std::sync::atomic::AtomicBool,
+    /// Agents' messages refused (see `Controller::admit`).
+    refusals: Refusals,
 }
+
+/// Why an agent's message was refused: it named something that is not an identifier,
+/// or a run that was not placed on that agent's session (another agent's, an unknown
+/// one, or one given to an earlier process of the agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    BadName,
+    NotPlacedHere,
+}
+
+/// The refused agent messages, counted for `/metrics`; each (agent, run) pair is logged
+/// once, so a rogue agent cannot flood the log.
+#[derive(Default)]
+struct Refusals {
+    bad_name: std::sync::atomic::AtomicU64,
+    not_placed_here: std::sync::atomic::AtomicU64,
+    logged: Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+/// How many distinct (agent, run) refusals are logged; later ones are only counted.
+const REFUSALS_LOGGED: usize = 4096;
 
 impl Controller {
     /// Load past runs from the state directory and start accepting agents.
@@ -217,6 +241,7 @@ impl Controller {
             epoch: hex::encode(&crate::session::auth::nonce()[..8]),
             updates,
             stopping: Default::default(),
+            refusals: Refusals::default(),
         });
         c.take_over_log_buffers().await?;
         tokio::spawn(c.clone().accept_loop(listener));
@@ -258,6 +283,17 @@ impl Controller {
             "trellis_state_writes_refused_total {}",
             self.store.refused_writes()
         );
+        out.push_str("# HELP trellis_agent_messages_refused_total Agent messages refused: about a run not placed on that agent's session, or naming something that is not a valid identifier.\n# TYPE trellis_agent_messages_refused_total counter\n");
+        for (reason, n) in [
+            ("not-placed-here", &self.refusals.not_placed_here),
+            ("bad-name", &self.refusals.bad_name),
+        ] {
+            let _ = writeln!(
+                out,
+                "trellis_agent_messages_refused_total{{reason=\"{reason}\"}} {}",
+                n.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
     }
 
     /// The process is about to exit: agents' links end without being reported lost.
@@ -308,19 +344,9 @@ impl Controller {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut mask = Vec::new();
-        for (var, secret) in &job.secrets {
-            let value = self
-                .cfg
-                .secrets
-                .get(secret)
-                .ok_or_else(|| SubmitError::MissingSecret {
-                    job: job.name.clone(),
-                    secret: secret.clone(),
-                })?;
-            env.push((var.clone(), value.to_string()));
-            mask.push(value.to_string());
-        }
+        let secrets = self.cfg.secrets.resolve(job)?;
+        let mask = secrets.iter().map(|(_, v)| v.clone()).collect();
+        env.extend(secrets);
         let (agent, agent_session) = {
             let a = self.agents.lock().unwrap();
             let labelled = |s: &&AgentSlot| s.connected && s.labels.contains(&job.agent);
@@ -533,7 +559,7 @@ impl Controller {
                 let handled = !delivered.is_empty();
                 for (_, payload) in delivered {
                     match protocol::decode_to_controller(&payload) {
-                        Ok((msg, data)) => self.handle(&name, msg, data).await,
+                        Ok((msg, data)) => self.handle(&name, &hello.session, msg, data).await,
                         Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
                     }
                 }
@@ -656,7 +682,66 @@ impl Controller {
         }
     }
 
-    async fn handle(&self, agent: &str, msg: ToController, data: &[u8]) {
+    /// Whether `agent`, connected as process `session`, may say `msg`: every name in it
+    /// is an identifier (before any path is built from it), and its run was placed on
+    /// this agent's session. An agent speaks only for its own runs.
+    fn admit(&self, agent: &str, session: &str, msg: &ToController) -> Result<(), Refusal> {
+        let step = match msg {
+            ToController::StepStarted { step, .. }
+            | ToController::Output { step, .. }
+            | ToController::StepFinished { step, .. } => Some(step.as_str()),
+            ToController::ArtifactChunk { step, name, .. } => {
+                if !crate::ids::is_artifact_name(name) {
+                    return Err(Refusal::BadName);
+                }
+                step.as_deref()
+            }
+            ToController::Logged { .. } | ToController::RunFinished { .. } => None,
+        };
+        if !crate::ids::is_id(msg.run()) || step.is_some_and(|s| !crate::ids::is_id(s)) {
+            return Err(Refusal::BadName);
+        }
+        if self.store.placed_on(msg.run(), agent, session) {
+            Ok(())
+        } else {
+            Err(Refusal::NotPlacedHere)
+        }
+    }
+
+    /// Count a refused message, and log it the first time for its agent and run.
+    fn refuse(&self, agent: &str, msg: &ToController, why: Refusal) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let run = msg.run();
+        match why {
+            Refusal::BadName => self.refusals.bad_name.fetch_add(1, Relaxed),
+            Refusal::NotPlacedHere => self.refusals.not_placed_here.fetch_add(1, Relaxed),
+        };
+        let first = {
+            let mut logged = self.refusals.logged.lock().unwrap();
+            logged.len() < REFUSALS_LOGGED && logged.insert((agent.to_string(), run.to_string()))
+        };
+        if first {
+            let run = crate::ids::Shown(run);
+            match why {
+                Refusal::BadName => tracing::error!(
+                    agent,
+                    %run,
+                    "refused a message naming an invalid run, step or artifact name (an agent sends only names the controller gave it); further ones from this agent for this run are only counted"
+                ),
+                Refusal::NotPlacedHere => tracing::error!(
+                    agent,
+                    %run,
+                    "refused a message about a run not placed on this agent's session: an agent speaks only for its own runs; further ones are only counted"
+                ),
+            }
+        }
+    }
+
+    async fn handle(&self, agent: &str, session: &str, msg: ToController, data: &[u8]) {
+        if let Err(why) = self.admit(agent, session, &msg) {
+            self.refuse(agent, &msg, why);
+            return;
+        }
         let run = msg.run();
         if self
             .store

@@ -279,6 +279,16 @@ impl RunStore {
         self.runs.lock().unwrap().get(id).cloned()
     }
 
+    /// Whether run `id` exists and was given to `agent`'s process `session` (without
+    /// copying its record: asked for every message an agent sends).
+    pub fn placed_on(&self, id: &str, agent: &str, session: &str) -> bool {
+        self.runs
+            .lock()
+            .unwrap()
+            .get(id)
+            .is_some_and(|r| r.agent == agent && r.agent_session == session)
+    }
+
     pub fn all(&self) -> Vec<RunRecord> {
         self.runs.lock().unwrap().values().cloned().collect()
     }

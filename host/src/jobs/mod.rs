@@ -4,7 +4,7 @@
 //! name = "build-and-test"
 //! agent = "linux"                       # label an agent must carry
 //! env = { RUST_LOG = "info" }
-//! secrets = { DEPLOY_TOKEN = "deploy-token" }   # env name = secret name in the controller's store
+//! secrets = { DEPLOY_TOKEN = "deploy-token" }   # env name = a job secret scoped to this job (see `secrets`)
 //! log-limit = "64MiB"                   # optional: keep head and tail, full log as an artifact
 //! multiline-start = '^\S'               # optional: lines not matching continue the event before
 //! logging = "elasticsearch-logging"     # optional: this job's logging method (else the controller's)
@@ -18,7 +18,10 @@
 //! artifacts = ["target/release/*.tar.gz"]
 //! ```
 
+pub mod secrets;
+
 use crate::config::{ByteSize, HumanDuration, Problem, Problems};
+use crate::ids::{ID_RULE, is_id};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -82,14 +85,6 @@ struct RawStep {
     artifacts: Vec<String>,
 }
 
-fn is_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && !s.starts_with('.')
-}
-
 fn is_env_name(s: &str) -> bool {
     let mut c = s.chars();
     matches!(c.next(), Some(f) if f == '_' || f.is_ascii_alphabetic())
@@ -138,14 +133,14 @@ impl Job {
             bad(
                 "name".into(),
                 format!("`{}` is not a valid job name", raw.name),
-                "use letters, digits, `-`, `_` and `.`, at most 64",
+                ID_RULE,
             );
         }
         if !is_id(&raw.agent) {
             bad(
                 "agent".into(),
                 format!("`{}` is not a valid agent label", raw.agent),
-                "use letters, digits, `-`, `_` and `.`",
+                ID_RULE,
             );
         }
         for k in raw.env.keys() {
@@ -214,8 +209,11 @@ impl Job {
             if !is_id(&s.name) {
                 bad(
                     format!("{at}.name"),
-                    format!("`{}` is not a valid step name", s.name),
-                    "use letters, digits, `-`, `_` and `.`",
+                    format!(
+                        "`{}` is not a valid step name (it names the step's log and artifacts)",
+                        crate::ids::Shown(&s.name)
+                    ),
+                    ID_RULE,
                 );
             } else if !names.insert(s.name.clone()) {
                 bad(
@@ -361,6 +359,8 @@ mod tests {
                 "step[0].artifacts[0]",
             ),
             ("name = \"test\"", "name = \"build\"", "step[1].name"),
+            ("name = \"test\"", "name = \"../../etc\"", "step[1].name"),
+            ("name = \"test\"", "name = \".hidden\"", "step[1].name"),
             ("run = \"make test\"", "run = \"  \"", "step[1].run"),
             ("timeout = \"20m\"", "timeout = \"0s\"", "step[0].timeout"),
         ];

@@ -10,6 +10,7 @@ mod ha;
 mod netns;
 mod processes;
 mod redfish;
+mod rogue;
 #[allow(unused_imports)]
 pub use es::*;
 #[allow(unused_imports)]
@@ -24,6 +25,8 @@ pub use netns::*;
 pub use processes::*;
 #[allow(unused_imports)]
 pub use redfish::*;
+#[allow(unused_imports)]
+pub use rogue::*;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,7 +87,9 @@ pub fn batch(from: u64, n: u64) -> Vec<u8> {
 
 /// A controller with the default bundle (TCP transport on a free loopback port,
 /// file-logging and file-browser under `<dir>/state/logs`), one known agent
-/// (`agent-1` / `agent-secret`) and one job secret (`deploy-token`).
+/// (`agent-1` / `agent-secret`; and `rogue-1` / `rogue-secret`, which tests of the
+/// boundary between agents connect as) and job secrets: `deploy-token` for every job,
+/// `signing-key` (a PEM key, see `SIGNING_KEY`) for jobs named `sign-*`.
 ///
 /// With `TRELLIS_TEST_TRANSPORT=kafka` the stack uses the Kafka transport instead, on a
 /// tansu broker of its own: `cargo xtask test` runs the controller/agent suite both ways.
@@ -105,6 +110,15 @@ pub struct Stack {
 pub fn over_kafka() -> bool {
     std::env::var("TRELLIS_TEST_TRANSPORT").is_ok_and(|t| t == "kafka")
 }
+
+/// A multi-line job secret (a PEM private key, made up): each of its lines is masked.
+pub const SIGNING_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj
+MzEfYyjiWA4R4/M2bS1GB4t7NXp98C3SC6dVMvDuictGeurT8jNbvJZHtCSuYEvu
+NMoSfm76oqFvAp8Gy0iz5sxjZmSnXyCdPEovGhLa0VzMaQ8s+CLOyS56YyCFGeJZ
+Zg==
+-----END PRIVATE KEY-----
+";
 
 pub async fn stack() -> Stack {
     // TRELLIS_TEST_LOG=debug (an env filter) shows the host's logs while debugging a test.
@@ -164,14 +178,11 @@ pub async fn stack() -> Stack {
     let cfg = trellis::controller::ControllerConfig {
         instance_id: "test-controller".into(),
         state_dir: dir.path().join("state"),
-        agents: std::collections::HashMap::from([(
-            "agent-1".to_string(),
-            "agent-secret".to_string(),
-        )]),
-        secrets: SecretStore::from_pairs([(
-            "deploy-token".to_string(),
-            "hunter2-value".to_string(),
-        )]),
+        agents: std::collections::HashMap::from([
+            ("agent-1".to_string(), "agent-secret".to_string()),
+            ("rogue-1".to_string(), "rogue-secret".to_string()),
+        ]),
+        secrets: job_secrets(),
         // Short, so the lost-agent test is quick; a cut link still reconnects well
         // within it.
         heartbeat: std::time::Duration::from_millis(200),
@@ -192,6 +203,27 @@ pub async fn stack() -> Stack {
         dir,
         port,
     }
+}
+
+/// The stack's job secrets (see `Stack`); the agents' secrets are daemon credentials
+/// under the names `agent-1-secret` and `rogue-1-secret`.
+pub fn job_secrets() -> trellis::jobs::secrets::JobSecrets {
+    let rules =
+        toml::from_str("[deploy-token]\njobs = [\"*\"]\n[signing-key]\njobs = [\"sign-*\"]\n")
+            .unwrap();
+    let store = SecretStore::from_pairs(
+        [
+            ("deploy-token", "hunter2-value"),
+            ("signing-key", SIGNING_KEY),
+            ("agent-1-secret", "agent-secret"),
+            ("rogue-1-secret", "rogue-secret"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let daemon = [("agent-1", "agent-1-secret"), ("rogue-1", "rogue-1-secret")]
+        .map(|(agent, name)| (name.to_string(), format!("the secret of agent `{agent}`")))
+        .into();
+    trellis::jobs::secrets::JobSecrets::new(&rules, &store, daemon).unwrap()
 }
 
 pub type AgentTask = tokio::task::JoinHandle<Result<(), trellis::agent::worker::AgentError>>;
