@@ -77,6 +77,11 @@ impl RunLog {
     }
 }
 
+/// Refusals in a row (no welcome between) after which the agent stops: the controller
+/// means it (a wrong secret, an unknown name). Fewer may be a handshake altered on the
+/// way.
+const REFUSALS_TO_STOP: u32 = 3;
+
 /// Run ids this agent process remembers having been given, for the handshake (see
 /// `Hello::runs`).
 const RUNS_REMEMBERED: usize = 1024;
@@ -149,6 +154,7 @@ pub async fn run_agent(
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut given: VecDeque<String> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
+    let mut refusals = 0;
     let state_dir = cfg
         .state_dir
         .clone()
@@ -197,8 +203,19 @@ pub async fn run_agent(
         } = match introduce_result {
             Ok(introduced) => introduced,
             Err(e @ HandshakeError::Refused { .. }) => {
-                tracing::error!(agent = %cfg.name, "{e}");
-                return Err(AgentError::Refused(e));
+                // A refusal cannot be authenticated (a controller cannot prove anything to
+                // an agent whose secret it does not share), and one flipped byte of the
+                // challenge on the way makes a right secret look wrong: only refusals in
+                // a row, with no welcome between, mean it (see `REFUSALS_TO_STOP`).
+                refusals += 1;
+                if refusals >= REFUSALS_TO_STOP {
+                    tracing::error!(agent = %cfg.name, "{e}");
+                    return Err(AgentError::Refused(e));
+                }
+                tracing::warn!(agent = %cfg.name, "{e}; trying again in {backoff:?} before giving up");
+                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
             }
             Err(e @ HandshakeError::ControllerNotAuthentic { .. }) => {
                 // Not fatal: whoever answered may be in the way of the real controller.
@@ -225,6 +242,7 @@ pub async fn run_agent(
         }
         let session = &mut agent_session.session;
         backoff = Duration::from_millis(100);
+        refusals = 0;
         tracing::info!(agent = %cfg.name, "connected to the controller");
         let mut live = Liveness::new(cfg.heartbeat);
         let mut committed = [0u64; 2];
