@@ -490,7 +490,10 @@ print("forged", link, top + 1)
     let r = wait_final(&c, &run.id, Duration::from_secs(60)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     assert!(!forged.exists(), "a forged order ran");
-    assert!(!d.path().join("work/r-forged-0").exists(), "a forged order ran");
+    assert!(
+        !d.path().join("work/r-forged-0").exists(),
+        "a forged order ran"
+    );
     assert_eq!(
         std::fs::read_to_string(&marks).unwrap().lines().count(),
         2,
@@ -511,7 +514,11 @@ print("forged", link, top + 1)
             );
         }
     }
-    assert!(files > 0, "the broker kept files in {}", broker_dir.display());
+    assert!(
+        files > 0,
+        "the broker kept files in {}",
+        broker_dir.display()
+    );
 }
 
 /// KafkaSecretManager's rule over our handshake: an agent with a wrong secret is told

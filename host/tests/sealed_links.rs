@@ -99,8 +99,12 @@ fn run_id(out: &str) -> String {
 fn a_man_in_the_middle_reads_nothing_and_what_he_alters_or_replays_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let controller_port = free_port();
-    let (controller_cfg, agent_cfg, http) =
-        write_configs(d.path(), &Transport::Tcp { port: controller_port });
+    let (controller_cfg, agent_cfg, http) = write_configs(
+        d.path(),
+        &Transport::Tcp {
+            port: controller_port,
+        },
+    );
     let mut secrets = std::fs::OpenOptions::new()
         .append(true)
         .open(d.path().join("secrets.toml"))
@@ -146,8 +150,14 @@ fn a_man_in_the_middle_reads_nothing_and_what_he_alters_or_replays_is_refused() 
     let has = |needle: &str| wire.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(!has(SECRET_VALUE), "the secret crossed the wire in clear");
     assert!(!has(log_line), "a log line crossed the wire in clear");
-    assert!(!has("echo run"), "the step's command crossed the wire in clear");
-    assert!(!has("the-agent-secret"), "the agent's secret crossed the wire");
+    assert!(
+        !has("echo run"),
+        "the step's command crossed the wire in clear"
+    );
+    assert!(
+        !has("the-agent-secret"),
+        "the agent's secret crossed the wire"
+    );
 
     // One flipped byte agent -> controller: the controller refuses the frame, counts it,
     // drops the link; the agent comes back.
@@ -161,9 +171,11 @@ fn a_man_in_the_middle_reads_nothing_and_what_he_alters_or_replays_is_refused() 
     );
     assert!(read(&events).contains("flipped a2c"), "{}", read(&events));
     let connections = || read(&events).matches("connection").count();
-    wait_until("the agent did not come back", Duration::from_secs(20), || {
-        connections() >= 2
-    });
+    wait_until(
+        "the agent did not come back",
+        Duration::from_secs(20),
+        || connections() >= 2,
+    );
 
     // Controller -> agent: a flipped byte, then the recorded order replayed. The agent
     // drops the link each time and runs nothing again.
@@ -202,9 +214,11 @@ fn a_man_in_the_middle_reads_nothing_and_what_he_alters_or_replays_is_refused() 
     let (code, out, err) = cli(&daemons.server, &["run", job.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let second = run_id(&out);
-    wait_until("the second run did not start", Duration::from_secs(20), || {
-        count_lines(&marks) == 2
-    });
+    wait_until(
+        "the second run did not start",
+        Duration::from_secs(20),
+        || count_lines(&marks) == 2,
+    );
     std::thread::sleep(Duration::from_millis(700));
     mitm.command("flip a2c");
     std::thread::sleep(Duration::from_millis(700));
@@ -225,8 +239,12 @@ fn a_man_in_the_middle_reads_nothing_and_what_he_alters_or_replays_is_refused() 
 fn an_agent_refuses_a_controller_that_cannot_prove_its_secret() {
     let d = tempfile::tempdir().unwrap();
     let controller_port = free_port();
-    let (_controller_cfg, agent_cfg, _http) =
-        write_configs(d.path(), &Transport::Tcp { port: controller_port });
+    let (_controller_cfg, agent_cfg, _http) = write_configs(
+        d.path(),
+        &Transport::Tcp {
+            port: controller_port,
+        },
+    );
     let marker = d.path().join("fooled");
     let events = d.path().join("fake.events");
     let fake = Attacker::start(
@@ -242,7 +260,11 @@ fn an_agent_refuses_a_controller_that_cannot_prove_its_secret() {
         Duration::from_secs(30),
         || read(&events).matches("sent welcome").count() >= 2,
     );
-    wait_for_line(&log, "did not prove agent `build-1`'s secret", Duration::from_secs(5));
+    wait_for_line(
+        &log,
+        "did not prove agent `build-1`'s secret",
+        Duration::from_secs(5),
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert!(!marker.exists(), "the fake controller's order ran");
     assert!(
@@ -337,7 +359,12 @@ async fn a_transport_plugin_cannot_forge_orders_or_plant_a_fencing_token() {
 /// CPU time this process used so far (user + system), from /proc.
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
     // utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     Duration::from_millis(ticks * 10)
@@ -472,7 +499,12 @@ async fn an_unauthenticated_peer_cannot_make_the_listener_hold_a_huge_record() {
     let mut closed = false;
     for _ in 0..10 {
         match std::io::Read::read(&mut huge, &mut buf) {
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 break; // still open, silent
             }
             Ok(0) | Err(_) => {

@@ -141,14 +141,30 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             links += 1;
             let mut live = Liveness::new(Duration::from_secs(1));
             while got.len() < N + 1
-                && exchange(&mut session, &link, &mut seal, &mut live, 20, true, &mut got)
-                    .await
-                    .is_ok()
+                && exchange(
+                    &mut session,
+                    &link,
+                    &mut seal,
+                    &mut live,
+                    20,
+                    true,
+                    &mut got,
+                )
+                .await
+                .is_ok()
             {}
             // let the last acks out
             for _ in 0..5 {
-                let _ = exchange(&mut session, &link, &mut seal, &mut live, 20, true, &mut got)
-                    .await;
+                let _ = exchange(
+                    &mut session,
+                    &link,
+                    &mut seal,
+                    &mut live,
+                    20,
+                    true,
+                    &mut got,
+                )
+                .await;
             }
         }
         (got, links)
@@ -192,9 +208,17 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
         let mut live = Liveness::new(Duration::from_secs(1));
         for _ in 0..rounds {
             if agent.session.unacked() == 0
-                || exchange(&mut agent.session, &link, &mut seal, &mut live, 20, true, &mut sink)
-                    .await
-                    .is_err()
+                || exchange(
+                    &mut agent.session,
+                    &link,
+                    &mut seal,
+                    &mut live,
+                    20,
+                    true,
+                    &mut sink,
+                )
+                .await
+                .is_err()
             {
                 break;
             }

@@ -148,7 +148,8 @@ async fn frames_flow_both_ways_in_order_and_a_broken_link_is_retryable() {
         assert!(t.elapsed() < Duration::from_secs(5), "never refused");
     };
     assert!(
-        err.to_string().contains("before the peer was authenticated"),
+        err.to_string()
+            .contains("before the peer was authenticated"),
         "{err}"
     );
     drop(agent);

@@ -453,7 +453,9 @@ impl Controller {
                     if !listener.is_broken().await {
                         continue;
                     }
-                    tracing::warn!("the transport's listener instance died: listening again on a fresh one");
+                    tracing::warn!(
+                        "the transport's listener instance died: listening again on a fresh one"
+                    );
                     match transport::listen(plugin.clone()).await {
                         Ok(l) => listener = l,
                         Err(e) => {
@@ -468,8 +470,7 @@ impl Controller {
 
     async fn serve(self: Arc<Self>, link: Link) {
         let agents = self.cfg.agents.clone();
-        let accepted = match challenge(&link, &self.epoch, |name| agents.get(name).cloned()).await
-        {
+        let accepted = match challenge(&link, &self.epoch, |name| agents.get(name).cloned()).await {
             Ok(h) => h,
             Err(e) => {
                 self.handshakes_refused.fetch_add(1, Relaxed);

@@ -315,6 +315,9 @@ mod tests {
         assert_eq!(g.newest(), 0);
         assert!(g.admit(7), "the real controller is still obeyed");
         assert!(g.admit(7 + MAX_TOKEN_AHEAD));
-        assert_eq!(CommandGate::open(Some(&state)).unwrap().newest(), 7 + MAX_TOKEN_AHEAD);
+        assert_eq!(
+            CommandGate::open(Some(&state)).unwrap().newest(),
+            7 + MAX_TOKEN_AHEAD
+        );
     }
 }

@@ -111,7 +111,9 @@ fn macd(kind: u8, mac: &[u8; 32], body: &[u8]) -> Frame {
 /// Split a MAC'd signal (kind byte already checked) into its MAC and body.
 fn split_mac(msg: &[u8], what: &str) -> Result<([u8; 32], Vec<u8>), HandshakeError> {
     if msg.len() < 33 {
-        return Err(HandshakeError::Protocol(format!("a {what} without its MAC")));
+        return Err(HandshakeError::Protocol(format!(
+            "a {what} without its MAC"
+        )));
     }
     let mac: [u8; 32] = msg[1..33].try_into().expect("32 bytes");
     Ok((mac, msg[33..].to_vec()))

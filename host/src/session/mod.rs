@@ -198,7 +198,11 @@ impl Session {
     /// Whether messages wait that were not put on the wire yet (bulk beyond a round's
     /// budget): the caller should come back at once rather than idle.
     pub fn has_unsent(&self) -> bool {
-        (0..2).any(|i| self.unacked[i].back().is_some_and(|(s, _)| *s > self.sent[i]))
+        (0..2).any(|i| {
+            self.unacked[i]
+                .back()
+                .is_some_and(|(s, _)| *s > self.sent[i])
+        })
     }
 
     /// Messages sent or waiting, not yet acknowledged.

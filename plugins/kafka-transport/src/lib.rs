@@ -327,8 +327,14 @@ mod tests {
         r.limit_to(PRE_AUTH_FRAME);
         let mut errors = Vec::new();
         let piece_of = vec![0u8; 40 << 10];
-        assert!(r.push(&piece(0, 1, 0, 1000), &piece_of, &mut errors).is_none());
-        assert!(r.push(&piece(0, 1, 1, 1000), &piece_of, &mut errors).is_none());
+        assert!(
+            r.push(&piece(0, 1, 0, 1000), &piece_of, &mut errors)
+                .is_none()
+        );
+        assert!(
+            r.push(&piece(0, 1, 1, 1000), &piece_of, &mut errors)
+                .is_none()
+        );
         assert!(errors[0].contains("longer than 65536"), "{errors:?}");
         assert!(r.partial[0].is_none(), "nothing held");
         let small = r.push(&piece(0, 2, 0, 1), b"hello", &mut errors);

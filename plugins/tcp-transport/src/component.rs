@@ -174,7 +174,9 @@ impl GuestListener for TcpListener {
                 Ok((socket, input, output)) => {
                     // The host's challenge and its welcome, sent once the agent proved
                     // its secret: bounded until then.
-                    return Ok(Some(Channel::new(TcpChannel::new(socket, input, output, 2))));
+                    return Ok(Some(Channel::new(TcpChannel::new(
+                        socket, input, output, 2,
+                    ))));
                 }
                 Err(ErrorCode::WouldBlock) => {
                     if !wait(&sub, timeout_ms as u64) {
