@@ -437,10 +437,10 @@ async fn a_second_connection_supersedes_cleanly_with_no_wedge_and_no_busy_loop()
     let t = std::time::Instant::now();
     let run = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if rogue_task.is_finished() {
-            if let Ok(r) = s.controller.submit(&job) {
-                break r;
-            }
+        if rogue_task.is_finished()
+            && let Ok(r) = s.controller.submit(&job)
+        {
+            break r;
         }
         assert!(
             t.elapsed() < Duration::from_secs(15),
