@@ -293,6 +293,18 @@ p.flush()
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The controller's side takes frames over 64 KiB only once its host has sent twice
+    // on the link (the handshake's challenge and welcome): those first.
+    for _ in 0..2 {
+        controller
+            .send(vec![Frame {
+                lane: Lane::Control,
+                seq: 0,
+                payload: b"handshake".to_vec(),
+            }])
+            .await
+            .unwrap();
+    }
     let big: Vec<u8> = (0..50u32 << 20).map(|i| (i % 251) as u8).collect();
     agent
         .send(vec![
