@@ -10,8 +10,8 @@ RECORDING. Commands, one per line on stdin, act on the next suitable record:
 
     flip a2c | flip c2a       flip one byte in the payload of the next frame of at least
                               17 bytes going agent->controller / controller->agent
-    replay a2c | replay c2a   put again into that direction the largest record seen in it
-                              on an earlier connection... or this one
+    replay a2c | replay c2a   put again into that direction the largest frame record
+                              (seq > 0) seen in it so far, on any connection
 
 What it did goes to EVENTS, a line per action ("flipped c2a lane=0 seq=3").
 """
