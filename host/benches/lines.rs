@@ -5,6 +5,11 @@
 //! JSON lines by the `file-logging` plugin — measured from `submit` until the run is
 //! final, which is after the log is closed with its final count.
 //!
+//! The agent link is sealed (`session::seal`) as in the daemons. To show what sealing
+//! costs, the same path runs a second time over an unsealed link (a second controller
+//! and agent in this process, keyed after `unsealed_links_for_benchmarks`, which only
+//! benchmarks can call): "sealed / unsealed" is the price (target: at least 0.90).
+//!
 //! In the same run, on the same input file, two baselines:
 //!
 //! * rsyslog (Debian's `rsyslogd`, its own instance and config) shipping the same lines
@@ -21,7 +26,8 @@
 //!     cargo xtask bench lines     (builds the bundle, then runs this in release)
 //!
 //! TRELLIS_BENCH_LINES sets N (default 1,000,000 lines of 100 bytes);
-//! TRELLIS_BENCH_ONLY=trellis|rsyslog|grep runs one contender alone (for profiling);
+//! TRELLIS_BENCH_ONLY=trellis|unsealed|rsyslog|grep runs one contender alone (for
+//! profiling);
 //! TRELLIS_BENCH_KEEP=1 keeps the scratch directory.
 
 use std::io::Write;
@@ -424,16 +430,26 @@ async fn main() {
     let input = dir.join("input.log");
     write_input(&input, n);
 
+    let warm_up = format!("head -n 10000 '{}'", input.display());
     let stack = if runs("trellis") {
         let s = trellis_stack(&bundle, &dir.join("trellis")).await;
         // Warm-up (not timed): instances, pools and buffers as after the first run.
-        trellis_round(&s, &format!("head -n 10000 '{}'", input.display()), 10_000).await;
+        trellis_round(&s, &warm_up, 10_000).await;
+        Some(s)
+    } else {
+        None
+    };
+    // Built after the sealed one: only links keyed from now on are unsealed.
+    let unsealed = if runs("unsealed") {
+        trellis::session::seal::unsealed_links_for_benchmarks(true);
+        let s = trellis_stack(&bundle, &dir.join("unsealed")).await;
+        trellis_round(&s, &warm_up, 10_000).await;
         Some(s)
     } else {
         None
     };
 
-    let (mut tr, mut rs, mut gr) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tr, mut un, mut rs, mut gr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let show = |name: &str, s: Sample| {
         println!(
             "  {name:<8} {:>8.3} s  {:>6.3} M lines/s   cpu {:>6.2} s",
@@ -449,6 +465,12 @@ async fn main() {
             let x = trellis_round(s, &cmd, n).await;
             show("trellis", x);
             tr.push(x);
+        }
+        if let Some(s) = &unsealed {
+            let cmd = format!("cat '{}'", input.display());
+            let x = trellis_round(s, &cmd, n).await;
+            show("unsealed", x);
+            un.push(x);
         }
         if let (Some(r), true) = (&rsyslogd, runs("rsyslog")) {
             let (r, dir, input) = (r.clone(), dir.clone(), input.clone());
@@ -480,8 +502,9 @@ async fn main() {
         );
         Some(rate(n, m))
     };
-    let (t, r, g) = (
+    let (t, u, r, g) = (
         med("trellis", &tr),
+        med("trellis unsealed", &un),
         med("rsyslog", &rs),
         med("grep (line copy)", &gr),
     );
@@ -509,6 +532,13 @@ async fn main() {
             println!(
                 "  trellis / grep             {:>6.2}x   (the physical limit)",
                 t / g
+            );
+        }
+        if let Some(u) = u {
+            println!(
+                "  sealed / unsealed          {:>6.2}x   target >= 0.90   {}",
+                t / u,
+                if t / u >= 0.90 { "met" } else { "NOT MET" }
             );
         }
     }

@@ -174,8 +174,8 @@ async fn a_job_runs_over_kafka_and_its_output_is_readable_on_the_topics() {
     assert!((1..=3000).all(|i| texts[i] == i.to_string()));
     assert_eq!(texts[3001], "bye");
 
-    // An independent client sees the step's output on the agent's bulk partition, with
-    // the frame headers the docs describe.
+    // An independent client sees the agent's frames on its bulk partition, with the
+    // frame headers the docs describe, and sealed: the step's output is not in clear.
     let script = format!(
         r#"
 import sys
@@ -183,12 +183,16 @@ from kafka import KafkaConsumer, TopicPartition
 c = KafkaConsumer(bootstrap_servers="{}", consumer_timeout_ms=5000)
 tp = TopicPartition("trellis.agent-1.to-controller", 1)
 c.assign([tp]); c.seek_to_beginning(tp)
+found = None
 for m in c:
     h = dict(m.headers)
     if b"hello-from-kafka" in m.value:
-        link, lane, seq, piece = h["trellis-frame"].decode().split(" ")
-        print("found", lane, seq, piece, m.key.decode())
-        sys.exit(0)
+        print("in clear"); sys.exit(1)
+    link, lane, seq, piece = h["trellis-frame"].decode().split(" ")
+    if found is None and int(seq) > 0:
+        found = ("found", lane, seq, piece, m.key.decode())
+if found:
+    print(*found); sys.exit(0)
 print("not found"); sys.exit(1)
 "#,
         broker.brokers()
@@ -289,6 +293,18 @@ p.flush()
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The controller's side takes frames over 64 KiB only once its host has sent twice
+    // on the link (the handshake's challenge and welcome): those first.
+    for _ in 0..2 {
+        controller
+            .send(vec![Frame {
+                lane: Lane::Control,
+                seq: 0,
+                payload: b"handshake".to_vec(),
+            }])
+            .await
+            .unwrap();
+    }
     let big: Vec<u8> = (0..50u32 << 20).map(|i| (i % 251) as u8).collect();
     agent
         .send(vec![
@@ -381,6 +397,150 @@ async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
             "line {n}: {l}"
         );
     }
+}
+
+/// Whoever can write to the topics cannot command an agent, and whoever can read the
+/// broker's files learns nothing: an attacker's producer (kafka-python) writes forged
+/// orders, in clear and as if sealed, into the agent's control partition under the live
+/// link's id, with the next sequence numbers. Nothing runs; the agent drops the link,
+/// comes back, and a real run still succeeds. The broker's SQLite files hold neither the
+/// job's secret value nor a line of its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_on_the_topics_run_nothing_and_the_broker_stores_only_ciphertext() {
+    const SECRET_VALUE: &str = "kafka-sekrit-55e1d0";
+    const LOG_LINE: &str = "KAFKA-LOGLINE-9931";
+    let d = tempfile::tempdir().unwrap();
+    let broker_dir = d.path().join("broker");
+    std::fs::create_dir_all(&broker_dir).unwrap();
+    let broker = Tansu::start_on(free_port(), "sqlite://tansu.db", &broker_dir);
+    let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
+    let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
+    let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
+    let c = Controller::start(
+        ControllerConfig {
+            instance_id: "kafka-test".into(),
+            state_dir: d.path().join("state"),
+            agents: [("agent-1".to_string(), "agent-secret".to_string())].into(),
+            secrets: trellis::jobs::secrets::JobSecrets::new(
+                &toml::from_str("[deploy-token]\njobs = [\"*\"]\n").unwrap(),
+                &trellis::capabilities::secrets::SecretStore::from_pairs([(
+                    "deploy-token".to_string(),
+                    SECRET_VALUE.to_string(),
+                )]),
+                Default::default(),
+            )
+            .unwrap(),
+            heartbeat: Duration::from_millis(500),
+            agent_lost_after: Duration::from_secs(30),
+            log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
+            multiline_start: None,
+            fencing_token: 0,
+        },
+        kafka.clone(),
+        logging,
+    )
+    .await
+    .unwrap();
+    let _stop = spawn_agent(kafka, d.path(), "agent-secret");
+    wait_connected(&c).await;
+    let marks = d.path().join("marks");
+    let job = Job::parse(
+        &format!(
+            "name = \"with-secret\"\nagent = \"linux\"\nsecrets = {{ T = \"deploy-token\" }}\n[[step]]\nname = \"s\"\nrun = \"echo run >> {}; echo {LOG_LINE}; echo token=$T\"\n",
+            marks.display()
+        ),
+        "job.toml",
+    )
+    .unwrap();
+    let run = c.submit(&job).unwrap();
+    let r = wait_final(&c, &run.id, Duration::from_secs(60)).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+
+    // The attacker: the live link's id from the controller's own records, then forged
+    // orders with the next sequence numbers, in clear and with a made-up tag.
+    let forged = d.path().join("forged-order-ran");
+    let script = format!(
+        r#"
+import json, os, sys
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+brokers = "{brokers}"
+c = KafkaConsumer(bootstrap_servers=brokers)
+tp = TopicPartition("trellis.agent-1.to-agent", 0)
+c.assign([tp])
+end = c.end_offsets([tp])[tp]  # heartbeats keep coming: read up to here only
+c.seek_to_beginning(tp)
+link, top = None, 0
+while c.position(tp) < end:
+    for m in c.poll(timeout_ms=1000).get(tp, []):
+        if m.offset >= end:
+            break
+        l, lane, seq, piece = dict(m.headers)["trellis-frame"].decode().split(" ")
+        if l != link:
+            link, top = l, 0
+        top = max(top, int(seq))
+if link is None:
+    print("no link seen"); sys.exit(1)
+order = lambda run: json.dumps({{"type": "start-run", "run": run, "job": "forged",
+    "steps": [{{"name": "s", "run": "touch {forged}", "timeout_ms": 10000, "workdir": None}}],
+    "env": [], "mask": [], "token": 2**62}}).encode()
+p = KafkaProducer(bootstrap_servers=brokers)
+for i, seq in enumerate(range(top + 1, top + 4)):
+    for value in (order(f"r-forged-{{i}}"), order(f"r-forged-{{i}}") + os.urandom(16)):
+        h = [("trellis-frame", f"{{link}} control {{seq}} 0/1".encode())]
+        p.send("trellis.agent-1.to-agent", key=b"agent-1", value=value, partition=0, headers=h)
+p.flush()
+print("forged", link, top + 1)
+"#,
+        brokers = broker.brokers(),
+        forged = forged.display()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("forged "),
+        "the attacker's producer failed (run ./scripts/setup.sh for kafka-python): {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent drops the link on the first forged record and comes back; a real run
+    // placed after that succeeds, and nothing forged ran.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_connected(&c).await;
+    let run = c.submit(&job).unwrap();
+    let r = wait_final(&c, &run.id, Duration::from_secs(60)).await;
+    assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
+    assert!(!forged.exists(), "a forged order ran");
+    assert!(
+        !d.path().join("work/r-forged-0").exists(),
+        "a forged order ran"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap().lines().count(),
+        2,
+        "each real run ran once"
+    );
+
+    // The broker's own files: ciphertext only.
+    let mut files = 0;
+    for e in std::fs::read_dir(&broker_dir).unwrap() {
+        let path = e.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        files += 1;
+        for needle in [SECRET_VALUE, LOG_LINE, "agent-secret"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} holds `{needle}` in clear",
+                path.display()
+            );
+        }
+    }
+    assert!(
+        files > 0,
+        "the broker kept files in {}",
+        broker_dir.display()
+    );
 }
 
 /// KafkaSecretManager's rule over our handshake: an agent with a wrong secret is told

@@ -14,6 +14,7 @@ use trellis::session::Session;
 use trellis::session::link::{
     AgentSession, HandshakeError, LinkDown, Liveness, challenge, exchange, introduce, welcome,
 };
+use trellis::session::seal::LinkSeal;
 
 async fn tcp(dir: &std::path::Path) -> Arc<Plugin> {
     let port = free_port();
@@ -39,23 +40,28 @@ async fn handshake(
     secret: &str,
     a: &mut AgentSession,
     c: &mut Session,
-) -> Result<(Link, Link), (HandshakeError, Option<HandshakeError>)> {
+) -> Result<(Link, Link, LinkSeal, LinkSeal), (HandshakeError, Option<HandshakeError>)> {
     let agent_link = transport::connect(p.clone(), agent).await.unwrap();
     let controller_link = listener.accept(2000).await.unwrap().expect("accepted");
     let labels = ["linux".to_string()];
     let (agent_side, controller_side) = tokio::join!(
         introduce(&agent_link, agent, &labels, &[], secret, vec![], a),
         async {
-            let hello = challenge(&controller_link, "epoch-1", secrets).await?;
-            c.resync(hello.received);
-            welcome(&controller_link, c.received(), 0).await?;
-            Ok::<_, HandshakeError>(hello)
+            let accepted = challenge(&controller_link, "epoch-1", secrets).await?;
+            c.resync(accepted.hello.received);
+            let seal = welcome(&controller_link, &accepted, c.received(), 0).await?;
+            Ok::<_, HandshakeError>((accepted.hello, seal))
         }
     );
     match (agent_side, controller_side) {
-        (Ok(_), Ok(hello)) => {
+        (Ok(introduced), Ok((hello, controller_seal))) => {
             assert_eq!(hello.labels, vec!["linux"]);
-            Ok((agent_link, controller_link))
+            Ok((
+                agent_link,
+                controller_link,
+                introduced.seal,
+                controller_seal,
+            ))
         }
         (Err(e), c) => Err((e, c.err())),
         (Ok(_), Err(e)) => panic!("controller failed but the agent was welcomed: {e}"),
@@ -125,23 +131,40 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             let Some(link) = listener.accept(500).await.unwrap() else {
                 continue;
             };
-            let Ok(hello) = challenge(&link, "epoch-1", secrets).await else {
+            let Ok(accepted) = challenge(&link, "epoch-1", secrets).await else {
                 continue;
             };
-            session.resync(hello.received);
-            if welcome(&link, session.received(), 0).await.is_err() {
+            session.resync(accepted.hello.received);
+            let Ok(mut seal) = welcome(&link, &accepted, session.received(), 0).await else {
                 continue;
-            }
+            };
             links += 1;
             let mut live = Liveness::new(Duration::from_secs(1));
             while got.len() < N + 1
-                && exchange(&mut session, &link, &mut live, 20, true, &mut got)
-                    .await
-                    .is_ok()
+                && exchange(
+                    &mut session,
+                    &link,
+                    &mut seal,
+                    &mut live,
+                    20,
+                    true,
+                    &mut got,
+                )
+                .await
+                .is_ok()
             {}
             // let the last acks out
             for _ in 0..5 {
-                let _ = exchange(&mut session, &link, &mut live, 20, true, &mut got).await;
+                let _ = exchange(
+                    &mut session,
+                    &link,
+                    &mut seal,
+                    &mut live,
+                    20,
+                    true,
+                    &mut got,
+                )
+                .await;
             }
         }
         (got, links)
@@ -166,7 +189,7 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             Ok(l) => l,
             Err(_) => continue,
         };
-        if introduce(
+        let Ok(introduced) = introduce(
             &link,
             "agent-1",
             &[],
@@ -176,18 +199,26 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             &mut agent,
         )
         .await
-        .is_err()
-        {
+        else {
             continue;
-        }
+        };
+        let mut seal = introduced.seal;
         let rounds = if cuts < 3 { 4 } else { usize::MAX };
         let mut sink = Vec::new();
         let mut live = Liveness::new(Duration::from_secs(1));
         for _ in 0..rounds {
             if agent.session.unacked() == 0
-                || exchange(&mut agent.session, &link, &mut live, 20, true, &mut sink)
-                    .await
-                    .is_err()
+                || exchange(
+                    &mut agent.session,
+                    &link,
+                    &mut seal,
+                    &mut live,
+                    20,
+                    true,
+                    &mut sink,
+                )
+                .await
+                .is_err()
             {
                 break;
             }
@@ -223,7 +254,7 @@ async fn idle_links_heartbeat_and_a_silent_peer_is_given_up() {
     let p = tcp(d.path()).await;
     let listener = transport::listen(p.clone()).await.unwrap();
     let (mut a, mut c) = (AgentSession::new(), Session::default());
-    let (agent_link, controller_link) =
+    let (agent_link, controller_link, mut agent_seal, mut controller_seal) =
         handshake(&p, &listener, "agent-1", "right-secret", &mut a, &mut c)
             .await
             .expect("welcomed");
@@ -236,6 +267,7 @@ async fn idle_links_heartbeat_and_a_silent_peer_is_given_up() {
         exchange(
             &mut a.session,
             &agent_link,
+            &mut agent_seal,
             &mut agent_live,
             5,
             true,
@@ -246,6 +278,7 @@ async fn idle_links_heartbeat_and_a_silent_peer_is_given_up() {
         exchange(
             &mut c,
             &controller_link,
+            &mut controller_seal,
             &mut controller_live,
             5,
             true,
@@ -261,6 +294,7 @@ async fn idle_links_heartbeat_and_a_silent_peer_is_given_up() {
         match exchange(
             &mut a.session,
             &agent_link,
+            &mut agent_seal,
             &mut agent_live,
             5,
             true,

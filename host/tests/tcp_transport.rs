@@ -59,6 +59,17 @@ async fn frames_flow_both_ways_in_order_and_a_broken_link_is_retryable() {
         .unwrap()
         .expect("the agent's connection");
 
+    // Until the controller's host has sent twice on a link (its challenge, then its
+    // welcome to an agent that proved its secret) the agent is unauthenticated and may
+    // send no record over 64 KiB: the handshake's two sends first.
+    for seq in [0, 0] {
+        controller
+            .send(vec![frame(Lane::Control, seq, b"handshake".to_vec())])
+            .await
+            .unwrap();
+    }
+    assert_eq!(receive_n(&agent, 2).await.len(), 2);
+
     // agent -> controller: bulk 1..=50, a 5 MiB bulk frame, and control frames; sent from
     // another task, since a large send waits for the reader.
     let big: Vec<u8> = (0..5 << 20).map(|i| (i % 251) as u8).collect();
@@ -120,6 +131,28 @@ async fn frames_flow_both_ways_in_order_and_a_broken_link_is_retryable() {
         );
     };
     assert_eq!(err.kind(), Some(ErrorKind::Retryable), "{err}");
+
+    // An unauthenticated peer announcing a huge record is dropped from its length alone.
+    let agent = transport::connect(p.clone(), "agent-1").await.unwrap();
+    let controller = listener.accept(2000).await.unwrap().expect("connected");
+    agent
+        .send(vec![frame(Lane::Control, 0, vec![0; 100 << 10])])
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let err = loop {
+        match controller.receive(200).await {
+            Err(e) => break e,
+            Ok(f) => assert!(f.is_empty(), "a 100 KiB record taken before authentication"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "never refused");
+    };
+    assert!(
+        err.to_string()
+            .contains("before the peer was authenticated"),
+        "{err}"
+    );
+    drop(agent);
 
     // Reconnect: a new connection is accepted and works.
     let agent = transport::connect(p.clone(), "agent-1").await.unwrap();

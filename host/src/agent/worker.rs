@@ -16,9 +16,9 @@ use crate::protocol::{
     self, OutLine, RunOrder, RunOutcome, StepOutcome, ToAgent, ToController, now_ms,
 };
 use crate::runtime::Plugin;
-use crate::session::Incoming;
 use crate::session::link::{
-    AgentSession, HandshakeError, Liveness, commit_handled, exchange, introduce,
+    AgentSession, HandshakeError, Introduced, LinkDown, Liveness, commit_handled, exchange,
+    introduce, take_frames,
 };
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -76,6 +76,11 @@ impl RunLog {
         events
     }
 }
+
+/// Refusals in a row (no welcome between) after which the agent stops: the controller
+/// means it (a wrong secret, an unknown name). Fewer may be a handshake altered on the
+/// way.
+const REFUSALS_TO_STOP: u32 = 3;
 
 /// Run ids this agent process remembers having been given, for the handshake (see
 /// `Hello::runs`).
@@ -149,6 +154,7 @@ pub async fn run_agent(
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut given: VecDeque<String> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
+    let mut refusals = 0;
     let state_dir = cfg
         .state_dir
         .clone()
@@ -191,11 +197,32 @@ pub async fn run_agent(
             &mut agent_session,
         )
         .await;
-        let mut early = match introduce_result {
-            Ok(frames) => frames,
+        let Introduced {
+            mut seal,
+            mut early,
+        } = match introduce_result {
+            Ok(introduced) => introduced,
             Err(e @ HandshakeError::Refused { .. }) => {
-                tracing::error!(agent = %cfg.name, "{e}");
-                return Err(AgentError::Refused(e));
+                // A refusal cannot be authenticated (a controller cannot prove anything to
+                // an agent whose secret it does not share), and one flipped byte of the
+                // challenge on the way makes a right secret look wrong: only refusals in
+                // a row, with no welcome between, mean it (see `REFUSALS_TO_STOP`).
+                refusals += 1;
+                if refusals >= REFUSALS_TO_STOP {
+                    tracing::error!(agent = %cfg.name, "{e}");
+                    return Err(AgentError::Refused(e));
+                }
+                tracing::warn!(agent = %cfg.name, "{e}; trying again in {backoff:?} before giving up");
+                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(e @ HandshakeError::ControllerNotAuthentic { .. }) => {
+                // Not fatal: whoever answered may be in the way of the real controller.
+                tracing::error!(agent = %cfg.name, "{e}; retrying in {backoff:?}");
+                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => {} }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
             }
             Err(e) => {
                 tracing::warn!(agent = %cfg.name, "handshake failed: {e}; reconnecting");
@@ -215,6 +242,7 @@ pub async fn run_agent(
         }
         let session = &mut agent_session.session;
         backoff = Duration::from_millis(100);
+        refusals = 0;
         tracing::info!(agent = %cfg.name, "connected to the controller");
         let mut live = Liveness::new(cfg.heartbeat);
         let mut committed = [0u64; 2];
@@ -228,62 +256,36 @@ pub async fn run_agent(
                 session.queue(Lane::Bulk, msg);
             }
             let mut delivered = Vec::new();
-            // Frames that came in with the welcome, first.
-            for f in early.drain(..) {
-                if let Incoming::Message(lane, payload) = session.on_frame(f) {
-                    delivered.push((lane, payload));
+            // Frames that came in with the welcome, first: sealed like any others.
+            let early_frames = std::mem::take(&mut early);
+            let round = match take_frames(session, &mut seal, early_frames, &mut delivered) {
+                Ok(()) => {
+                    exchange(
+                        session,
+                        &link,
+                        &mut seal,
+                        &mut live,
+                        20,
+                        true,
+                        &mut delivered,
+                    )
+                    .await
                 }
-            }
-            if let Err(e) = exchange(session, &link, &mut live, 20, true, &mut delivered).await {
-                tracing::warn!(agent = %cfg.name, "link lost: {e}; reconnecting");
+                Err(e) => Err(LinkDown::Unsealed(e)),
+            };
+            if let Err(e) = round {
+                if let LinkDown::Unsealed(_) = e {
+                    tracing::error!(agent = %cfg.name, "{e}");
+                } else {
+                    tracing::warn!(agent = %cfg.name, "link lost: {e}; reconnecting");
+                }
+                // What opened before a bad frame is genuine: handle it below, then
+                // reconnect.
+                handle_orders(&cfg, &fencing, delivered, &mut cancels, &mut given, &out_tx);
                 break;
             }
             let handled = !delivered.is_empty();
-            for (_, payload) in delivered {
-                match serde_json::from_slice::<ToAgent>(&payload) {
-                    Ok(ToAgent::StartRun(order)) if !fencing.admit(order.token) => {
-                        tracing::error!(agent = %cfg.name, run = order.run, "refusing an order with fencing token {} (newest seen {})", order.token, fencing.newest());
-                    }
-                    Ok(ToAgent::Cancel { run, token }) if !fencing.admit(token) => {
-                        tracing::error!(agent = %cfg.name, run, "refusing a cancel with fencing token {token} (newest seen {})", fencing.newest());
-                    }
-                    Ok(ToAgent::StartRun(order)) => {
-                        if let Err(e) = check_order(&order) {
-                            tracing::error!(agent = %cfg.name, run = %crate::ids::Shown(&order.run), "refusing an order: {e}");
-                            if crate::ids::is_id(&order.run) {
-                                let refused = ToController::RunFinished {
-                                    run: order.run.clone(),
-                                    outcome: RunOutcome::Failed {
-                                        step: String::new(),
-                                        outcome: StepOutcome::CouldNotStart { reason: e },
-                                    },
-                                    lines: 0,
-                                };
-                                let _ = out_tx.try_send(protocol::encode(&refused, &[]));
-                            }
-                            continue;
-                        }
-                        let (tx, rx) = watch::channel(false);
-                        // Runs that ended have dropped their receiver.
-                        cancels.retain(|_, c| !c.is_closed());
-                        cancels.insert(order.run.clone(), tx);
-                        if given.len() == RUNS_REMEMBERED {
-                            given.pop_front();
-                        }
-                        given.push_back(order.run.clone());
-                        let out = out_tx.clone();
-                        tokio::spawn(run(order, cfg.workspace.clone(), out, cfg.logs.clone(), rx));
-                    }
-                    Ok(ToAgent::Cancel { run, .. }) => {
-                        if let Some(c) = cancels.get(&run) {
-                            let _ = c.send(true);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(agent = %cfg.name, "unreadable order from the controller: {e}")
-                    }
-                }
-            }
+            handle_orders(&cfg, &fencing, delivered, &mut cancels, &mut given, &out_tx);
             if handled {
                 commit_handled(session, &link, &mut committed).await;
             }
@@ -332,6 +334,63 @@ fn check_order(order: &RunOrder) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Obey the controller's orders (all from sealed frames), unless stamped with a fencing
+/// token older than the newest seen.
+fn handle_orders(
+    cfg: &AgentConfig,
+    fencing: &CommandGate,
+    delivered: Vec<(Lane, Vec<u8>)>,
+    cancels: &mut HashMap<String, watch::Sender<bool>>,
+    given: &mut VecDeque<String>,
+    out_tx: &mpsc::Sender<Vec<u8>>,
+) {
+    for (_, payload) in delivered {
+        match serde_json::from_slice::<ToAgent>(&payload) {
+            Ok(ToAgent::StartRun(order)) if !fencing.admit(order.token) => {
+                tracing::error!(agent = %cfg.name, run = order.run, "refusing an order with fencing token {} (newest seen {})", order.token, fencing.newest());
+            }
+            Ok(ToAgent::Cancel { run, token }) if !fencing.admit(token) => {
+                tracing::error!(agent = %cfg.name, run, "refusing a cancel with fencing token {token} (newest seen {})", fencing.newest());
+            }
+            Ok(ToAgent::StartRun(order)) => {
+                if let Err(e) = check_order(&order) {
+                    tracing::error!(agent = %cfg.name, run = %crate::ids::Shown(&order.run), "refusing an order: {e}");
+                    if crate::ids::is_id(&order.run) {
+                        let refused = ToController::RunFinished {
+                            run: order.run.clone(),
+                            outcome: RunOutcome::Failed {
+                                step: String::new(),
+                                outcome: StepOutcome::CouldNotStart { reason: e },
+                            },
+                            lines: 0,
+                        };
+                        let _ = out_tx.try_send(protocol::encode(&refused, &[]));
+                    }
+                    continue;
+                }
+                let (tx, rx) = watch::channel(false);
+                // Runs that ended have dropped their receiver.
+                cancels.retain(|_, c| !c.is_closed());
+                cancels.insert(order.run.clone(), tx);
+                if given.len() == RUNS_REMEMBERED {
+                    given.pop_front();
+                }
+                given.push_back(order.run.clone());
+                let out = out_tx.clone();
+                tokio::spawn(run(order, cfg.workspace.clone(), out, cfg.logs.clone(), rx));
+            }
+            Ok(ToAgent::Cancel { run, .. }) => {
+                if let Some(c) = cancels.get(&run) {
+                    let _ = c.send(true);
+                }
+            }
+            Err(e) => {
+                tracing::error!(agent = %cfg.name, "unreadable order from the controller: {e}")
+            }
+        }
+    }
 }
 
 /// Run one order's steps in sequence, stopping at the first that does not succeed.

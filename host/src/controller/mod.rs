@@ -15,10 +15,13 @@ use crate::points::transport::{self, Link, Listener};
 use crate::protocol::{self, AgentLog, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
 use crate::runtime::Plugin;
 use crate::session::Session;
-use crate::session::link::{Hello, Liveness, challenge, commit_handled, exchange, welcome};
+use crate::session::link::{
+    HANDSHAKE_TIMEOUT, Hello, LinkDown, Liveness, challenge, commit_handled, exchange, welcome,
+};
 use state::{LogLocator, RunRecord, RunStatus, RunStore, StepStatus};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
@@ -165,6 +168,10 @@ pub struct Controller {
     stopping: std::sync::atomic::AtomicBool,
     /// Agents' messages refused (see `Controller::admit`).
     refusals: Refusals,
+    /// Frames from agents' links that did not open (see `session::seal`).
+    frames_refused: AtomicU64,
+    /// Handshakes refused (wrong secret, unknown agent, bad or oversized hello).
+    handshakes_refused: AtomicU64,
 }
 
 /// Why an agent's message was refused: it named something that is not an identifier,
@@ -220,7 +227,7 @@ impl Controller {
             tracing::info!(run = %r.id, agent = %r.agent, "in flight before the restart: waiting for its agent");
             agents.entry(r.agent).or_insert_with(AgentSlot::unknown);
         }
-        let listener = transport::listen(transport_plugin)
+        let listener = transport::listen(transport_plugin.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for agents: {e}"))?;
         let (updates, _) = broadcast::channel(65536);
@@ -242,9 +249,11 @@ impl Controller {
             updates,
             stopping: Default::default(),
             refusals: Refusals::default(),
+            frames_refused: AtomicU64::new(0),
+            handshakes_refused: AtomicU64::new(0),
         });
         c.take_over_log_buffers().await?;
-        tokio::spawn(c.clone().accept_loop(listener));
+        tokio::spawn(c.clone().accept_loop(listener, transport_plugin));
         tokio::spawn(c.clone().watch_agents());
         tokio::spawn(c.logs.clone().retry_forever());
         Ok(c)
@@ -294,6 +303,23 @@ impl Controller {
                 n.load(std::sync::atomic::Ordering::Relaxed)
             );
         }
+        out.push_str("# HELP trellis_link_frames_refused_total Frames from agent links that did not open (altered, forged, replayed or reordered); each dropped its link.\n# TYPE trellis_link_frames_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "trellis_link_frames_refused_total {}",
+            self.frames_refused.load(Relaxed)
+        );
+        out.push_str("# HELP trellis_link_handshakes_refused_total Agent connections refused in the handshake (wrong secret, unknown agent, malformed or oversized).\n# TYPE trellis_link_handshakes_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "trellis_link_handshakes_refused_total {}",
+            self.handshakes_refused.load(Relaxed)
+        );
+    }
+
+    /// Frames from agent links that did not open so far (`/metrics`).
+    pub fn frames_refused(&self) -> u64 {
+        self.frames_refused.load(Relaxed)
     }
 
     /// The process is about to exit: agents' links end without being reported lost.
@@ -441,17 +467,35 @@ impl Controller {
     /// Accepted channels live in the listener's instance (a resource belongs to the
     /// store that made it), so nothing here waits *inside* the plugin: accept and
     /// receive are called with a zero timeout, and the host does the waiting, outside
-    /// the instance's lock, so one agent's link never stalls another's.
-    async fn accept_loop(self: Arc<Self>, listener: Listener) {
+    /// the instance's lock, so one agent's link never stalls another's. Each accepted
+    /// link is served (handshake included) in a task of its own, so a slow or hostile
+    /// handshake holds up nothing else. A listener whose instance died (a trap, e.g. a
+    /// peer made it exhaust its memory) is replaced by a fresh one, never retried.
+    async fn accept_loop(self: Arc<Self>, mut listener: Listener, plugin: Arc<Plugin>) {
+        let mut backoff = Duration::from_millis(500);
         loop {
             match listener.accept(0).await {
                 Ok(Some(link)) => {
+                    backoff = Duration::from_millis(500);
                     tokio::spawn(self.clone().serve(link));
                 }
                 Ok(None) => tokio::time::sleep(POLL_IDLE * 5).await,
                 Err(e) => {
                     tracing::error!("accepting agents failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    tokio::time::sleep(backoff).await;
+                    if !listener.is_broken().await {
+                        continue;
+                    }
+                    tracing::warn!(
+                        "the transport's listener instance died: listening again on a fresh one"
+                    );
+                    match transport::listen(plugin.clone()).await {
+                        Ok(l) => listener = l,
+                        Err(e) => {
+                            tracing::error!("cannot listen for agents again: {e}; retrying");
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
                 }
             }
         }
@@ -459,13 +503,15 @@ impl Controller {
 
     async fn serve(self: Arc<Self>, link: Link) {
         let agents = self.cfg.agents.clone();
-        let hello = match challenge(&link, &self.epoch, |name| agents.get(name).cloned()).await {
+        let accepted = match challenge(&link, &self.epoch, |name| agents.get(name).cloned()).await {
             Ok(h) => h,
             Err(e) => {
+                self.handshakes_refused.fetch_add(1, Relaxed);
                 tracing::warn!("refused a connection: {e}");
                 return;
             }
         };
+        let hello = &accepted.hello;
         let name = hello.agent.clone();
         // An agent keeps one link at a time: a new one supersedes the old (which is
         // dead or dying, e.g. half-open), whose loop hands the session back.
@@ -504,21 +550,28 @@ impl Controller {
             };
             match parked {
                 Some(p) => break p,
-                None if taken_over.elapsed() > Duration::from_secs(10) => {
-                    tracing::error!(agent = %name, "the agent's previous link never let go");
+                None if taken_over.elapsed() > HANDSHAKE_TIMEOUT => {
+                    // The agent has given this link up by now and will come again. Until
+                    // it does, nobody serves it: say so, or the old link, when it lets
+                    // go, would leave it `connected` with nobody serving (a wedge).
+                    tracing::error!(agent = %name, "the agent's previous link did not let go in time");
+                    let mut a = self.agents.lock().unwrap();
+                    if let Some(slot) = a.get_mut(&name).filter(|s| s.link == my_link) {
+                        slot.connected = false;
+                        slot.away_since.get_or_insert_with(Instant::now);
+                    }
                     return;
                 }
                 None => tokio::time::sleep(POLL_IDLE).await,
             }
         };
-        self.reconcile(&hello, first_contact).await;
+        self.reconcile(hello, first_contact).await;
         // After a controller restart the agent's messages resume where the last process
         // acknowledged them (see `Session::adopt_peer_acked`).
         session.adopt_peer_acked(hello.acked);
         session.resync(hello.received);
-        if welcome(&link, session.received(), self.cfg.fencing_token)
-            .await
-            .is_ok()
+        if let Ok(mut seal) =
+            welcome(&link, &accepted, session.received(), self.cfg.fencing_token).await
         {
             tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
             let mut live = Liveness::new(self.cfg.heartbeat);
@@ -541,19 +594,34 @@ impl Controller {
                     );
                 }
                 let mut delivered = Vec::new();
-                let had_work = session.unacked() > 0;
                 // A log buffer is full (its store is down): take no more output from
                 // this agent until it drains; the agent's steps wait.
                 let take = self.logs.has_room();
-                if let Err(e) =
-                    exchange(&mut session, &link, &mut live, 0, take, &mut delivered).await
-                {
-                    if !self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let round = exchange(
+                    &mut session,
+                    &link,
+                    &mut seal,
+                    &mut live,
+                    0,
+                    take,
+                    &mut delivered,
+                )
+                .await;
+                // On a lost link, what arrived before the failure is still handled
+                // (the session counted it received): then the loop ends.
+                let lost = round.err();
+                if let Some(e) = &lost {
+                    if let LinkDown::Unsealed(_) = e {
+                        self.frames_refused.fetch_add(1, Relaxed);
+                    }
+                    if !self.stopping.load(Relaxed) {
                         tracing::warn!(agent = %name, "link lost: {e}");
                     }
-                    break;
                 }
-                if delivered.is_empty() && (!had_work || !take) {
+                // Idle unless something arrived or more waits to go out: messages sent
+                // and waiting for their ack are no reason to spin (a peer that never
+                // acknowledges must not make this loop busy).
+                if lost.is_none() && delivered.is_empty() && (!session.has_unsent() || !take) {
                     tokio::time::sleep(POLL_IDLE).await;
                 }
                 let handled = !delivered.is_empty();
@@ -562,6 +630,9 @@ impl Controller {
                         Ok((msg, data)) => self.handle(&name, &hello.session, msg, data).await,
                         Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
                     }
+                }
+                if lost.is_some() {
+                    break;
                 }
                 if handled {
                     commit_handled(&session, &link, &mut committed).await;

@@ -15,6 +15,13 @@
 //!
 //! Token 0 means "no HA": a single controller, which stamps nothing and is never
 //! refused by a gate that has seen no token either.
+//!
+//! An agent takes tokens only from its controller's authenticated welcome and from
+//! sealed orders (see `session::seal`), and still refuses, without keeping it, a token
+//! more than [`MAX_TOKEN_AHEAD`] beyond the newest it has seen: a token is a revision in
+//! etcd, which grows by one per write to the cluster, so such a jump is no leader
+//! change but a bug or an attack, and keeping it would refuse every real controller for
+//! good.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -23,6 +30,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 const TOKEN_FILE: &str = "fencing-token";
+
+/// How far beyond the newest seen a token may be and still be believed: 2^40 (a
+/// thousand billion etcd writes between two leader changes).
+pub const MAX_TOKEN_AHEAD: u64 = 1 << 40;
 const LOCK_FILE: &str = ".fencing.lock";
 
 /// A write refused: the writer's token is older than one the state has seen.
@@ -122,12 +133,21 @@ impl CommandGate {
         })
     }
 
-    /// Whether a command stamped `token` may be obeyed: not older than the newest seen.
-    /// A newer one becomes the newest (kept on disk before this returns).
+    /// Whether a command stamped `token` may be obeyed: not older than the newest seen,
+    /// and not more than `MAX_TOKEN_AHEAD` beyond it. A newer one becomes the newest
+    /// (kept on disk before this returns); one too far ahead is refused and not kept.
     pub fn admit(&self, token: u64) -> bool {
         let mut newest = self.newest.lock().unwrap();
         if token < *newest {
             self.refused.fetch_add(1, Relaxed);
+            return false;
+        }
+        if token - *newest > MAX_TOKEN_AHEAD {
+            self.refused.fetch_add(1, Relaxed);
+            tracing::error!(
+                "refusing fencing token {token}: more than {MAX_TOKEN_AHEAD} beyond the newest seen ({}), no leader change gets there; not keeping it",
+                *newest
+            );
             return false;
         }
         if token > *newest {
@@ -282,5 +302,22 @@ mod tests {
         let g = CommandGate::open(Some(&state)).unwrap();
         assert!(!g.admit(5), "remembered across a restart");
         assert!(!g.admit(0));
+    }
+
+    #[test]
+    fn a_token_far_ahead_is_refused_and_never_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        let g = CommandGate::open(Some(&state)).unwrap();
+        assert!(!g.admit(u64::MAX));
+        assert!(!g.admit(MAX_TOKEN_AHEAD + 1));
+        assert!(!state.exists(), "nothing kept");
+        assert_eq!(g.newest(), 0);
+        assert!(g.admit(7), "the real controller is still obeyed");
+        assert!(g.admit(7 + MAX_TOKEN_AHEAD));
+        assert_eq!(
+            CommandGate::open(Some(&state)).unwrap().newest(),
+            7 + MAX_TOKEN_AHEAD
+        );
     }
 }

@@ -80,6 +80,11 @@ impl Listener {
             channel,
         }))
     }
+
+    /// True once the listener's instance failed (a trap): listen again on a new one.
+    pub async fn is_broken(&self) -> bool {
+        self.inst.lock().await.is_poisoned()
+    }
 }
 
 impl Link {

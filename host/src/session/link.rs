@@ -3,10 +3,16 @@
 //! Handshake (all seq-0 signals on the control lane):
 //!
 //! ```text
-//! controller -> agent   CHALLENGE  nonce(32) epoch          (epoch: this controller process)
-//! agent -> controller   HELLO      {agent, labels, proof, received, session}
-//! controller -> agent   WELCOME    {received}   or   REFUSED reason
+//! controller -> agent   CHALLENGE  nc(32) epoch                (epoch: this controller process)
+//! agent -> controller   HELLO      mac(32) {agent, labels, nonce: na, received, session, ...}
+//! controller -> agent   WELCOME    mac(32) {received, token}   or   REFUSED reason
 //! ```
+//!
+//! The HELLO's MAC proves the agent's secret over the challenge and every byte of the
+//! HELLO; the WELCOME's proves it back over the whole transcript and every byte of the
+//! WELCOME (its fencing token included). Then both sides key the link (`seal`) and
+//! every later frame, signals included, is sealed. No handshake frame may exceed
+//! `seal::MAX_HANDSHAKE_FRAME`. The threat model is in `seal`'s docs.
 //!
 //! Sessions outlive links, and the agent's side outlives the controller process: an
 //! agent that sees a new controller epoch forgets what it received from the old one (the
@@ -17,6 +23,7 @@
 //! controller that sees a new agent session id (a restarted agent process) starts that
 //! session afresh.
 
+use super::seal::{self, Challenge, LinkSeal, MAX_HANDSHAKE_FRAME, Side, Unsealed};
 use super::{Incoming, Session, auth, signal};
 use crate::points::bindings::command_transport::{Frame, Lane};
 use crate::points::transport::Link;
@@ -26,13 +33,14 @@ use std::time::{Duration, Instant};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The agent's introduction, answering the controller's challenge.
+/// The agent's introduction, answering the controller's challenge. On the wire it
+/// follows its MAC (`seal::hello_mac`), which covers every byte of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
     pub agent: String,
     pub labels: Vec<String>,
-    /// HMAC-SHA256(secret, nonce || 0 || agent), hex.
-    pub proof: String,
+    /// The agent's own fresh nonce `na`, hex (see `seal`).
+    pub nonce: String,
     /// How far the agent has received, per lane (control, bulk).
     pub received: [u64; 2],
     /// Identifies the agent process (random per process).
@@ -51,6 +59,7 @@ pub struct Hello {
     pub log_methods: Vec<String>,
 }
 
+/// The controller's answer; on the wire it follows its MAC (`seal::welcome_mac`).
 #[derive(Debug, Serialize, Deserialize)]
 struct Welcome {
     received: [u64; 2],
@@ -67,6 +76,14 @@ pub enum HandshakeError {
     WrongSecret { agent: String },
     #[error("unknown agent `{agent}`: add it to the controller's agents, with its secret")]
     UnknownAgent { agent: String },
+    #[error(
+        "the controller did not prove agent `{agent}`'s secret: its welcome does not verify, so this is not the controller configured with this agent's secret (check that the agent's `secret` matches the controller's [agents] entry) or something in between altered the handshake; taking no orders from it"
+    )]
+    ControllerNotAuthentic { agent: String },
+    #[error(
+        "a handshake frame of {0} bytes: at most 64 KiB are taken before the peer is authenticated"
+    )]
+    TooLarge(usize),
     #[error("no handshake within {0:?}")]
     Timeout(Duration),
     #[error("handshake: unexpected message ({0})")]
@@ -86,31 +103,83 @@ fn sig(kind: u8, body: &[u8]) -> Frame {
     }
 }
 
+/// A signal whose body is a MAC and then the bytes it covers.
+fn macd(kind: u8, mac: &[u8; 32], body: &[u8]) -> Frame {
+    sig(kind, &[&mac[..], body].concat())
+}
+
+/// Split a MAC'd signal (kind byte already checked) into its MAC and body.
+fn split_mac(msg: &[u8], what: &str) -> Result<([u8; 32], Vec<u8>), HandshakeError> {
+    if msg.len() < 33 {
+        return Err(HandshakeError::Protocol(format!(
+            "a {what} without its MAC"
+        )));
+    }
+    let mac: [u8; 32] = msg[1..33].try_into().expect("32 bytes");
+    Ok((mac, msg[33..].to_vec()))
+}
+
 /// Wait for the next link-local signal (frames with seq 0). Frames that came after it in
 /// the same batch go to `after`: a transport that delivers in batches (Kafka) can hand
 /// over the welcome together with the controller's first messages, and dropping those
-/// would leave a gap the session never fills.
+/// would leave a gap the session never fills. Until the peer is authenticated, any
+/// frame over `MAX_HANDSHAKE_FRAME` ends the handshake.
+///
+/// `Wait::Outside` (the controller: accepted links share the listener's instance) polls
+/// with a zero timeout and waits in the host, so a peer that says nothing holds the
+/// shared instance for no one else's handshake or link.
 async fn next_signal(
     link: &Link,
     deadline: Instant,
     after: &mut Vec<Frame>,
+    wait: Wait,
 ) -> Result<Vec<u8>, HandshakeError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT));
         }
-        let mut frames = link
-            .receive(left.as_millis().min(500) as u32)
-            .await?
-            .into_iter();
+        let timeout_ms = match wait {
+            Wait::Inside => left.as_millis().min(500) as u32,
+            Wait::Outside => 0,
+        };
+        let frames = link.receive(timeout_ms).await?;
+        if frames.is_empty() && wait == Wait::Outside {
+            tokio::time::sleep(HANDSHAKE_POLL.min(left)).await;
+        }
+        let mut frames = frames.into_iter();
         while let Some(f) = frames.next() {
+            if f.payload.len() > MAX_HANDSHAKE_FRAME {
+                return Err(HandshakeError::TooLarge(f.payload.len()));
+            }
             if f.seq == 0 && f.payload.first() != Some(&signal::HEARTBEAT) {
                 after.extend(frames);
                 return Ok(f.payload);
             }
         }
     }
+}
+
+/// Where a handshake waits for the peer (see `next_signal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// In the plugin's receive: the link has an instance of its own (the agent).
+    Inside,
+    /// In the host, between zero-timeout receives (the controller's shared instance).
+    Outside,
+}
+
+/// How often a controller-side handshake polls its link.
+const HANDSHAKE_POLL: Duration = Duration::from_millis(5);
+
+/// A HELLO that verified: the agent holds its secret. What `welcome` needs to answer
+/// it and key the link.
+pub struct Accepted {
+    pub hello: Hello,
+    secret: String,
+    nc: [u8; 32],
+    na: [u8; 32],
+    transcript: [u8; 32],
 }
 
 /// Controller side: challenge a new link and check the agent's proof. `epoch`
@@ -121,18 +190,23 @@ pub async fn challenge(
     link: &Link,
     epoch: &str,
     secret_of: impl Fn(&str) -> Option<String>,
-) -> Result<Hello, HandshakeError> {
-    let nonce = auth::nonce();
-    let mut body = nonce.to_vec();
+) -> Result<Accepted, HandshakeError> {
+    let ch = Challenge {
+        nonce: auth::nonce(),
+        epoch: epoch.to_string(),
+    };
+    let mut body = ch.nonce.to_vec();
     body.extend_from_slice(epoch.as_bytes());
     link.send(vec![sig(signal::CHALLENGE, &body)]).await?;
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // The agent sends nothing else before it is welcomed.
-    let msg = next_signal(link, deadline, &mut Vec::new()).await?;
+    let msg = next_signal(link, deadline, &mut Vec::new(), Wait::Outside).await?;
     if msg.first() != Some(&signal::HELLO) {
         return Err(HandshakeError::Protocol("expected hello".into()));
     }
-    let hello: Hello = serde_json::from_slice(&msg[1..])
+    let (mac, body) = split_mac(&msg, "hello")?;
+    // Parsed before it is verified, to learn whose secret verifies it: bounded above.
+    let hello: Hello = serde_json::from_slice(&body)
         .map_err(|e| HandshakeError::Protocol(format!("bad hello: {e}")))?;
     let Some(secret) = secret_of(&hello.agent) else {
         let reason = format!("unknown agent `{}`", hello.agent);
@@ -141,23 +215,46 @@ pub async fn challenge(
             .await;
         return Err(HandshakeError::UnknownAgent { agent: hello.agent });
     };
-    let expected = auth::proof(&secret, &hello.agent, &nonce);
-    let given = hex::decode(&hello.proof).unwrap_or_default();
-    if !auth::same(&expected, &given) {
+    let na: Option<[u8; 32]> = hex::decode(&hello.nonce)
+        .ok()
+        .and_then(|n| n.try_into().ok());
+    let verified = auth::same(&seal::hello_mac(&secret, &ch, &body), &mac);
+    let (true, Some(na)) = (verified, na) else {
         let reason = format!("wrong secret for agent `{}`", hello.agent);
         let _ = link
             .send(vec![sig(signal::REFUSED, reason.as_bytes())])
             .await;
         return Err(HandshakeError::WrongSecret { agent: hello.agent });
-    }
-    Ok(hello)
+    };
+    let transcript = seal::transcript(&ch, &body, &mac);
+    Ok(Accepted {
+        hello,
+        secret,
+        nc: ch.nonce,
+        na,
+        transcript,
+    })
 }
 
-/// Controller side: accept the agent, telling it how far this side has received.
-pub async fn welcome(link: &Link, received: [u64; 2], token: u64) -> Result<(), HandshakeError> {
+/// Controller side: accept the agent, telling it how far this side has received, with
+/// the proof that this side holds the secret too. Returns the link's keys: every frame
+/// from now on is sealed.
+pub async fn welcome(
+    link: &Link,
+    accepted: &Accepted,
+    received: [u64; 2],
+    token: u64,
+) -> Result<LinkSeal, HandshakeError> {
     let body = serde_json::to_vec(&Welcome { received, token }).expect("serialisable");
-    link.send(vec![sig(signal::WELCOME, &body)]).await?;
-    Ok(())
+    let mac = seal::welcome_mac(&accepted.secret, &accepted.transcript, &body);
+    link.send(vec![macd(signal::WELCOME, &mac, &body)]).await?;
+    Ok(LinkSeal::derive(
+        &accepted.secret,
+        &accepted.nc,
+        &accepted.na,
+        &accepted.transcript,
+        Side::Controller,
+    ))
 }
 
 /// The agent's side of its session with the controller.
@@ -168,7 +265,7 @@ pub struct AgentSession {
     pub id: String,
     /// The controller process last talked to.
     pub controller_epoch: Option<String>,
-    /// Its fencing token, from its welcome (0: no HA).
+    /// Its fencing token, from its (authenticated) welcome (0: no HA).
     pub controller_token: u64,
 }
 
@@ -189,9 +286,17 @@ impl Default for AgentSession {
     }
 }
 
-/// Agent side: answer the challenge, then resync the session with the controller
-/// (afresh if the controller is a new process). Returns the frames that arrived right
-/// behind the welcome, for the caller to take into the session like any others.
+/// A welcomed agent link: its keys, and the frames that arrived right behind the
+/// welcome (still sealed), for the caller to open and take like any others.
+#[derive(Debug)]
+pub struct Introduced {
+    pub seal: LinkSeal,
+    pub early: Vec<Frame>,
+}
+
+/// Agent side: answer the challenge, check the controller's proof, then resync the
+/// session with the controller (afresh if the controller is a new process). Nothing of
+/// the session changes until the controller proved the secret.
 pub async fn introduce(
     link: &Link,
     agent: &str,
@@ -200,48 +305,67 @@ pub async fn introduce(
     secret: &str,
     runs: Vec<String>,
     s: &mut AgentSession,
-) -> Result<Vec<Frame>, HandshakeError> {
+) -> Result<Introduced, HandshakeError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut after = Vec::new();
-    let msg = next_signal(link, deadline, &mut after).await?;
+    let msg = next_signal(link, deadline, &mut after, Wait::Inside).await?;
     if msg.first() != Some(&signal::CHALLENGE) || msg.len() < 33 {
         return Err(HandshakeError::Protocol("expected a challenge".into()));
     }
     let (nonce, epoch) = msg[1..].split_at(32);
-    let epoch = String::from_utf8_lossy(epoch).into_owned();
-    if s.controller_epoch.as_ref().is_some_and(|e| *e != epoch) {
-        tracing::info!(
-            agent,
-            "the controller restarted: resending what it had not acknowledged"
-        );
-        s.session.peer_restarted();
+    let ch = Challenge {
+        nonce: nonce.try_into().expect("32 bytes"),
+        epoch: String::from_utf8_lossy(epoch).into_owned(),
+    };
+    let na = auth::nonce();
+    let restarted = s.controller_epoch.as_ref().is_some_and(|e| *e != ch.epoch);
+    let mut received = s.session.received();
+    if restarted {
+        received = [0; 2]; // what `peer_restarted` will make it, once this one is proven
     }
-    s.controller_epoch = Some(epoch);
-    let proof = hex::encode(auth::proof(secret, agent, nonce));
     let hello = Hello {
         agent: agent.to_string(),
         labels: labels.to_vec(),
-        proof,
-        received: s.session.received(),
+        nonce: hex::encode(na),
+        received,
         session: s.id.clone(),
         acked: s.session.acked_through(),
         runs,
         log_methods: log_methods.to_vec(),
     };
-    link.send(vec![sig(
-        signal::HELLO,
-        &serde_json::to_vec(&hello).expect("serialisable"),
-    )])
-    .await?;
+    let body = serde_json::to_vec(&hello).expect("serialisable");
+    let mac = seal::hello_mac(secret, &ch, &body);
+    link.send(vec![macd(signal::HELLO, &mac, &body)]).await?;
     after.clear(); // before our hello nothing is for this session
-    let msg = next_signal(link, deadline, &mut after).await?;
+    let msg = next_signal(link, deadline, &mut after, Wait::Inside).await?;
     match msg.first() {
         Some(&signal::WELCOME) => {
-            let w: Welcome = serde_json::from_slice(&msg[1..])
+            let (welcome_mac, welcome_body) = split_mac(&msg, "welcome")?;
+            let transcript = seal::transcript(&ch, &body, &mac);
+            if !auth::same(
+                &seal::welcome_mac(secret, &transcript, &welcome_body),
+                &welcome_mac,
+            ) {
+                return Err(HandshakeError::ControllerNotAuthentic {
+                    agent: agent.to_string(),
+                });
+            }
+            let w: Welcome = serde_json::from_slice(&welcome_body)
                 .map_err(|e| HandshakeError::Protocol(format!("bad welcome: {e}")))?;
+            if restarted {
+                tracing::info!(
+                    agent,
+                    "the controller restarted: resending what it had not acknowledged"
+                );
+                s.session.peer_restarted();
+            }
+            s.controller_epoch = Some(ch.epoch);
             s.session.resync(w.received);
             s.controller_token = w.token;
-            Ok(after)
+            Ok(Introduced {
+                seal: LinkSeal::derive(secret, &ch.nonce, &na, &transcript, Side::Agent),
+                early: after,
+            })
         }
         Some(&signal::REFUSED) => Err(HandshakeError::Refused {
             agent: agent.to_string(),
@@ -311,6 +435,8 @@ pub enum LinkDown {
     Plugin(#[from] PluginError),
     #[error("the peer has been silent for {0:?} (no heartbeat)")]
     Silent(Duration),
+    #[error(transparent)]
+    Unsealed(#[from] Unsealed),
 }
 
 /// One round: send what is due (a heartbeat when nothing was sent for an interval),
@@ -320,6 +446,7 @@ pub enum LinkDown {
 pub async fn exchange(
     session: &mut Session,
     link: &Link,
+    seal: &mut LinkSeal,
     live: &mut Liveness,
     wait_ms: u32,
     take: bool,
@@ -331,6 +458,7 @@ pub async fn exchange(
         out.push(sig(signal::HEARTBEAT, &[]));
     }
     if !out.is_empty() {
+        let out = out.into_iter().map(|f| seal.seal(f)).collect();
         link.send(out).await?;
         live.last_sent = Instant::now();
     }
@@ -347,8 +475,21 @@ pub async fn exchange(
     } else {
         live.last_heard = Instant::now();
     }
+    take_frames(session, seal, frames, delivered)?;
+    Ok(())
+}
+
+/// Open frames from the link and take them into the session, delivering new messages
+/// in order. A frame that does not open ends the link: nothing after it is taken (what
+/// opened before it was genuine and stays delivered).
+pub fn take_frames(
+    session: &mut Session,
+    seal: &mut LinkSeal,
+    frames: Vec<Frame>,
+    delivered: &mut Vec<(Lane, Vec<u8>)>,
+) -> Result<(), Unsealed> {
     for f in frames {
-        if let Incoming::Message(lane, payload) = session.on_frame(f) {
+        if let Incoming::Message(lane, payload) = session.on_frame(seal.open(f)?) {
             delivered.push((lane, payload));
         }
     }

@@ -7,10 +7,13 @@
 //!   lane), and delivers what it receives exactly once, in order (duplicates dropped).
 //! * After a reconnect, the handshake tells each side how far the other got, and
 //!   everything after that is sent again.
-//! * The agent proves its secret with an HMAC over a fresh nonce (`auth`).
+//! * Both sides prove the agent's secret in the handshake, and every frame after it is
+//!   sealed with per-link keys (`seal`, whose docs hold the threat model): the
+//!   transport carries ciphertext it can neither read nor forge, replay or reorder.
 
 pub mod auth;
 pub mod link;
+pub mod seal;
 
 use crate::points::bindings::command_transport::{Frame, Lane};
 use std::collections::VecDeque;
@@ -190,6 +193,16 @@ impl Session {
             );
             self.ack_due[i] = self.received[i] > 0;
         }
+    }
+
+    /// Whether messages wait that were not put on the wire yet (bulk beyond a round's
+    /// budget): the caller should come back at once rather than idle.
+    pub fn has_unsent(&self) -> bool {
+        (0..2).any(|i| {
+            self.unacked[i]
+                .back()
+                .is_some_and(|(s, _)| *s > self.sent[i])
+        })
     }
 
     /// Messages sent or waiting, not yet acknowledged.

@@ -47,9 +47,10 @@ pub async fn speak_as_agent(o: &RogueOrders) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut s = AgentSession::new();
     // No labels: nothing is ever placed on the rogue.
-    introduce(&link, &o.name, &[], &[], &o.secret, vec![], &mut s)
+    let mut seal = introduce(&link, &o.name, &[], &[], &o.secret, vec![], &mut s)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .seal;
     for m in &o.messages {
         s.session.queue(Lane::Bulk, m.clone());
     }
@@ -63,9 +64,17 @@ pub async fn speak_as_agent(o: &RogueOrders) -> Result<(), String> {
             ));
         }
         let mut ignored = Vec::new();
-        exchange(&mut s.session, &link, &mut live, 20, true, &mut ignored)
-            .await
-            .map_err(|e| e.to_string())?;
+        exchange(
+            &mut s.session,
+            &link,
+            &mut seal,
+            &mut live,
+            20,
+            true,
+            &mut ignored,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

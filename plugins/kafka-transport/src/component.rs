@@ -3,7 +3,7 @@
 use crate::{
     Piece, Reassembly, connect_topic, piece_headers, split, to_agent_topic, to_controller_topic,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
@@ -111,6 +111,7 @@ impl Guest for Component {
             to_controller,
             to_agent,
             consumer,
+            1,
         )))
     }
 }
@@ -153,6 +154,7 @@ impl GuestListener for KafkaListener {
                 to_agent,
                 to_controller,
                 consumer,
+                2,
             ))));
         }
         Ok(None)
@@ -169,6 +171,12 @@ pub struct KafkaChannel {
     reassembly: RefCell<Reassembly>,
     /// (seq, offset of its last piece) per lane, for `commit`.
     offsets: RefCell<[VecDeque<(u64, i64)>; 2]>,
+    /// Host sends so far on this link, and how many mean the peer is authenticated (a
+    /// listener's link: the challenge, then the welcome sent only to an agent that
+    /// proved its secret; an agent's link: its hello). Until then frames are bounded to
+    /// `PRE_AUTH_FRAME`.
+    sends: Cell<u32>,
+    sends_until_authenticated: u32,
 }
 
 impl KafkaChannel {
@@ -178,7 +186,10 @@ impl KafkaChannel {
         out_topic: String,
         in_topic: String,
         consumer: Consumer,
+        sends_until_authenticated: u32,
     ) -> KafkaChannel {
+        let mut reassembly = Reassembly::default();
+        reassembly.limit_to(crate::PRE_AUTH_FRAME);
         KafkaChannel {
             agent,
             link,
@@ -186,8 +197,10 @@ impl KafkaChannel {
             in_topic,
             consumer,
             max_payload: kafka::max_payload() as usize,
-            reassembly: RefCell::default(),
+            reassembly: RefCell::new(reassembly),
             offsets: RefCell::default(),
+            sends: Cell::new(0),
+            sends_until_authenticated,
         }
     }
 }
@@ -201,6 +214,11 @@ fn lane_index(l: Lane) -> u8 {
 
 impl GuestChannel for KafkaChannel {
     fn send(&self, frames: Vec<Frame>) -> Result<(), Error> {
+        let sends = self.sends.get().saturating_add(1);
+        self.sends.set(sends);
+        if sends == self.sends_until_authenticated {
+            self.reassembly.borrow_mut().limit_to(crate::MAX_FRAME);
+        }
         // Packed: one buffer across the component boundary, not a dozen values per
         // record (see the SDK's `records` module).
         let bytes: usize = frames.iter().map(|f| f.payload.len() + 160).sum();

@@ -219,12 +219,28 @@ pub fn split(payload: &[u8], max: usize) -> Vec<&[u8]> {
 pub struct Reassembly {
     /// Per lane, the frame being put together.
     partial: [Option<Partial>; 2],
+    /// The largest frame taken (None: `MAX_FRAME`); see `limit_to`.
+    limit: Option<usize>,
 }
+
+/// The largest frame put together from pieces.
+pub const MAX_FRAME: usize = 256 << 20;
+
+/// The largest frame taken before the host has answered the peer's handshake: until
+/// then the peer is unauthenticated, and whoever can write to the topic could make the
+/// plugin hold pieces without end.
+pub const PRE_AUTH_FRAME: usize = 64 << 10;
 
 /// (seq, next piece expected, pieces in all, bytes so far).
 type Partial = (u64, u32, u32, Vec<u8>);
 
 impl Reassembly {
+    /// Take no frame longer than `max` bytes from now on (a longer one is dropped, its
+    /// pieces not kept).
+    pub fn limit_to(&mut self, max: usize) {
+        self.limit = Some(max);
+    }
+
     /// Take one piece; the whole frame `(lane, seq, payload)` when it was the last.
     /// Damage found on the way (a frame broken off, a piece out of place) is added to
     /// `errors`; the damaged frame is dropped and the host's resend recovers it.
@@ -238,7 +254,17 @@ impl Reassembly {
             errors.push(format!("frame {}: no lane {}; dropped", p.seq, p.lane));
             return None;
         }
+        let limit = self.limit.unwrap_or(MAX_FRAME);
         let slot = &mut self.partial[p.lane as usize];
+        let held = slot.as_ref().map_or(0, |(_, _, _, buf)| buf.len());
+        if (if p.chunk == 0 { 0 } else { held }) + data.len() > limit {
+            slot.take();
+            errors.push(format!(
+                "frame {}: longer than {limit} bytes, the most taken now; dropped",
+                p.seq
+            ));
+            return None;
+        }
         if p.chunk == 0 {
             if let Some((seq, got, _, _)) = slot.take() {
                 errors.push(format!(
@@ -293,6 +319,29 @@ mod tests {
             chunk,
             chunks,
         }
+    }
+
+    #[test]
+    fn frames_over_the_limit_are_dropped_without_holding_their_pieces() {
+        let mut r = Reassembly::default();
+        r.limit_to(PRE_AUTH_FRAME);
+        let mut errors = Vec::new();
+        let piece_of = vec![0u8; 40 << 10];
+        assert!(
+            r.push(&piece(0, 1, 0, 1000), &piece_of, &mut errors)
+                .is_none()
+        );
+        assert!(
+            r.push(&piece(0, 1, 1, 1000), &piece_of, &mut errors)
+                .is_none()
+        );
+        assert!(errors[0].contains("longer than 65536"), "{errors:?}");
+        assert!(r.partial[0].is_none(), "nothing held");
+        let small = r.push(&piece(0, 2, 0, 1), b"hello", &mut errors);
+        assert_eq!(small, Some((0, 2, b"hello".to_vec())));
+        r.limit_to(MAX_FRAME);
+        assert!(r.push(&piece(0, 3, 0, 2), &piece_of, &mut errors).is_none());
+        assert!(r.push(&piece(0, 3, 1, 2), &piece_of, &mut errors).is_some());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The component: `command-transport` over `wasi:sockets` TCP.
 
-use crate::{Record, decode, encode};
+use crate::{MAX_RECORD, PRE_AUTH_RECORD, Record, decode, encode};
 use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 use trellis_sdk::command_transport::{
@@ -157,7 +157,8 @@ impl Guest for Component {
         };
         drop(sub);
         log::debug(&format!("agent {agent} connected to {}", s.address));
-        Ok(Channel::new(TcpChannel::new(socket, input, output)))
+        // The host's hello is its only send before the controller proved itself.
+        Ok(Channel::new(TcpChannel::new(socket, input, output, 1)))
     }
 }
 
@@ -171,7 +172,11 @@ impl GuestListener for TcpListener {
         loop {
             match self.socket.accept() {
                 Ok((socket, input, output)) => {
-                    return Ok(Some(Channel::new(TcpChannel::new(socket, input, output))));
+                    // The host's challenge and its welcome, sent once the agent proved
+                    // its secret: bounded until then.
+                    return Ok(Some(Channel::new(TcpChannel::new(
+                        socket, input, output, 2,
+                    ))));
                 }
                 Err(ErrorCode::WouldBlock) => {
                     if !wait(&sub, timeout_ms as u64) {
@@ -192,10 +197,18 @@ pub struct TcpChannel {
     inbox: RefCell<Vec<u8>>,
     broken: Cell<bool>,
     scratch: RefCell<Vec<u8>>,
+    /// Host sends so far, and how many make the peer authenticated (see the crate docs).
+    sends: Cell<u32>,
+    sends_until_authenticated: u32,
 }
 
 impl TcpChannel {
-    fn new(socket: TcpSocket, input: InputStream, output: OutputStream) -> TcpChannel {
+    fn new(
+        socket: TcpSocket,
+        input: InputStream,
+        output: OutputStream,
+        sends_until_authenticated: u32,
+    ) -> TcpChannel {
         TcpChannel {
             input,
             output,
@@ -203,6 +216,17 @@ impl TcpChannel {
             inbox: RefCell::default(),
             broken: Cell::new(false),
             scratch: RefCell::default(),
+            sends: Cell::new(0),
+            sends_until_authenticated,
+        }
+    }
+
+    /// The largest record taken from the peer now.
+    fn max_record(&self) -> usize {
+        if self.sends.get() < self.sends_until_authenticated {
+            PRE_AUTH_RECORD
+        } else {
+            MAX_RECORD
         }
     }
 
@@ -239,6 +263,7 @@ impl GuestChannel for TcpChannel {
         if self.broken.get() {
             return Err(Error::retryable("connection already broken"));
         }
+        self.sends.set(self.sends.get().saturating_add(1));
         let mut buf = self.scratch.borrow_mut();
         buf.clear();
         // Control frames go first: they must never wait behind bulk data.
@@ -267,21 +292,25 @@ impl GuestChannel for TcpChannel {
         loop {
             {
                 let mut inbox = self.inbox.borrow_mut();
-                decode(&mut inbox, &mut records).map_err(|e| {
+                decode(&mut inbox, &mut records, self.max_record()).map_err(|e| {
                     self.broken.set(true);
+                    inbox.clear();
+                    inbox.shrink_to_fit();
                     Error::retryable(e)
                 })?;
             }
             if !records.is_empty() || waited {
                 break;
             }
-            // Take what is there; wait (once) only if nothing is.
-            match self.input.read(1 << 20) {
+            // Take what is there; wait (once) only if nothing is. Before the peer is
+            // authenticated, no more than one record's worth at a time.
+            let chunk = self.max_record().min(1 << 20) as u64 + 4;
+            match self.input.read(chunk) {
                 Ok(bytes) if !bytes.is_empty() => self.inbox.borrow_mut().extend_from_slice(&bytes),
                 Ok(_) => {
                     waited = true;
                     if wait(&sub, timeout_ms as u64) {
-                        match self.input.read(1 << 20) {
+                        match self.input.read(chunk) {
                             Ok(bytes) => self.inbox.borrow_mut().extend_from_slice(&bytes),
                             Err(_) => return Err(self.broke("closed by the peer")),
                         }
