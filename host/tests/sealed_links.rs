@@ -522,3 +522,44 @@ async fn an_unauthenticated_peer_cannot_make_the_listener_hold_a_huge_record() {
     }
     assert!(closed, "the connection announcing 250 MiB was kept open");
 }
+
+/// A listener whose plugin instance dies is replaced by a fresh one, not retried for
+/// ever: unauthenticated connections each make the tcp-transport's listener buffer a
+/// partial record (up to the pre-authentication bound) until its instance runs out of
+/// its memory limit and traps; a real agent must still connect and run work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_whose_instance_died_is_replaced_and_agents_connect_again() {
+    if over_kafka() {
+        return; // raw TCP against the tcp-transport's listener
+    }
+    let s = stack_with(r#"limits = { memory = "2MiB" }"#).await;
+    // Each holds an almost whole 64 KiB record that never completes.
+    let mut hogs = Vec::new();
+    for _ in 0..48 {
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", s.port)) else {
+            break;
+        };
+        let mut partial = ((64u32 << 10) + 9).to_le_bytes().to_vec();
+        partial.extend_from_slice(&[0u8; 9 + (62 << 10)]);
+        let _ = c.write_all(&partial);
+        hogs.push(c);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(hogs);
+
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let job = trellis::jobs::Job::parse(
+        "name = \"after\"\nagent = \"linux\"\n[[step]]\nname = \"a\"\nrun = \"echo fine\"\n",
+        "after.toml",
+    )
+    .unwrap();
+    let run = s.controller.submit(&job).unwrap();
+    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
+    assert_eq!(
+        r.status,
+        trellis::controller::state::RunStatus::Succeeded,
+        "{r:?}"
+    );
+}

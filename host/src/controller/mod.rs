@@ -471,10 +471,29 @@ impl Controller {
     /// link is served (handshake included) in a task of its own, so a slow or hostile
     /// handshake holds up nothing else. A listener whose instance died (a trap, e.g. a
     /// peer made it exhaust its memory) is replaced by a fresh one, never retried.
-    async fn accept_loop(self: Arc<Self>, mut listener: Listener, plugin: Arc<Plugin>) {
+    async fn accept_loop(self: Arc<Self>, listener: Listener, plugin: Arc<Plugin>) {
         let mut backoff = Duration::from_millis(500);
+        // None: the listener's instance died and was let go; listen again on a fresh
+        // one. The dead one is dropped first: it still holds the bound socket, so a new
+        // instance could not bind the same address while it lives.
+        let mut listener = Some(listener);
         loop {
-            match listener.accept(0).await {
+            let Some(l) = &listener else {
+                match transport::listen(plugin.clone()).await {
+                    Ok(l) => {
+                        tracing::info!("listening for agents again, on a fresh instance");
+                        listener = Some(l);
+                        backoff = Duration::from_millis(500);
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot listen for agents again: {e}; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+                continue;
+            };
+            match l.accept(0).await {
                 Ok(Some(link)) => {
                     backoff = Duration::from_millis(500);
                     tokio::spawn(self.clone().serve(link));
@@ -482,20 +501,15 @@ impl Controller {
                 Ok(None) => tokio::time::sleep(POLL_IDLE * 5).await,
                 Err(e) => {
                     tracing::error!("accepting agents failed: {e}");
+                    if l.is_broken().await {
+                        tracing::warn!(
+                            "the transport's listener instance died: letting it go and listening again on a fresh one"
+                        );
+                        listener = None;
+                    }
+                    // Links accepted on a dead instance end on their next call and let
+                    // it go too; give them a moment before binding again.
                     tokio::time::sleep(backoff).await;
-                    if !listener.is_broken().await {
-                        continue;
-                    }
-                    tracing::warn!(
-                        "the transport's listener instance died: listening again on a fresh one"
-                    );
-                    match transport::listen(plugin.clone()).await {
-                        Ok(l) => listener = l,
-                        Err(e) => {
-                            tracing::error!("cannot listen for agents again: {e}; retrying");
-                            backoff = (backoff * 2).min(Duration::from_secs(10));
-                        }
-                    }
                 }
             }
         }

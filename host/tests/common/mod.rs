@@ -121,6 +121,12 @@ Zg==
 ";
 
 pub async fn stack() -> Stack {
+    stack_with("").await
+}
+
+/// `stack`, with `transport_extra` (TOML keys) added to the transport plugin's table,
+/// e.g. `limits = { memory = "2MiB" }`.
+pub async fn stack_with(transport_extra: &str) -> Stack {
     // TRELLIS_TEST_LOG=debug (an env filter) shows the host's logs while debugging a test.
     if let Ok(filter) = std::env::var("TRELLIS_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -140,6 +146,7 @@ pub async fn stack() -> Stack {
             [plugins.kafka-transport]
             kafka = {{ topics = ["trellis."] }}
             config = {{ prefix = "trellis" }}
+            {transport_extra}
             "#,
             b.brokers()
         ),
@@ -148,6 +155,7 @@ pub async fn stack() -> Stack {
             [plugins.tcp-transport]
             sockets = {{ bind = ["127.0.0.1:{port}"], connect = ["127.0.0.1:{port}"] }}
             config = {{ address = "127.0.0.1:{port}" }}
+            {transport_extra}
             "#
         ),
     };
