@@ -493,20 +493,7 @@ async fn an_unauthenticated_peer_cannot_make_the_listener_hold_a_huge_record() {
     let _ = slow.write_all(&partial);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
-    wait_connected(&s.controller).await;
-    let job = trellis::jobs::Job::parse(
-        "name = \"after\"\nagent = \"linux\"\n[[step]]\nname = \"a\"\nrun = \"echo fine\"\n",
-        "after.toml",
-    )
-    .unwrap();
-    let run = s.controller.submit(&job).unwrap();
-    let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
-    assert_eq!(
-        r.status,
-        trellis::controller::state::RunStatus::Succeeded,
-        "{r:?}"
-    );
+    a_real_agent_connects_and_runs_work(&s).await;
     // The huge one was dropped by the transport, not held.
     huge.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 4096];
@@ -556,7 +543,12 @@ async fn a_listener_whose_instance_died_is_replaced_and_agents_connect_again() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(hogs);
 
-    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    a_real_agent_connects_and_runs_work(&s).await;
+}
+
+/// The stack's agent connects and a job it is given succeeds.
+async fn a_real_agent_connects_and_runs_work(s: &Stack) {
+    let (_agent, _stop) = start_agent(s, "agent-1", "agent-secret");
     wait_connected(&s.controller).await;
     let job = trellis::jobs::Job::parse(
         "name = \"after\"\nagent = \"linux\"\n[[step]]\nname = \"a\"\nrun = \"echo fine\"\n",
