@@ -157,6 +157,7 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
             },
         )
         .await?;
+        controller.set_log_close_retry_for(rt.config.runtime.log_close_retry_for());
         let api = Arc::new(Api {
             controller,
             runtime: rt.clone(),
@@ -254,6 +255,7 @@ async fn agent_logs(
     let logs = LogSet::new(plugins, &state.join("log-buffer"), a.log_buffer_limit.0)
         .await
         .map_err(|e| anyhow::anyhow!("[agent] logging-methods: {e}"))?;
+    logs.set_close_retry_for(rt.config.runtime.log_close_retry_for());
     for name in &a.logging_methods {
         if logs.side(name) != Some(Side::Agent) {
             anyhow::bail!(

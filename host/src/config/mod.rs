@@ -229,6 +229,20 @@ pub struct RuntimeSection {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    /// How long a log's close that its logging method does not confirm is retried
+    /// (every second) before the log is closed incomplete, with a note in the run's
+    /// record, and the plugin instance holding it is released (default 10m).
+    pub log_close_retry_for: Option<HumanDuration>,
+}
+
+impl RuntimeSection {
+    /// `log-close-retry-for`, or its default.
+    pub fn log_close_retry_for(&self) -> std::time::Duration {
+        self.log_close_retry_for
+            .as_ref()
+            .map(|d| d.0)
+            .unwrap_or(crate::points::log_set::DEFAULT_CLOSE_RETRY_FOR)
+    }
 }
 
 /// Limits per plugin instance. Every field is optional; unset means the default.

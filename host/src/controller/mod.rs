@@ -252,11 +252,30 @@ impl Controller {
             frames_refused: AtomicU64::new(0),
             handshakes_refused: AtomicU64::new(0),
         });
+        // A log closed incomplete says so in its run's record.
+        let weak = Arc::downgrade(&c);
+        c.logs.on_incomplete(Box::new(move |run, note| {
+            if let Some(c) = weak.upgrade() {
+                c.update(run, |r| {
+                    let n = r.note.get_or_insert_with(String::new);
+                    if !n.is_empty() {
+                        n.push('\n');
+                    }
+                    n.push_str(note);
+                });
+            }
+        }));
         c.take_over_log_buffers().await?;
         tokio::spawn(c.clone().accept_loop(listener, transport_plugin));
         tokio::spawn(c.clone().watch_agents());
         tokio::spawn(c.logs.clone().retry_forever());
         Ok(c)
+    }
+
+    /// Retry a log's close for `d` before closing it incomplete (`[runtime]
+    /// log-close-retry-for`).
+    pub fn set_log_close_retry_for(&self, d: Duration) {
+        self.logs.set_close_retry_for(d);
     }
 
     /// Logs an earlier process left owing their plugin (batches not confirmed, a close

@@ -8,17 +8,27 @@
 //!
 //! Each open log has its own lock, and the map of logs is locked only to find one, so a
 //! log whose store is down (retrying, or timing out) never holds up another open log's
-//! output. Opening a log (a plugin call) is serialized with other openings only.
+//! output. Opening a log (a plugin call) is serialized only with other openings of the
+//! same log, so a logging method that is slow to open never holds up another method,
+//! nor another log of its own.
+//!
+//! A close the plugin does not confirm is retried for `close_retry_for` (default
+//! [`DEFAULT_CLOSE_RETRY_FOR`], `[runtime] log-close-retry-for`); then the log is closed
+//! incomplete: its instance is released, what it still owes stays in the durable
+//! buffer, and the note goes to the daemon's log and to `on_incomplete` (the
+//! controller writes it into the run record).
 
 use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
 use crate::points::log_buffer::{self, Budget};
-use crate::points::logging::{LogBuffers, LogError, LogWriter, runs_on};
+use crate::points::logging::{Closed, LogBuffers, LogError, LogWriter, runs_on};
 use crate::protocol::OutLine;
 use crate::runtime::{Plugin, PluginError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::sync::Mutex;
 use trellis_sdk::events::BatchBuilder;
@@ -36,6 +46,13 @@ pub fn push_line(b: &mut BatchBuilder, seq: u64, step: &str, l: &OutLine) {
 /// How often logs that owe their plugin something are tried again.
 pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a close the plugin does not confirm is retried before the log is closed
+/// incomplete (`[runtime] log-close-retry-for`).
+pub const DEFAULT_CLOSE_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Told of each log closed incomplete: its key (the run id) and the note.
+pub type IncompleteNotice = Box<dyn Fn(&str, &str) + Send + Sync>;
+
 /// One log being written, and how many events it has so far (its last seq).
 pub struct OpenLog {
     pub writer: LogWriter,
@@ -52,10 +69,15 @@ struct Method {
 pub struct LogSet {
     methods: BTreeMap<String, Method>,
     logs: Mutex<HashMap<String, Arc<Mutex<OpenLog>>>>,
-    /// Held while a log is being opened (which calls the plugin, and may wait on its
-    /// store), so that two opens of one log cannot race for its buffer file while the
-    /// map stays free for every other log.
-    opening: Mutex<()>,
+    /// One lock per log being opened (which calls the plugin, and may wait on its
+    /// store), so that two opens of one log cannot race for its buffer file while
+    /// every other log, of this method or another, opens freely.
+    opening: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Milliseconds a close is retried before the log is closed incomplete.
+    close_retry_ms: AtomicU64,
+    on_incomplete: std::sync::OnceLock<IncompleteNotice>,
+    /// Logs closed incomplete by this process (for `/metrics`).
+    closed_incomplete: AtomicU64,
 }
 
 /// What the caller knows of a log an earlier process left behind.
@@ -101,8 +123,35 @@ impl LogSet {
         Ok(LogSet {
             methods,
             logs: Mutex::default(),
-            opening: Mutex::default(),
+            opening: Default::default(),
+            close_retry_ms: AtomicU64::new(DEFAULT_CLOSE_RETRY_FOR.as_millis() as u64),
+            on_incomplete: Default::default(),
+            closed_incomplete: AtomicU64::new(0),
         })
+    }
+
+    /// Retry a close the plugin does not confirm for `d` before closing the log
+    /// incomplete (default [`DEFAULT_CLOSE_RETRY_FOR`]).
+    pub fn set_close_retry_for(&self, d: Duration) {
+        self.close_retry_ms.store(d.as_millis() as u64, Relaxed);
+    }
+
+    fn close_retry_for(&self) -> Duration {
+        Duration::from_millis(self.close_retry_ms.load(Relaxed))
+    }
+
+    /// Who is told of a log closed incomplete (once; later calls are ignored).
+    pub fn on_incomplete(&self, notice: IncompleteNotice) {
+        let _ = self.on_incomplete.set(notice);
+    }
+
+    /// A log `key` was closed incomplete: say so where the operator looks.
+    fn closed_incomplete(&self, key: &str, note: &str) {
+        self.closed_incomplete.fetch_add(1, Relaxed);
+        tracing::warn!(log = key, "{note}");
+        if let Some(notice) = self.on_incomplete.get() {
+            notice(key, note);
+        }
     }
 
     /// Where method `name` runs (None: not one of these methods).
@@ -130,6 +179,11 @@ impl LogSet {
                 "trellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {used}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP trellis_logs_closed_incomplete_total Logs closed without the plugin's confirmation or with a writer that could not be dropped (see the run's note).\n# TYPE trellis_logs_closed_incomplete_total counter\ntrellis_logs_closed_incomplete_total {}",
+            self.closed_incomplete.load(Relaxed)
+        );
         out.push_str("# HELP trellis_log_buffer_limit_bytes When a plugin's buffer holds this much, output is held back.\n# TYPE trellis_log_buffer_limit_bytes gauge\n");
         for (plugin, m) in &self.methods {
             let limit = m.buffers.budget.limit;
@@ -217,7 +271,31 @@ impl LogSet {
         if let Some(log) = self.get(key).await {
             return Ok(log);
         }
-        let _opening = self.opening.lock().await;
+        let lock = self
+            .opening
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let opened = {
+            let _opening = lock.lock().await;
+            self.open_now(key, method, meta).await
+        };
+        // The last one out removes the log's lock (clones are made under this lock).
+        let mut opening = self.opening.lock().unwrap();
+        if Arc::strong_count(&lock) == 2 {
+            opening.remove(key);
+        }
+        opened
+    }
+
+    async fn open_now(
+        &self,
+        key: &str,
+        method: &str,
+        meta: impl FnOnce() -> (LogMetadata, u64),
+    ) -> Result<Arc<Mutex<OpenLog>>, LogError> {
         if let Some(log) = self.get(key).await {
             return Ok(log); // opened meanwhile
         }
@@ -239,7 +317,12 @@ impl LogSet {
         };
         let closed = log.lock().await.writer.close(count).await;
         match closed {
-            Ok(()) => self.forget(key, &log).await,
+            Ok(how) => {
+                self.forget(key, &log).await;
+                if let Closed::Incomplete(note) = how {
+                    self.closed_incomplete(key, &note);
+                }
+            }
             Err(e) => tracing::warn!(log = key, "closing the log failed, kept for retry: {e}"),
         }
     }
@@ -266,14 +349,26 @@ impl LogSet {
             if !l.writer.owes() {
                 continue;
             }
-            let closing = l.writer.is_closing();
+            if let Some(tried) = l.writer.closing_for()
+                && tried >= self.close_retry_for()
+            {
+                // Bounded: the log is closed incomplete and its instance released.
+                let note = l.writer.give_up(tried);
+                drop(l);
+                self.forget(&key, &log).await;
+                self.closed_incomplete(&key, &note);
+                continue;
+            }
             match l.writer.retry().await {
-                Ok(()) if closing => {
+                Ok(Some(how)) => {
                     drop(l);
                     tracing::info!(log = key, "the log is delivered and closed");
                     self.forget(&key, &log).await;
+                    if let Closed::Incomplete(note) = how {
+                        self.closed_incomplete(&key, &note);
+                    }
                 }
-                Ok(()) => {}
+                Ok(None) => {}
                 Err(e) => tracing::debug!(log = key, "log delivery still failing: {e}"),
             }
         }

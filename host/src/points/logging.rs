@@ -12,6 +12,7 @@ use crate::points::log_buffer::{Budget, LogBuffer};
 use crate::runtime::{Instance, Plugin, PluginError};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use wasmtime::component::ResourceAny;
 
 pub use crate::points::bindings::logging_method::Side as RunsOn;
@@ -40,6 +41,18 @@ pub struct LogWriter {
     buffer: Option<LogBuffer>,
     /// The log was closed with this count, and the plugin has not confirmed the close.
     closing: Option<u64>,
+    /// When this process first tried to close the log (bounds the retries).
+    closing_since: Option<Instant>,
+}
+
+/// How a log ended once its close went through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// The plugin confirmed the close and its writer was dropped.
+    Complete,
+    /// The log was closed without the plugin's whole cooperation; the note says what
+    /// happened and what may be missing (it goes to the run record and the daemon log).
+    Incomplete(String),
 }
 
 /// Where the durable log buffers of one logging plugin live, and their shared bound.
@@ -145,6 +158,7 @@ impl LogWriter {
         let mut w = Self::unopened(plugin, meta)?;
         w.pending = owed.batches.into();
         w.closing = owed.closed;
+        w.closing_since = owed.closed.map(|_| Instant::now());
         w.buffer = Some(buffer);
         if let Err(e) = w.ensure_open().await {
             if !e.is_retryable() {
@@ -170,6 +184,7 @@ impl LogWriter {
             pending: VecDeque::new(),
             buffer: None,
             closing: None,
+            closing_since: None,
         })
     }
 
@@ -208,12 +223,46 @@ impl LogWriter {
         self.deliver().await
     }
 
-    /// Try again what is owed: the pending batches, then the close if it came.
-    pub async fn retry(&mut self) -> Result<(), LogError> {
+    /// Try again what is owed: the pending batches, then the close if it came (and
+    /// then how the log ended).
+    pub async fn retry(&mut self) -> Result<Option<Closed>, LogError> {
         match self.closing {
-            Some(count) => self.close(count).await,
-            None => self.deliver().await,
+            Some(count) => self.close(count).await.map(Some),
+            None => self.deliver().await.map(|()| None),
         }
+    }
+
+    /// How long this process has been trying to close the log (None: not closing).
+    pub fn closing_for(&self) -> Option<Duration> {
+        self.closing_since.map(|t| t.elapsed())
+    }
+
+    /// Stop trying to close the log: its instance is released (dropped without calling
+    /// into the guest again), and whatever is still owed stays in the durable buffer on
+    /// disk (a later process delivers it). Returns the note saying so.
+    /// The writer owes nothing afterwards (it is done with).
+    pub fn give_up(&mut self, tried_for: Duration) -> String {
+        self.open = None;
+        let owed = self.pending.len();
+        let kept = if self.buffer.is_some() {
+            format!(
+                "; {owed} undelivered batch(es) and the close stay in the durable log buffer"
+            )
+        } else if owed > 0 {
+            format!("; {owed} undelivered batch(es) were lost (no durable buffer)")
+        } else {
+            String::new()
+        };
+        // Dropping the buffer keeps its files (see `LogBuffer`'s drop).
+        self.buffer = None;
+        self.pending.clear();
+        self.closing = None;
+        self.closing_since = None;
+        format!(
+            "log closed incomplete: logging method `{}` did not confirm the close after {}s of retries{kept}",
+            self.plugin.name,
+            tried_for.as_secs()
+        )
     }
 
     /// A log that owes nothing is no longer needed: its (empty) buffer files go.
@@ -277,13 +326,14 @@ impl LogWriter {
 
     /// Deliver what is queued, then record the final count. Buffered, the close is on
     /// disk first; if the plugin fails it stays owed (`retry`).
-    pub async fn close(&mut self, final_count: u64) -> Result<(), LogError> {
+    pub async fn close(&mut self, final_count: u64) -> Result<Closed, LogError> {
         if self.closing.is_none() {
             if let Some(b) = &mut self.buffer {
                 b.append_close(final_count)?;
             }
             self.closing = Some(final_count);
         }
+        self.closing_since.get_or_insert_with(Instant::now);
         self.deliver_pending().await?;
         self.ensure_open().await?;
         let (mut inst, writer) = self.open.take().expect("opened above");
@@ -295,13 +345,28 @@ impl LogWriter {
         ));
         match r.and_then(|r| self.plugin.answer("close", r)) {
             Ok(()) => {
-                let _ = writer.resource_drop_async(&mut inst.store).await;
-                self.plugin.checkin(inst);
+                // The writer's destructor is guest code too: guarded, and an instance
+                // whose destructor failed is discarded, never pooled.
+                let dropped = self
+                    .plugin
+                    .drop_resource(&mut inst, "drop-writer", writer)
+                    .await;
                 self.closing = None;
+                self.closing_since = None;
+                // The plugin confirmed every batch and the close: nothing is owed.
                 if let Some(b) = self.buffer.take() {
                     b.finish()?;
                 }
-                Ok(())
+                match dropped {
+                    Ok(()) => {
+                        self.plugin.checkin(inst);
+                        Ok(Closed::Complete)
+                    }
+                    Err(e) => Ok(Closed::Incomplete(format!(
+                        "log closed incomplete: logging method `{}` confirmed the close, but its writer could not be dropped ({e}); what the writer still held at the drop may be missing from the store",
+                        self.plugin.name
+                    ))),
+                }
             }
             Err(e) => {
                 if !inst.is_poisoned() {

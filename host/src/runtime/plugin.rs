@@ -3,9 +3,16 @@
 //! into it takes.
 //!
 //! The guarded call sets the epoch deadline and a wall-clock timeout, measures the call,
-//! and turns whatever went wrong into a `PluginError`. An instance that trapped, hit a
-//! limit or timed out is poisoned and dropped; the next use gets a fresh instance from
-//! the cached `InstancePre`. Crashes in a row lead to quarantine with backoff.
+//! and turns whatever went wrong into a `PluginError`. Every entry into guest code takes
+//! it: exports, `init`, and resource destructors ([`Plugin::drop_resource`]); wasmtime 48
+//! runs an export's post-return inside the export's own call, so it is guarded too. An
+//! instance that trapped, hit a limit or timed out is poisoned and dropped, never
+//! returned to the pool; the next use gets a fresh instance from the cached
+//! `InstancePre`. Crashes in a row lead to quarantine with backoff.
+//!
+//! Guest code never holds a runtime worker thread for more than one epoch tick: at each
+//! tick a running guest yields to the async runtime (other tasks, heartbeats and the API
+//! run in between), and traps once its call has used up its deadline in ticks.
 
 use crate::capabilities::secrets::SecretStore;
 use crate::config::QuarantineConfig;
@@ -20,12 +27,12 @@ use crate::runtime::metrics::PluginMetrics;
 use crate::runtime::state::{Grants, InstanceState};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use wasmtime::component::{InstancePre, ResourceTableError};
-use wasmtime::{Store, Trap};
+use wasmtime::component::{InstancePre, ResourceAny, ResourceTableError};
+use wasmtime::{Store, Trap, UpdateDeadline};
 
 /// Idle instances kept per plugin for reuse.
 const MAX_IDLE: usize = 4;
@@ -50,6 +57,8 @@ pub struct Instance {
     pub store: Store<InstanceState>,
     pub exports: Exports,
     poisoned: bool,
+    /// Epoch ticks the current call may still run guest code for (see `guest_store`).
+    ticks_left: Arc<AtomicU64>,
     /// The plugin generation it was made from (its code, grants and limits): after a
     /// reload, older instances finish what they do and are not reused.
     generation: Arc<Generation>,
@@ -212,16 +221,14 @@ impl Plugin {
     /// Instantiate without `init` and without the guarded path: the bare cost.
     pub async fn instantiate_bare(&self, state: InstanceState) -> wasmtime::Result<Instance> {
         let g = self.current().1;
-        let mut store = Store::new(g.pre.engine(), state);
-        store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(g.deadline_ticks);
+        let (mut store, ticks_left) = guest_store(&g, state);
         let instance = g.pre.instantiate_async(&mut store).await?;
         let exports = g.indices.load(&mut store, &instance)?;
         Ok(Instance {
             store,
             exports,
             poisoned: false,
+            ticks_left,
             generation: g,
         })
     }
@@ -280,10 +287,7 @@ impl Plugin {
                 detail: format!("{e:#}"),
             })
         })?;
-        let mut store = Store::new(g.pre.engine(), state);
-        store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(g.deadline_ticks);
+        let (mut store, ticks_left) = guest_store(&g, state);
         self.metrics.instantiations.fetch_add(1, Relaxed);
         let instance =
             match tokio::time::timeout(g.limits.call_timeout, g.pre.instantiate_async(&mut store))
@@ -323,6 +327,7 @@ impl Plugin {
             store,
             exports,
             poisoned: false,
+            ticks_left,
             generation: g,
         };
         let r = self
@@ -344,7 +349,8 @@ impl Plugin {
         }
     }
 
-    /// Give an instance back for reuse. Poisoned instances are dropped.
+    /// Give an instance back for reuse. Poisoned instances (a trap, a limit, a deadline,
+    /// in an export or a destructor) are dropped, never pooled.
     pub fn checkin(&self, inst: Instance) {
         if inst.poisoned || !Arc::ptr_eq(&inst.generation, &self.current().1) {
             return;
@@ -395,11 +401,24 @@ impl Plugin {
         // (No need to reset the limiter's flag: an instance that hit it is poisoned.)
         let g = &inst.generation;
         let (ticks, wall) = (g.deadline_ticks, g.wall_timeout);
-        inst.store.set_epoch_deadline(ticks);
+        inst.ticks_left.store(ticks, Relaxed);
+        inst.store.set_epoch_deadline(1);
         Ok(CallStart {
             at: Instant::now(),
             wall,
         })
+    }
+
+    /// Drop resource `r` (a log writer, a channel) in the guest, on the guarded path:
+    /// its destructor is guest code, under the same deadline, counters and health as
+    /// an export. On failure the instance is poisoned and must not be pooled.
+    pub async fn drop_resource(
+        &self,
+        inst: &mut Instance,
+        call: &'static str,
+        r: ResourceAny,
+    ) -> Result<(), PluginError> {
+        crate::guarded!(*self, inst, call, |store| r.resource_drop_async(store))
     }
 
     /// The call's future under the wall-clock deadline (the epoch deadline stops a
@@ -566,6 +585,32 @@ impl Plugin {
             point,
         }
     }
+}
+
+/// A store for one instance of generation `g`: its memory limiter, and the epoch
+/// callback that makes guest code yield the worker thread at every tick and trap once
+/// its call has run for its deadline in ticks (`Plugin::begin` sets them). Returns the
+/// store and its tick budget.
+fn guest_store(g: &Generation, state: InstanceState) -> (Store<InstanceState>, Arc<AtomicU64>) {
+    let mut store = Store::new(g.pre.engine(), state);
+    store.limiter(|s| &mut s.limiter);
+    let ticks_left = Arc::new(AtomicU64::new(g.deadline_ticks));
+    let left = ticks_left.clone();
+    store.epoch_deadline_callback(move |_| {
+        let before = left
+            .fetch_update(Relaxed, Relaxed, |t| Some(t.saturating_sub(1)))
+            .unwrap_or(0);
+        if before <= 1 {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        // Back to the end of the runtime's queue: a spinning guest slows only itself.
+        Ok(UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(tokio::task::yield_now()),
+        ))
+    });
+    store.set_epoch_deadline(1);
+    (store, ticks_left)
 }
 
 /// A call with a wall-clock deadline whose timer is armed only if the call goes pending
