@@ -35,7 +35,13 @@ fn plugin_dir(cfg: &DaemonConfig) -> anyhow::Result<PathBuf> {
         })
 }
 
+/// Plugin `name`, loaded once: a plugin filling two roles (a logging method that is
+/// also a log browser) is one plugin, with one health, one quarantine and one set of
+/// counters, not two copies of which `/metrics` shows only the last.
 async fn load_plugin(rt: &Runtime, dir: &Path, name: &str) -> anyhow::Result<Arc<Plugin>> {
+    if let Some(loaded) = rt.get(name) {
+        return Ok(loaded);
+    }
     let path = rt
         .config
         .plugins

@@ -11,7 +11,7 @@ use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// One epoch tick. Call deadlines are counted in ticks, so they are this precise.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Instances the pool holds at once (all plugins together).
 const POOL_INSTANCES: u32 = 256;
