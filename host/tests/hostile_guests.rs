@@ -33,14 +33,15 @@ fn start_hostile(runtime: &str, plugin: &str, second_agent: bool) -> Hostile {
     for p in ["tcp-transport", "file-browser", "file-logging"] {
         std::os::unix::fs::symlink(bundle().join(p), plugins.join(p)).unwrap();
     }
-    std::os::unix::fs::symlink(fixtures().join("guard-hostile"), plugins.join("guard-hostile"))
-        .unwrap();
-    let mut cfg = std::fs::read_to_string(&controller)
-        .unwrap()
-        .replace(
-            &format!("plugin-dir = \"{}\"", bundle().display()),
-            &format!("plugin-dir = \"{}\"\n{runtime}", plugins.display()),
-        );
+    std::os::unix::fs::symlink(
+        fixtures().join("guard-hostile"),
+        plugins.join("guard-hostile"),
+    )
+    .unwrap();
+    let mut cfg = std::fs::read_to_string(&controller).unwrap().replace(
+        &format!("plugin-dir = \"{}\"", bundle().display()),
+        &format!("plugin-dir = \"{}\"\n{runtime}", plugins.display()),
+    );
     if second_agent {
         cfg = cfg.replace(
             "agents = { \"build-1\" = \"agent-build-1\" }",
@@ -72,9 +73,11 @@ fn start_hostile(runtime: &str, plugin: &str, second_agent: bool) -> Hostile {
         let cfg = d.join("agent2.toml");
         std::fs::write(&cfg, text).unwrap();
         let a = start("agent", &cfg, &daemons.log);
-        wait_until("agent build-2 did not connect", Duration::from_secs(30), || {
-            cli(&daemons.server, &["agents"]).1.contains("build-2")
-        });
+        wait_until(
+            "agent build-2 did not connect",
+            Duration::from_secs(30),
+            || cli(&daemons.server, &["agents"]).1.contains("build-2"),
+        );
         a
     });
     Hostile {
@@ -93,7 +96,10 @@ impl Hostile {
     /// Submit a job named `name` (its name picks the fixture's behaviour) with `extra`
     /// lines (e.g. `logging = "guard-hostile"`) and step command `run`; the run id.
     fn submit(&self, name: &str, agent: &str, extra: &str, run: &str) -> String {
-        let job = self.dir.path().join(format!("{name}-{}.toml", rand_suffix()));
+        let job = self
+            .dir
+            .path()
+            .join(format!("{name}-{}.toml", rand_suffix()));
         std::fs::write(
             &job,
             format!(
@@ -181,7 +187,12 @@ fn rand_suffix() -> u64 {
 /// is counted, and healthy work goes on.
 fn destructor_is_guarded(job: &str) {
     let h = start_hostile("", "limits = { call-timeout = \"1s\" }", false);
-    let run = h.submit(job, "linux", "logging = \"guard-hostile\"", "echo one; echo two");
+    let run = h.submit(
+        job,
+        "linux",
+        "logging = \"guard-hostile\"",
+        "echo one; echo two",
+    );
     let r = h.wait_final(&run, Duration::from_secs(20));
     assert_eq!(r["status"], "succeeded", "{r}\n{}", h.log());
     let note = r["note"].as_str().unwrap_or_default();
@@ -258,7 +269,10 @@ fn a_browser_spinning_under_its_deadline_slows_only_itself() {
         took[took.len() / 2],
         took[took.len() - 1]
     );
-    assert!(calls >= 3, "the spinning browser was hardly called ({calls})");
+    assert!(
+        calls >= 3,
+        "the spinning browser was hardly called ({calls})"
+    );
     assert!(
         h.metric("trellis_plugin_calls_total{plugin=\"guard-hostile\"} ") >= 6,
         "the browser's calls did not happen"
@@ -287,9 +301,11 @@ fn a_logging_method_whose_opens_block_does_not_hold_up_another_method() {
         "for i in $(seq 1 100); do echo $i; sleep 0.1; done",
     );
     // The bomb's first open is under way once its run has output.
-    wait_until("the bomb run never started", Duration::from_secs(20), || {
-        h.record(&bomb)["status"] == "running"
-    });
+    wait_until(
+        "the bomb run never started",
+        Duration::from_secs(20),
+        || h.record(&bomb)["status"] == "running",
+    );
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
     let healthy = h.submit("healthy", "other", "", "echo quick");

@@ -245,9 +245,7 @@ impl LogWriter {
         self.open = None;
         let owed = self.pending.len();
         let kept = if self.buffer.is_some() {
-            format!(
-                "; {owed} undelivered batch(es) and the close stay in the durable log buffer"
-            )
+            format!("; {owed} undelivered batch(es) and the close stay in the durable log buffer")
         } else if owed > 0 {
             format!("; {owed} undelivered batch(es) were lost (no durable buffer)")
         } else {

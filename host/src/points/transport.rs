@@ -143,8 +143,10 @@ impl Drop for Link {
             if inst.is_poisoned() {
                 return;
             }
-            let r = crate::guarded!(*plugin, &mut inst, "drop-channel", |store| channel
-                .resource_drop_async(store));
+            // Guest code (the channel's destructor): on the guarded path, like a call.
+            let r = plugin
+                .drop_resource(&mut inst, "drop-channel", channel)
+                .await;
             if let Err(e) = r {
                 tracing::warn!("dropping a closed link's channel: {e}");
             }
