@@ -186,7 +186,9 @@ fn rand_suffix() -> u64 {
 /// log is closed incomplete with a note in the run's record, the destructor's deadline
 /// is counted, and healthy work goes on.
 fn destructor_is_guarded(job: &str) {
-    let h = start_hostile("", "limits = { call-timeout = \"1s\" }", false);
+    // Longer than the link's silence limit (5 heartbeats of 500 ms): the link must
+    // survive a destructor held up to its deadline.
+    let h = start_hostile("", "limits = { call-timeout = \"4s\" }", false);
     let run = h.submit(
         job,
         "linux",

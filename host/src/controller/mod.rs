@@ -609,7 +609,38 @@ impl Controller {
             tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
             let mut live = Liveness::new(self.cfg.heartbeat);
             let mut committed = [0u64; 2];
+            // The agent's messages are handled, in order, by a task of their own, so
+            // that a plugin call they make (a log's open, write or close, up to its
+            // call deadline) never stops this loop's heartbeats: the link stays up, and
+            // while a batch is being handled no more frames are taken (the agent's
+            // bound on unacknowledged messages pauses its steps meanwhile).
+            let (work, mut batches) = tokio::sync::mpsc::unbounded_channel::<Vec<Vec<u8>>>();
+            let (done_tx, done) = tokio::sync::watch::channel(0u64);
+            let handler = tokio::spawn({
+                let (me, name, session_id) = (self.clone(), name.clone(), hello.session.clone());
+                async move {
+                    while let Some(batch) = batches.recv().await {
+                        for payload in batch {
+                            match protocol::decode_to_controller(&payload) {
+                                Ok((msg, data)) => me.handle(&name, &session_id, msg, data).await,
+                                Err(e) => {
+                                    tracing::error!(agent = %name, "unreadable message: {e}")
+                                }
+                            }
+                        }
+                        done_tx.send_modify(|d| *d += 1);
+                    }
+                }
+            });
+            let mut sent = 0u64;
+            let mut uncommitted = false;
+            let mut link_lost = false;
             loop {
+                let idle = *done.borrow() == sent;
+                if idle && uncommitted {
+                    commit_handled(&session, &link, &mut committed).await;
+                    uncommitted = false;
+                }
                 let superseded = self
                     .agents
                     .lock()
@@ -627,9 +658,10 @@ impl Controller {
                     );
                 }
                 let mut delivered = Vec::new();
-                // A log buffer is full (its store is down): take no more output from
-                // this agent until it drains; the agent's steps wait.
-                let take = self.logs.has_room();
+                // A log buffer is full (its store is down), or the last messages are
+                // still being handled: take no more output from this agent until then;
+                // the agent's steps wait.
+                let take = self.logs.has_room() && idle;
                 let round = exchange(
                     &mut session,
                     &link,
@@ -657,19 +689,22 @@ impl Controller {
                 if lost.is_none() && delivered.is_empty() && (!session.has_unsent() || !take) {
                     tokio::time::sleep(POLL_IDLE).await;
                 }
-                let handled = !delivered.is_empty();
-                for (_, payload) in delivered {
-                    match protocol::decode_to_controller(&payload) {
-                        Ok((msg, data)) => self.handle(&name, &hello.session, msg, data).await,
-                        Err(e) => tracing::error!(agent = %name, "unreadable message: {e}"),
-                    }
+                if !delivered.is_empty() {
+                    let _ = work.send(delivered.into_iter().map(|(_, p)| p).collect());
+                    sent += 1;
+                    uncommitted = true;
                 }
                 if lost.is_some() {
+                    link_lost = true;
                     break;
                 }
-                if handled {
-                    commit_handled(&session, &link, &mut committed).await;
-                }
+            }
+            // What arrived is handled before the session is parked (and, on a link
+            // still up, committed).
+            drop(work);
+            let _ = handler.await;
+            if uncommitted && !link_lost {
+                commit_handled(&session, &link, &mut committed).await;
             }
         }
         let mut a = self.agents.lock().unwrap();
