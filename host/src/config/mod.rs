@@ -247,6 +247,11 @@ pub struct LimitsConfig {
     pub http_timeout: Option<HumanDuration>,
     /// Largest HTTP response body the plugin may receive (default 64MiB).
     pub http_max_response: Option<ByteSize>,
+    /// Output budget: bytes per second the plugin's stdout, stderr and `log` messages
+    /// together may put into the daemon's log, across its instances (default 64KiB).
+    pub output_bytes_per_second: Option<ByteSize>,
+    /// Output budget: lines per second, likewise (default 100).
+    pub output_lines_per_second: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -774,6 +779,20 @@ fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
             field: format!("{at}.call-timeout"),
             problem: "a zero deadline fails every call".into(),
             fix: "use e.g. 10s".into(),
+        });
+    }
+    if let Some(ByteSize(0)) = l.output_bytes_per_second {
+        out.push(Problem {
+            field: format!("{at}.output-bytes-per-second"),
+            problem: "0 drops every line the plugin writes".into(),
+            fix: "use e.g. 64KiB (the default)".into(),
+        });
+    }
+    if let Some(0) = l.output_lines_per_second {
+        out.push(Problem {
+            field: format!("{at}.output-lines-per-second"),
+            problem: "0 drops every line the plugin writes".into(),
+            fix: "use e.g. 100 (the default)".into(),
         });
     }
     if let Some(0) = l.max_resources {

@@ -96,6 +96,16 @@ pub enum PluginError {
     #[error("plugin `{plugin}` could not start: {detail}")]
     Instantiate { plugin: String, detail: String },
 
+    /// The plugin answered, but the answer breaks the contract in a way the host must
+    /// not act on (a cursor that does not advance, a page over its caps, a name or a
+    /// count out of bounds). The answer was discarded.
+    #[error("plugin `{plugin}` {call}: invalid answer: {problem}")]
+    Invalid {
+        plugin: String,
+        call: &'static str,
+        problem: String,
+    },
+
     /// The plugin does not implement the extension point asked of it.
     #[error("plugin `{plugin}` does not implement {point}")]
     NotImplemented { plugin: String, point: &'static str },
@@ -121,6 +131,7 @@ impl PluginError {
         match self {
             PluginError::Plugin { kind, .. } => *kind == ErrorKind::Retryable,
             PluginError::NotImplemented { .. } => false,
+            PluginError::Invalid { .. } => false,
             PluginError::Instantiate { .. } => false,
             _ => true,
         }
@@ -146,6 +157,7 @@ impl PluginError {
             PluginError::Quarantined { .. } => "quarantined",
             PluginError::Instantiate { .. } => "instantiate",
             PluginError::NotImplemented { .. } => "not-implemented",
+            PluginError::Invalid { .. } => "invalid-answer",
         }
     }
 }

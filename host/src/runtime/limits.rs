@@ -1,6 +1,7 @@
 //! Per-instance limits, resolved from the operator's defaults and per-plugin overrides.
 
 use crate::config::LimitsConfig;
+use crate::runtime::output::OutputRate;
 use std::time::Duration;
 
 /// The largest memory cap an operator may set: the size of one pooling-allocator slot.
@@ -21,6 +22,10 @@ pub struct Limits {
     pub http_timeout: Duration,
     /// Largest HTTP response body a plugin may read.
     pub http_max_response: u64,
+    /// Output budget (stdout, stderr and `log` together, across the plugin's
+    /// instances): bytes and lines per second; more is dropped and counted.
+    pub output_bytes_per_second: u64,
+    pub output_lines_per_second: u64,
 }
 
 impl Default for Limits {
@@ -32,6 +37,8 @@ impl Default for Limits {
             max_resources: 1024,
             http_timeout: Duration::from_secs(30),
             http_max_response: 64 << 20,
+            output_bytes_per_second: 64 << 10,
+            output_lines_per_second: 100,
         }
     }
 }
@@ -59,8 +66,22 @@ impl Limits {
             if let Some(v) = c.http_max_response {
                 l.http_max_response = v.0;
             }
+            if let Some(v) = c.output_bytes_per_second {
+                l.output_bytes_per_second = v.0;
+            }
+            if let Some(v) = c.output_lines_per_second {
+                l.output_lines_per_second = v;
+            }
         }
         l.memory = l.memory.min(MAX_MEMORY);
         l
+    }
+
+    /// The output budget's rate.
+    pub fn output_rate(&self) -> OutputRate {
+        OutputRate {
+            bytes_per_second: self.output_bytes_per_second,
+            lines_per_second: self.output_lines_per_second,
+        }
     }
 }

@@ -26,6 +26,11 @@ pub struct PluginMetrics {
     /// Capability uses refused for lack of a grant (files excepted: WASI refuses those
     /// before the host sees them).
     pub denials: AtomicU64,
+    /// Answers refused as invalid (a cursor that does not advance, a page over its
+    /// caps, a bad name or count): `PluginError::Invalid`.
+    pub invalid_answers: AtomicU64,
+    /// The plugin's output budget, with its drop counters.
+    pub output: std::sync::Arc<super::output::OutputBudget>,
     buckets: [AtomicU64; BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -56,6 +61,7 @@ impl PluginMetrics {
             ResourceLimit { .. } => &self.resource_limits,
             Oversized { .. } => &self.oversized,
             Quarantined { .. } => &self.quarantine_refusals,
+            Invalid { .. } => &self.invalid_answers,
             NotImplemented { .. } => return,
         };
         c.fetch_add(1, Relaxed);
@@ -85,6 +91,24 @@ impl PluginMetrics {
                 out,
                 "trellis_plugin_{name}_total{{plugin=\"{plugin}\"}} {}",
                 v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "trellis_plugin_invalid_answers_total{{plugin=\"{plugin}\"}} {}",
+            self.invalid_answers.load(Relaxed)
+        );
+        for s in super::output::Stream::ALL {
+            let stream = s.label();
+            let _ = writeln!(
+                out,
+                "trellis_plugin_output_dropped_lines_total{{plugin=\"{plugin}\",stream=\"{stream}\"}} {}",
+                self.output.dropped_lines(s)
+            );
+            let _ = writeln!(
+                out,
+                "trellis_plugin_output_dropped_bytes_total{{plugin=\"{plugin}\",stream=\"{stream}\"}} {}",
+                self.output.dropped_bytes(s)
             );
         }
         let mut cumulative = 0;

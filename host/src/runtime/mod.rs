@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;
+pub mod output;
 pub mod plugin;
 pub mod reload;
 pub mod state;

@@ -30,6 +30,9 @@ use wasmtime::{Store, Trap};
 /// Idle instances kept per plugin for reuse.
 const MAX_IDLE: usize = 4;
 
+/// The longest error message from a plugin the host keeps (logs, health, responses).
+const MAX_ERROR_MESSAGE: usize = 4096;
+
 pub type CallFuture<'a, T> = Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>;
 
 /// How the component was obtained (for `plugin check` and metrics).
@@ -522,6 +525,8 @@ impl Plugin {
                 types::Error::BadConfig(m) => (ErrorKind::BadConfig, m),
                 types::Error::Denied(m) => (ErrorKind::Denied, m),
             };
+            // Plugin text: bounded and escaped before it reaches logs and responses.
+            let message = crate::runtime::output::plugin_text(message, MAX_ERROR_MESSAGE);
             let err = PluginError::Plugin {
                 plugin: self.name.to_string(),
                 call,

@@ -9,6 +9,7 @@ use crate::capabilities::sockets::SocketGrant;
 use crate::capabilities::{files, sockets};
 use crate::runtime::limits::Limits;
 use crate::runtime::metrics::PluginMetrics;
+use crate::runtime::output::Stream;
 use crate::runtime::stdio::TracingOutput;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -58,14 +59,14 @@ impl InstanceState {
         // Plugin file I/O is on granted local directories: do it on the calling thread
         // instead of a blocking-pool round trip per (<= 4 KiB) stream write.
         b.allow_blocking_current_thread(true);
-        b.stdout(TracingOutput {
+        let output = |stream| TracingOutput {
             plugin: plugin.clone(),
-            stream: "stdout",
-        });
-        b.stderr(TracingOutput {
-            plugin: plugin.clone(),
-            stream: "stderr",
-        });
+            stream,
+            budget: metrics.output.clone(),
+            rate: limits.output_rate(),
+        };
+        b.stdout(output(Stream::Stdout));
+        b.stderr(output(Stream::Stderr));
         files::prepare(&mut b, &grants.dirs)?;
         sockets::prepare(
             &mut b,
@@ -97,7 +98,10 @@ impl InstanceState {
                 plugin: plugin.clone(),
                 templates: grants.exec.clone(),
             },
-            log: LogGate::default(),
+            log: LogGate {
+                budget: metrics.output.clone(),
+                rate: limits.output_rate(),
+            },
             limiter: Limiter {
                 memory: limits.memory as usize,
                 hit_memory: false,
