@@ -412,3 +412,54 @@ fn oversized_pages_and_bad_names_and_counts_are_refused() {
     );
     s.healthy_run_works();
 }
+
+/// `trellis fence` with `output-fence` configured as `mode`, and `args`: (exit code,
+/// stdout, stderr).
+fn fence_as(dir: &Path, mode: &str, args: &[&str]) -> (i32, String, String) {
+    let cfg = dir.join(format!("fence-{mode}.toml"));
+    std::fs::write(
+        &cfg,
+        format!("[plugins.output-fence]\nconfig = {{ mode = \"{mode}\" }}\n"),
+    )
+    .unwrap();
+    let out = trellis()
+        .args(["fence", "--plugin"])
+        .arg(fixtures().join("output-fence"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fence agent's names and counts become options, the cluster manager's XML and
+/// `id,alias` lines it parses: a bad parameter name, too many parameters, a target id
+/// forging a second line and too many targets are refused, naming the plugin; a sound
+/// agent still answers.
+#[test]
+fn a_fence_agents_bad_names_and_counts_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let cases = [
+        ("bad-param", "metadata", "parameter name `ip --action=on`"),
+        ("many-params", "metadata", "100000 parameters"),
+        ("forged-target", "list", "no comma or control character"),
+        ("many-targets", "list", "100000 targets"),
+    ];
+    for (mode, action, problem) in cases {
+        let (code, out, err) = fence_as(d.path(), mode, &["-o", action]);
+        assert_ne!(code, 0, "{mode}: {out}{err}");
+        assert!(
+            err.contains("plugin `output-fence`") && err.contains(problem),
+            "{mode}: {err}"
+        );
+        assert!(!out.contains("node-9"), "{mode}: a forged line: {out}");
+    }
+    let (code, out, err) = fence_as(d.path(), "sound", &["-o", "list"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "node-1,", "{err}");
+}

@@ -46,14 +46,7 @@ impl LogReader {
 
     /// A refused answer: counted, logged, and typed (the instance is not reused).
     pub fn invalid(&self, call: &'static str, problem: String) -> PluginError {
-        let err = PluginError::Invalid {
-            plugin: self.plugin.name.to_string(),
-            call,
-            problem,
-        };
-        self.plugin.metrics.count(&err);
-        tracing::warn!(plugin = %self.plugin.name, call, "{err}");
-        err
+        self.plugin.invalid(call, problem)
     }
 
     pub async fn read(&self, log: &LogMetadata, request: PageRequest) -> Result<Page, PluginError> {

@@ -92,6 +92,7 @@ impl FenceDevice {
         let (inst, r) = pooled_call!(p, fence, "fence-agent", "list", |g, store| g
             .list(store, &self.params));
         let l = p.answer("list", r)?;
+        check_targets(&l).map_err(|problem| p.invalid("list", problem))?;
         p.checkin(inst);
         Ok(l)
     }
@@ -101,7 +102,87 @@ impl FenceDevice {
         let p = &self.plugin;
         let (inst, info) = pooled_call!(p, fence, "fence-agent", "metadata", |g, store| g
             .metadata(store));
+        check_agent_info(&info).map_err(|problem| p.invalid("metadata", problem))?;
         p.checkin(inst);
         Ok(info)
     }
+}
+
+// What a fence agent returns becomes command-line options, XML for the cluster manager
+// and `id,alias` lines it parses: names and counts are bounded and checked first.
+
+/// Most parameters, and most targets, an agent may name.
+const MAX_PARAMETERS: usize = 256;
+const MAX_TARGETS: usize = 10_000;
+/// Longest parameter name, target id or alias; longest description.
+const MAX_NAME: usize = 256;
+const MAX_DESCRIPTION: usize = 4096;
+
+/// A parameter name: what fence-agents accept as `--name` (letters, digits, `-`, `_`).
+fn is_parameter_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn check_agent_info(info: &AgentInfo) -> Result<(), String> {
+    let shown = |s: &str| crate::ids::Shown(s).to_string();
+    if !is_parameter_name(&info.name) {
+        return Err(format!(
+            "agent name `{}` (letters, digits, `-`, `_`)",
+            shown(&info.name)
+        ));
+    }
+    if info.parameters.len() > MAX_PARAMETERS {
+        return Err(format!(
+            "{} parameters, above the host's cap of {MAX_PARAMETERS}",
+            info.parameters.len()
+        ));
+    }
+    let texts = std::iter::once(&info.description)
+        .chain(info.parameters.iter().map(|p| &p.description))
+        .chain(info.parameters.iter().filter_map(|p| p.default_value.as_ref()));
+    for t in texts {
+        if t.len() > MAX_DESCRIPTION {
+            return Err(format!(
+                "a description or default of {} bytes, above the host's cap of {MAX_DESCRIPTION}",
+                t.len()
+            ));
+        }
+    }
+    for p in &info.parameters {
+        if !is_parameter_name(&p.name) {
+            return Err(format!(
+                "parameter name `{}` (letters, digits, `-`, `_`)",
+                shown(&p.name)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Targets are printed `id,alias` one a line: neither may hold a comma or a control
+/// character (a forged line), and there are at most `MAX_TARGETS`.
+fn check_targets(targets: &[Target]) -> Result<(), String> {
+    if targets.len() > MAX_TARGETS {
+        return Err(format!(
+            "{} targets, above the host's cap of {MAX_TARGETS}",
+            targets.len()
+        ));
+    }
+    for t in targets {
+        if t.id.is_empty() {
+            return Err("a target with an empty id".into());
+        }
+        for s in std::iter::once(&t.id).chain(t.alias.as_ref()) {
+            if s.len() > MAX_NAME || s.chars().any(|c| c == ',' || c.is_control()) {
+                return Err(format!(
+                    "target `{}`: at most {MAX_NAME} bytes, no comma or control character",
+                    crate::ids::Shown(s)
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -565,6 +565,20 @@ impl Plugin {
         Ok(())
     }
 
+    /// Refuse an answer that breaks the contract (a cursor that does not advance, a
+    /// name or a count out of bounds): counted, logged, typed. The caller does not
+    /// check the instance back in.
+    pub fn invalid(&self, call: &'static str, problem: String) -> PluginError {
+        let err = PluginError::Invalid {
+            plugin: self.name.to_string(),
+            call,
+            problem,
+        };
+        self.metrics.count(&err);
+        tracing::warn!(plugin = %self.name, call, "{err}");
+        err
+    }
+
     pub fn not_implemented(&self, point: &'static str) -> PluginError {
         PluginError::NotImplemented {
             plugin: self.name.to_string(),
