@@ -67,7 +67,13 @@ impl Stack {
 
     /// Submit job `name` (one step, `run`), with a logging method and a browser if
     /// given; its run id.
-    fn submit(&self, name: &str, logging: Option<&str>, browser: Option<&str>, run: &str) -> String {
+    fn submit(
+        &self,
+        name: &str,
+        logging: Option<&str>,
+        browser: Option<&str>,
+        run: &str,
+    ) -> String {
         let mut job = format!("name = \"{name}\"\nagent = \"linux\"\n");
         if let Some(l) = logging {
             job += &format!("logging = \"{l}\"\n");
@@ -197,7 +203,8 @@ impl Stack {
             "GET /api/runs/{run}/log/follow HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n"
         )
         .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let t = Instant::now();
         let (mut total, mut head) = (0u64, Vec::new());
         let mut buf = vec![0u8; 64 << 10];
@@ -278,7 +285,11 @@ fn flood_is_contained(job: &str, stream: &str, summary: &str) {
         "GET /api/runs took {worst:?} during the flood"
     );
     // one summary line, naming the plugin, the amounts and the stream
-    wait_for_line(&s.log, "plugin output-flood: dropped", Duration::from_secs(20));
+    wait_for_line(
+        &s.log,
+        "plugin output-flood: dropped",
+        Duration::from_secs(20),
+    );
     let text = s.log_text();
     let summaries: Vec<&str> = text
         .lines()
@@ -370,7 +381,10 @@ fn a_follow_is_rate_capped() {
     assert!(!ended, "the follow of an open log ended: {text}");
     assert!(bytes > 1 << 20, "the follow sent only {bytes} bytes");
     let cap = (secs + 1) * (1 << 20) + (1 << 20) / 2;
-    assert!(bytes < cap, "the follow sent {bytes} bytes in {secs} s (cap {cap})");
+    assert!(
+        bytes < cap,
+        "the follow sent {bytes} bytes in {secs} s (cap {cap})"
+    );
     s.healthy_run_works();
 }
 
@@ -382,14 +396,26 @@ fn oversized_pages_and_bad_names_and_counts_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let s = browser_stack(d.path());
     let cases = [
-        ("over-count", "?limit=10", "11 events where at most 10 were asked for"),
+        (
+            "over-count",
+            "?limit=10",
+            "11 events where at most 10 were asked for",
+        ),
         ("over-bytes", "", "above the host's cap"),
         ("long-cursor", "", "a cursor of 1048576 bytes"),
         ("bad-step", "", "not a valid step name"),
         ("bad-seq", "", "seqs must increase"),
         ("bad-total", "", "a total of 0 events for a page holding 1"),
-        ("bad-completeness", "", "with all present the log is `complete`"),
-        ("tail-over", "?tail=3", "8 events where at most 3 were asked for"),
+        (
+            "bad-completeness",
+            "",
+            "with all present the log is `complete`",
+        ),
+        (
+            "tail-over",
+            "?tail=3",
+            "8 events where at most 3 were asked for",
+        ),
     ];
     for (job, query, problem) in cases {
         let run = s.submit(job, None, Some("output-browser"), "true");
@@ -403,7 +429,10 @@ fn oversized_pages_and_bad_names_and_counts_are_refused() {
         if job == "bad-step" {
             let (code, out, err) = cli(&s.server, &["logs", &run]);
             assert_ne!(code, 0, "{out}{err}");
-            assert!(err.contains("output-browser") && err.contains(problem), "{err}");
+            assert!(
+                err.contains("output-browser") && err.contains(problem),
+                "{err}"
+            );
         }
     }
     assert!(

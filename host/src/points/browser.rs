@@ -126,9 +126,7 @@ fn check_page(request: &PageRequest, page: &Page) -> Result<(), String> {
     if let Some(total) = page.total
         && total < n as u64
     {
-        return Err(format!(
-            "a total of {total} events for a page holding {n}"
-        ));
+        return Err(format!("a total of {total} events for a page holding {n}"));
     }
     Ok(())
 }
@@ -212,19 +210,62 @@ mod tests {
         assert_eq!(check_page(&request(None, None, 10), &ok), Ok(()));
         // an empty page may keep its cursor (caught up)
         let caught_up = page(batch(&[]), "2", Some(2));
-        assert_eq!(check_page(&request(Some("2"), None, 10), &caught_up), Ok(()));
+        assert_eq!(
+            check_page(&request(Some("2"), None, 10), &caught_up),
+            Ok(())
+        );
         let cases = [
             (request(None, None, 1), ok.clone(), "at most 1"),
-            (request(Some("2"), None, 10), page(batch(&[(3, "a")]), "2", None), "does not advance"),
-            (request(None, None, 10), page(batch(&[(2, "a"), (2, "a")]), "x", None), "must increase"),
-            (request(None, None, 10), page(batch(&[(0, "a")]), "x", None), "must increase"),
-            (request(None, Some("a"), 10), ok.clone(), "of step `b` in a page of step `a`"),
-            (request(None, None, 10), page(batch(&[(1, "../x")]), "x", None), "not a valid step name"),
-            (request(None, None, 10), page(batch(&[(1, "a\n")]), "x", None), "not a valid step name"),
-            (request(None, None, 10), page(batch(&[(1, "a")]), "x", Some(0)), "a total of 0"),
-            (request(None, None, 10), page(vec![1, 2, 3], "x", None), "does not decode"),
-            (request(None, None, 10), page(batch(&[]), &"c".repeat(MAX_CURSOR + 1), None), "cursor of 4097 bytes"),
-            (request(None, None, 10), page(vec![0; MAX_PAGE_BYTES], "x", None), "above the host's cap"),
+            (
+                request(Some("2"), None, 10),
+                page(batch(&[(3, "a")]), "2", None),
+                "does not advance",
+            ),
+            (
+                request(None, None, 10),
+                page(batch(&[(2, "a"), (2, "a")]), "x", None),
+                "must increase",
+            ),
+            (
+                request(None, None, 10),
+                page(batch(&[(0, "a")]), "x", None),
+                "must increase",
+            ),
+            (
+                request(None, Some("a"), 10),
+                ok.clone(),
+                "of step `b` in a page of step `a`",
+            ),
+            (
+                request(None, None, 10),
+                page(batch(&[(1, "../x")]), "x", None),
+                "not a valid step name",
+            ),
+            (
+                request(None, None, 10),
+                page(batch(&[(1, "a\n")]), "x", None),
+                "not a valid step name",
+            ),
+            (
+                request(None, None, 10),
+                page(batch(&[(1, "a")]), "x", Some(0)),
+                "a total of 0",
+            ),
+            (
+                request(None, None, 10),
+                page(vec![1, 2, 3], "x", None),
+                "does not decode",
+            ),
+            (
+                request(None, None, 10),
+                page(batch(&[]), &"c".repeat(MAX_CURSOR + 1), None),
+                "cursor of 4097 bytes",
+            ),
+            (
+                request(None, None, 10),
+                page(vec![0; MAX_PAGE_BYTES], "x", None),
+                "above the host's cap",
+            ),
         ];
         for (req, pg, want) in cases {
             let err = check_page(&req, &pg).unwrap_err();

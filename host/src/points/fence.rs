@@ -142,7 +142,11 @@ fn check_agent_info(info: &AgentInfo) -> Result<(), String> {
     }
     let texts = std::iter::once(&info.description)
         .chain(info.parameters.iter().map(|p| &p.description))
-        .chain(info.parameters.iter().filter_map(|p| p.default_value.as_ref()));
+        .chain(
+            info.parameters
+                .iter()
+                .filter_map(|p| p.default_value.as_ref()),
+        );
     for t in texts {
         if t.len() > MAX_DESCRIPTION {
             return Err(format!(

@@ -229,7 +229,10 @@ mod tests {
         // 2 s of 10 lines/s
         assert!((20..=21).contains(&admitted), "{admitted}");
         assert_eq!(b.dropped_lines(Stream::Stdout), 100 - admitted as u64);
-        assert_eq!(b.dropped_bytes(Stream::Stdout), 10 * (100 - admitted as u64));
+        assert_eq!(
+            b.dropped_bytes(Stream::Stdout),
+            10 * (100 - admitted as u64)
+        );
         assert_eq!(b.dropped_lines(Stream::Log), 0);
     }
 
