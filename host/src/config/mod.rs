@@ -924,7 +924,7 @@ mod tests {
             http = ["es.local:9200"]
             sockets = { connect = ["localhost:80"] }
             dirs = [{ host = "/definitely/not/here", guest = "logs" }]
-            limits = { memory = "100GiB", max-resources = 0 }
+            limits = { memory = "100GiB", max-resources = 0, output-lines-per-second = 0 }
             "#,
         );
         let all = p.join("\n");
@@ -937,6 +937,10 @@ mod tests {
         );
         assert!(all.contains("plugins.es.limits.memory"), "{all}");
         assert!(all.contains("plugins.es.limits.max-resources"), "{all}");
+        assert!(
+            all.contains("plugins.es.limits.output-lines-per-second"),
+            "{all}"
+        );
         assert!(all.contains("fix:"), "{all}");
     }
 

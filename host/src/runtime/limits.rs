@@ -85,3 +85,34 @@ impl Limits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ByteSize;
+
+    #[test]
+    fn output_budgets_default_and_are_overridden_per_plugin() {
+        let global = LimitsConfig {
+            output_bytes_per_second: Some(ByteSize(1 << 20)),
+            ..Default::default()
+        };
+        let plugin = LimitsConfig {
+            output_lines_per_second: Some(5),
+            ..Default::default()
+        };
+        let d = Limits::resolve(&LimitsConfig::default(), &LimitsConfig::default());
+        assert_eq!(
+            (d.output_bytes_per_second, d.output_lines_per_second),
+            (64 << 10, 100)
+        );
+        let l = Limits::resolve(&global, &plugin);
+        assert_eq!(
+            l.output_rate(),
+            OutputRate {
+                bytes_per_second: 1 << 20,
+                lines_per_second: 5
+            }
+        );
+    }
+}
