@@ -23,7 +23,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// A controller (logging plugin output at `info`, so admitted lines reach its log) and
 /// an agent, with `line` added to `[controller]` and `tables` to its configuration.
 struct Stack {
-    _controller: Daemon,
+    controller: Daemon,
     _agent: Daemon,
     log: PathBuf,
     server: String,
@@ -56,7 +56,7 @@ impl Stack {
         let server = format!("http://127.0.0.1:{http}");
         wait_for_agent(&server, &log);
         Stack {
-            _controller: c,
+            controller: c,
             _agent: a,
             log,
             server,
@@ -87,6 +87,18 @@ impl Stack {
         let (code, out, err) = cli(&self.server, &["run", f.to_str().unwrap()]);
         assert_eq!(code, 0, "{out}{err}");
         out.trim().to_string()
+    }
+
+    /// The controller's peak resident memory (VmHWM), in bytes.
+    fn controller_peak_rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.controller.0.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmHWM in {status}"));
+        kib << 10
     }
 
     fn log_size(&self) -> u64 {
@@ -274,8 +286,15 @@ fn flood_is_contained(job: &str, stream: &str, summary: &str) {
     };
     let lines = s.metric(&series("lines"));
     let grown = s.log_size() - before;
+    let peak = s.controller_peak_rss();
     eprintln!(
-        "{job}: dropped {dropped} bytes in {lines} lines; the daemons' log grew {grown} bytes; slowest GET /api/runs {worst:?}"
+        "{job}: dropped {dropped} bytes in {lines} lines; the daemons' log grew {grown} bytes; slowest GET /api/runs {worst:?}; controller peak RSS {} MiB",
+        peak >> 20
+    );
+    // the host did not hold the flood: its peak is nowhere near 256 MiB more than idle
+    assert!(
+        peak < 200 << 20,
+        "the controller's peak RSS was {peak} bytes"
     );
     assert!(dropped >= 250 << 20, "{dropped} bytes dropped");
     assert!(lines >= 60_000, "{lines} lines dropped");
