@@ -843,6 +843,7 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
                 "errors": p.metrics.errors.load(Relaxed),
                 "traps": p.metrics.traps.load(Relaxed),
                 "deadlines": p.metrics.deadlines.load(Relaxed),
+                "budget": p.budget.to_json(),
             })
         })
         .collect();

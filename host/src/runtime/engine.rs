@@ -13,8 +13,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// One epoch tick. Call deadlines are counted in ticks, so they are this precise.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Instances the pool holds at once (all plugins together).
-const POOL_INSTANCES: u32 = 256;
+/// Instances the pool holds at once (all plugins together; shared out by `budget.rs`).
+pub const POOL_INSTANCES: u32 = 256;
 
 pub fn build_engine() -> anyhow::Result<Engine> {
     build_engine_with(true)

@@ -56,7 +56,8 @@ impl PluginMetrics {
             ResourceLimit { .. } => &self.resource_limits,
             Oversized { .. } => &self.oversized,
             Quarantined { .. } => &self.quarantine_refusals,
-            NotImplemented { .. } => return,
+            // Counted by the plugin's budget, per limit.
+            AtBudget { .. } | NotImplemented { .. } => return,
         };
         c.fetch_add(1, Relaxed);
     }
