@@ -100,6 +100,19 @@ fn a_plugin_whose_logs_never_close_stays_within_its_budget() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    // Twelve runs of 16 MiB each would be 192 MiB held; the hog may hold three.
+    let grew = rss(pid).saturating_sub(before);
+    println!(
+        "controller VmRSS: {} MiB before, grew {} MiB over {RUNS} hog runs",
+        before >> 20,
+        grew >> 20
+    );
+    assert!(
+        grew < 110 << 20,
+        "the controller grew by {} MiB over {RUNS} runs of a {TOUCH_MIB} MiB hog",
+        grew >> 20
+    );
+
     let budget = &hog["budget"];
     assert_eq!(budget["instances"], 3, "{hog}");
     assert_eq!(budget["max_instances"], 3, "{hog}");
@@ -137,19 +150,6 @@ fn a_plugin_whose_logs_never_close_stays_within_its_budget() {
             "trellis_plugin_budget_refusals_total{plugin=\"file-logging\",limit=\"max-instances\"}"
         ),
         0
-    );
-
-    // Twelve runs of 16 MiB each would be 192 MiB held; the hog may hold three.
-    let grew = rss(pid).saturating_sub(before);
-    println!(
-        "controller VmRSS: {} MiB before, grew {} MiB over {RUNS} hog runs",
-        before >> 20,
-        grew >> 20
-    );
-    assert!(
-        grew < 110 << 20,
-        "the controller grew by {} MiB over {RUNS} runs of a {TOUCH_MIB} MiB hog",
-        grew >> 20
     );
 
     // A healthy run through the default file logging, in the same controller, now.
@@ -235,6 +235,49 @@ async fn total_memory_is_shared_by_a_plugins_instances_and_released_with_each() 
     );
     drop(open);
     assert_eq!((hog.budget.instances(), hog.budget.memory()), (0, 0));
+}
+
+/// The pool every plugin shares is never taken whole: a plugin allowed all 256
+/// instances and holding every log it opens gets its cap less what the other loaded
+/// plugins reserved, and a healthy logging method in the same process still opens and
+/// writes logs. (Without reserves the hog took all 256 and the healthy method's
+/// instantiation failed: "maximum concurrent instance limit of 256 reached".)
+#[tokio::test]
+async fn a_plugin_holding_the_whole_pool_never_starves_another() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("logs")).unwrap();
+    let config = "[plugins.budget-hog]\nconfig = { touch-mib = 0 }\nlimits = { max-instances = 256 }\n[plugins.jsonl-logger]\ndirs = [{ host = \"logs\", guest = \"/logs\", mode = \"read-write\" }]\n";
+    let rt = runtime(config, d.path(), &[]);
+    let hog = rt
+        .load(&fixtures().join("budget-hog"))
+        .await
+        .unwrap_or_else(|p| panic!("{p}"));
+    let healthy = rt
+        .load(&bundle().join("jsonl-logger"))
+        .await
+        .unwrap_or_else(|p| panic!("{p}"));
+    let mut held = Vec::new();
+    let refused = loop {
+        match LogWriter::open(hog.clone(), meta("j", &format!("hog-{}", held.len()))).await {
+            Ok(w) => held.push(w),
+            Err(e) => break e,
+        }
+        assert!(held.len() <= 256);
+    };
+    // 256, less the healthy plugin's default reserve of 4.
+    assert_eq!(held.len(), 252, "{refused}");
+    match &refused {
+        PluginError::AtBudget { key, .. } => assert_eq!(*key, "limits.reserved-instances"),
+        other => panic!("not a budget refusal: {other}"),
+    }
+    let mut w = LogWriter::open(healthy.clone(), meta("healthy", "healthy-log"))
+        .await
+        .unwrap_or_else(|e| panic!("the healthy method was starved: {e}"));
+    w.write(batch(1, 10)).await.unwrap();
+    w.close(10).await.unwrap();
+    assert_eq!(healthy.budget.instances(), 1, "the closed log's instance is idle");
+    drop(held);
+    assert_eq!(hog.budget.instances(), 0);
 }
 
 /// Bad budget values are refused at load with the key and the fix.
