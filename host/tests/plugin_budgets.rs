@@ -134,7 +134,10 @@ fn a_plugin_whose_logs_never_close_stays_within_its_budget() {
         3
     );
     assert_eq!(
-        metric(&metrics, "trellis_plugin_instances_max{plugin=\"budget-hog\"}"),
+        metric(
+            &metrics,
+            "trellis_plugin_instances_max{plugin=\"budget-hog\"}"
+        ),
         3
     );
     assert!(
@@ -143,7 +146,12 @@ fn a_plugin_whose_logs_never_close_stays_within_its_budget() {
             "trellis_plugin_budget_refusals_total{plugin=\"budget-hog\",limit=\"max-instances\"}"
         ) >= (RUNS - 3) as u64
     );
-    assert!(metric(&metrics, "trellis_plugin_memory_bytes{plugin=\"budget-hog\"}") <= 64 << 20);
+    assert!(
+        metric(
+            &metrics,
+            "trellis_plugin_memory_bytes{plugin=\"budget-hog\"}"
+        ) <= 64 << 20
+    );
     assert_eq!(
         metric(
             &metrics,
@@ -202,7 +210,10 @@ async fn total_memory_is_shared_by_a_plugins_instances_and_released_with_each() 
     assert_eq!(open.len(), 2, "{refused}");
     match &refused {
         PluginError::AtBudget { plugin, key, .. } => {
-            assert_eq!((plugin.as_str(), *key), ("budget-hog", "limits.total-memory"))
+            assert_eq!(
+                (plugin.as_str(), *key),
+                ("budget-hog", "limits.total-memory")
+            )
         }
         other => panic!("not a budget refusal: {other}"),
     }
@@ -212,7 +223,11 @@ async fn total_memory_is_shared_by_a_plugins_instances_and_released_with_each() 
         "{refused}"
     );
     assert!(hog.budget.memory() <= 40 << 20);
-    assert_eq!(hog.budget.instances(), 2, "the refused instance was dropped");
+    assert_eq!(
+        hog.budget.instances(),
+        2,
+        "the refused instance was dropped"
+    );
     assert!(
         hog.budget
             .memory_refusals
@@ -275,7 +290,11 @@ async fn a_plugin_holding_the_whole_pool_never_starves_another() {
         .unwrap_or_else(|e| panic!("the healthy method was starved: {e}"));
     w.write(batch(1, 10)).await.unwrap();
     w.close(10).await.unwrap();
-    assert_eq!(healthy.budget.instances(), 1, "the closed log's instance is idle");
+    assert_eq!(
+        healthy.budget.instances(),
+        1,
+        "the closed log's instance is idle"
+    );
     drop(held);
     assert_eq!(hog.budget.instances(), 0);
 }
@@ -290,7 +309,10 @@ fn bad_budget_values_are_named() {
         Err(p) => p.to_string(),
     };
     let e = bad("[runtime.limits]\nmax-instances = 0\n");
-    assert!(e.contains("runtime.limits.max-instances") && e.contains("1..=256"), "{e}");
+    assert!(
+        e.contains("runtime.limits.max-instances") && e.contains("1..=256"),
+        "{e}"
+    );
     let e = bad("[runtime.limits]\nreserved-instances = 300\n");
     assert!(e.contains("runtime.limits.reserved-instances"), "{e}");
     let e = bad("[plugins.x.limits]\ntotal-memory = \"1KiB\"\n");
@@ -345,7 +367,8 @@ async fn contradicting_budgets_are_refused_at_load() {
         .expect("loaded")
         .to_string();
     assert!(
-        e.contains("plugins.hostile.limits.reserved-instances") && e.contains("above the instance pool of 256"),
+        e.contains("plugins.hostile.limits.reserved-instances")
+            && e.contains("above the instance pool of 256"),
         "{e}"
     );
 }

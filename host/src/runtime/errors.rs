@@ -96,7 +96,9 @@ pub enum PluginError {
     /// (`limits.max-instances`, `limits.reserved-instances`, `limits.total-memory`).
     /// Not a crash: the work waits (a log's events in its durable buffer) and is tried
     /// again once an instance of the plugin is dropped.
-    #[error("plugin `{plugin}` {call}: at its budget ({key}): {detail}; the work waits and is retried")]
+    #[error(
+        "plugin `{plugin}` {call}: at its budget ({key}): {detail}; the work waits and is retried"
+    )]
     AtBudget {
         plugin: String,
         call: &'static str,
