@@ -317,6 +317,10 @@ fn bad_budget_values_are_named() {
     assert!(e.contains("runtime.limits.reserved-instances"), "{e}");
     let e = bad("[plugins.x.limits]\ntotal-memory = \"1KiB\"\n");
     assert!(e.contains("plugins.x.limits.total-memory"), "{e}");
+    let e = bad("[plugins.x.limits]\nmax-instances = 2\nreserved-instances = 3\n");
+    assert!(e.contains("plugins.x.limits.reserved-instances"), "{e}");
+    let e = bad("[runtime.limits]\nmemory = \"64MiB\"\ntotal-memory = \"32MiB\"\n");
+    assert!(e.contains("runtime.limits.total-memory"), "{e}");
 }
 
 /// Limits that contradict each other, and reserves that do not fit the pool, are
@@ -325,7 +329,7 @@ fn bad_budget_values_are_named() {
 async fn contradicting_budgets_are_refused_at_load() {
     let d = tempfile::tempdir().unwrap();
     let rt = runtime(
-        "[plugins.budget-hog.limits]\nmax-instances = 2\nreserved-instances = 3\n",
+        "[runtime.limits]\nreserved-instances = 3\n[plugins.budget-hog.limits]\nmax-instances = 2\n",
         d.path(),
         &[],
     );
@@ -340,7 +344,7 @@ async fn contradicting_budgets_are_refused_at_load() {
         "{e}"
     );
     let rt = runtime(
-        "[runtime.limits]\nmemory = \"64MiB\"\ntotal-memory = \"32MiB\"\n",
+        "[runtime.limits]\ntotal-memory = \"32MiB\"\n[plugins.budget-hog.limits]\nmemory = \"64MiB\"\n",
         d.path(),
         &[],
     );

@@ -803,6 +803,26 @@ fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
             fix: "pick a value in 0..=max-instances (default 4)".into(),
         });
     }
+    if let (Some(reserved), Some(max)) = (l.reserved_instances, l.max_instances)
+        && reserved > max
+    {
+        out.push(Problem {
+            field: format!("{at}.reserved-instances"),
+            problem: format!("{reserved} reserved instances are more than max-instances ({max})"),
+            fix: "reserve at most max-instances".into(),
+        });
+    }
+    if let (Some(total), Some(one)) = (l.total_memory, l.memory)
+        && total.0 < one.0
+    {
+        out.push(Problem {
+            field: format!("{at}.total-memory"),
+            problem: format!(
+                "{total} for all instances together is less than one instance's memory ({one})"
+            ),
+            fix: "raise total-memory, or lower memory with it".into(),
+        });
+    }
     if let Some(m) = l.total_memory
         && m.0 < (1 << 20)
     {

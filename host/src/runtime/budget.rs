@@ -54,7 +54,13 @@ impl InstancePool {
         (s.reserved, s.beyond)
     }
 
+    /// The pool's series, and the `# HELP` lines of the per-plugin budget series.
     pub fn render(&self, out: &mut String) {
+        out.push_str(
+            "# HELP trellis_plugin_instances Instances of the plugin alive now (busy or idle), against trellis_plugin_instances_max (limits.max-instances).\n\
+             # HELP trellis_plugin_memory_bytes Linear memory of all the plugin's instances, against trellis_plugin_memory_budget_bytes (limits.total-memory).\n\
+             # HELP trellis_plugin_budget_refusals_total Instances or memory growth refused, per limit reached.\n",
+        );
         let (reserved, beyond) = self.usage();
         let _ = writeln!(
             out,
