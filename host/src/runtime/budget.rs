@@ -7,8 +7,9 @@
 //! its `max-instances`, while the unreserved rest of the pool has room. So a plugin that
 //! holds instances for ever (a log that never closes) takes at most its cap, and never
 //! what another plugin has reserved. A reserve rather than a fixed partition: most
-//! plugins use a few instances, and a transport may need one per agent link; a fixed
-//! partition would either waste the pool or force every cap low.
+//! plugins use a few instances, while a logging method holds one per open log (as many
+//! as runs writing at once); a fixed partition would either waste the pool or force
+//! every cap low.
 //!
 //! An instance is charged when it is made (an [`InstanceCharge`] held in its store's
 //! limiter) and released when it is dropped, whatever ended it. Linear memory is charged
