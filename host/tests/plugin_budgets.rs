@@ -128,6 +128,9 @@ fn a_plugin_whose_logs_never_close_stays_within_its_budget() {
         "{hog}"
     );
 
+    // The refused runs' events were not dropped: they wait in the hog's durable buffer.
+    assert!(log_buffer_bytes(http, "budget-hog") > 0);
+
     let metrics = http_get(http, "/metrics");
     assert_eq!(
         metric(&metrics, "trellis_plugin_instances{plugin=\"budget-hog\"}"),
