@@ -368,10 +368,7 @@ mod tests {
         let healthy = loaded(&pool, limits(8, 3, 1 << 30));
         let hog = loaded(&pool, limits(10, 2, 1 << 30));
         // The hog takes its reserve and all of the pool nobody reserved (10 - 3 - 2).
-        let mut held = Vec::new();
-        while let Ok(c) = hog.charge_instance() {
-            held.push(c);
-        }
+        let held: Vec<_> = (0..10).map_while(|_| hog.charge_instance().ok()).collect();
         assert_eq!(held.len(), 7);
         assert_eq!(
             hog.charge_instance().unwrap_err(),
