@@ -14,7 +14,7 @@
 //! | `GET /api/runs/{id}/artifacts` | the run's artifacts: name, step, size, sha256 |
 //! | `GET /api/runs/{id}/artifacts/{name}` | download one (`name` may contain `/`); `x-checksum-sha256` header |
 //! | `GET /api/agents` | connected agents and their labels |
-//! | `GET /api/plugins` | loaded plugins: points, version serving new work, generation, health, call counts |
+//! | `GET /api/plugins` | loaded plugins: points, version serving new work, generation, health, call counts, budget (instances and memory in use against the caps, refusals per limit) |
 //! | `POST /api/plugins/{name}/reload` | hot reload: the new code is tried on a canary first; 200 with the new version, 422 naming why it is refused (the old one keeps serving) |
 //! | `GET /metrics` | Prometheus text: per-plugin metrics (and the HA role's) |
 //! | `GET /api/cluster` | HA: this controller's role, token, last fencing and failover, and the leader lease as etcd has it |
@@ -904,6 +904,7 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
                 "errors": p.metrics.errors.load(Relaxed),
                 "traps": p.metrics.traps.load(Relaxed),
                 "deadlines": p.metrics.deadlines.load(Relaxed),
+                "budget": p.budget.to_json(),
             })
         })
         .collect();

@@ -252,6 +252,14 @@ pub struct LimitsConfig {
     pub output_bytes_per_second: Option<ByteSize>,
     /// Output budget: lines per second, likewise (default 100).
     pub output_lines_per_second: Option<u64>,
+    /// Most instances of the plugin alive at once, busy or idle (default 64). Work
+    /// needing another waits (a log's events in its durable buffer) and is retried.
+    pub max_instances: Option<u32>,
+    /// Instances of the shared pool kept for this plugin alone, so that no other plugin
+    /// can starve it (default 4). The reserves of all plugins must fit the pool.
+    pub reserved_instances: Option<u32>,
+    /// Linear memory of all the plugin's instances together (default 1GiB).
+    pub total_memory: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -793,6 +801,54 @@ fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
             field: format!("{at}.output-lines-per-second"),
             problem: "0 drops every line the plugin writes".into(),
             fix: "use e.g. 100 (the default)".into(),
+        });
+    }
+    let pool = crate::runtime::engine::POOL_INSTANCES;
+    if let Some(n) = l.max_instances
+        && (n == 0 || n > pool)
+    {
+        out.push(Problem {
+            field: format!("{at}.max-instances"),
+            problem: format!("{n} is outside 1..={pool} (the instance pool all plugins share)"),
+            fix: "pick a value in that range (default 64)".into(),
+        });
+    }
+    if let Some(n) = l.reserved_instances
+        && n > pool
+    {
+        out.push(Problem {
+            field: format!("{at}.reserved-instances"),
+            problem: format!("{n} is more than the instance pool all plugins share ({pool})"),
+            fix: "pick a value in 0..=max-instances (default 4)".into(),
+        });
+    }
+    if let (Some(reserved), Some(max)) = (l.reserved_instances, l.max_instances)
+        && reserved > max
+    {
+        out.push(Problem {
+            field: format!("{at}.reserved-instances"),
+            problem: format!("{reserved} reserved instances are more than max-instances ({max})"),
+            fix: "reserve at most max-instances".into(),
+        });
+    }
+    if let (Some(total), Some(one)) = (l.total_memory, l.memory)
+        && total.0 < one.0
+    {
+        out.push(Problem {
+            field: format!("{at}.total-memory"),
+            problem: format!(
+                "{total} for all instances together is less than one instance's memory ({one})"
+            ),
+            fix: "raise total-memory, or lower memory with it".into(),
+        });
+    }
+    if let Some(m) = l.total_memory
+        && m.0 < (1 << 20)
+    {
+        out.push(Problem {
+            field: format!("{at}.total-memory"),
+            problem: format!("{m} leaves no room for any instance"),
+            fix: "use at least the per-instance memory limit (default 1GiB)".into(),
         });
     }
     if let Some(0) = l.max_resources {

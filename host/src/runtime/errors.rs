@@ -92,6 +92,20 @@ pub enum PluginError {
         last: String,
     },
 
+    /// The plugin is at one of its budgets, which all its instances share
+    /// (`limits.max-instances`, `limits.reserved-instances`, `limits.total-memory`).
+    /// Not a crash: the work waits (a log's events in its durable buffer) and is tried
+    /// again once an instance of the plugin is dropped.
+    #[error(
+        "plugin `{plugin}` {call}: at its budget ({key}): {detail}; the work waits and is retried"
+    )]
+    AtBudget {
+        plugin: String,
+        call: &'static str,
+        key: &'static str,
+        detail: String,
+    },
+
     /// The plugin could not be instantiated (missing grant target, bad component, ...).
     #[error("plugin `{plugin}` could not start: {detail}")]
     Instantiate { plugin: String, detail: String },
@@ -155,6 +169,7 @@ impl PluginError {
             PluginError::ResourceLimit { .. } => "resource-limit",
             PluginError::Oversized { .. } => "oversized",
             PluginError::Quarantined { .. } => "quarantined",
+            PluginError::AtBudget { .. } => "budget",
             PluginError::Instantiate { .. } => "instantiate",
             PluginError::NotImplemented { .. } => "not-implemented",
             PluginError::Invalid { .. } => "invalid-answer",

@@ -62,7 +62,8 @@ impl PluginMetrics {
             Oversized { .. } => &self.oversized,
             Quarantined { .. } => &self.quarantine_refusals,
             Invalid { .. } => &self.invalid_answers,
-            NotImplemented { .. } => return,
+            // Counted by the plugin's budget, per limit.
+            AtBudget { .. } | NotImplemented { .. } => return,
         };
         c.fetch_add(1, Relaxed);
     }

@@ -1,6 +1,7 @@
 //! The plugin runtime: one engine per process, plugins loaded from manifests, linked
 //! once, instantiated per use under limits, and denied everything not granted.
 
+pub mod budget;
 pub mod engine;
 pub mod errors;
 pub mod health;
@@ -21,6 +22,7 @@ use crate::capabilities::sockets::SocketGrant;
 use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
 use crate::points::bindings::versioned::Version;
 use crate::points::bindings::{host_exec, host_kafka, host_log, host_secrets};
+use budget::{InstancePool, PluginBudget};
 pub use errors::{ErrorKind, PluginError};
 use inspect::ComponentInfo;
 use limits::Limits;
@@ -49,6 +51,10 @@ pub struct Runtime {
     config_file: std::sync::Mutex<Option<(PathBuf, toml::Table)>>,
     /// The `[kafka]` cluster's client, made on first use by a plugin granted Kafka.
     kafka: std::sync::Mutex<Option<Arc<crate::capabilities::kafka::KafkaClient>>>,
+    /// The engine's instance pool, shared out among the plugins (`budget.rs`).
+    pool: Arc<InstancePool>,
+    /// One budget per plugin name, kept across reloads.
+    budgets: std::sync::Mutex<BTreeMap<String, Arc<PluginBudget>>>,
 }
 
 impl Runtime {
@@ -121,6 +127,8 @@ impl Runtime {
             plugins: RwLock::default(),
             config_file: Default::default(),
             kafka: Default::default(),
+            pool: InstancePool::new(engine::POOL_INSTANCES),
+            budgets: Default::default(),
         }))
     }
 
@@ -175,6 +183,14 @@ impl Runtime {
                 problems.extend(p);
                 String::new()
             });
+        let limits = Limits::resolve(&self.config.runtime.limits, &operator.limits);
+        for (key, problem, fix) in limits.problems() {
+            problems.push(Problem {
+                field: format!("{at}.limits.{key}"),
+                problem: format!("{problem} (with [runtime.limits] applied)"),
+                fix,
+            });
+        }
         let compiled = engine::load_component(
             &self.engine,
             &manifest.component,
@@ -218,7 +234,13 @@ impl Runtime {
                 fix: "rebuild the plugin against the WIT this host serves".into(),
             }])
         })?;
-        let limits = Limits::resolve(&self.config.runtime.limits, &operator.limits);
+        let budget = self
+            .budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(manifest.name.clone())
+            .or_insert_with(|| PluginBudget::new(self.pool.clone(), &limits))
+            .clone();
         let stats = CompileStats {
             bytes: compiled.bytes,
             sha256: compiled.sha256,
@@ -236,6 +258,7 @@ impl Runtime {
             indices,
             self.secrets.clone(),
             self.config.runtime.quarantine.clone(),
+            budget,
         ))
     }
 
@@ -244,6 +267,17 @@ impl Runtime {
     pub async fn load(&self, path: &Path) -> Result<Arc<Plugin>, Problems> {
         let plugin = self.prepare(path)?;
         canary(&plugin).await?;
+        plugin
+            .budget
+            .reserve(&plugin.limits())
+            .map_err(|problem| Problems {
+                file: plugin.manifest.path.display().to_string(),
+                items: vec![Problem {
+                    field: format!("plugins.{}.limits.reserved-instances", plugin.name),
+                    problem,
+                    fix: "lower reserved-instances for some plugins ([runtime.limits] or [plugins.NAME.limits])".into(),
+                }],
+            })?;
         let plugin = Arc::new(plugin);
         let old = self
             .plugins
@@ -287,7 +321,9 @@ impl Runtime {
         metrics::render_header(&mut out);
         for p in self.plugins() {
             p.metrics.render(&p.name, &mut out);
+            p.budget.render(&p.name, &mut out);
         }
+        self.pool.render(&mut out);
         out
     }
 }

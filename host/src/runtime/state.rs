@@ -7,6 +7,7 @@ use crate::capabilities::log::LogGate;
 use crate::capabilities::secrets::{SecretStore, SecretsGate};
 use crate::capabilities::sockets::SocketGrant;
 use crate::capabilities::{files, sockets};
+use crate::runtime::budget::{InstanceCharge, Refusal};
 use crate::runtime::limits::Limits;
 use crate::runtime::metrics::PluginMetrics;
 use crate::runtime::output::Stream;
@@ -46,13 +47,15 @@ pub struct InstanceState {
 }
 
 impl InstanceState {
-    /// Prepare a fresh instance's state: nothing but what was granted.
+    /// Prepare a fresh instance's state: nothing but what was granted. `charge` is the
+    /// instance's share of its plugin's budget (None: outside the budgets, for tools).
     pub fn prepare(
         plugin: &Arc<str>,
         grants: &Grants,
         limits: &Limits,
         store: &Arc<SecretStore>,
         metrics: &Arc<PluginMetrics>,
+        charge: Option<InstanceCharge>,
     ) -> anyhow::Result<InstanceState> {
         // WasiCtxBuilder starts empty: no env, args, stdin, preopens, sockets or lookup.
         let mut b = WasiCtxBuilder::new();
@@ -105,6 +108,8 @@ impl InstanceState {
             limiter: Limiter {
                 memory: limits.memory as usize,
                 hit_memory: false,
+                charge,
+                hit_budget: None,
             },
             metrics: metrics.clone(),
         })
@@ -130,17 +135,22 @@ impl WasiHttpView for InstanceState {
     }
 }
 
-/// Caps linear memory; remembers that it refused, so the trap that follows is reported
-/// as a memory limit, not a generic crash.
+/// Caps linear memory, the instance's own and (through its charge) its plugin's across
+/// all instances; remembers that it refused, so the trap that follows is reported as
+/// the limit it is, not a generic crash.
 pub struct Limiter {
     pub memory: usize,
     pub hit_memory: bool,
+    /// The instance's share of its plugin's budget, released with the store.
+    pub charge: Option<InstanceCharge>,
+    /// Set when the plugin's budget refused growth.
+    pub hit_budget: Option<Refusal>,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -149,6 +159,16 @@ impl ResourceLimiter for Limiter {
             return Err(wasmtime::Error::msg(format!(
                 "memory limit: growing to {desired} bytes exceeds the cap of {} bytes",
                 self.memory
+            )));
+        }
+        if let Some(charge) = &mut self.charge
+            && let Err(refusal) = charge.grow(desired.saturating_sub(current) as u64)
+        {
+            self.hit_budget = Some(refusal);
+            return Err(wasmtime::Error::msg(format!(
+                "plugin budget: {} ({})",
+                refusal.detail(),
+                refusal.key()
             )));
         }
         Ok(true)
