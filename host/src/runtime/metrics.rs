@@ -26,6 +26,10 @@ pub struct PluginMetrics {
     /// Capability uses refused for lack of a grant (files excepted: WASI refuses those
     /// before the host sees them).
     pub denials: AtomicU64,
+    /// Fence agents' `ok` that their own `status` did not confirm (points/fence.rs).
+    pub unconfirmed_fences: AtomicU64,
+    /// Writes refused for passing a directory grant's `quota` (capabilities/quota.rs).
+    pub quota_refusals: AtomicU64,
     buckets: [AtomicU64; BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -87,6 +91,16 @@ impl PluginMetrics {
                 v.load(Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "trellis_plugin_unconfirmed_fences_total{{plugin=\"{plugin}\"}} {}",
+            self.unconfirmed_fences.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "trellis_plugin_quota_refusals_total{{plugin=\"{plugin}\"}} {}",
+            self.quota_refusals.load(Relaxed)
+        );
         let mut cumulative = 0;
         for (i, b) in BUCKETS_US.iter().enumerate() {
             cumulative += self.buckets[i].load(Relaxed);
