@@ -394,6 +394,10 @@ pub struct DirGrant {
     pub guest: String,
     #[serde(default)]
     pub mode: DirMode,
+    /// Most bytes the directory may hold through this plugin's writes (read-write
+    /// grants only); writes past it fail in the plugin with no-space.
+    #[serde(default)]
+    pub quota: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -4,6 +4,7 @@
 use crate::capabilities::files::DirGrant;
 use crate::capabilities::http::{Authority, HttpGate};
 use crate::capabilities::log::LogGate;
+use crate::capabilities::quota::{QuotaFs, QuotaState};
 use crate::capabilities::secrets::{SecretStore, SecretsGate};
 use crate::capabilities::sockets::SocketGrant;
 use crate::capabilities::{files, sockets};
@@ -42,9 +43,22 @@ pub struct InstanceState {
     pub log: LogGate,
     pub limiter: Limiter,
     pub metrics: Arc<PluginMetrics>,
+    /// The directory grants' quotas and which descriptors lie in them.
+    pub quota: QuotaState,
 }
 
 impl InstanceState {
+    /// `wasi:filesystem` with the grants' quotas (linked only for a plugin with one).
+    pub fn quota_fs(&mut self) -> QuotaFs<'_> {
+        QuotaFs {
+            fs: wasmtime_wasi::filesystem::WasiFilesystemCtxView {
+                ctx: self.wasi.filesystem(),
+                table: &mut self.table,
+            },
+            quota: &mut self.quota,
+        }
+    }
+
     /// Prepare a fresh instance's state: nothing but what was granted.
     pub fn prepare(
         plugin: &Arc<str>,
@@ -103,6 +117,10 @@ impl InstanceState {
                 hit_memory: false,
             },
             metrics: metrics.clone(),
+            quota: QuotaState::new(
+                grants.dirs.iter().filter_map(|d| d.quota.clone()).collect(),
+                metrics.clone(),
+            ),
         })
     }
 }
