@@ -312,6 +312,28 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
     }
     let (code, runs) = http_get_status(http, "/api/runs");
     assert_eq!(code, 200, "{runs}");
+    // The daemon's other state: a token cannot be written either; the CLI retries a
+    // few times, then names the file and the fix.
+    let out = trellis()
+        .args([
+            "token",
+            "create",
+            "while-full",
+            "--role",
+            "viewer",
+            "--config",
+        ])
+        .arg(&controller)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&state_dir.display().to_string())
+            && err.contains("tried 4 times")
+            && err.contains("free space on its filesystem"),
+        "{err}"
+    );
     assert!(
         metric(http, "trellis_state_write_failures_total") > 0,
         "the failed record writes are counted"
