@@ -80,10 +80,16 @@ async fn writes_past_a_quota_fail_in_the_plugin_and_are_counted() {
     // The grant without a quota takes more than the quota allowed the other.
     assert_eq!(field(&report, "free_bytes"), (2u64 << 20).to_string());
     assert_eq!(field(&report, "free_error"), "none", "{report}");
+    // Nor can a file written elsewhere be moved in past the quota.
+    assert!(
+        field(&report, "move_error").starts_with("CrossesDevices"),
+        "{report}"
+    );
+    assert!(d.path().join("free/f-r-1").exists() && !d.path().join("q/moved-r-1").exists());
     let refused = p.metrics.quota_refusals.load(Relaxed);
     assert!(
-        refused >= 2,
-        "the stream write and the set_len are counted: {refused}"
+        refused >= 3,
+        "the stream write, the set_len and the move are counted: {refused}"
     );
     let mut text = String::new();
     p.metrics.render("disk-filler", &mut text);

@@ -11,7 +11,9 @@
 //! own implementation and checks the few that add bytes: `write` and `set-size` on a
 //! descriptor, and the output streams of `write-via-stream`/`append-via-stream` (each
 //! wrapped in a [`QuotaStream`]). A descriptor belongs to a grant when it is that
-//! grant's preopen or was opened from one of its descriptors.
+//! grant's preopen or was opened from one of its descriptors. A rename or hard link
+//! into a grant with a quota from another grant is refused (`cross-device`, as between
+//! filesystems): the file would arrive without being written under the quota.
 //!
 //! Accounting ([`DirQuota`]): a write is charged the bytes it adds past the file's end
 //! (a stream at the end, or past it, counts all its bytes). While the charges stay under
@@ -150,6 +152,13 @@ impl QuotaState {
     }
 }
 
+impl QuotaState {
+    fn refused_move(&self) -> FsError {
+        self.metrics.quota_refusals.fetch_add(1, Relaxed);
+        ErrorCode::CrossDevice.into()
+    }
+}
+
 /// `wasi:filesystem` for a plugin with a quota: wasmtime-wasi's, with writes checked.
 pub struct QuotaFs<'a> {
     pub fs: WasiFilesystemCtxView<'a>,
@@ -166,6 +175,20 @@ impl HasData for QuotaFsData {
 impl QuotaFs<'_> {
     fn quota_of(&self, fd: &Resource<types::Descriptor>) -> Option<Arc<DirQuota>> {
         self.quota.owners.get(&fd.rep()).cloned()
+    }
+
+    /// Whether a rename or link from `from`'s grant to `to`'s would bring a file into a
+    /// grant with a quota that it was not written under (refused: as across devices).
+    fn crosses_into_quota(
+        &self,
+        from: &Resource<types::Descriptor>,
+        to: &Resource<types::Descriptor>,
+    ) -> bool {
+        match (self.quota_of(from), self.quota_of(to)) {
+            (_, None) => false,
+            (Some(a), Some(b)) => !Arc::ptr_eq(&a, &b),
+            (None, Some(_)) => true,
+        }
     }
 
     /// The open file behind `fd` (None: a directory, or not a descriptor).
@@ -378,6 +401,9 @@ impl HostDescriptor for QuotaFs<'_> {
         new_descriptor: Resource<types::Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
+        if self.crosses_into_quota(&fd, &new_descriptor) {
+            return Err(self.quota.refused_move());
+        }
         HostDescriptor::link_at(
             &mut self.fs,
             fd,
@@ -412,6 +438,9 @@ impl HostDescriptor for QuotaFs<'_> {
         new_fd: Resource<types::Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
+        if self.crosses_into_quota(&fd, &new_fd) {
+            return Err(self.quota.refused_move());
+        }
         HostDescriptor::rename_at(&mut self.fs, fd, old_path, new_fd, new_path).await
     }
 
