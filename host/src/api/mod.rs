@@ -494,6 +494,15 @@ async fn submit(
         Err(e @ crate::controller::SubmitError::Secret(_)) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
+        Err(e @ crate::controller::SubmitError::StateFull { .. }) => {
+            // 507: the state directory's disk is full; a retry later can succeed.
+            let mut r = error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("10"),
+            );
+            r
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -78,6 +78,14 @@ pub struct FenceDeviceConfig {
     /// Its device parameters (ClusterLabs names; a secret parameter names a secret).
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// How long the device's `status` may take to confirm an `ok` from `fence`
+    /// (fence-agents' `power-timeout`); unconfirmed means not fenced.
+    #[serde(default = "default_power_timeout")]
+    pub power_timeout: HumanDuration,
+}
+
+fn default_power_timeout() -> HumanDuration {
+    HumanDuration(crate::points::fence::Confirm::default().timeout)
 }
 
 fn default_leader_key() -> String {
@@ -399,6 +407,10 @@ pub struct DirGrant {
     pub guest: String,
     #[serde(default)]
     pub mode: DirMode,
+    /// Most bytes the directory may hold through this plugin's writes (read-write
+    /// grants only); writes past it fail in the plugin with no-space.
+    #[serde(default)]
+    pub quota: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]

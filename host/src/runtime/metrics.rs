@@ -31,6 +31,10 @@ pub struct PluginMetrics {
     pub invalid_answers: AtomicU64,
     /// The plugin's output budget, with its drop counters.
     pub output: std::sync::Arc<super::output::OutputBudget>,
+    /// Fence agents' `ok` that their own `status` did not confirm (points/fence.rs).
+    pub unconfirmed_fences: AtomicU64,
+    /// Writes refused for passing a directory grant's `quota` (capabilities/quota.rs).
+    pub quota_refusals: AtomicU64,
     buckets: [AtomicU64; BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -112,6 +116,16 @@ impl PluginMetrics {
                 self.output.dropped_bytes(s)
             );
         }
+        let _ = writeln!(
+            out,
+            "trellis_plugin_unconfirmed_fences_total{{plugin=\"{plugin}\"}} {}",
+            self.unconfirmed_fences.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "trellis_plugin_quota_refusals_total{{plugin=\"{plugin}\"}} {}",
+            self.quota_refusals.load(Relaxed)
+        );
         let mut cumulative = 0;
         for (i, b) in BUCKETS_US.iter().enumerate() {
             cumulative += self.buckets[i].load(Relaxed);

@@ -208,7 +208,8 @@ impl Runtime {
         if !problems.is_empty() {
             return Err(fail(problems));
         }
-        let linker = linker_for(&self.engine, &manifest.capabilities)
+        let quota = grants.dirs.iter().any(|d| d.quota.is_some());
+        let linker = linker_for(&self.engine, &manifest.capabilities, quota)
             .map_err(|e| fail(vec![internal(e)]))?;
         let pre = linker.instantiate_pre(&compiled.component).map_err(|e| {
             fail(vec![Problem {
@@ -376,9 +377,20 @@ fn internal(e: impl std::fmt::Display) -> Problem {
 fn linker_for(
     engine: &Engine,
     caps: &BTreeSet<Capability>,
+    quota: bool,
 ) -> anyhow::Result<Linker<InstanceState>> {
     let mut l = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut l)?;
+    if quota {
+        // A directory grant has a quota: wasmtime-wasi's filesystem, shadowed by one that
+        // checks writes against it (capabilities/quota.rs).
+        use crate::capabilities::quota::QuotaFsData;
+        use wasmtime_wasi::p2::bindings::filesystem::{preopens, types};
+        l.allow_shadowing(true);
+        preopens::add_to_linker::<InstanceState, QuotaFsData>(&mut l, InstanceState::quota_fs)?;
+        types::add_to_linker::<InstanceState, QuotaFsData>(&mut l, InstanceState::quota_fs)?;
+        l.allow_shadowing(false);
+    }
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut l)?;
     if caps.contains(&Capability::Log) {
         host_log::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
@@ -503,10 +515,24 @@ fn resolve_grants(
                 fix: "give each directory its own guest path".into(),
             });
         }
+        if d.quota.is_some() && d.mode != crate::config::DirMode::ReadWrite {
+            problems.push(Problem {
+                field: format!("{at}.dirs[{i}].quota"),
+                problem: "a quota on a read-only grant bounds nothing".into(),
+                fix: "remove `quota`, or make the grant `mode = \"read-write\"`".into(),
+            });
+        }
         dirs.push(DirGrant {
             host: d.host.clone(),
             guest: d.guest.clone(),
             mode: d.mode,
+            quota: d.quota.map(|q| {
+                Arc::new(crate::capabilities::quota::DirQuota::new(
+                    d.host.clone(),
+                    d.guest.clone(),
+                    q.0,
+                ))
+            }),
         });
     }
     if !problems.is_empty() {

@@ -4,6 +4,7 @@
 use crate::capabilities::files::DirGrant;
 use crate::capabilities::http::{Authority, HttpGate};
 use crate::capabilities::log::LogGate;
+use crate::capabilities::quota::{QuotaFs, QuotaState};
 use crate::capabilities::secrets::{SecretStore, SecretsGate};
 use crate::capabilities::sockets::SocketGrant;
 use crate::capabilities::{files, sockets};
@@ -44,9 +45,22 @@ pub struct InstanceState {
     pub log: LogGate,
     pub limiter: Limiter,
     pub metrics: Arc<PluginMetrics>,
+    /// The directory grants' quotas and which descriptors lie in them.
+    pub quota: QuotaState,
 }
 
 impl InstanceState {
+    /// `wasi:filesystem` with the grants' quotas (linked only for a plugin with one).
+    pub fn quota_fs(&mut self) -> QuotaFs<'_> {
+        QuotaFs {
+            fs: wasmtime_wasi::filesystem::WasiFilesystemCtxView {
+                ctx: self.wasi.filesystem(),
+                table: &mut self.table,
+            },
+            quota: &mut self.quota,
+        }
+    }
+
     /// Prepare a fresh instance's state: nothing but what was granted. `charge` is the
     /// instance's share of its plugin's budget (None: outside the budgets, for tools).
     pub fn prepare(
@@ -112,6 +126,10 @@ impl InstanceState {
                 hit_budget: None,
             },
             metrics: metrics.clone(),
+            quota: QuotaState::new(
+                grants.dirs.iter().filter_map(|d| d.quota.clone()).collect(),
+                metrics.clone(),
+            ),
         })
     }
 }
