@@ -2,7 +2,8 @@
 //! `behaviour = "exec"` runs the granted template `cut-off` with the device's
 //! `target`): the program runs without a shell, the value is one argv element; values
 //! that could become options or more arguments are denied before anything runs; a
-//! plugin granted no such template is denied, naming the grant.
+//! plugin granted no such template is denied, naming the grant. (The stub's `status`
+//! always says `on`: these tests take the plugin's own answer, unconfirmed.)
 
 mod common;
 
@@ -33,7 +34,10 @@ async fn a_granted_program_runs_with_its_values_as_single_arguments() {
         record.display()
     );
     let dev = device(d.path(), &grant, "10.0.0.5").await;
-    assert_eq!(dev.fence(FenceAction::Off).await, FenceOutcome::Fenced);
+    assert_eq!(
+        dev.fence_unconfirmed(FenceAction::Off).await,
+        FenceOutcome::Fenced
+    );
     assert_eq!(
         std::fs::read_to_string(&record).unwrap(),
         "10.0.0.5|/usr/sbin:/usr/bin:/sbin:/bin\n",
@@ -42,7 +46,7 @@ async fn a_granted_program_runs_with_its_values_as_single_arguments() {
 
     for bad in ["10.0.0.5; rm -rf /", "$(reboot)", "-rf", "a b"] {
         let dev = device(d.path(), &grant, bad).await;
-        match dev.fence(FenceAction::Off).await {
+        match dev.fence_unconfirmed(FenceAction::Off).await {
             FenceOutcome::NotFenced { reason } => {
                 assert!(reason.contains("is not allowed"), "{bad}: {reason}")
             }
@@ -57,7 +61,7 @@ async fn a_granted_program_runs_with_its_values_as_single_arguments() {
 
     // A plugin granted nothing to run: denied, naming the grant to add.
     let dev = device(d.path(), "", "10.0.0.5").await;
-    match dev.fence(FenceAction::Off).await {
+    match dev.fence_unconfirmed(FenceAction::Off).await {
         FenceOutcome::NotFenced { reason } => assert!(
             reason.contains("no program `cut-off` is granted")
                 && reason.contains("[plugins.fence-stub]"),

@@ -302,7 +302,7 @@ fn cli_plugin_check_and_list() {
         .find(|l| l.starts_with("file-browser-v0-1 "))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(old.contains(" 0.1.0  ") && old.contains("valid"), "{old}");
-    assert!(out.contains("10 plugin(s)"), "{out}");
+    assert!(out.contains("16 plugin(s)"), "{out}");
     let (code, out) = trellis(&[
         "plugin",
         "check",

@@ -40,8 +40,9 @@ async fn fencing_fails_closed() {
     let p = rt.load(&fixtures().join("fence-stub")).await.unwrap();
     let device =
         |b: &str| FenceDevice::new(p.clone(), vec![("behaviour".into(), b.into())]).unwrap();
+    // The stub's `ok` is its word only (its status says on: tests/fence_confirmation.rs).
     assert_eq!(
-        device("ok").fence(FenceAction::Off).await,
+        device("ok").fence_unconfirmed(FenceAction::Off).await,
         FenceOutcome::Fenced
     );
     for (behaviour, expect) in [

@@ -313,8 +313,27 @@ impl TokenStore {
         }
         let mut tokens = self.read_file().map_err(|e| e.to_string())?;
         let out = f(&mut tokens)?;
-        self.write(&tokens)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
+        // A full disk may free up (a log rotated, a plugin's files removed): a few
+        // tries with backoff (0.1, 0.4, 1.6 s), then an error naming the file and the fix.
+        let mut wait = std::time::Duration::from_millis(100);
+        let mut tries = 1;
+        loop {
+            match self.write(&tokens) {
+                Ok(()) => break,
+                Err(e) if crate::controller::state::is_no_space(&e) && tries < 4 => {
+                    std::thread::sleep(wait);
+                    wait *= 4;
+                    tries += 1;
+                }
+                Err(e) if crate::controller::state::is_no_space(&e) => {
+                    return Err(format!(
+                        "cannot write {}: {e} (tried {tries} times): free space on its filesystem, then run the command again",
+                        self.path.display()
+                    ));
+                }
+                Err(e) => return Err(format!("cannot write {}: {e}", self.path.display())),
+            }
+        }
         Ok(out)
     }
 
@@ -328,16 +347,22 @@ impl TokenStore {
         let tmp = self
             .path
             .with_extension(format!("tmp-{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
+        let written = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &self.path)?;
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&body)?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            // A full disk: the partial temp file would only take more of what is left.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         if let Some(dir) = self.path.parent()
             && let Ok(d) = std::fs::File::open(dir)
         {

@@ -259,6 +259,10 @@ async function showRun(id) {
       const q = new URLSearchParams({ limit: "5000" });
       if (cursor) q.set("cursor", cursor);
       const page = await getJSON(`${base}/log?${q}`);
+      // the same events again: the browser's cursor does not advance (reading on would never end)
+      if (page.events.length && page.events[0].seq <= lastSeq) {
+        throw new Error(`log browser ${page.browser}: its cursor does not advance`);
+      }
       addLines(page.events);
       cursor = page.next;
       // a browser that can count says how many there are (null: it cannot)
@@ -291,6 +295,11 @@ async function showRun(id) {
     clearInterval(poll);
     render(JSON.parse(m.data));
     setLogState("complete", `log complete, ${lastSeq} lines`);
+  });
+  es.addEventListener("abort", (m) => {
+    // the controller gave up on the log browser's answers: do not reconnect
+    es.close();
+    setLogState("error", "log: " + m.data);
   });
   es.addEventListener("error", (m) => {
     // an `error` event from the server carries text; a dropped connection does not

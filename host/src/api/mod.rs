@@ -10,11 +10,11 @@
 //! | `GET /api/runs/{id}` | one run with its steps |
 //! | `POST /api/runs/{id}/cancel` | 202; 409 if it already ended |
 //! | `GET /api/runs/{id}/log?cursor=&limit=&step=&tail=` | a page of events and the cursor to continue from, with completeness |
-//! | `GET /api/runs/{id}/log/follow?step=&cursor=` | SSE: `line` events (from `cursor`, a page's `next`, if given) until the run ended and its log is complete, then `end` |
+//! | `GET /api/runs/{id}/log/follow?step=&cursor=` | SSE: `line` events (from `cursor`, a page's `next`, if given) until the run ended and its log is complete, then `end`; at most `FOLLOW_BYTES_PER_SECOND`; `abort` (naming the browser) ends it when the browser's answer cannot be used, e.g. a cursor that does not advance |
 //! | `GET /api/runs/{id}/artifacts` | the run's artifacts: name, step, size, sha256 |
 //! | `GET /api/runs/{id}/artifacts/{name}` | download one (`name` may contain `/`); `x-checksum-sha256` header |
 //! | `GET /api/agents` | connected agents and their labels |
-//! | `GET /api/plugins` | loaded plugins: points, version serving new work, generation, health, call counts |
+//! | `GET /api/plugins` | loaded plugins: points, version serving new work, generation, health, call counts, budget (instances and memory in use against the caps, refusals per limit) |
 //! | `POST /api/plugins/{name}/reload` | hot reload: the new code is tried on a canary first; 200 with the new version, 422 naming why it is refused (the old one keeps serving) |
 //! | `GET /metrics` | Prometheus text: per-plugin metrics (and the HA role's) |
 //! | `GET /api/cluster` | HA: this controller's role, token, last fencing and failover, and the leader lease as etcd has it |
@@ -110,6 +110,13 @@ impl From<LogReader> for Browsers {
 
 /// Most events one page returns.
 const MAX_PAGE: u32 = 10_000;
+
+/// Events one read of a follow asks for.
+const FOLLOW_PAGE: u32 = 1000;
+
+/// Most bytes per second one follow (SSE) sends, after a burst of as many: a browser
+/// serving pages as fast as it is asked cannot make one request cost a core.
+pub const FOLLOW_BYTES_PER_SECOND: f64 = (1 << 20) as f64;
 
 /// A router that records each route it serves, so the route table test can hold every
 /// one of them to `access::RULES`.
@@ -487,6 +494,15 @@ async fn submit(
         Err(e @ crate::controller::SubmitError::Secret(_)) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
+        Err(e @ crate::controller::SubmitError::StateFull { .. }) => {
+            // 507: the state directory's disk is full; a retry later can succeed.
+            let mut r = error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("10"),
+            );
+            r
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -672,7 +688,7 @@ async fn log_page(
     };
     if let Some(n) = q.tail {
         return match reader.tail(&m, q.step.clone(), n.min(MAX_PAGE)).await {
-            Ok(buf) => Json(serde_json::json!({ "events": events(&buf), "completeness": c }))
+            Ok(buf) => Json(serde_json::json!({ "events": events(&buf), "completeness": c, "browser": reader.name() }))
                 .into_response(),
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -688,7 +704,8 @@ async fn log_page(
     match reader.read(&m, req).await {
         // `total`: what the request matches in the store, null when the browser cannot
         // count (a 0.1.0 browser never can).
-        Ok(page) => Json(serde_json::json!({ "events": events(&page.events), "next": page.next, "total": page.total, "completeness": c })).into_response(),
+        // `browser`: who made the page (for a reader's error that names it).
+        Ok(page) => Json(serde_json::json!({ "events": events(&page.events), "next": page.next, "total": page.total, "completeness": c, "browser": reader.name() })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("log store unavailable: {e}")),
     }
 }
@@ -720,7 +737,13 @@ async fn follow(
         meta: LogMetadata,
         step: Option<String>,
         cursor: Option<String>,
-        pending: std::collections::VecDeque<Event>,
+        /// Events to send, with their size in bytes (at most one page).
+        pending: std::collections::VecDeque<(Event, usize)>,
+        /// The seq of the last event queued: the next page must start after it.
+        last_seq: u64,
+        /// The rate cap: bytes that may go out now, refilled at FOLLOW_BYTES_PER_SECOND.
+        tokens: f64,
+        refilled: tokio::time::Instant,
         /// The run is over and its log complete: end at the next empty page.
         complete: bool,
         done: bool,
@@ -732,12 +755,26 @@ async fn follow(
         step: q.step,
         cursor: q.cursor,
         pending: Default::default(),
+        last_seq: 0,
+        tokens: FOLLOW_BYTES_PER_SECOND,
+        refilled: tokio::time::Instant::now(),
         complete: false,
         done: false,
     };
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         loop {
-            if let Some(e) = s.pending.pop_front() {
+            if let Some((e, size)) = s.pending.pop_front() {
+                let now = tokio::time::Instant::now();
+                s.tokens = (s.tokens
+                    + now.duration_since(s.refilled).as_secs_f64() * FOLLOW_BYTES_PER_SECOND)
+                    .min(FOLLOW_BYTES_PER_SECOND);
+                s.refilled = now;
+                s.tokens -= size as f64;
+                if s.tokens < 0.0 {
+                    // Over the cap: wait until the debt is paid.
+                    let wait = -s.tokens / FOLLOW_BYTES_PER_SECOND;
+                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                }
                 return Some((Ok::<Event, Infallible>(e), s));
             }
             if s.done {
@@ -746,31 +783,50 @@ async fn follow(
             let req = PageRequest {
                 step: s.step.clone(),
                 cursor: s.cursor.clone(),
-                limit: 1000,
+                limit: FOLLOW_PAGE,
             };
             let reader = s.api.browsers.for_run(&s.run).expect("checked above");
             match reader.read(&s.meta, req).await {
                 Ok(page) => {
                     let evs = events(&page.events);
+                    // Pages are checked in order within themselves; across pages, a
+                    // cursor that does not advance would serve the same events for ever.
+                    if let Some(first) = evs.first()
+                        && first.seq <= s.last_seq
+                    {
+                        let e = reader.invalid(
+                            "read",
+                            format!(
+                                "the cursor does not advance: a page starting at seq {} after seq {} was served",
+                                first.seq, s.last_seq
+                            ),
+                        );
+                        s.pending.push_back(abort(&e));
+                        s.done = true;
+                        continue;
+                    }
                     s.cursor = Some(page.next);
-                    if !evs.is_empty() {
+                    if let Some(last) = evs.last() {
+                        s.last_seq = last.seq;
                         for e in evs {
-                            s.pending.push_back(
-                                Event::default()
-                                    .event("line")
-                                    .json_data(&e)
-                                    .unwrap_or_default(),
-                            );
+                            let data = serde_json::to_string(&e).unwrap_or_default();
+                            let size = data.len() + 20;
+                            s.pending
+                                .push_back((Event::default().event("line").data(data), size));
                         }
                         continue;
                     }
                 }
+                Err(e @ crate::runtime::PluginError::Invalid { .. }) => {
+                    s.pending.push_back(abort(&e));
+                    s.done = true;
+                    continue;
+                }
                 Err(e) => {
-                    s.pending.push_back(
-                        Event::default()
-                            .event("error")
-                            .data(format!("log store unavailable: {e}")),
-                    );
+                    let text = format!("log store unavailable: {e}");
+                    let size = text.len() + 20;
+                    s.pending
+                        .push_back((Event::default().event("error").data(text), size));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -779,12 +835,13 @@ async fn follow(
             // more empty page means everything was served: what became visible between
             // that read and the completeness check is read first.
             if s.complete {
-                s.pending.push_back(
+                s.pending.push_back((
                     Event::default()
                         .event("end")
                         .json_data(&s.run)
                         .unwrap_or_default(),
-                );
+                    0,
+                ));
                 s.done = true;
                 continue;
             }
@@ -792,12 +849,17 @@ async fn follow(
                 && run.status.is_final()
             {
                 s.run = run;
-                if matches!(
-                    reader.completeness(&s.meta).await,
-                    Ok(LogCompleteness::Complete(_))
-                ) {
-                    s.complete = true;
-                    continue;
+                match reader.completeness(&s.meta).await {
+                    Ok(LogCompleteness::Complete(_)) => {
+                        s.complete = true;
+                        continue;
+                    }
+                    Err(e @ crate::runtime::PluginError::Invalid { .. }) => {
+                        s.pending.push_back(abort(&e));
+                        s.done = true;
+                        continue;
+                    }
+                    _ => {}
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -806,6 +868,14 @@ async fn follow(
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// The follow's last event when the browser's answer cannot be used (a cursor that
+/// does not advance, a page over its caps): `abort`, naming the plugin. The follow ends.
+fn abort(e: &crate::runtime::PluginError) -> (Event, usize) {
+    let text = e.to_string();
+    let size = text.len() + 20;
+    (Event::default().event("abort").data(text), size)
 }
 
 async fn agents(State(api): State<Arc<Api>>) -> Response {
@@ -843,6 +913,7 @@ async fn plugins(State(api): State<Arc<Api>>) -> Response {
                 "errors": p.metrics.errors.load(Relaxed),
                 "traps": p.metrics.traps.load(Relaxed),
                 "deadlines": p.metrics.deadlines.load(Relaxed),
+                "budget": p.budget.to_json(),
             })
         })
         .collect();

@@ -2,8 +2,10 @@
 //! escape a preopen (`..`, absolute paths, symlinks out are refused by wasmtime-wasi's
 //! cap-std based implementation); a plugin with no grant sees no filesystem at all.
 
+use crate::capabilities::quota::DirQuota;
 use crate::config::DirMode;
 use std::path::PathBuf;
+use std::sync::Arc;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 #[derive(Debug, Clone)]
@@ -11,6 +13,8 @@ pub struct DirGrant {
     pub host: PathBuf,
     pub guest: String,
     pub mode: DirMode,
+    /// The grant's `quota` (capabilities/quota.rs), shared by the plugin's instances.
+    pub quota: Option<Arc<DirQuota>>,
 }
 
 /// Prepare step: preopen each granted directory.

@@ -9,5 +9,6 @@ pub mod files;
 pub mod http;
 pub mod kafka;
 pub mod log;
+pub mod quota;
 pub mod secrets;
 pub mod sockets;

@@ -370,6 +370,8 @@ pub async fn follow_log(server: &Server, id: &str, step: Option<&str>) -> anyhow
                     println!("{}", v["message"].as_str().unwrap_or_default());
                 }
                 "error" => eprintln!("trellis: {d}"),
+                // The controller gave up on the log browser's answers (it names it).
+                "abort" => anyhow::bail!("cannot follow run {id}: {d}"),
                 "end" => {
                     eprintln!(
                         "trellis: run {id} {}",
@@ -418,6 +420,9 @@ pub async fn logs(
     }
     let tail = tail.map(|n| n.to_string());
     let mut cursor: Option<String> = None;
+    // The seq of the last event printed: a page must start after it, or the browser's
+    // cursor does not advance and reading on would never end.
+    let mut last_seq = 0;
     loop {
         // Every value is percent-encoded: the cursor comes from a log browser plugin.
         let mut query: Vec<(&str, &str)> = Vec::new();
@@ -437,8 +442,21 @@ pub async fn logs(
             return Err(fail(status, &v));
         }
         let events = v["events"].as_array().cloned().unwrap_or_default();
+        let browser = v["browser"].as_str().unwrap_or("(unnamed)");
+        let stuck = || {
+            anyhow::anyhow!(
+                "log browser `{browser}`: its cursor does not advance (the same events again); reading on would never end: report it to the plugin's author"
+            )
+        };
+        if tail.is_none()
+            && let Some(first) = events.first()
+            && first["seq"].as_u64().is_none_or(|seq| seq <= last_seq)
+        {
+            return Err(stuck());
+        }
         for e in &events {
             println!("{}", e["message"].as_str().unwrap_or_default());
+            last_seq = e["seq"].as_u64().unwrap_or(last_seq);
         }
         if tail.is_some() || events.is_empty() {
             match v["completeness"]["state"].as_str() {
@@ -456,7 +474,7 @@ pub async fn logs(
         let next = v["next"].as_str().map(str::to_string);
         if next.is_none() || next == cursor {
             // A browser that hands back no cursor, or the same one, would loop forever.
-            anyhow::bail!("the log browser returned no usable cursor to continue from");
+            return Err(stuck());
         }
         cursor = next;
     }

@@ -13,7 +13,7 @@ use crate::ha::status::ClusterStatus;
 use crate::jobs::secrets::{JobSecrets, problems_error};
 use crate::points::bindings::logging_method::Side;
 use crate::points::browser::LogReader;
-use crate::points::fence::FenceDevice;
+use crate::points::fence::{Confirm, FenceDevice};
 use crate::points::log_set::LogSet;
 use crate::runtime::{Plugin, Runtime};
 use std::collections::HashMap;
@@ -215,7 +215,11 @@ async fn ha_role(
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 let device = FenceDevice::new(plugin, params)
-                    .map_err(|e| anyhow::anyhow!("ha.fencing.{peer}.levels[{i}][{j}]: {e}"))?;
+                    .map_err(|e| anyhow::anyhow!("ha.fencing.{peer}.levels[{i}][{j}]: {e}"))?
+                    .with_confirm(Confirm {
+                        timeout: d.power_timeout.0,
+                        ..Confirm::default()
+                    });
                 devices.push(Device {
                     name: format!("{}#{}", d.plugin, j + 1),
                     fencer: Box::new(device),

@@ -6,7 +6,10 @@
 //! as long options (`--ip=10.0.0.5`, `-o off`); `action` defaults to `reboot`; the
 //! actions `on off reboot status monitor list list-status metadata validate-all`;
 //! metadata as `<resource-agent>` XML; exit 0 for success (and for status ON), 2 for
-//! status OFF, 1 for a failure, 2 for bad arguments.
+//! status OFF, 1 for a failure, 2 for bad arguments. `on`, `off` and `reboot` succeed
+//! only once the plugin's own `status` reports the end state (`points::fence::Confirm`:
+//! polled once a second for up to 20 s, fence-agents' `power-timeout`), as
+//! `fence_action` does: a plugin's bare `ok` is not enough.
 //!
 //! Install it as a program named like a fence agent, with a wrapper naming the plugin:
 //!

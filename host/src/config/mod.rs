@@ -78,6 +78,14 @@ pub struct FenceDeviceConfig {
     /// Its device parameters (ClusterLabs names; a secret parameter names a secret).
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// How long the device's `status` may take to confirm an `ok` from `fence`
+    /// (fence-agents' `power-timeout`); unconfirmed means not fenced.
+    #[serde(default = "default_power_timeout")]
+    pub power_timeout: HumanDuration,
+}
+
+fn default_power_timeout() -> HumanDuration {
+    HumanDuration(crate::points::fence::Confirm::default().timeout)
 }
 
 fn default_leader_key() -> String {
@@ -261,6 +269,19 @@ pub struct LimitsConfig {
     pub http_timeout: Option<HumanDuration>,
     /// Largest HTTP response body the plugin may receive (default 64MiB).
     pub http_max_response: Option<ByteSize>,
+    /// Output budget: bytes per second the plugin's stdout, stderr and `log` messages
+    /// together may put into the daemon's log, across its instances (default 64KiB).
+    pub output_bytes_per_second: Option<ByteSize>,
+    /// Output budget: lines per second, likewise (default 100).
+    pub output_lines_per_second: Option<u64>,
+    /// Most instances of the plugin alive at once, busy or idle (default 64). Work
+    /// needing another waits (a log's events in its durable buffer) and is retried.
+    pub max_instances: Option<u32>,
+    /// Instances of the shared pool kept for this plugin alone, so that no other plugin
+    /// can starve it (default 4). The reserves of all plugins must fit the pool.
+    pub reserved_instances: Option<u32>,
+    /// Linear memory of all the plugin's instances together (default 1GiB).
+    pub total_memory: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -400,6 +421,10 @@ pub struct DirGrant {
     pub guest: String,
     #[serde(default)]
     pub mode: DirMode,
+    /// Most bytes the directory may hold through this plugin's writes (read-write
+    /// grants only); writes past it fail in the plugin with no-space.
+    #[serde(default)]
+    pub quota: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -790,6 +815,68 @@ fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
             fix: "use e.g. 10s".into(),
         });
     }
+    if let Some(ByteSize(0)) = l.output_bytes_per_second {
+        out.push(Problem {
+            field: format!("{at}.output-bytes-per-second"),
+            problem: "0 drops every line the plugin writes".into(),
+            fix: "use e.g. 64KiB (the default)".into(),
+        });
+    }
+    if let Some(0) = l.output_lines_per_second {
+        out.push(Problem {
+            field: format!("{at}.output-lines-per-second"),
+            problem: "0 drops every line the plugin writes".into(),
+            fix: "use e.g. 100 (the default)".into(),
+        });
+    }
+    let pool = crate::runtime::engine::POOL_INSTANCES;
+    if let Some(n) = l.max_instances
+        && (n == 0 || n > pool)
+    {
+        out.push(Problem {
+            field: format!("{at}.max-instances"),
+            problem: format!("{n} is outside 1..={pool} (the instance pool all plugins share)"),
+            fix: "pick a value in that range (default 64)".into(),
+        });
+    }
+    if let Some(n) = l.reserved_instances
+        && n > pool
+    {
+        out.push(Problem {
+            field: format!("{at}.reserved-instances"),
+            problem: format!("{n} is more than the instance pool all plugins share ({pool})"),
+            fix: "pick a value in 0..=max-instances (default 4)".into(),
+        });
+    }
+    if let (Some(reserved), Some(max)) = (l.reserved_instances, l.max_instances)
+        && reserved > max
+    {
+        out.push(Problem {
+            field: format!("{at}.reserved-instances"),
+            problem: format!("{reserved} reserved instances are more than max-instances ({max})"),
+            fix: "reserve at most max-instances".into(),
+        });
+    }
+    if let (Some(total), Some(one)) = (l.total_memory, l.memory)
+        && total.0 < one.0
+    {
+        out.push(Problem {
+            field: format!("{at}.total-memory"),
+            problem: format!(
+                "{total} for all instances together is less than one instance's memory ({one})"
+            ),
+            fix: "raise total-memory, or lower memory with it".into(),
+        });
+    }
+    if let Some(m) = l.total_memory
+        && m.0 < (1 << 20)
+    {
+        out.push(Problem {
+            field: format!("{at}.total-memory"),
+            problem: format!("{m} leaves no room for any instance"),
+            fix: "use at least the per-instance memory limit (default 1GiB)".into(),
+        });
+    }
     if let Some(0) = l.max_resources {
         out.push(Problem {
             field: format!("{at}.max-resources"),
@@ -919,7 +1006,7 @@ mod tests {
             http = ["es.local:9200"]
             sockets = { connect = ["localhost:80"] }
             dirs = [{ host = "/definitely/not/here", guest = "logs" }]
-            limits = { memory = "100GiB", max-resources = 0 }
+            limits = { memory = "100GiB", max-resources = 0, output-lines-per-second = 0 }
             "#,
         );
         let all = p.join("\n");
@@ -932,6 +1019,10 @@ mod tests {
         );
         assert!(all.contains("plugins.es.limits.memory"), "{all}");
         assert!(all.contains("plugins.es.limits.max-resources"), "{all}");
+        assert!(
+            all.contains("plugins.es.limits.output-lines-per-second"),
+            "{all}"
+        );
         assert!(all.contains("fix:"), "{all}");
     }
 

@@ -98,6 +98,12 @@ pub enum SubmitError {
     NoAgentWithLogMethod { label: String, method: String },
     #[error("cannot record the run: {0}")]
     State(#[from] std::io::Error),
+    /// The state directory's filesystem is full: nothing is accepted that is not on disk.
+    #[error(
+        "the controller's state directory {} is full ({error}): the run was not accepted. Free space on its filesystem (or move [controller] state-dir to a larger one), then submit again; runs already accepted go on and are written once space returns",
+        dir.display()
+    )]
+    StateFull { dir: PathBuf, error: std::io::Error },
 }
 
 struct AgentSlot {
@@ -269,6 +275,7 @@ impl Controller {
         tokio::spawn(c.clone().accept_loop(listener, transport_plugin));
         tokio::spawn(c.clone().watch_agents());
         tokio::spawn(c.logs.clone().retry_forever());
+        tokio::spawn(c.clone().retry_state_writes());
         Ok(c)
     }
 
@@ -276,6 +283,25 @@ impl Controller {
     /// log-close-retry-for`).
     pub fn set_log_close_retry_for(&self, d: Duration) {
         self.logs.set_close_retry_for(d);
+    }
+
+    /// Write again, with backoff, the run records a full disk kept from being written
+    /// (they changed in memory meanwhile: see `state`). A run's record reaches the disk
+    /// once space returns, whatever the run did in between.
+    async fn retry_state_writes(self: Arc<Self>) {
+        const FIRST: Duration = Duration::from_millis(250);
+        const MOST: Duration = Duration::from_secs(5);
+        let mut wait = FIRST;
+        loop {
+            tokio::time::sleep(wait).await;
+            match self.store.flush_unsaved() {
+                Ok(()) => wait = FIRST,
+                Err(e) => {
+                    tracing::debug!("run records still cannot be written: {e}");
+                    wait = (wait * 2).min(MOST);
+                }
+            }
+        }
     }
 
     /// Logs an earlier process left owing their plugin (batches not confirmed, a close
@@ -310,6 +336,18 @@ impl Controller {
             out,
             "trellis_state_writes_refused_total {}",
             self.store.refused_writes()
+        );
+        out.push_str("# HELP trellis_state_write_failures_total Run record writes to the state directory that failed (a full disk); each is retried.\n# TYPE trellis_state_write_failures_total counter\n");
+        let _ = writeln!(
+            out,
+            "trellis_state_write_failures_total {}",
+            self.store.write_failures()
+        );
+        out.push_str("# HELP trellis_state_unsaved_runs Runs whose newest record is only in memory, waiting for the state directory to take it.\n# TYPE trellis_state_unsaved_runs gauge\n");
+        let _ = writeln!(
+            out,
+            "trellis_state_unsaved_runs {}",
+            self.store.unsaved_runs()
         );
         out.push_str("# HELP trellis_agent_messages_refused_total Agent messages refused: about a run not placed on that agent's session, or naming something that is not a valid identifier.\n# TYPE trellis_agent_messages_refused_total counter\n");
         for (reason, n) in [
@@ -421,7 +459,17 @@ impl Controller {
         };
         let record = self
             .store
-            .create(job, &agent, &agent_session, log, submitted_by)?;
+            .create(job, &agent, &agent_session, log, submitted_by)
+            .map_err(|error| {
+                if state::is_no_space(&error) {
+                    SubmitError::StateFull {
+                        dir: self.store.state_dir().to_path_buf(),
+                        error,
+                    }
+                } else {
+                    SubmitError::State(error)
+                }
+            })?;
         let order = RunOrder {
             run: record.id.clone(),
             job: job.name.clone(),
@@ -933,10 +981,17 @@ impl Controller {
                     }
                 }
                 // Keep-and-retry: a failed write stays queued in the writer.
-                if !b.is_empty()
-                    && let Err(e) = log.writer.write(b.finish()).await
-                {
-                    tracing::warn!(run, "log write failed, kept for retry: {e}");
+                if !b.is_empty() {
+                    match log.writer.write(b.finish()).await {
+                        Ok(()) => {}
+                        // Not on disk, so not kept (a full disk): say so, not "retry".
+                        Err(e @ crate::points::logging::LogError::Buffer(_)) => tracing::error!(
+                            run,
+                            "{} lines are not in the run's log: {e}",
+                            lines.len()
+                        ),
+                        Err(e) => tracing::warn!(run, "log write failed, kept for retry: {e}"),
+                    }
                 }
                 let events = log.events;
                 drop(log);
@@ -989,13 +1044,7 @@ impl Controller {
                     Ok(None) => {}
                     Err(e) => {
                         tracing::error!(agent, run, "{e}");
-                        self.update(&run, |r| {
-                            let note = r.note.get_or_insert_with(String::new);
-                            if !note.is_empty() {
-                                note.push('\n');
-                            }
-                            note.push_str(&e.to_string());
-                        });
+                        self.update(&run, |r| add_note(r, &e.to_string()));
                     }
                 }
             }
@@ -1011,12 +1060,21 @@ impl Controller {
                 let events = if on_agent {
                     lines
                 } else if lines > 0 || self.logs.get(&run).await.is_some() {
-                    let Some(log) = self.log_of(agent, &run).await else {
-                        return;
-                    };
-                    let count = log.lock().await.events.max(lines);
-                    self.logs.close(&run, count).await;
-                    count
+                    match self.log_of(agent, &run).await {
+                        Some(log) => {
+                            let count = log.lock().await.events.max(lines);
+                            self.logs.close(&run, count).await;
+                            count
+                        }
+                        None => {
+                            // The log cannot be opened (its buffer's disk is full): the
+                            // run still ends, or it would stay in flight for good.
+                            self.update(&run, |r| {
+                                add_note(r, "the run's log could not be opened when it ended (see the controller's log: a full disk?); it may be incomplete");
+                            });
+                            lines
+                        }
+                    }
                 } else {
                     0
                 };
@@ -1103,6 +1161,15 @@ impl Controller {
             Err(e) => tracing::error!(run, "cannot record the run's state: {e}"),
         }
     }
+}
+
+/// Add a line to a run's note.
+fn add_note(r: &mut RunRecord, line: &str) {
+    let note = r.note.get_or_insert_with(String::new);
+    if !note.is_empty() {
+        note.push('\n');
+    }
+    note.push_str(line);
 }
 
 impl RunOutcome {

@@ -1,6 +1,14 @@
 //! Run state in the controller's state directory: one folder per run, each record
 //! written atomically (write a temp file, fsync, rename, fsync the folder), so a crash
 //! leaves either the old record or the new one, never half of one.
+//!
+//! A full disk is survived: a record that cannot be written (no space, or any other
+//! storage error) still changes in memory, so the run goes on and the API shows it as
+//! it is; the run is kept in an "unsaved" set and written again with backoff
+//! (`Controller::retry_state_writes`) until the disk takes it. Only a new run is refused
+//! while the disk is full ([`is_no_space`]: the API answers 507 naming the directory),
+//! since nothing may be promised that is not on disk. A write refused by the HA
+//! fencing-token gate is not retried: the controller was replaced.
 
 use crate::ha::token::StateGate;
 use crate::jobs::Job;
@@ -10,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// How stale a run's event count may be on disk while output streams in (see
@@ -117,6 +126,25 @@ pub struct RunStore {
     saved: Mutex<HashMap<String, Instant>>,
     /// The fencing-token gate every write goes through, in HA setups.
     gate: std::sync::OnceLock<std::sync::Arc<StateGate>>,
+    /// Runs whose newest record is only in memory: its write failed (a full disk),
+    /// and is tried again (`flush_unsaved`).
+    unsaved: Mutex<BTreeSet<String>>,
+    /// Record writes that failed (the `/metrics` counter).
+    write_failures: AtomicU64,
+    /// Writes are failing now (logged once when it starts, once when it ends).
+    failing: AtomicBool,
+}
+
+/// Whether an error means the filesystem is out of space (or out of quota).
+pub fn is_no_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Whether the HA gate refused the write (a newer controller took over): never retried.
+fn is_refused_by_gate(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<crate::ha::token::Fenced>())
 }
 
 impl RunStore {
@@ -146,7 +174,84 @@ impl RunStore {
             runs: Mutex::new(runs),
             saved: Mutex::default(),
             gate: std::sync::OnceLock::new(),
+            unsaved: Mutex::default(),
+            write_failures: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
         })
+    }
+
+    /// The state directory (the parent of `runs/`), for messages.
+    pub fn state_dir(&self) -> &Path {
+        self.dir.parent().unwrap_or(&self.dir)
+    }
+
+    /// Record writes that failed so far (`/metrics`).
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Relaxed)
+    }
+
+    /// Runs whose newest record waits to be written (`/metrics`).
+    pub fn unsaved_runs(&self) -> usize {
+        self.unsaved.lock().unwrap().len()
+    }
+
+    /// `persist` for a change already made in memory: a failure (other than the HA
+    /// gate's refusal) leaves the run unsaved, to be written again later.
+    fn persist_or_keep(&self, r: &RunRecord) -> io::Result<()> {
+        match self.persist(r) {
+            Ok(()) => {
+                self.unsaved.lock().unwrap().remove(&r.id);
+                Ok(())
+            }
+            Err(e) if is_refused_by_gate(&e) => Err(e),
+            Err(e) => {
+                self.note_failure(&e);
+                self.unsaved.lock().unwrap().insert(r.id.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn note_failure(&self, e: &io::Error) {
+        self.write_failures.fetch_add(1, Relaxed);
+        if !self.failing.swap(true, Relaxed) {
+            tracing::error!(
+                dir = %self.state_dir().display(),
+                "cannot write run records to the state directory: {e}; runs go on in memory and their records are written again once the disk takes them (new runs are refused meanwhile){}",
+                if is_no_space(e) { "; free space on its filesystem" } else { "" }
+            );
+        }
+    }
+
+    /// Write again every record that could not be written. Ok once none is left; the
+    /// first error otherwise (the rest stay unsaved).
+    pub fn flush_unsaved(&self) -> io::Result<()> {
+        let ids: Vec<String> = self.unsaved.lock().unwrap().iter().cloned().collect();
+        // Under the runs' lock, as `update`: an older copy never overwrites a newer one.
+        let runs = self.runs.lock().unwrap();
+        for id in ids {
+            let Some(r) = runs.get(&id) else {
+                self.unsaved.lock().unwrap().remove(&id);
+                continue;
+            };
+            match self.persist(r) {
+                Ok(()) => {
+                    self.unsaved.lock().unwrap().remove(&id);
+                }
+                Err(e) if is_refused_by_gate(&e) => {
+                    self.unsaved.lock().unwrap().clear();
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.write_failures.fetch_add(1, Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        if self.failing.swap(false, Relaxed) {
+            tracing::info!(dir = %self.state_dir().display(), "run records are written to the state directory again");
+        }
+        Ok(())
     }
 
     /// From now on every record write carries this gate's fencing token, and is
@@ -241,7 +346,7 @@ impl RunStore {
         let mut next = r.clone();
         f(&mut next);
         if next != *r {
-            self.persist(&next)?;
+            self.persist_or_keep(&next)?;
             *r = next;
         }
         Ok(Some(r.clone()))
@@ -265,7 +370,7 @@ impl RunStore {
             .get(id)
             .is_none_or(|t| t.elapsed() >= PROGRESS_SAVED_EVERY);
         if stale {
-            self.persist(r)?;
+            self.persist_or_keep(r)?;
         }
         Ok(Some(r.clone()))
     }
@@ -311,10 +416,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
     ));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    });
+    if let Err(e) = written {
+        // A full disk: the partial temp file would only take more of what is left.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::File::open(dir)?.sync_all()
 }
 

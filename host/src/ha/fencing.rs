@@ -22,6 +22,11 @@ use std::time::{Duration, Instant};
 pub trait Fencer: Send + Sync {
     fn fence(&self, action: FenceAction)
     -> Pin<Box<dyn Future<Output = FenceOutcome> + Send + '_>>;
+
+    /// How many of its `ok` answers its own status did not confirm so far.
+    fn unconfirmed(&self) -> u64 {
+        0
+    }
 }
 
 impl Fencer for FenceDevice {
@@ -30,6 +35,10 @@ impl Fencer for FenceDevice {
         action: FenceAction,
     ) -> Pin<Box<dyn Future<Output = FenceOutcome> + Send + '_>> {
         Box::pin(FenceDevice::fence(self, action))
+    }
+
+    fn unconfirmed(&self) -> u64 {
+        FenceDevice::unconfirmed(self)
     }
 }
 
@@ -84,6 +93,15 @@ impl Report {
 }
 
 impl Topology {
+    /// Its devices' unconfirmed `ok` answers so far.
+    pub fn unconfirmed(&self) -> u64 {
+        self.levels
+            .iter()
+            .flatten()
+            .map(|d| d.fencer.unconfirmed())
+            .sum()
+    }
+
     /// Fence the target: level by level until one fully succeeds.
     pub async fn fence(&self, action: FenceAction) -> Report {
         let start = Instant::now();

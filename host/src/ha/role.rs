@@ -176,6 +176,7 @@ impl Ha {
         tokio::time::sleep(self.race.before_fencing(true)).await;
         let t = Instant::now();
         let report = topology.fence(FenceAction::Off).await;
+        self.status.set_unconfirmed(topology.unconfirmed());
         self.status.fenced(&old.holder, started, Ok(&report));
         if !report.fenced() {
             eprintln!(

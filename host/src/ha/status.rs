@@ -89,6 +89,8 @@ pub struct Snapshot {
     pub last_failover: Option<Failover>,
     pub fencings_ok: u64,
     pub fencings_failed: u64,
+    /// Devices' `ok` answers that their own status did not confirm (points/fence.rs).
+    pub fencings_unconfirmed: u64,
 }
 
 pub struct ClusterStatus {
@@ -111,6 +113,7 @@ impl ClusterStatus {
                 last_failover: None,
                 fencings_ok: 0,
                 fencings_failed: 0,
+                fencings_unconfirmed: 0,
             }),
         }
     }
@@ -140,6 +143,11 @@ impl ClusterStatus {
             }
         });
         self.set_role(Role::Active);
+    }
+
+    /// The fence devices' unconfirmed `ok` answers so far.
+    pub fn set_unconfirmed(&self, n: u64) {
+        self.update(|s| s.fencings_unconfirmed = n)
     }
 
     /// Record a fencing's result (a report, or a reason it could not start).
@@ -240,6 +248,13 @@ impl ClusterStatus {
             out,
             "trellis_ha_fencings_total{{result=\"failed\"}} {}",
             s.fencings_failed
+        );
+        out.push_str("# HELP trellis_ha_fencings_unconfirmed_total Fence devices' ok answers that their own status did not confirm (not fenced).\n");
+        out.push_str("# TYPE trellis_ha_fencings_unconfirmed_total counter\n");
+        let _ = writeln!(
+            out,
+            "trellis_ha_fencings_unconfirmed_total {}",
+            s.fencings_unconfirmed
         );
         if let Some(f) = s.last_failover {
             out.push_str("# HELP trellis_ha_last_failover_seconds The last failover's parts (detection is measured from the death, which only an observer knows; see docs/HA.md).\n");

@@ -13,8 +13,11 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// One epoch tick. Call deadlines are counted in ticks, so they are this precise.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// Instances the pool holds at once (all plugins together).
-const POOL_INSTANCES: u32 = 256;
+/// Instances the pool holds at once (all plugins together; shared out by `budget.rs`).
+pub const POOL_INSTANCES: u32 = 256;
+
+/// Core instances one component instance may hold.
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
 
 pub fn build_engine() -> anyhow::Result<Engine> {
     build_engine_with(true)
@@ -31,12 +34,15 @@ pub fn build_engine_with(pooling: bool) -> anyhow::Result<Engine> {
     cfg.epoch_interruption(true);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(POOL_INSTANCES)
-        .total_core_instances(POOL_INSTANCES * 4)
+        // Room for every component instance's most core instances: the per-plugin
+        // budgets count component instances, so no plugin may run the pool out of core
+        // instances first. Only a counter (metadata is allocated per instance in use).
+        .total_core_instances(POOL_INSTANCES * MAX_CORE_INSTANCES_PER_COMPONENT)
         .total_memories(POOL_INSTANCES * 2)
         .total_tables(POOL_INSTANCES * 4)
         .total_stacks(POOL_INSTANCES)
         .max_memory_size(MAX_MEMORY as usize)
-        .max_core_instances_per_component(64)
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
         .max_memories_per_component(8)
         .max_tables_per_component(32)
         .table_elements(100_000)

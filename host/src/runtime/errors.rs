@@ -92,9 +92,33 @@ pub enum PluginError {
         last: String,
     },
 
+    /// The plugin is at one of its budgets, which all its instances share
+    /// (`limits.max-instances`, `limits.reserved-instances`, `limits.total-memory`).
+    /// Not a crash: the work waits (a log's events in its durable buffer) and is tried
+    /// again once an instance of the plugin is dropped.
+    #[error(
+        "plugin `{plugin}` {call}: at its budget ({key}): {detail}; the work waits and is retried"
+    )]
+    AtBudget {
+        plugin: String,
+        call: &'static str,
+        key: &'static str,
+        detail: String,
+    },
+
     /// The plugin could not be instantiated (missing grant target, bad component, ...).
     #[error("plugin `{plugin}` could not start: {detail}")]
     Instantiate { plugin: String, detail: String },
+
+    /// The plugin answered, but the answer breaks the contract in a way the host must
+    /// not act on (a cursor that does not advance, a page over its caps, a name or a
+    /// count out of bounds). The answer was discarded.
+    #[error("plugin `{plugin}` {call}: invalid answer: {problem}")]
+    Invalid {
+        plugin: String,
+        call: &'static str,
+        problem: String,
+    },
 
     /// The plugin does not implement the extension point asked of it.
     #[error("plugin `{plugin}` does not implement {point}")]
@@ -121,6 +145,7 @@ impl PluginError {
         match self {
             PluginError::Plugin { kind, .. } => *kind == ErrorKind::Retryable,
             PluginError::NotImplemented { .. } => false,
+            PluginError::Invalid { .. } => false,
             PluginError::Instantiate { .. } => false,
             _ => true,
         }
@@ -144,8 +169,10 @@ impl PluginError {
             PluginError::ResourceLimit { .. } => "resource-limit",
             PluginError::Oversized { .. } => "oversized",
             PluginError::Quarantined { .. } => "quarantined",
+            PluginError::AtBudget { .. } => "budget",
             PluginError::Instantiate { .. } => "instantiate",
             PluginError::NotImplemented { .. } => "not-implemented",
+            PluginError::Invalid { .. } => "invalid-answer",
         }
     }
 }

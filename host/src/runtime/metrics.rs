@@ -26,6 +26,15 @@ pub struct PluginMetrics {
     /// Capability uses refused for lack of a grant (files excepted: WASI refuses those
     /// before the host sees them).
     pub denials: AtomicU64,
+    /// Answers refused as invalid (a cursor that does not advance, a page over its
+    /// caps, a bad name or count): `PluginError::Invalid`.
+    pub invalid_answers: AtomicU64,
+    /// The plugin's output budget, with its drop counters.
+    pub output: std::sync::Arc<super::output::OutputBudget>,
+    /// Fence agents' `ok` that their own `status` did not confirm (points/fence.rs).
+    pub unconfirmed_fences: AtomicU64,
+    /// Writes refused for passing a directory grant's `quota` (capabilities/quota.rs).
+    pub quota_refusals: AtomicU64,
     buckets: [AtomicU64; BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -56,7 +65,9 @@ impl PluginMetrics {
             ResourceLimit { .. } => &self.resource_limits,
             Oversized { .. } => &self.oversized,
             Quarantined { .. } => &self.quarantine_refusals,
-            NotImplemented { .. } => return,
+            Invalid { .. } => &self.invalid_answers,
+            // Counted by the plugin's budget, per limit.
+            AtBudget { .. } | NotImplemented { .. } => return,
         };
         c.fetch_add(1, Relaxed);
     }
@@ -87,6 +98,34 @@ impl PluginMetrics {
                 v.load(Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "trellis_plugin_invalid_answers_total{{plugin=\"{plugin}\"}} {}",
+            self.invalid_answers.load(Relaxed)
+        );
+        for s in super::output::Stream::ALL {
+            let stream = s.label();
+            let _ = writeln!(
+                out,
+                "trellis_plugin_output_dropped_lines_total{{plugin=\"{plugin}\",stream=\"{stream}\"}} {}",
+                self.output.dropped_lines(s)
+            );
+            let _ = writeln!(
+                out,
+                "trellis_plugin_output_dropped_bytes_total{{plugin=\"{plugin}\",stream=\"{stream}\"}} {}",
+                self.output.dropped_bytes(s)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "trellis_plugin_unconfirmed_fences_total{{plugin=\"{plugin}\"}} {}",
+            self.unconfirmed_fences.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "trellis_plugin_quota_refusals_total{{plugin=\"{plugin}\"}} {}",
+            self.quota_refusals.load(Relaxed)
+        );
         let mut cumulative = 0;
         for (i, b) in BUCKETS_US.iter().enumerate() {
             cumulative += self.buckets[i].load(Relaxed);

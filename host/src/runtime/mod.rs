@@ -1,6 +1,7 @@
 //! The plugin runtime: one engine per process, plugins loaded from manifests, linked
 //! once, instantiated per use under limits, and denied everything not granted.
 
+pub mod budget;
 pub mod engine;
 pub mod errors;
 pub mod health;
@@ -8,6 +9,7 @@ pub mod inspect;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;
+pub mod output;
 pub mod plugin;
 pub mod reload;
 pub mod state;
@@ -20,6 +22,7 @@ use crate::capabilities::sockets::SocketGrant;
 use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
 use crate::points::bindings::versioned::Version;
 use crate::points::bindings::{host_exec, host_kafka, host_log, host_secrets};
+use budget::{InstancePool, PluginBudget};
 pub use errors::{ErrorKind, PluginError};
 use inspect::ComponentInfo;
 use limits::Limits;
@@ -48,6 +51,10 @@ pub struct Runtime {
     config_file: std::sync::Mutex<Option<(PathBuf, toml::Table)>>,
     /// The `[kafka]` cluster's client, made on first use by a plugin granted Kafka.
     kafka: std::sync::Mutex<Option<Arc<crate::capabilities::kafka::KafkaClient>>>,
+    /// The engine's instance pool, shared out among the plugins (`budget.rs`).
+    pool: Arc<InstancePool>,
+    /// One budget per plugin name, kept across reloads.
+    budgets: std::sync::Mutex<BTreeMap<String, Arc<PluginBudget>>>,
 }
 
 impl Runtime {
@@ -120,6 +127,8 @@ impl Runtime {
             plugins: RwLock::default(),
             config_file: Default::default(),
             kafka: Default::default(),
+            pool: InstancePool::new(engine::POOL_INSTANCES),
+            budgets: Default::default(),
         }))
     }
 
@@ -174,6 +183,14 @@ impl Runtime {
                 problems.extend(p);
                 String::new()
             });
+        let limits = Limits::resolve(&self.config.runtime.limits, &operator.limits);
+        for (key, problem, fix) in limits.problems() {
+            problems.push(Problem {
+                field: format!("{at}.limits.{key}"),
+                problem: format!("{problem} (with [runtime.limits] applied)"),
+                fix,
+            });
+        }
         let compiled = engine::load_component(
             &self.engine,
             &manifest.component,
@@ -191,7 +208,8 @@ impl Runtime {
         if !problems.is_empty() {
             return Err(fail(problems));
         }
-        let linker = linker_for(&self.engine, &manifest.capabilities)
+        let quota = grants.dirs.iter().any(|d| d.quota.is_some());
+        let linker = linker_for(&self.engine, &manifest.capabilities, quota)
             .map_err(|e| fail(vec![internal(e)]))?;
         let pre = linker.instantiate_pre(&compiled.component).map_err(|e| {
             fail(vec![Problem {
@@ -217,7 +235,13 @@ impl Runtime {
                 fix: "rebuild the plugin against the WIT this host serves".into(),
             }])
         })?;
-        let limits = Limits::resolve(&self.config.runtime.limits, &operator.limits);
+        let budget = self
+            .budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(manifest.name.clone())
+            .or_insert_with(|| PluginBudget::new(self.pool.clone(), &limits))
+            .clone();
         let stats = CompileStats {
             bytes: compiled.bytes,
             sha256: compiled.sha256,
@@ -235,6 +259,7 @@ impl Runtime {
             indices,
             self.secrets.clone(),
             self.config.runtime.quarantine.clone(),
+            budget,
         ))
     }
 
@@ -243,6 +268,17 @@ impl Runtime {
     pub async fn load(&self, path: &Path) -> Result<Arc<Plugin>, Problems> {
         let plugin = self.prepare(path)?;
         canary(&plugin).await?;
+        plugin
+            .budget
+            .reserve(&plugin.limits())
+            .map_err(|problem| Problems {
+                file: plugin.manifest.path.display().to_string(),
+                items: vec![Problem {
+                    field: format!("plugins.{}.limits.reserved-instances", plugin.name),
+                    problem,
+                    fix: "lower reserved-instances for some plugins ([runtime.limits] or [plugins.NAME.limits])".into(),
+                }],
+            })?;
         let plugin = Arc::new(plugin);
         let old = self
             .plugins
@@ -286,7 +322,9 @@ impl Runtime {
         metrics::render_header(&mut out);
         for p in self.plugins() {
             p.metrics.render(&p.name, &mut out);
+            p.budget.render(&p.name, &mut out);
         }
+        self.pool.render(&mut out);
         out
     }
 }
@@ -339,9 +377,20 @@ fn internal(e: impl std::fmt::Display) -> Problem {
 fn linker_for(
     engine: &Engine,
     caps: &BTreeSet<Capability>,
+    quota: bool,
 ) -> anyhow::Result<Linker<InstanceState>> {
     let mut l = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut l)?;
+    if quota {
+        // A directory grant has a quota: wasmtime-wasi's filesystem, shadowed by one that
+        // checks writes against it (capabilities/quota.rs).
+        use crate::capabilities::quota::QuotaFsData;
+        use wasmtime_wasi::p2::bindings::filesystem::{preopens, types};
+        l.allow_shadowing(true);
+        preopens::add_to_linker::<InstanceState, QuotaFsData>(&mut l, InstanceState::quota_fs)?;
+        types::add_to_linker::<InstanceState, QuotaFsData>(&mut l, InstanceState::quota_fs)?;
+        l.allow_shadowing(false);
+    }
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut l)?;
     if caps.contains(&Capability::Log) {
         host_log::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut l, |s| s)?;
@@ -466,10 +515,24 @@ fn resolve_grants(
                 fix: "give each directory its own guest path".into(),
             });
         }
+        if d.quota.is_some() && d.mode != crate::config::DirMode::ReadWrite {
+            problems.push(Problem {
+                field: format!("{at}.dirs[{i}].quota"),
+                problem: "a quota on a read-only grant bounds nothing".into(),
+                fix: "remove `quota`, or make the grant `mode = \"read-write\"`".into(),
+            });
+        }
         dirs.push(DirGrant {
             host: d.host.clone(),
             guest: d.guest.clone(),
             mode: d.mode,
+            quota: d.quota.map(|q| {
+                Arc::new(crate::capabilities::quota::DirQuota::new(
+                    d.host.clone(),
+                    d.guest.clone(),
+                    q.0,
+                ))
+            }),
         });
     }
     if !problems.is_empty() {

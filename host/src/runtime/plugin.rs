@@ -17,6 +17,7 @@
 use crate::capabilities::secrets::SecretStore;
 use crate::config::QuarantineConfig;
 use crate::points::bindings::types;
+use crate::runtime::budget::{InstanceCharge, PluginBudget, Refusal};
 use crate::runtime::engine::EPOCH_TICK;
 use crate::runtime::errors::{ErrorKind, PluginError};
 use crate::runtime::health::{Health, HealthState};
@@ -36,6 +37,9 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 
 /// Idle instances kept per plugin for reuse.
 const MAX_IDLE: usize = 4;
+
+/// The longest error message from a plugin the host keeps (logs, health, responses).
+const MAX_ERROR_MESSAGE: usize = 4096;
 
 pub type CallFuture<'a, T> = Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>;
 
@@ -84,6 +88,8 @@ pub struct Plugin {
     pub info: ComponentInfo,
     pub compiled: CompileStats,
     pub metrics: Arc<PluginMetrics>,
+    /// Its instances and their memory against its caps (shared by its generations).
+    pub budget: Arc<PluginBudget>,
     /// What a reload replaces (the component and its configuration), numbered.
     current: RwLock<(u64, Arc<Generation>)>,
     pub(crate) secrets: Arc<SecretStore>,
@@ -130,6 +136,7 @@ impl Plugin {
         indices: ExportIndices,
         secrets: Arc<SecretStore>,
         quarantine: QuarantineConfig,
+        budget: Arc<PluginBudget>,
     ) -> Plugin {
         let generation = Generation {
             version: manifest.version.clone(),
@@ -151,6 +158,7 @@ impl Plugin {
             info,
             compiled,
             metrics: Arc::default(),
+            budget,
             current: RwLock::new((1, Arc::new(generation))),
             secrets,
             quarantine,
@@ -186,6 +194,8 @@ impl Plugin {
             ));
         }
         let (_, generation) = new.current();
+        // The same budget (runtimes keep one per plugin name), with the new caps.
+        self.budget.reserve(&generation.limits)?;
         let number = {
             let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
             c.0 += 1;
@@ -201,7 +211,8 @@ impl Plugin {
         self.current().1.pre.clone()
     }
 
-    /// A fresh instance's state, prepared from the grants (for benchmarks and tools).
+    /// A fresh instance's state, prepared from the grants (for benchmarks and tools;
+    /// outside the plugin's budget).
     pub fn prepare_state(&self) -> anyhow::Result<InstanceState> {
         let g = self.current().1;
         InstanceState::prepare(
@@ -210,6 +221,7 @@ impl Plugin {
             &g.limits,
             &self.secrets,
             &self.metrics,
+            None,
         )
     }
 
@@ -270,9 +282,43 @@ impl Plugin {
         }
     }
 
+    /// Charge a new instance to the plugin's budget. Idle instances hold charges too:
+    /// when refused, they are dropped and it is tried once more.
+    fn charge_instance(&self) -> Result<InstanceCharge, PluginError> {
+        let refused = match self.budget.try_charge_instance() {
+            Ok(c) => return Ok(c),
+            Err(r) => r,
+        };
+        let had_idle = !self.idle.lock().unwrap().is_empty();
+        let refused = if had_idle {
+            self.drain_idle();
+            match self.budget.try_charge_instance() {
+                Ok(c) => return Ok(c),
+                Err(r) => r,
+            }
+        } else {
+            refused
+        };
+        self.budget.count(&refused);
+        Err(self.at_budget("instantiate", refused))
+    }
+
+    /// The typed refusal of a budget (not a crash: nothing is wrong with an instance).
+    fn at_budget(&self, call: &'static str, r: Refusal) -> PluginError {
+        let err = PluginError::AtBudget {
+            plugin: self.name.to_string(),
+            call,
+            key: r.key(),
+            detail: r.detail(),
+        };
+        tracing::debug!(plugin = %self.name, "{err}");
+        err
+    }
+
     /// A fresh instance, initialised with the plugin's configuration.
     pub async fn instantiate(&self) -> Result<Instance, PluginError> {
         self.admit()?;
+        let charge = self.charge_instance()?;
         let g = self.current().1;
         let state = InstanceState::prepare(
             &self.name,
@@ -280,6 +326,7 @@ impl Plugin {
             &g.limits,
             &self.secrets,
             &self.metrics,
+            Some(charge),
         )
         .map_err(|e| {
             self.crashed(PluginError::Instantiate {
@@ -295,6 +342,9 @@ impl Plugin {
             {
                 Ok(Ok(i)) => i,
                 Ok(Err(e)) => {
+                    if let Some(r) = store.data().limiter.hit_budget {
+                        return Err(self.at_budget("instantiate", r));
+                    }
                     let detail = if store.data().limiter.hit_memory {
                         format!(
                             "its initial memory exceeds the limit of {} bytes (limits.memory)",
@@ -466,11 +516,25 @@ impl Plugin {
             },
         };
         inst.poisoned = true;
+        if let PluginError::AtBudget { .. } = err {
+            // The instance is gone (it trapped mid-call), but it did nothing wrong on
+            // its own: the plugin's instances together are at their memory budget.
+            tracing::warn!(plugin = %self.name, "{err}; the instance was discarded");
+            return Err(err);
+        }
         Err(self.crashed(err))
     }
 
     fn classify(&self, inst: &Instance, call: &'static str, e: wasmtime::Error) -> PluginError {
         let plugin = self.name.to_string();
+        if let Some(r) = inst.store.data().limiter.hit_budget {
+            return PluginError::AtBudget {
+                plugin,
+                call,
+                key: r.key(),
+                detail: r.detail(),
+            };
+        }
         let limits = &inst.generation.limits;
         if inst.store.data().limiter.hit_memory {
             return PluginError::MemoryLimit {
@@ -541,6 +605,8 @@ impl Plugin {
                 types::Error::BadConfig(m) => (ErrorKind::BadConfig, m),
                 types::Error::Denied(m) => (ErrorKind::Denied, m),
             };
+            // Plugin text: bounded and escaped before it reaches logs and responses.
+            let message = crate::runtime::output::plugin_text(message, MAX_ERROR_MESSAGE);
             let err = PluginError::Plugin {
                 plugin: self.name.to_string(),
                 call,
@@ -577,6 +643,20 @@ impl Plugin {
             }));
         }
         Ok(())
+    }
+
+    /// Refuse an answer that breaks the contract (a cursor that does not advance, a
+    /// name or a count out of bounds): counted, logged, typed. The caller does not
+    /// check the instance back in.
+    pub fn invalid(&self, call: &'static str, problem: String) -> PluginError {
+        let err = PluginError::Invalid {
+            plugin: self.name.to_string(),
+            call,
+            problem,
+        };
+        self.metrics.count(&err);
+        tracing::warn!(plugin = %self.name, call, "{err}");
+        err
     }
 
     pub fn not_implemented(&self, point: &'static str) -> PluginError {

@@ -4,11 +4,14 @@
 use crate::capabilities::files::DirGrant;
 use crate::capabilities::http::{Authority, HttpGate};
 use crate::capabilities::log::LogGate;
+use crate::capabilities::quota::{QuotaFs, QuotaState};
 use crate::capabilities::secrets::{SecretStore, SecretsGate};
 use crate::capabilities::sockets::SocketGrant;
 use crate::capabilities::{files, sockets};
+use crate::runtime::budget::{InstanceCharge, Refusal};
 use crate::runtime::limits::Limits;
 use crate::runtime::metrics::PluginMetrics;
+use crate::runtime::output::Stream;
 use crate::runtime::stdio::TracingOutput;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -42,30 +45,45 @@ pub struct InstanceState {
     pub log: LogGate,
     pub limiter: Limiter,
     pub metrics: Arc<PluginMetrics>,
+    /// The directory grants' quotas and which descriptors lie in them.
+    pub quota: QuotaState,
 }
 
 impl InstanceState {
-    /// Prepare a fresh instance's state: nothing but what was granted.
+    /// `wasi:filesystem` with the grants' quotas (linked only for a plugin with one).
+    pub fn quota_fs(&mut self) -> QuotaFs<'_> {
+        QuotaFs {
+            fs: wasmtime_wasi::filesystem::WasiFilesystemCtxView {
+                ctx: self.wasi.filesystem(),
+                table: &mut self.table,
+            },
+            quota: &mut self.quota,
+        }
+    }
+
+    /// Prepare a fresh instance's state: nothing but what was granted. `charge` is the
+    /// instance's share of its plugin's budget (None: outside the budgets, for tools).
     pub fn prepare(
         plugin: &Arc<str>,
         grants: &Grants,
         limits: &Limits,
         store: &Arc<SecretStore>,
         metrics: &Arc<PluginMetrics>,
+        charge: Option<InstanceCharge>,
     ) -> anyhow::Result<InstanceState> {
         // WasiCtxBuilder starts empty: no env, args, stdin, preopens, sockets or lookup.
         let mut b = WasiCtxBuilder::new();
         // Plugin file I/O is on granted local directories: do it on the calling thread
         // instead of a blocking-pool round trip per (<= 4 KiB) stream write.
         b.allow_blocking_current_thread(true);
-        b.stdout(TracingOutput {
+        let output = |stream| TracingOutput {
             plugin: plugin.clone(),
-            stream: "stdout",
-        });
-        b.stderr(TracingOutput {
-            plugin: plugin.clone(),
-            stream: "stderr",
-        });
+            stream,
+            budget: metrics.output.clone(),
+            rate: limits.output_rate(),
+        };
+        b.stdout(output(Stream::Stdout));
+        b.stderr(output(Stream::Stderr));
         files::prepare(&mut b, &grants.dirs)?;
         sockets::prepare(
             &mut b,
@@ -97,12 +115,21 @@ impl InstanceState {
                 plugin: plugin.clone(),
                 templates: grants.exec.clone(),
             },
-            log: LogGate::default(),
+            log: LogGate {
+                budget: metrics.output.clone(),
+                rate: limits.output_rate(),
+            },
             limiter: Limiter {
                 memory: limits.memory as usize,
                 hit_memory: false,
+                charge,
+                hit_budget: None,
             },
             metrics: metrics.clone(),
+            quota: QuotaState::new(
+                grants.dirs.iter().filter_map(|d| d.quota.clone()).collect(),
+                metrics.clone(),
+            ),
         })
     }
 }
@@ -126,17 +153,22 @@ impl WasiHttpView for InstanceState {
     }
 }
 
-/// Caps linear memory; remembers that it refused, so the trap that follows is reported
-/// as a memory limit, not a generic crash.
+/// Caps linear memory, the instance's own and (through its charge) its plugin's across
+/// all instances; remembers that it refused, so the trap that follows is reported as
+/// the limit it is, not a generic crash.
 pub struct Limiter {
     pub memory: usize,
     pub hit_memory: bool,
+    /// The instance's share of its plugin's budget, released with the store.
+    pub charge: Option<InstanceCharge>,
+    /// Set when the plugin's budget refused growth.
+    pub hit_budget: Option<Refusal>,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -145,6 +177,16 @@ impl ResourceLimiter for Limiter {
             return Err(wasmtime::Error::msg(format!(
                 "memory limit: growing to {desired} bytes exceeds the cap of {} bytes",
                 self.memory
+            )));
+        }
+        if let Some(charge) = &mut self.charge
+            && let Err(refusal) = charge.grow(desired.saturating_sub(current) as u64)
+        {
+            self.hit_budget = Some(refusal);
+            return Err(wasmtime::Error::msg(format!(
+                "plugin budget: {} ({})",
+                refusal.detail(),
+                refusal.key()
             )));
         }
         Ok(true)

@@ -1,7 +1,10 @@
 //! Plugin stdout/stderr go to tracing, a line at a time, tagged with the plugin; they
 //! are never inherited from the daemon. Long lines are cut, so a plugin printing
-//! without newlines cannot grow the host's memory.
+//! without newlines cannot grow the host's memory (WASI's stream in front of this
+//! writer holds at most 8 KiB more). Each line must fit the plugin's output budget
+//! (`runtime/output.rs`); lines over it are dropped and counted, not written.
 
+use crate::runtime::output::{OutputBudget, OutputRate, Stream, escape_controls};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,7 +16,10 @@ const MAX_LINE: usize = 4096;
 #[derive(Clone)]
 pub struct TracingOutput {
     pub plugin: Arc<str>,
-    pub stream: &'static str,
+    pub stream: Stream,
+    /// The plugin's output budget (shared by its instances) and its rate.
+    pub budget: Arc<OutputBudget>,
+    pub rate: OutputRate,
 }
 
 impl IsTerminal for TracingOutput {
@@ -38,9 +44,14 @@ struct LineWriter {
 
 impl LineWriter {
     fn emit(&self, line: &[u8]) {
+        let o = &self.out;
+        // The newline counts too: an empty line is not free.
+        if !o.budget.admit(&o.plugin, o.stream, line.len() + 1, o.rate) {
+            return;
+        }
         let text = String::from_utf8_lossy(line);
-        let text = text.trim_end_matches('\r');
-        tracing::info!(target: "plugin", plugin = %self.out.plugin, stream = self.out.stream, "{text}");
+        let text = escape_controls(text.trim_end_matches('\r'));
+        tracing::info!(target: "plugin", plugin = %o.plugin, stream = o.stream.label(), "{text}");
     }
 }
 
@@ -51,16 +62,27 @@ impl AsyncWrite for LineWriter {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        for &b in data {
-            if b == b'\n' {
+        let mut rest = data;
+        while let Some(&first) = rest.first() {
+            // A full line is cut before more text, or ended by its newline.
+            if this.buf.len() >= MAX_LINE && first != b'\n' {
                 let line = std::mem::take(&mut this.buf);
                 this.emit(&line);
-            } else if this.buf.len() < MAX_LINE {
-                this.buf.push(b);
-            } else {
-                let line = std::mem::take(&mut this.buf);
-                this.emit(&line);
-                this.buf.push(b);
+            }
+            let room = MAX_LINE - this.buf.len();
+            let look = rest.len().min(room + 1);
+            match rest[..look].iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    this.buf.extend_from_slice(&rest[..i]);
+                    let line = std::mem::take(&mut this.buf);
+                    this.emit(&line);
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    let n = look.min(room);
+                    this.buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                }
             }
         }
         Poll::Ready(Ok(data.len()))
