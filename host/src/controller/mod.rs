@@ -980,18 +980,13 @@ impl Controller {
                         });
                     }
                 }
-                // Keep-and-retry: a failed write stays queued in the writer.
-                if !b.is_empty() {
-                    match log.writer.write(b.finish()).await {
-                        Ok(()) => {}
-                        // Not on disk, so not kept (a full disk): say so, not "retry".
-                        Err(e @ crate::points::logging::LogError::Buffer(_)) => tracing::error!(
-                            run,
-                            "{} lines are not in the run's log: {e}",
-                            lines.len()
-                        ),
-                        Err(e) => tracing::warn!(run, "log write failed, kept for retry: {e}"),
-                    }
+                // Keep-and-retry: a failed write stays queued in the writer, and a batch
+                // the disk refuses is held in memory until it takes it (the writer says
+                // so; no more output is taken meanwhile).
+                if !b.is_empty()
+                    && let Err(e) = log.writer.write(b.finish()).await
+                {
+                    tracing::warn!(run, "log write failed, kept for retry: {e}");
                 }
                 let events = log.events;
                 drop(log);

@@ -13,7 +13,9 @@
 //! The buffer is bounded per plugin ([`Budget`]): when it is full, the controller stops
 //! taking output from its agents (their links stay up; the agents' own bound on
 //! unacknowledged messages then pauses the steps) until deliveries make room — output
-//! is held back, never dropped.
+//! is held back, never dropped. A batch the disk refuses (it is full) is held in the
+//! writer's memory instead (see `logging.rs`), counted here as [`Budget::held`]: while
+//! anything is held, there is no room either.
 //!
 //! File layout: `TRLWAL1\n`, then records `kind:u8 len:u32 crc32:u32 payload{len}`
 //! (little-endian; kind 1 = a packed event batch, 2 = close, payload the final count as
@@ -40,6 +42,8 @@ const RECORD_HEADER: u64 = 9;
 pub struct Budget {
     pub limit: u64,
     used: AtomicU64,
+    /// Bytes of batches the disk refused, held in memory until it takes them.
+    held: AtomicU64,
 }
 
 impl Budget {
@@ -47,6 +51,7 @@ impl Budget {
         Arc::new(Budget {
             limit,
             used: AtomicU64::new(0),
+            held: AtomicU64::new(0),
         })
     }
 
@@ -55,10 +60,27 @@ impl Budget {
         self.used.load(Relaxed)
     }
 
-    /// Whether more output may be taken: while under the limit. What was already
-    /// taken is appended whatever its size, so the bound is passed by at most that.
+    /// Bytes held in memory because the disk refused them (the `/metrics` depth).
+    pub fn held(&self) -> u64 {
+        self.held.load(Relaxed)
+    }
+
+    /// Whether more output may be taken: while under the limit, and while nothing is
+    /// held in memory (a full disk: what is taken then could only be held too, and
+    /// memory does not survive the process). What was already taken is appended (or
+    /// held) whatever its size, so the bound is passed by at most that.
     pub fn has_room(&self) -> bool {
-        self.used() < self.limit
+        self.used() < self.limit && self.held() == 0
+    }
+
+    /// `bytes` refused by the disk are held in memory.
+    pub fn hold(&self, bytes: u64) {
+        self.held.fetch_add(bytes, Relaxed);
+    }
+
+    /// `bytes` held in memory reached the disk (or were given up).
+    pub fn release(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, Relaxed);
     }
 
     fn take(&self, bytes: u64) {
@@ -484,6 +506,11 @@ mod tests {
         b.confirm_oldest().unwrap();
         assert!(budget.has_room());
         assert_eq!(budget.used(), 0);
+        // Anything held in memory (the disk refused it) leaves no room.
+        budget.hold(1);
+        assert!(!budget.has_room());
+        budget.release(1);
+        assert!(budget.has_room());
     }
 
     #[test]

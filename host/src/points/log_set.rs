@@ -179,6 +179,14 @@ impl LogSet {
                 "trellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {used}"
             );
         }
+        out.push_str("# HELP trellis_log_held_bytes Log output the disk refused (full), held in memory until it takes it; no output is taken meanwhile.\n# TYPE trellis_log_held_bytes gauge\n");
+        for (plugin, m) in &self.methods {
+            let held = m.buffers.budget.held();
+            let _ = writeln!(
+                out,
+                "trellis_log_held_bytes{{plugin=\"{plugin}\"}} {held}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP trellis_logs_closed_incomplete_total Logs closed without the plugin's confirmation or with a writer that could not be dropped (see the run's note).\n# TYPE trellis_logs_closed_incomplete_total counter\ntrellis_logs_closed_incomplete_total {}",
@@ -349,8 +357,11 @@ impl LogSet {
             if !l.writer.owes() {
                 continue;
             }
+            // Not while the disk refuses what the log holds in memory: giving up would
+            // lose it (the full disk is the host's to fix, not the plugin's).
             if let Some(tried) = l.writer.closing_for()
                 && tried >= self.close_retry_for()
+                && !l.writer.holds_in_memory()
             {
                 // Bounded: the log is closed incomplete and its instance released.
                 let note = l.writer.give_up(tried);

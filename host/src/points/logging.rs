@@ -5,10 +5,18 @@
 //! every batch and the close are first written to the durable log buffer
 //! (`log_buffer.rs`), so they also survive a daemon restart, and a full buffer holds the
 //! output back instead of dropping it. [`LogWriter::open`] keeps them in memory only.
+//!
+//! A full disk: a batch (or the close) the buffer cannot take is held in memory behind
+//! the buffered ones, charged to the plugin's [`Budget`] as held (which stops the
+//! controller taking output until it is on disk), and appended, oldest first, when the
+//! disk takes it again (the retry, or the next write); only then is it delivered, so the
+//! buffer's records and `pending` stay paired in order. Even the buffer's file may be
+//! opened late this way. What is held only in memory is lost if the process dies first.
 
 use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
 use crate::points::log_buffer::{Budget, LogBuffer};
+use std::io;
 use crate::runtime::{Instance, Plugin, PluginError};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -41,6 +49,18 @@ pub struct LogWriter {
     buffer: Option<LogBuffer>,
     /// The log was closed with this count, and the plugin has not confirmed the close.
     closing: Option<u64>,
+    /// Buffered, batches the buffer refused (a full disk), oldest first, all newer than
+    /// `pending`: held in memory until the buffer takes them (see the module doc).
+    held: VecDeque<Arc<Vec<u8>>>,
+    /// The close is owed but not yet in the buffer (the disk refused it).
+    close_held: bool,
+    /// The buffer's file could not even be created (a full disk): it is opened here
+    /// before anything held is appended.
+    buffer_to_open: Option<LogBuffers>,
+    /// The plugin's budget, charged with what is held (buffered only).
+    budget: Option<Arc<Budget>>,
+    /// Holding was logged (once per log).
+    warned_held: bool,
     /// When this process first tried to close the log (bounds the retries).
     closing_since: Option<Instant>,
 }
@@ -113,14 +133,27 @@ impl LogWriter {
     /// taking over whatever an earlier process left there unconfirmed: those batches,
     /// and the close if it had come, are delivered before anything new. A store that is
     /// down is not an error here: the batches wait in the buffer.
+    /// A disk too full to create the buffer's file is not an error either: the log's
+    /// output is held in memory until the file can be made (see the module doc).
     pub async fn open_buffered(
         plugin: Arc<Plugin>,
         meta: LogMetadata,
         buffers: &LogBuffers,
     ) -> Result<LogWriter, LogError> {
         let key = meta.loggable_id.clone();
-        let (w, _) = Self::buffered(plugin, &key, buffers, |_| Some(meta)).await?;
-        Ok(w)
+        let described = meta.clone();
+        match Self::buffered(plugin.clone(), &key, buffers, |_| Some(described)).await {
+            Ok((w, _)) => Ok(w),
+            Err(LogError::Buffer(e)) if is_disk_full(&e) => {
+                let mut w = Self::unopened(plugin, meta)?;
+                w.budget = Some(buffers.budget.clone());
+                w.buffer_to_open = Some(buffers.clone());
+                w.warn_held(&e);
+                w.open_or_wait().await?;
+                Ok(w)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reopen log `key` as an earlier process left it in `buffers`, described by what
@@ -160,13 +193,20 @@ impl LogWriter {
         w.closing = owed.closed;
         w.closing_since = owed.closed.map(|_| Instant::now());
         w.buffer = Some(buffer);
-        if let Err(e) = w.ensure_open().await {
+        w.budget = Some(buffers.budget.clone());
+        w.open_or_wait().await?;
+        Ok((w, owed.last_seq))
+    }
+
+    /// Open the log in the plugin; a retryable failure only waits (the events are kept).
+    async fn open_or_wait(&mut self) -> Result<(), LogError> {
+        if let Err(e) = self.ensure_open().await {
             if !e.is_retryable() {
                 return Err(e.into());
             }
-            tracing::warn!(log = %w.meta.loggable_id, "the logging plugin cannot open the log yet; its events wait in the buffer: {e}");
+            tracing::warn!(log = %self.meta.loggable_id, "the logging plugin cannot open the log yet; its events wait in the buffer: {e}");
         }
-        Ok((w, owed.last_seq))
+        Ok(())
     }
 
     fn unopened(plugin: Arc<Plugin>, meta: LogMetadata) -> Result<LogWriter, PluginError> {
@@ -185,6 +225,11 @@ impl LogWriter {
             buffer: None,
             closing: None,
             closing_since: None,
+            held: VecDeque::new(),
+            close_held: false,
+            buffer_to_open: None,
+            budget: None,
+            warned_held: false,
         })
     }
 
@@ -209,27 +254,111 @@ impl LogWriter {
 
     /// Queue a batch and try to deliver everything queued. On a plugin error the
     /// batches stay queued (`LogError::Plugin`: they are safe; call `retry` later).
-    /// Buffered, the batch is on disk before this returns. This never waits for room:
-    /// the caller stops taking output while `Budget::has_room` is false (the
-    /// controller's link loop does), so the bound is passed by at most what it already
-    /// took.
+    /// Buffered, the batch is on disk before this returns, or, if the disk refuses it,
+    /// held in memory (logged once per log) until `retry` gets it there. This never
+    /// waits for room: the caller stops taking output while `Budget::has_room` is false
+    /// (the controller's link loop does), so the bound is passed by at most what it
+    /// already took.
     pub async fn write(&mut self, batch: Vec<u8>) -> Result<(), LogError> {
-        let Some(buffer) = self.buffer.as_mut() else {
-            self.pending.push_back(Arc::new(batch));
+        let batch = Arc::new(batch);
+        if !self.is_buffered() {
+            self.pending.push_back(batch);
             return self.deliver().await;
-        };
-        buffer.append(&batch)?;
-        self.pending.push_back(Arc::new(batch));
+        }
+        self.hold(batch);
+        if let Err(e) = self.flush_held() {
+            self.warn_held(&e);
+        }
         self.deliver().await
     }
 
-    /// Try again what is owed: the pending batches, then the close if it came (and
-    /// then how the log ended).
+    /// Try again what is owed: what is held onto the disk, the pending batches, then
+    /// the close if it came (and then how the log ended).
     pub async fn retry(&mut self) -> Result<Option<Closed>, LogError> {
         match self.closing {
             Some(count) => self.close(count).await.map(Some),
-            None => self.deliver().await.map(|()| None),
+            None => {
+                let flushed = self.flush_held();
+                self.deliver().await?;
+                Ok(flushed.map(|()| None)?)
+            }
         }
+    }
+
+    fn is_buffered(&self) -> bool {
+        self.buffer.is_some() || self.buffer_to_open.is_some()
+    }
+
+    /// Hold `batch` in memory behind everything else, charged to the budget.
+    fn hold(&mut self, batch: Arc<Vec<u8>>) {
+        if let Some(b) = &self.budget {
+            b.hold(batch.len() as u64);
+        }
+        self.held.push_back(batch);
+    }
+
+    /// Append what is held to the buffer, oldest first (creating the buffer's file
+    /// first if that failed before), then the close if it is held; each batch joins
+    /// `pending` once it is on disk. Stops at the first refusal: the rest stays held.
+    fn flush_held(&mut self) -> io::Result<()> {
+        if let Some(buffers) = &self.buffer_to_open {
+            let (mut buffer, owed) =
+                LogBuffer::open(&buffers.dir, &self.meta.loggable_id, buffers.budget.clone())?;
+            if owed.meta.is_none() {
+                buffer.describe(&encode_meta(&self.meta))?;
+            }
+            // Nothing was pending (there was no buffer): what an earlier process left
+            // in the file, if anything, is older than what is held.
+            self.pending = owed.batches.into();
+            if self.closing.is_none() {
+                self.closing = owed.closed;
+            }
+            self.buffer = Some(buffer);
+            self.buffer_to_open = None;
+        }
+        let Some(buffer) = self.buffer.as_mut() else {
+            return Ok(());
+        };
+        while let Some(batch) = self.held.front() {
+            buffer.append(batch)?;
+            let batch = self.held.pop_front().expect("front exists");
+            if let Some(b) = &self.budget {
+                b.release(batch.len() as u64);
+            }
+            self.pending.push_back(batch);
+        }
+        if self.close_held
+            && let Some(count) = self.closing
+        {
+            buffer.append_close(count)?;
+            self.close_held = false;
+        }
+        Ok(())
+    }
+
+    /// The disk refused what the log must keep: say so once per log.
+    fn warn_held(&mut self, e: &io::Error) {
+        if !self.warned_held {
+            self.warned_held = true;
+            tracing::warn!(log = %self.meta.loggable_id, "the durable log buffer cannot be written ({e}): the log's output is held in memory until the state directory's disk takes it (lost if this process dies first); no more output is taken from agents meanwhile");
+        }
+    }
+
+    /// Whether something of the log is only in memory (the disk refused it).
+    pub fn holds_in_memory(&self) -> bool {
+        !self.held.is_empty() || self.close_held || self.buffer_to_open.is_some()
+    }
+
+    /// Forget what is held in memory (giving up): its charge goes back. How many
+    /// batches were held.
+    fn drop_held(&mut self) -> usize {
+        let n = self.held.len();
+        if let Some(b) = &self.budget {
+            b.release(self.held.iter().map(|h| h.len() as u64).sum());
+        }
+        self.held.clear();
+        self.close_held = false;
+        n
     }
 
     /// How long this process has been trying to close the log (None: not closing).
@@ -243,6 +372,11 @@ impl LogWriter {
     /// The writer owes nothing afterwards (it is done with).
     pub fn give_up(&mut self, tried_for: Duration) -> String {
         self.open = None;
+        let lost = match self.drop_held() {
+            0 => String::new(),
+            n => format!("; {n} batch(es) held in memory (the disk refused them) were lost"),
+        };
+        self.buffer_to_open = None;
         let owed = self.pending.len();
         let kept = if self.buffer.is_some() {
             format!("; {owed} undelivered batch(es) and the close stay in the durable log buffer")
@@ -257,7 +391,7 @@ impl LogWriter {
         self.closing = None;
         self.closing_since = None;
         format!(
-            "log closed incomplete: logging method `{}` did not confirm the close after {}s of retries{kept}",
+            "log closed incomplete: logging method `{}` did not confirm the close after {}s of retries{kept}{lost}",
             self.plugin.name,
             tried_for.as_secs()
         )
@@ -277,9 +411,9 @@ impl LogWriter {
         self.closing.is_some()
     }
 
-    /// Whether anything is owed to the plugin (batches or a close).
+    /// Whether anything is owed to the plugin (batches, buffered or held, or a close).
     pub fn owes(&self) -> bool {
-        !self.pending.is_empty() || self.closing.is_some()
+        !self.pending.is_empty() || !self.held.is_empty() || self.closing.is_some()
     }
 
     /// Send every queued batch, oldest first, stopping at the first failure.
@@ -323,16 +457,20 @@ impl LogWriter {
     }
 
     /// Deliver what is queued, then record the final count. Buffered, the close is on
-    /// disk first; if the plugin fails it stays owed (`retry`).
+    /// disk first, after everything held; if the disk refuses it, or the plugin fails,
+    /// it stays owed (`retry`).
     pub async fn close(&mut self, final_count: u64) -> Result<Closed, LogError> {
         if self.closing.is_none() {
-            if let Some(b) = &mut self.buffer {
-                b.append_close(final_count)?;
-            }
             self.closing = Some(final_count);
+            self.close_held = self.is_buffered();
         }
         self.closing_since.get_or_insert_with(Instant::now);
+        let flushed = self.flush_held();
         self.deliver_pending().await?;
+        if let Err(e) = flushed {
+            self.warn_held(&e);
+            return Err(e.into());
+        }
         self.ensure_open().await?;
         let (mut inst, writer) = self.open.take().expect("opened above");
         let guest = inst.exports.logging.clone().expect("checked at open");
@@ -377,6 +515,22 @@ impl LogWriter {
 
     /// Batches accepted by the host but not yet confirmed by the plugin.
     pub fn pending_batches(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.held.len()
     }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        // What is held is this process's accounting: the budget must not keep counting it.
+        self.drop_held();
+    }
+}
+
+/// Whether an error means the disk is full (or over quota): then a log's buffer file is
+/// created later rather than the log refused.
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
