@@ -982,7 +982,7 @@ impl Controller {
                 }
                 // Keep-and-retry: a failed write stays queued in the writer, and a batch
                 // the disk refuses is held in memory until it takes it (the writer says
-                // so; no more output is taken meanwhile).
+                // so; the held bytes count against the log buffer's bound).
                 if !b.is_empty()
                     && let Err(e) = log.writer.write(b.finish()).await
                 {

@@ -14,8 +14,8 @@
 //! taking output from its agents (their links stay up; the agents' own bound on
 //! unacknowledged messages then pauses the steps) until deliveries make room — output
 //! is held back, never dropped. A batch the disk refuses (it is full) is held in the
-//! writer's memory instead (see `logging.rs`), counted here as [`Budget::held`]: while
-//! anything is held, there is no room either.
+//! writer's memory instead (see `logging.rs`), counted here as [`Budget::held`] against
+//! the same bound, so memory too is bounded and output is held back once it is reached.
 //!
 //! File layout: `TRLWAL1\n`, then records `kind:u8 len:u32 crc32:u32 payload{len}`
 //! (little-endian; kind 1 = a packed event batch, 2 = close, payload the final count as
@@ -65,12 +65,11 @@ impl Budget {
         self.held.load(Relaxed)
     }
 
-    /// Whether more output may be taken: while under the limit, and while nothing is
-    /// held in memory (a full disk: what is taken then could only be held too, and
-    /// memory does not survive the process). What was already taken is appended (or
-    /// held) whatever its size, so the bound is passed by at most that.
+    /// Whether more output may be taken: while what is on disk and what is held in
+    /// memory (a full disk) together are under the limit. What was already taken is
+    /// appended (or held) whatever its size, so the bound is passed by at most that.
     pub fn has_room(&self) -> bool {
-        self.used() < self.limit && self.held() == 0
+        self.used() + self.held() < self.limit
     }
 
     /// `bytes` refused by the disk are held in memory.
@@ -506,10 +505,12 @@ mod tests {
         b.confirm_oldest().unwrap();
         assert!(budget.has_room());
         assert_eq!(budget.used(), 0);
-        // Anything held in memory (the disk refused it) leaves no room.
+        // What is held in memory (the disk refused it) counts against the same limit.
+        budget.hold(9);
+        assert!(budget.has_room());
         budget.hold(1);
         assert!(!budget.has_room());
-        budget.release(1);
+        budget.release(10);
         assert!(budget.has_room());
     }
 

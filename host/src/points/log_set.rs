@@ -179,13 +179,10 @@ impl LogSet {
                 "trellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {used}"
             );
         }
-        out.push_str("# HELP trellis_log_held_bytes Log output the disk refused (full), held in memory until it takes it; no output is taken meanwhile.\n# TYPE trellis_log_held_bytes gauge\n");
+        out.push_str("# HELP trellis_log_held_bytes Log output the disk refused (full), held in memory until it takes it (counted against the buffer's limit).\n# TYPE trellis_log_held_bytes gauge\n");
         for (plugin, m) in &self.methods {
             let held = m.buffers.budget.held();
-            let _ = writeln!(
-                out,
-                "trellis_log_held_bytes{{plugin=\"{plugin}\"}} {held}"
-            );
+            let _ = writeln!(out, "trellis_log_held_bytes{{plugin=\"{plugin}\"}} {held}");
         }
         let _ = writeln!(
             out,

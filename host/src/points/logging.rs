@@ -7,8 +7,8 @@
 //! output back instead of dropping it. [`LogWriter::open`] keeps them in memory only.
 //!
 //! A full disk: a batch (or the close) the buffer cannot take is held in memory behind
-//! the buffered ones, charged to the plugin's [`Budget`] as held (which stops the
-//! controller taking output until it is on disk), and appended, oldest first, when the
+//! the buffered ones, charged to the plugin's [`Budget`] as held (against the same
+//! bound: past it the controller takes no more output), and appended, oldest first, when the
 //! disk takes it again (the retry, or the next write); only then is it delivered, so the
 //! buffer's records and `pending` stay paired in order. Even the buffer's file may be
 //! opened late this way. What is held only in memory is lost if the process dies first.
@@ -16,9 +16,9 @@
 use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
 use crate::points::log_buffer::{Budget, LogBuffer};
-use std::io;
 use crate::runtime::{Instance, Plugin, PluginError};
 use std::collections::VecDeque;
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceAny;
@@ -340,7 +340,7 @@ impl LogWriter {
     fn warn_held(&mut self, e: &io::Error) {
         if !self.warned_held {
             self.warned_held = true;
-            tracing::warn!(log = %self.meta.loggable_id, "the durable log buffer cannot be written ({e}): the log's output is held in memory until the state directory's disk takes it (lost if this process dies first); no more output is taken from agents meanwhile");
+            tracing::warn!(log = %self.meta.loggable_id, "the durable log buffer cannot be written ({e}): the log's output is held in memory until the state directory's disk takes it (lost if this process dies first); output is held back once the log buffer's bound is reached");
         }
     }
 
