@@ -6,7 +6,10 @@
 //!   one small tmpfs the test mounts: while the disk is full a submission is answered
 //!   507 naming the state directory and the fix (never 500), runs in flight go on in
 //!   memory; once space is freed every run finishes and its record reaches the disk,
-//!   none stays `queued`, and a new run succeeds.
+//!   none stays `queued`, and a new run succeeds. Output that reaches the controller
+//!   while the log buffer's disk is full (a run's numbered lines, and a run whose log
+//!   cannot even be created then) is held, not lost: afterwards each run's log has every
+//!   line exactly once, in order.
 //! * In process: writes past a grant's quota fail inside the plugin as on a full disk
 //!   (`set_len` with no-space; a stream write as a really full tmpfs fails it) and are
 //!   counted; its other grant is unaffected; space freed under the quota can be used
@@ -236,6 +239,9 @@ fn job(name: &str, logging: Option<&str>, lines: u32) -> String {
     )
 }
 
+/// Lines of the run whose output comes while the disk is full.
+const NUMBERED: u32 = 400;
+
 fn run_id(body: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     v["id"].as_str().unwrap().to_string()
@@ -282,8 +288,23 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
     let server = format!("http://127.0.0.1:{http}");
     wait_for_agent(&server, &daemon_log);
 
+    // One whose log is open (its first line is in) when the disk fills, and whose other
+    // lines come all at once while it is full (when `go` appears).
+    let go = dir.join("go");
+    let numbered = format!(
+        "name = \"numbered\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo line 1; while [ ! -e {} ]; do sleep 0.1; done; for i in $(seq 2 {NUMBERED}); do echo line $i; done\"\n",
+        go.display()
+    );
+    let (code, body) = submit(http, &numbered);
+    assert_eq!(code, 201, "{body}");
+    let numbered = run_id(&body);
+    let mut accepted = vec![numbered.clone()];
+    wait_until(
+        "the numbered run's first line",
+        Duration::from_secs(30),
+        || cli(&server, &["logs", &numbered]).1.contains("line 1"),
+    );
     // Runs in flight when the disk fills (3 s each: they finish while it is full).
-    let mut accepted = Vec::new();
     for i in 0..3 {
         let (code, body) = submit(http, &job(&format!("healthy-{i}"), None, 60));
         assert_eq!(code, 201, "{body}");
@@ -293,7 +314,8 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
     let late = job("late", None, 20).replace("run = \"for", "run = \"sleep 2; for");
     let (code, body) = submit(http, &late);
     assert_eq!(code, 201, "{body}");
-    accepted.push(run_id(&body));
+    let late = run_id(&body);
+    accepted.push(late.clone());
     // The filler's log opens with its first output and fills the disk.
     let (code, body) = submit(http, &job("fill", Some("disk-filler"), 20));
     assert_eq!(code, 201, "{body}");
@@ -301,7 +323,9 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
     wait_until("the disk is full", Duration::from_secs(60), || {
         disk.available() < 64 << 10
     });
-    // The runs go on, and end, while the disk is full: their records cannot be written.
+    std::fs::write(&go, "").unwrap();
+    // The runs go on, and end, while the disk is full: their records cannot be written,
+    // their output is held in memory.
     std::thread::sleep(Duration::from_secs(4));
 
     // Submissions while full: a clear 507, never a 500; the API still answers.
@@ -388,6 +412,37 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
         .unwrap();
         assert_eq!(rec["status"], "succeeded", "{id} on disk: {rec}");
     }
+
+    // Nothing that reached the controller while the disk was full was lost: every line
+    // of the numbered run, and of the run whose log could not be created then, is in
+    // its log exactly once, in order.
+    for (run, lines) in [(&numbered, NUMBERED), (&late, 20)] {
+        // Delivered by the log retry (every second) once the disk takes it.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20)
+            && cli(&server, &["logs", run]).1.lines().count() < lines as usize
+        {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let (code, out, err) = cli(&server, &["logs", run]);
+        assert_eq!(code, 0, "{err}");
+        let want: Vec<String> = (1..=lines).map(|i| format!("line {i}")).collect();
+        let got: Vec<&str> = out.lines().collect();
+        assert!(
+            got == want,
+            "{run}: every line once, in order; {} of {lines} lines, missing: {:?}\n{}",
+            got.len(),
+            want.iter()
+                .filter(|w| !got.contains(&w.as_str()))
+                .take(20)
+                .collect::<Vec<_>>(),
+            logs()
+        );
+    }
+    assert!(
+        logs().contains("held in memory until the state directory's disk takes it"),
+        "the holding is logged"
+    );
 
     // A healthy run right after.
     let (code, body) = submit(http, &job("after", None, 3));
