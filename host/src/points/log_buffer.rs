@@ -15,7 +15,8 @@
 //! unacknowledged messages then pauses the steps) until deliveries make room — output
 //! is held back, never dropped. A batch the disk refuses (it is full) is held in the
 //! writer's memory instead (see `logging.rs`), counted here as [`Budget::held`] against
-//! the same bound, so memory too is bounded and output is held back once it is reached.
+//! the same bound, and at most [`HELD_MAX`], so memory too is bounded and output is held
+//! back once it is reached.
 //!
 //! File layout: `TRLWAL1\n`, then records `kind:u8 len:u32 crc32:u32 payload{len}`
 //! (little-endian; kind 1 = a packed event batch, 2 = close, payload the final count as
@@ -36,6 +37,11 @@ const BATCH: u8 = 1;
 const CLOSE: u8 = 2;
 const META: u8 = 3;
 const RECORD_HEADER: u64 = 9;
+
+/// How many bytes of output one plugin's logs may hold in memory when the disk refuses
+/// it (a full disk), within the budget's limit: memory is dearer than disk, and what is
+/// held there is lost if the process dies before the disk takes it.
+pub const HELD_MAX: u64 = 8 << 20;
 
 /// How many bytes of unconfirmed batches one plugin's logs may hold on disk.
 #[derive(Debug)]
@@ -66,10 +72,12 @@ impl Budget {
     }
 
     /// Whether more output may be taken: while what is on disk and what is held in
-    /// memory (a full disk) together are under the limit. What was already taken is
-    /// appended (or held) whatever its size, so the bound is passed by at most that.
+    /// memory (a full disk) together are under the limit, and what is held is under
+    /// [`HELD_MAX`]. What was already taken is appended (or held) whatever its size, so
+    /// the bound is passed by at most that.
     pub fn has_room(&self) -> bool {
-        self.used() + self.held() < self.limit
+        let held = self.held();
+        self.used() + held < self.limit && held < HELD_MAX
     }
 
     /// `bytes` refused by the disk are held in memory.
@@ -512,6 +520,12 @@ mod tests {
         assert!(!budget.has_room());
         budget.release(10);
         assert!(budget.has_room());
+        // And is bounded on its own, below a large limit.
+        let large = Budget::new(1 << 40);
+        large.hold(HELD_MAX - 1);
+        assert!(large.has_room());
+        large.hold(1);
+        assert!(!large.has_room());
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl LogSet {
                 "trellis_log_buffer_bytes{{plugin=\"{plugin}\"}} {used}"
             );
         }
-        out.push_str("# HELP trellis_log_held_bytes Log output the disk refused (full), held in memory until it takes it (counted against the buffer's limit).\n# TYPE trellis_log_held_bytes gauge\n");
+        out.push_str("# HELP trellis_log_held_bytes Log output the disk refused (full), held in memory until it takes it (counted against the buffer's limit, and at most 8 MiB).\n# TYPE trellis_log_held_bytes gauge\n");
         for (plugin, m) in &self.methods {
             let held = m.buffers.budget.held();
             let _ = writeln!(out, "trellis_log_held_bytes{{plugin=\"{plugin}\"}} {held}");

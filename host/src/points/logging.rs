@@ -8,7 +8,8 @@
 //!
 //! A full disk: a batch (or the close) the buffer cannot take is held in memory behind
 //! the buffered ones, charged to the plugin's [`Budget`] as held (against the same
-//! bound: past it the controller takes no more output), and appended, oldest first, when the
+//! bound, and at most `log_buffer::HELD_MAX`: past it the controller takes no more
+//! output), and appended, oldest first, when the
 //! disk takes it again (the retry, or the next write); only then is it delivered, so the
 //! buffer's records and `pending` stay paired in order. Even the buffer's file may be
 //! opened late this way. What is held only in memory is lost if the process dies first.
