@@ -443,6 +443,36 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
         logs().contains("held in memory until the state directory's disk takes it"),
         "the holding is logged"
     );
+    // Every log of the healthy method, closed while the disk was full, is delivered and
+    // closed: no buffer left. (The filler's own writer stays broken after its failed
+    // write and answers `retryable` for ever: its close is retried until given up.)
+    let wal_files = || -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for m in std::fs::read_dir(state_dir.join("log-buffer"))
+            .unwrap()
+            .flatten()
+        {
+            if m.file_name() == "disk-filler" {
+                continue;
+            }
+            for f in std::fs::read_dir(m.path()).unwrap().flatten() {
+                if f.path().extension().is_some_and(|e| e == "wal") {
+                    found.push(f.path());
+                }
+            }
+        }
+        found
+    };
+    let t = Instant::now();
+    while !wal_files().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "log buffers left 20 s after space returned: {:?}\n{}",
+            wal_files(),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A healthy run right after.
     let (code, body) = submit(http, &job("after", None, 3));
