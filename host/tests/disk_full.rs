@@ -209,25 +209,7 @@ impl Drop for SmallDisk {
 
 /// POST a job; the status and the body.
 fn submit(port: u16, job: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = token_for(port)
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "POST /api/runs HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/toml\r\nContent-Length: {}\r\n\r\n{job}",
-        job.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or(out);
-    (status, body)
+    http_status(port, "POST", "/api/runs", Some(("application/toml", job)))
 }
 
 fn job(name: &str, logging: Option<&str>, lines: u32) -> String {

@@ -336,12 +336,7 @@ async fn contradicting_budgets_are_refused_at_load() {
         d.path(),
         &[],
     );
-    let e = rt
-        .load(&fixtures().join("budget-hog"))
-        .await
-        .err()
-        .expect("loaded")
-        .to_string();
+    let e = refusal(&rt, &fixtures().join("budget-hog")).await;
     assert!(
         e.contains("plugins.budget-hog.limits.reserved-instances") && e.contains("max-instances"),
         "{e}"
@@ -351,12 +346,7 @@ async fn contradicting_budgets_are_refused_at_load() {
         d.path(),
         &[],
     );
-    let e = rt
-        .load(&fixtures().join("budget-hog"))
-        .await
-        .err()
-        .expect("loaded")
-        .to_string();
+    let e = refusal(&rt, &fixtures().join("budget-hog")).await;
     assert!(e.contains("plugins.budget-hog.limits.total-memory"), "{e}");
     // Two plugins reserving 200 of the 256 instances each: the second is refused.
     let rt = runtime(
@@ -367,15 +357,15 @@ async fn contradicting_budgets_are_refused_at_load() {
     rt.load(&fixtures().join("budget-hog"))
         .await
         .unwrap_or_else(|p| panic!("{p}"));
-    let e = rt
-        .load(&fixtures().join("hostile"))
-        .await
-        .err()
-        .expect("loaded")
-        .to_string();
+    let e = refusal(&rt, &fixtures().join("hostile")).await;
     assert!(
         e.contains("plugins.hostile.limits.reserved-instances")
             && e.contains("above the instance pool of 256"),
         "{e}"
     );
+}
+
+/// Why `rt` refuses to load the plugin at `path` (it must refuse).
+async fn refusal(rt: &trellis::runtime::Runtime, path: &std::path::Path) -> String {
+    rt.load(path).await.err().expect("loaded").to_string()
 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The number after `field=` on the first `trellis ha: {who}...` line of the daemons' log.
 pub fn stamp(log: &str, who: &str, field: &str) -> Option<i64> {
@@ -10,6 +11,30 @@ pub fn stamp(log: &str, who: &str, field: &str) -> Option<i64> {
         .find_map(|l| l.split(&format!("{field}=")).nth(1))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.trim_end_matches(',').parse().ok())
+}
+
+/// Start controller `a` until it is active, then the standby `b`; kill `a` and wait
+/// until `b` says it is not taking over because fencing `a` failed, then watch for
+/// `keep_watching` more (it retries). Returns `b`, still running.
+pub fn active_dies_standby_cannot_fence(
+    cfg_a: &Path,
+    cfg_b: &Path,
+    daemon_log: &Path,
+    keep_watching: Duration,
+) -> Daemon {
+    let mut a = start("controller", cfg_a, daemon_log);
+    wait_for_line(daemon_log, "trellis ha: a active", Duration::from_secs(30));
+    let b = start("controller", cfg_b, daemon_log);
+    std::thread::sleep(Duration::from_secs(1));
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    wait_for_line(
+        daemon_log,
+        "trellis ha: NOT TAKING OVER: fencing a failed",
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(keep_watching);
+    b
 }
 
 /// The BMC both controllers' fencing goes to: the emulator (with its CA), or a port

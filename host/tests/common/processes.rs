@@ -361,12 +361,34 @@ pub fn http_get(port: u16, path: &str) -> String {
 /// A plain HTTP/1.0 GET on loopback (with the port's token, if any); the status and
 /// the body.
 pub fn http_get_status(port: u16, path: &str) -> (u16, String) {
+    http_status(port, "GET", path, None)
+}
+
+/// A plain HTTP/1.0 request on loopback (with the port's token, if any), with an
+/// optional body and its content type; the status and the body.
+pub fn http_status(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let auth = token_for(port)
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").unwrap();
+    let (content, body) = match body {
+        Some((kind, b)) => (
+            format!("Content-Type: {kind}\r\nContent-Length: {}\r\n", b.len()),
+            b,
+        ),
+        None => (String::new(), ""),
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}{content}\r\n{body}"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
