@@ -419,7 +419,6 @@ fn drive(
 
     // sample 1: everything before the first gate (12 lines), the run still live
     tab.wait_for("the first 12 lines", &format!("{LINES} === 12"), t);
-    let first = tab.eval(LINES).as_u64().unwrap();
     assert!(
         live(&controller, &id),
         "the run must still be waiting on gate 1"
