@@ -197,6 +197,7 @@ fn queued_runs_survive_a_controller_restart() {
         logs()
     );
     assert!(after.contains("no agent with label `gpu` is connected"), "{after}");
+    eprintln!("trellis queue, before the restart:\n{before}\nafter it:\n{after}");
 
     std::fs::write(&gate, "").unwrap();
     wait_for_success(&server, &blocker, Duration::from_secs(60), &daemon_log);

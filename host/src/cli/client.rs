@@ -432,11 +432,11 @@ pub async fn queue(server: &Server, json: bool) -> anyhow::Result<ExitCode> {
     for w in &waiting {
         println!(
             "{:<4} {:<10} {:<24} {:<12} {:>8} {:>8}  {}",
-            w["position"],
+            w["position"].to_string(),
             w["run"].as_str().unwrap_or_default(),
             w["job"].as_str().unwrap_or_default(),
             w["label"].as_str().unwrap_or_default(),
-            w["priority"],
+            w["priority"].to_string(),
             waited(w["waited_ms"].as_i64().unwrap_or(0)),
             w["reason"].as_str().unwrap_or_default()
         );
@@ -452,10 +452,10 @@ pub async fn queue(server: &Server, json: bool) -> anyhow::Result<ExitCode> {
             println!(
                 "{:<12} {:>6} {:>9} {:>5} {:>7}",
                 l["label"].as_str().unwrap_or_default(),
-                l["agents"],
-                l["executors"],
-                l["busy"],
-                l["waiting"]
+                l["agents"].to_string(),
+                l["executors"].to_string(),
+                l["busy"].to_string(),
+                l["waiting"].to_string()
             );
         }
     }
@@ -571,8 +571,8 @@ pub async fn agents(server: &Server) -> anyhow::Result<ExitCode> {
         println!(
             "{:<16} {:>9} {:>5}  {}",
             a["name"].as_str().unwrap_or_default(),
-            a["executors"],
-            a["busy"],
+            a["executors"].to_string(),
+            a["busy"].to_string(),
             labels.join(",")
         );
     }
