@@ -244,7 +244,11 @@ async fn the_api_end_to_end() {
     .await;
     assert_eq!(code, 201, "{body}");
     let arm = json(&body);
-    assert_eq!((arm["status"].as_str(), arm["agent"].as_str()), (Some("queued"), Some("")), "{body}");
+    assert_eq!(
+        (arm["status"].as_str(), arm["agent"].as_str()),
+        (Some("queued"), Some("")),
+        "{body}"
+    );
     assert_eq!(arm["label"], "arm", "{body}");
     let arm = arm["id"].as_str().unwrap().to_string();
     let (code, body) = http(addr, "GET", "/api/queue", "").await;
@@ -260,13 +264,18 @@ async fn the_api_end_to_end() {
         "{reason}"
     );
     assert_eq!(
-        http(addr, "POST", &format!("/api/runs/{arm}/cancel"), "").await.0,
+        http(addr, "POST", &format!("/api/runs/{arm}/cancel"), "")
+            .await
+            .0,
         202
     );
     let (_, body) = http(addr, "GET", &format!("/api/runs/{arm}"), "").await;
     assert_eq!(json(&body)["status"], "cancelled", "{body}");
     assert!(
-        json(&body)["note"].as_str().unwrap().contains("cancelled while queued"),
+        json(&body)["note"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled while queued"),
         "{body}"
     );
     let (_, body) = http(addr, "GET", "/api/queue", "").await;

@@ -139,7 +139,10 @@ async fn failing_steps_timeouts_and_cancel() {
             "name = \"x\"\nagent = \"windows\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
         ))
         .unwrap();
-    assert_eq!((waiting.status, waiting.agent.as_str()), (RunStatus::Queued, ""));
+    assert_eq!(
+        (waiting.status, waiting.agent.as_str()),
+        (RunStatus::Queued, "")
+    );
     let q = s.controller.queue_view();
     assert_eq!(q.waiting.len(), 1, "{q:?}");
     assert!(

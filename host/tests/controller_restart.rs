@@ -116,7 +116,8 @@ fn a_run_survives_a_controller_restart_over_kafka() {
 fn queued_runs_survive_a_controller_restart() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let (controller_cfg, agent_cfg, http) = write_configs(dir, &Transport::Tcp { port: free_port() });
+    let (controller_cfg, agent_cfg, http) =
+        write_configs(dir, &Transport::Tcp { port: free_port() });
     let server = format!("http://127.0.0.1:{http}");
     let daemon_log = dir.join("daemons.log");
     let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
@@ -148,7 +149,10 @@ fn queued_runs_survive_a_controller_restart() {
         "next",
         "name = \"next\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo next\"\n".into(),
     );
-    assert!(said.contains("queued for an agent with label `linux`"), "{said}");
+    assert!(
+        said.contains("queued for an agent with label `linux`"),
+        "{said}"
+    );
     let (gpu, _) = submit(
         "gpu",
         "name = \"on-gpu\"\nagent = \"gpu\"\npriority = 1\n[[step]]\nname = \"s\"\nrun = \"true\"\n".into(),
@@ -196,8 +200,10 @@ fn queued_runs_survive_a_controller_restart() {
         "{after}\n{}",
         logs()
     );
-    assert!(after.contains("no agent with label `gpu` is connected"), "{after}");
-    eprintln!("trellis queue, before the restart:\n{before}\nafter it:\n{after}");
+    assert!(
+        after.contains("no agent with label `gpu` is connected"),
+        "{after}"
+    );
 
     std::fs::write(&gate, "").unwrap();
     wait_for_success(&server, &blocker, Duration::from_secs(60), &daemon_log);
@@ -209,7 +215,8 @@ fn queued_runs_survive_a_controller_restart() {
     assert_eq!(code, 0, "{err}");
     let runs = cli(&server, &["runs"]).1;
     assert!(
-        runs.lines().any(|l| l.contains(&gpu) && l.contains("cancelled")),
+        runs.lines()
+            .any(|l| l.contains(&gpu) && l.contains("cancelled")),
         "{runs}"
     );
     assert!(queue().starts_with("No runs waiting."), "{}", queue());

@@ -160,7 +160,9 @@ async fn a_run_waits_for_a_free_executor_and_starts_when_one_frees() {
     q.wait_agents(1).await;
     let first = q.submit(&q.gated("first", "linux", "gate1"));
     wait_running(&q.controller, &first.id).await;
-    let second = q.submit("name = \"second\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo second\"\n");
+    let second = q.submit(
+        "name = \"second\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo second\"\n",
+    );
     // The only executor is busy: the second run waits, on no agent, and says why.
     assert_eq!(second.status, RunStatus::Queued);
     assert_eq!(second.agent, "", "placed on a busy agent: {second:?}");
@@ -174,7 +176,11 @@ async fn a_run_waits_for_a_free_executor_and_starts_when_one_frees() {
         "{view:?}"
     );
     assert_eq!(
-        (view.labels[0].executors, view.labels[0].busy, view.labels[0].waiting),
+        (
+            view.labels[0].executors,
+            view.labels[0].busy,
+            view.labels[0].waiting
+        ),
         (1, 1, 1),
         "{view:?}"
     );
@@ -214,10 +220,16 @@ async fn higher_priority_goes_first_then_first_come_first_served() {
             "name = \"{name}\"\nagent = \"linux\"\npriority = {priority}\n[[step]]\nname = \"s\"\nrun = \"echo {name} >> ../order\"\n"
         )
     };
-    let ids: Vec<String> = [("low-1", 0), ("high", 10), ("mid", 5), ("low-2", 0), ("below", -1)]
-        .iter()
-        .map(|(n, p)| q.submit(&job(n, *p)).id)
-        .collect();
+    let ids: Vec<String> = [
+        ("low-1", 0),
+        ("high", 10),
+        ("mid", 5),
+        ("low-2", 0),
+        ("below", -1),
+    ]
+    .iter()
+    .map(|(n, p)| q.submit(&job(n, *p)).id)
+    .collect();
     let view = q.controller.queue_view();
     let order: Vec<(&str, usize)> = view
         .waiting
@@ -226,7 +238,13 @@ async fn higher_priority_goes_first_then_first_come_first_served() {
         .collect();
     assert_eq!(
         order,
-        [("high", 1), ("mid", 2), ("low-1", 3), ("low-2", 4), ("below", 5)],
+        [
+            ("high", 1),
+            ("mid", 2),
+            ("low-1", 3),
+            ("low-2", 4),
+            ("below", 5)
+        ],
         "{view:?}"
     );
     assert!(
@@ -258,7 +276,8 @@ async fn a_run_that_waits_longer_than_its_queue_timeout_ends_with_a_note() {
     );
     assert_eq!(r.status, RunStatus::Queued);
     // A run without a timeout of the same label waits on.
-    let patient = q.submit("name = \"patient\"\nagent = \"gpu\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n");
+    let patient =
+        q.submit("name = \"patient\"\nagent = \"gpu\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n");
     let r = wait_final(&q.controller, &r.id, Duration::from_secs(10)).await;
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert_eq!(r.status, RunStatus::Cancelled, "{r:?}");
@@ -279,8 +298,11 @@ async fn a_queued_run_can_be_cancelled_and_a_new_label_is_served_once_an_agent_d
     let mut q = controller(&["queue-a1", "queue-arm"]).await;
     q.agent("queue-a1", &["linux"], 1);
     q.wait_agents(1).await;
-    let doomed = q.submit("name = \"doomed\"\nagent = \"arm\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n");
-    let later = q.submit("name = \"later\"\nagent = \"arm\"\n[[step]]\nname = \"s\"\nrun = \"echo on arm\"\n");
+    let doomed =
+        q.submit("name = \"doomed\"\nagent = \"arm\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n");
+    let later = q.submit(
+        "name = \"later\"\nagent = \"arm\"\n[[step]]\nname = \"s\"\nrun = \"echo on arm\"\n",
+    );
     let view = q.controller.queue_view();
     assert!(
         view.waiting[0]
@@ -398,9 +420,8 @@ async fn a_burst_of_concurrent_submits_never_double_books_an_executor() {
         assert!(ran > 0, "{name} ran nothing");
     }
     assert_eq!(total, RUNS);
-    let (_, at_once) = most_at_once(
-        &std::fs::read_to_string(q.workspace("queue-b3").join("spans")).unwrap(),
-    );
+    let (_, at_once) =
+        most_at_once(&std::fs::read_to_string(q.workspace("queue-b3").join("spans")).unwrap());
     assert_eq!(at_once, 3, "3 executors run 3 steps at once");
 }
 

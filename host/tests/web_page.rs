@@ -434,8 +434,11 @@ fn drive(
         assert_eq!(v["status"], "queued", "{body}");
         v["id"].as_str().unwrap().to_string()
     };
-    let next = queued("name = \"next\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo next\"\n");
-    let gpu = queued("name = \"on-gpu\"\nagent = \"gpu\"\npriority = 5\n[[step]]\nname = \"s\"\nrun = \"true\"\n");
+    let next =
+        queued("name = \"next\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo next\"\n");
+    let gpu = queued(
+        "name = \"on-gpu\"\nagent = \"gpu\"\npriority = 5\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
+    );
     tab.navigate(&format!("http://{addr}/"));
     let rows = tab.wait_for(
         "both waiting runs in the queue panel",

@@ -300,14 +300,14 @@ pub async fn run_agent(
             }
             let handled = !delivered.is_empty();
             handle_orders(
-                    &cfg,
-                    &fencing,
-                    delivered,
-                    &mut cancels,
-                    &mut given,
-                    &out_tx,
-                    &executors,
-                );
+                &cfg,
+                &fencing,
+                delivered,
+                &mut cancels,
+                &mut given,
+                &out_tx,
+                &executors,
+            );
             if handled {
                 commit_handled(session, &link, &mut committed).await;
             }

@@ -232,7 +232,11 @@ impl Controller {
         // be working on them. Each agent gets `agent_lost_after` from now to come back.
         // (Runs still waiting for an agent go back in the queue: `restore_queue`.)
         let mut agents = HashMap::new();
-        for r in store.unfinished().into_iter().filter(|r| !r.agent.is_empty()) {
+        for r in store
+            .unfinished()
+            .into_iter()
+            .filter(|r| !r.agent.is_empty())
+        {
             tracing::info!(run = %r.id, agent = %r.agent, "in flight before the restart: waiting for its agent");
             agents.entry(r.agent).or_insert_with(AgentSlot::unknown);
         }

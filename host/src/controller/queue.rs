@@ -506,10 +506,7 @@ impl Controller {
     /// Why `e` waits, `ahead` runs of its label before it.
     fn why_waiting(&self, e: &Entry, ahead: usize, seats: &[Seat]) -> String {
         let label = &e.job.agent;
-        let labelled: Vec<&Seat> = seats
-            .iter()
-            .filter(|s| s.labels.contains(label))
-            .collect();
+        let labelled: Vec<&Seat> = seats.iter().filter(|s| s.labels.contains(label)).collect();
         if labelled.is_empty() {
             let known: BTreeSet<String> = self
                 .agents
