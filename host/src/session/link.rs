@@ -305,6 +305,9 @@ pub struct Introduced {
 /// Agent side: answer the challenge, check the controller's proof, then resync the
 /// session with the controller (afresh if the controller is a new process). Nothing of
 /// the session changes until the controller proved the secret.
+// What the agent declares (labels, logging methods, executors) is passed as it is
+// configured, each explicit at the call.
+#[allow(clippy::too_many_arguments)]
 pub async fn introduce(
     link: &Link,
     agent: &str,
