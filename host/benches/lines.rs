@@ -173,6 +173,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             heartbeat: trellis::session::link::DEFAULT_HEARTBEAT,
             logs: None,
             state_dir: None,
+            executors: 1,
         },
         stop,
     ));

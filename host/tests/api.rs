@@ -146,14 +146,6 @@ async fn the_api_end_to_end() {
     .await;
     assert_eq!(code, 400);
     assert!(body.contains("no steps"), "{body}");
-    let (code, body) = http(
-        addr,
-        "POST",
-        "/api/runs",
-        &JOB.replace("agent = \"linux\"", "agent = \"arm\""),
-    )
-    .await;
-    assert_eq!(code, 409, "{body}");
 
     // submit, then follow live until the end
     let (code, body) = http(addr, "POST", "/api/runs", JOB).await;
@@ -241,9 +233,59 @@ async fn the_api_end_to_end() {
     }
     assert_eq!(status, "cancelled");
 
+    // a label no agent has declared: accepted and queued (no 409), the queue says why;
+    // cancelled while it waits, it ends at once
+    let (code, body) = http(
+        addr,
+        "POST",
+        "/api/runs",
+        &JOB.replace("agent = \"linux\"", "agent = \"arm\""),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let arm = json(&body);
+    assert_eq!(
+        (arm["status"].as_str(), arm["agent"].as_str()),
+        (Some("queued"), Some("")),
+        "{body}"
+    );
+    assert_eq!(arm["label"], "arm", "{body}");
+    let arm = arm["id"].as_str().unwrap().to_string();
+    let (code, body) = http(addr, "GET", "/api/queue", "").await;
+    assert_eq!(code, 200, "{body}");
+    let q = json(&body);
+    assert_eq!(q["waiting"][0]["run"], arm.as_str(), "{body}");
+    assert_eq!(q["waiting"][0]["position"], 1, "{body}");
+    assert_eq!(q["waiting"][0]["label"], "arm", "{body}");
+    let reason = q["waiting"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no agent with label `arm` is connected")
+            && reason.contains("labels declared: linux"),
+        "{reason}"
+    );
+    assert_eq!(
+        http(addr, "POST", &format!("/api/runs/{arm}/cancel"), "")
+            .await
+            .0,
+        202
+    );
+    let (_, body) = http(addr, "GET", &format!("/api/runs/{arm}"), "").await;
+    assert_eq!(json(&body)["status"], "cancelled", "{body}");
+    assert!(
+        json(&body)["note"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled while queued"),
+        "{body}"
+    );
+    let (_, body) = http(addr, "GET", "/api/queue", "").await;
+    assert_eq!(json(&body)["waiting"], serde_json::json!([]), "{body}");
+
     // agents, plugins, metrics
     let (_, body) = http(addr, "GET", "/api/agents", "").await;
     assert_eq!(json(&body)[0]["name"], "agent-1");
+    assert_eq!(json(&body)[0]["executors"], 1, "{body}");
+    assert_eq!(json(&body)[0]["busy"], 0, "{body}");
     let (_, body) = http(addr, "GET", "/api/plugins", "").await;
     let names: Vec<_> = json(&body)
         .as_array()

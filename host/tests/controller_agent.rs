@@ -132,16 +132,24 @@ async fn failing_steps_timeouts_and_cancel() {
     let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Cancelled);
 
-    let err = s
+    // No agent has label `windows`: the run waits in the queue, saying why.
+    let waiting = s
         .controller
         .submit(&job(
             "name = \"x\"\nagent = \"windows\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
         ))
-        .unwrap_err();
+        .unwrap();
+    assert_eq!(
+        (waiting.status, waiting.agent.as_str()),
+        (RunStatus::Queued, "")
+    );
+    let q = s.controller.queue_view();
+    assert_eq!(q.waiting.len(), 1, "{q:?}");
     assert!(
-        err.to_string()
-            .contains("no connected agent has label `windows`"),
-        "{err}"
+        q.waiting[0]
+            .reason
+            .contains("no agent with label `windows` is connected"),
+        "{q:?}"
     );
 }
 
@@ -156,13 +164,21 @@ async fn a_wrong_agent_secret_is_refused_and_nothing_runs() {
         .unwrap_err();
     assert!(err.to_string().contains("wrong secret"), "{err}");
     assert!(s.controller.connected_agents().is_empty());
-    let e = s
+    // Nothing runs: a submitted run waits, never placed on the refused agent.
+    let r = s
         .controller
         .submit(&job(
             "name = \"x\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
         ))
-        .unwrap_err();
-    assert!(e.to_string().contains("no connected agent"));
+        .unwrap();
+    assert_eq!((r.status, r.agent.as_str()), (RunStatus::Queued, ""));
+    assert!(
+        s.controller.queue_view().waiting[0]
+            .reason
+            .contains("no agent with label `linux` is connected"),
+        "{:?}",
+        s.controller.queue_view()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,6 +557,7 @@ async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
         heartbeat: Duration::from_millis(200),
         logs: None,
         state_dir: None,
+        executors: 1,
     };
     tokio::spawn(trellis::agent::worker::run_agent(tcp, cfg, stop));
     wait_connected(&s.controller).await;

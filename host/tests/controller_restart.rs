@@ -107,6 +107,121 @@ fn a_run_survives_a_controller_restart_over_kafka() {
     });
 }
 
+/// Queued runs survive a controller restart. With the agent's one executor held by a
+/// run waiting on a gate file, two runs wait in the queue (one for a label no agent
+/// has, at a higher priority); the controller is SIGKILLed and started again on the same
+/// state directory. `trellis queue` shows both still waiting, in their order; the first
+/// runs once the executor frees, and the other waits on until `trellis cancel` ends it.
+#[test]
+fn queued_runs_survive_a_controller_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (controller_cfg, agent_cfg, http) =
+        write_configs(dir, &Transport::Tcp { port: free_port() });
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = dir.join("daemons.log");
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let mut controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    wait_for_agent(&server, &daemon_log);
+    let gate = dir.join("gate");
+    let submit = |name: &str, text: String| {
+        let job = dir.join(format!("{name}.toml"));
+        std::fs::write(&job, text).unwrap();
+        let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+        (out.trim().to_string(), err)
+    };
+    let (blocker, _) = submit(
+        "blocker",
+        format!(
+            "name = \"blocker\"\nagent = \"linux\"\n[[step]]\nname = \"wait\"\nrun = \"n=0; while [ ! -e {} ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done\"\n",
+            gate.display()
+        ),
+    );
+    wait_until("the blocker did not start", Duration::from_secs(30), || {
+        cli(&server, &["runs"])
+            .1
+            .lines()
+            .any(|l| l.contains(&blocker) && l.contains("running"))
+    });
+    let (next, said) = submit(
+        "next",
+        "name = \"next\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo next\"\n".into(),
+    );
+    assert!(
+        said.contains("queued for an agent with label `linux`"),
+        "{said}"
+    );
+    let (gpu, _) = submit(
+        "gpu",
+        "name = \"on-gpu\"\nagent = \"gpu\"\npriority = 1\n[[step]]\nname = \"s\"\nrun = \"true\"\n".into(),
+    );
+    let queue = || {
+        let (code, out, err) = cli(&server, &["queue"]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let before = queue();
+    let waiting = |out: &str| -> Vec<String> {
+        out.lines()
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(
+        waiting(&before),
+        [format!("1 {gpu}"), format!("2 {next}")],
+        "{before}"
+    );
+    assert!(
+        before.contains("the 1 executor of label `linux` is busy"),
+        "{before}"
+    );
+
+    controller.0.kill().unwrap(); // SIGKILL: no chance to save or say goodbye
+    controller.0.wait().unwrap();
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    // Back in the queue, in their order; once the agent is back, waiting for its
+    // executor again.
+    let mut after = String::new();
+    wait_until(
+        "the queue after the restart",
+        Duration::from_secs(30),
+        || {
+            after = cli(&server, &["queue"]).1;
+            after.contains("the 1 executor of label `linux` is busy")
+        },
+    );
+    assert_eq!(
+        waiting(&after),
+        [format!("1 {gpu}"), format!("2 {next}")],
+        "{after}\n{}",
+        logs()
+    );
+    assert!(
+        after.contains("no agent with label `gpu` is connected"),
+        "{after}"
+    );
+
+    std::fs::write(&gate, "").unwrap();
+    wait_for_success(&server, &blocker, Duration::from_secs(60), &daemon_log);
+    wait_for_success(&server, &next, Duration::from_secs(60), &daemon_log);
+    let (code, out, _) = cli(&server, &["logs", &next]);
+    assert_eq!((code, out.as_str()), (0, "next\n"));
+    assert!(waiting(&queue()) == [format!("1 {gpu}")], "{}", queue());
+    let (code, _, err) = cli(&server, &["cancel", &gpu]);
+    assert_eq!(code, 0, "{err}");
+    let runs = cli(&server, &["runs"]).1;
+    assert!(
+        runs.lines()
+            .any(|l| l.contains(&gpu) && l.contains("cancelled")),
+        "{runs}"
+    );
+    assert!(queue().starts_with("No runs waiting."), "{}", queue());
+}
+
 /// The durable log buffer: the logging plugin fails every write (a store that is down)
 /// for a whole run, and the controller is SIGKILLed while the run's output and close are
 /// still owed to it. The run still succeeds (logging does not fail builds); once the

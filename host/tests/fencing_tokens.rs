@@ -68,6 +68,7 @@ fn agent(dir: &Path, to: &Active) -> tokio::sync::watch::Sender<bool> {
         heartbeat: Duration::from_millis(200),
         logs: None,
         state_dir: Some(dir.join("agent-state")),
+        executors: 1,
     };
     tokio::spawn(trellis::agent::worker::run_agent(
         to.transport.clone(),

@@ -83,6 +83,18 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
     );
 
     let run = start_counting_run(dir, &server_a, LINES);
+    // A second run waits for the agent's one executor: queued, it must survive the
+    // failover too, and run under B once the first ends.
+    let queued_job = dir.join("queued.toml");
+    std::fs::write(
+        &queued_job,
+        "name = \"waits\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo ran after the failover\"\n",
+    )
+    .unwrap();
+    let (code, queued, err) = cli(&server_a, &["run", queued_job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("queued"), "{err}");
+    let queued = queued.trim().to_string();
     let killed_at = trellis::protocol::now_ms();
     a.0.kill().unwrap(); // SIGKILL mid-step
     a.0.wait().unwrap();
@@ -135,8 +147,11 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
         "{metrics}"
     );
 
-    // The run completes under B, its log whole.
+    // The run completes under B, its log whole; then the queued one runs.
     assert_run_whole(&server_b, run, LINES, &daemon_log);
+    wait_for_success(&server_b, &queued, Duration::from_secs(60), &daemon_log);
+    let (code, out, _) = cli(&server_b, &["logs", &queued]);
+    assert_eq!((code, out.as_str()), (0, "ran after the failover\n"));
     // The state directory knows B's token is the newest.
     let token: u64 = std::fs::read_to_string(dir.join("state/fencing-token"))
         .unwrap()

@@ -88,6 +88,7 @@ fn spawn_agent(
         heartbeat: Duration::from_millis(500),
         logs: None,
         state_dir: None,
+        executors: 1,
     };
     tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
     stop_tx
@@ -561,6 +562,7 @@ async fn a_wrong_agent_secret_is_refused_over_kafka() {
         heartbeat: Duration::from_millis(500),
         logs: None,
         state_dir: None,
+        executors: 1,
     };
     let refused = tokio::time::timeout(
         Duration::from_secs(60),
@@ -598,6 +600,7 @@ async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work()
             heartbeat: Duration::from_millis(500),
             logs: None,
             state_dir: None,
+            executors: 1,
         };
         tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop))
     };
@@ -675,6 +678,7 @@ async fn twenty_agents_on_one_broker_run_jobs_at_once_with_complete_logs() {
             heartbeat: Duration::from_millis(500),
             logs: None,
             state_dir: None,
+            executors: 1,
         };
         tokio::spawn(trellis::agent::worker::run_agent(kafka.clone(), cfg, stop));
         stops.push(stop_tx);

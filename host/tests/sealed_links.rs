@@ -318,6 +318,7 @@ async fn a_transport_plugin_cannot_forge_orders_or_plant_a_fencing_token() {
             heartbeat: Duration::from_millis(200),
             logs: None,
             state_dir: Some(state.clone()),
+            executors: 1,
         },
         stop,
     ));
@@ -413,6 +414,7 @@ async fn a_second_connection_supersedes_cleanly_with_no_wedge_and_no_busy_loop()
         "agent-1",
         &["linux".to_string()],
         &[],
+        1,
         "agent-secret",
         vec![],
         &mut rogue,

@@ -45,7 +45,7 @@ async fn handshake(
     let controller_link = listener.accept(2000).await.unwrap().expect("accepted");
     let labels = ["linux".to_string()];
     let (agent_side, controller_side) = tokio::join!(
-        introduce(&agent_link, agent, &labels, &[], secret, vec![], a),
+        introduce(&agent_link, agent, &labels, &[], 1, secret, vec![], a),
         async {
             let accepted = challenge(&controller_link, "epoch-1", secrets).await?;
             c.resync(accepted.hello.received);
@@ -194,6 +194,7 @@ async fn output_survives_a_cut_link_exactly_once_in_order() {
             "agent-1",
             &[],
             &[],
+            1,
             "right-secret",
             vec![],
             &mut agent,

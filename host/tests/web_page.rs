@@ -419,12 +419,65 @@ fn drive(
 
     // sample 1: everything before the first gate (12 lines), the run still live
     tab.wait_for("the first 12 lines", &format!("{LINES} === 12"), t);
-    let first = tab.eval(LINES).as_u64().unwrap();
     assert!(
         live(&controller, &id),
         "the run must still be waiting on gate 1"
     );
     assert_eq!(tab.eval("document.body.dataset.log"), "following");
+
+    // the queue panel: with agent-1's one executor busy, a second run waits, and so
+    // does one for a label no agent has declared; each row says why
+    let queued = |job: &str| {
+        let (code, _, body) = http(addr, "POST", "/api/runs", &op, job);
+        assert_eq!(code, 201, "{body}");
+        let v = serde_json::from_str::<Value>(&body).unwrap();
+        assert_eq!(v["status"], "queued", "{body}");
+        v["id"].as_str().unwrap().to_string()
+    };
+    let next =
+        queued("name = \"next\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo next\"\n");
+    let gpu = queued(
+        "name = \"on-gpu\"\nagent = \"gpu\"\npriority = 5\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
+    );
+    tab.navigate(&format!("http://{addr}/"));
+    let rows = tab.wait_for(
+        "both waiting runs in the queue panel",
+        "document.querySelectorAll('#queue-runs tbody tr').length === 2 && \
+         [...document.querySelectorAll('#queue-runs tbody tr')].map(r => r.dataset.run + ': ' + r.innerText)",
+        t,
+    );
+    let rows: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    // higher priority first
+    assert!(rows[0].starts_with(&format!("{gpu}: 1")), "{rows:?}");
+    assert!(
+        rows[0].contains("no agent with label `gpu` is connected")
+            && rows[0].contains("none has declared it")
+            && rows[0].contains("linux"),
+        "{rows:?}"
+    );
+    assert!(rows[1].starts_with(&format!("{next}: 2")), "{rows:?}");
+    assert!(
+        rows[1].contains("the 1 executor of label `linux` is busy"),
+        "{rows:?}"
+    );
+    let summary = tab.eval("document.getElementById('queue-summary').textContent");
+    assert!(
+        summary
+            .as_str()
+            .unwrap()
+            .contains("linux: 1/1 executors busy, 1 waiting"),
+        "{summary}"
+    );
+    // back to the run, still waiting on gate 1
+    tab.navigate(&format!("http://{addr}/runs/{id}"));
+    tab.wait_for("the first 12 lines again", &format!("{LINES} === 12"), t);
+    let first = tab.eval(LINES).as_u64().unwrap();
+    assert!(live(&controller, &id));
     std::fs::write(gates.join("gate1"), "").unwrap();
 
     // sample 2: more lines arrived over the live follow, the run still live (gate 2)
@@ -541,8 +594,28 @@ fn drive(
         t,
     );
 
-    // the runs list shows the run
+    // the queued run took the freed executor and ran; the gpu run waits until cancelled
+    let placed = Instant::now();
+    while controller.run(&next).unwrap().agent.is_empty() {
+        assert!(placed.elapsed() < t, "{:?}", controller.run(&next));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = controller.run(&next).unwrap();
+    assert_eq!(r.agent, "agent-1", "{r:?}");
+    let (code, _, body) = http(addr, "POST", &format!("/api/runs/{gpu}/cancel"), &op, "");
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(
+        controller.run(&gpu).unwrap().status,
+        trellis::controller::state::RunStatus::Cancelled
+    );
+
+    // the runs list shows the run, and the queue panel that nothing waits
     tab.navigate(&format!("http://{addr}/"));
+    tab.wait_for(
+        "an empty queue",
+        "document.getElementById('queue-summary')?.textContent.startsWith('Nothing waits')",
+        t,
+    );
     let row = tab.wait_for(
         "the run in the runs list",
         &format!("document.querySelector('#runs tr[data-run=\"{id}\"]')?.innerText"),

@@ -134,6 +134,10 @@ pub struct AgentConfig {
     /// The agent's own state: the newest fencing token seen, agent-side log buffers.
     /// None: `<workspace>/.trellis`.
     pub state_dir: Option<PathBuf>,
+    /// How many runs this agent runs at once (`[agent] executors`, at least 1),
+    /// declared in its hello: the controller places no more on it, and the agent
+    /// itself starts no more (an order beyond it waits for a run to end).
+    pub executors: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +157,7 @@ pub async fn run_agent(
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
     let mut cancels: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut given: VecDeque<String> = VecDeque::new();
+    let executors = Arc::new(tokio::sync::Semaphore::new(cfg.executors.max(1) as usize));
     let mut backoff = Duration::from_millis(100);
     let mut refusals = 0;
     let state_dir = cfg
@@ -192,6 +197,7 @@ pub async fn run_agent(
             &cfg.name,
             &cfg.labels,
             &log_methods,
+            cfg.executors,
             &cfg.secret,
             given.iter().cloned().collect(),
             &mut agent_session,
@@ -281,11 +287,27 @@ pub async fn run_agent(
                 }
                 // What opened before a bad frame is genuine: handle it below, then
                 // reconnect.
-                handle_orders(&cfg, &fencing, delivered, &mut cancels, &mut given, &out_tx);
+                handle_orders(
+                    &cfg,
+                    &fencing,
+                    delivered,
+                    &mut cancels,
+                    &mut given,
+                    &out_tx,
+                    &executors,
+                );
                 break;
             }
             let handled = !delivered.is_empty();
-            handle_orders(&cfg, &fencing, delivered, &mut cancels, &mut given, &out_tx);
+            handle_orders(
+                &cfg,
+                &fencing,
+                delivered,
+                &mut cancels,
+                &mut given,
+                &out_tx,
+                &executors,
+            );
             if handled {
                 commit_handled(session, &link, &mut committed).await;
             }
@@ -345,6 +367,7 @@ fn handle_orders(
     cancels: &mut HashMap<String, watch::Sender<bool>>,
     given: &mut VecDeque<String>,
     out_tx: &mpsc::Sender<Vec<u8>>,
+    executors: &Arc<tokio::sync::Semaphore>,
 ) {
     for (_, payload) in delivered {
         match serde_json::from_slice::<ToAgent>(&payload) {
@@ -379,7 +402,28 @@ fn handle_orders(
                 }
                 given.push_back(order.run.clone());
                 let out = out_tx.clone();
-                tokio::spawn(run(order, cfg.workspace.clone(), out, cfg.logs.clone(), rx));
+                let (workspace, logs) = (cfg.workspace.clone(), cfg.logs.clone());
+                let executor = executors.clone();
+                tokio::spawn(async move {
+                    // One executor per run: an order beyond them waits for a run to end
+                    // (the controller places no more than that; this holds it here too).
+                    let mut cancelled = rx.clone();
+                    let held = tokio::select! {
+                        held = executor.acquire_owned() => held.ok(),
+                        Ok(_) = cancelled.wait_for(|c| *c) => None,
+                    };
+                    match held {
+                        Some(_executor) => run(order, workspace, out, logs, rx).await,
+                        None => {
+                            let ended = ToController::RunFinished {
+                                run: order.run,
+                                outcome: RunOutcome::Cancelled,
+                                lines: 0,
+                            };
+                            let _ = out.send(protocol::encode(&ended, &[])).await;
+                        }
+                    }
+                });
             }
             Ok(ToAgent::Cancel { run, .. }) => {
                 if let Some(c) = cancels.get(&run) {

@@ -99,6 +99,7 @@ pub const RULES: &[(&str, &str, Rule)] = &[
         "/api/runs/{id}/artifacts/{*name}",
         Rule::Needs(Role::Viewer),
     ),
+    ("GET", "/api/queue", Rule::Needs(Role::Viewer)),
     ("GET", "/api/agents", Rule::Needs(Role::Viewer)),
     ("GET", "/api/plugins", Rule::Needs(Role::Viewer)),
     (

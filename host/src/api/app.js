@@ -131,6 +131,40 @@ function ansi(text, st) {
   return out;
 }
 
+// ---- the queue: what waits for an agent, and why ------------------------------------------
+const waitedFor = (ms) => duration({ created_ms: 0, finished_ms: ms });
+
+function queuePanel() {
+  const heads = ["#", "run", "job", "label", "priority", "waited", "why it waits"];
+  const tbody = el("tbody");
+  const summary = el("p", { class: "muted", id: "queue-summary" });
+  const panel = el("section", { id: "queue" },
+    el("h3", {}, "Queue"),
+    el("table", { id: "queue-runs" }, el("thead", {}, el("tr", {}, ...heads.map((h) => el("th", {}, h)))), tbody),
+    summary);
+  async function refresh() {
+    try {
+      const q = await getJSON("/api/queue");
+      tbody.replaceChildren(
+        ...q.waiting.map((w) =>
+          el("tr", { "data-run": w.run },
+            el("td", {}, String(w.position)),
+            el("td", {}, el("a", { href: runHref(w.run) }, w.run)),
+            el("td", {}, w.job),
+            el("td", {}, w.label),
+            el("td", {}, String(w.priority)),
+            el("td", {}, waitedFor(w.waited_ms)),
+            el("td", { class: "reason" }, w.reason))),
+      );
+      const seats = q.labels.map((l) => `${l.label}: ${l.busy}/${l.executors} executors busy, ${l.waiting} waiting`);
+      summary.textContent = (q.waiting.length ? "" : "Nothing waits for an agent. ") + seats.join(" · ");
+    } catch (e) {
+      summary.textContent = "Could not load the queue: " + e.message;
+    }
+  }
+  return { panel, refresh };
+}
+
 // ---- the runs list -----------------------------------------------------------------------
 function showList() {
   where.textContent = "runs";
@@ -138,11 +172,15 @@ function showList() {
   const heads = ["run", "job", "status", "agent", "submitted", "duration"];
   const tbody = el("tbody");
   const msg = el("p", { class: "muted" });
+  const queue = queuePanel();
   app.replaceChildren(
+    queue.panel,
+    el("h3", {}, "Runs"),
     el("table", { id: "runs" }, el("thead", {}, el("tr", {}, ...heads.map((h) => el("th", {}, h)))), tbody),
     msg,
   );
   async function refresh() {
+    queue.refresh();
     try {
       const runs = await getJSON("/api/runs");
       tbody.replaceChildren(

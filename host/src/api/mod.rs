@@ -6,14 +6,15 @@
 //! | `GET /`, `GET /runs/{id}` | the web page (`page.html`): the runs list, or one run with its live log |
 //! | `GET /app.js` | the page's script (`app.js`; separate so the page's CSP can say `script-src 'self'`) |
 //! | `GET /api/runs` | every run, oldest first |
-//! | `POST /api/runs` (body: a job file, TOML) | submit: 201 with the run; 400 naming each mistake; 409 when no agent can take it |
+//! | `POST /api/runs` (body: a job file, TOML) | submit: 201 with the run, `queued` until an agent with the job's label has a free executor (a label no agent has declared waits too: `/api/queue` says so); 400 naming each mistake; 507 when the state directory is full |
 //! | `GET /api/runs/{id}` | one run with its steps |
-//! | `POST /api/runs/{id}/cancel` | 202; 409 if it already ended |
+//! | `POST /api/runs/{id}/cancel` | 202 (a queued run ends at once, `cancelled`); 409 if it already ended |
 //! | `GET /api/runs/{id}/log?cursor=&limit=&step=&tail=` | a page of events and the cursor to continue from, with completeness |
 //! | `GET /api/runs/{id}/log/follow?step=&cursor=` | SSE: `line` events (from `cursor`, a page's `next`, if given) until the run ended and its log is complete, then `end`; at most `FOLLOW_BYTES_PER_SECOND`; `abort` (naming the browser) ends it when the browser's answer cannot be used, e.g. a cursor that does not advance |
 //! | `GET /api/runs/{id}/artifacts` | the run's artifacts: name, step, size, sha256 |
 //! | `GET /api/runs/{id}/artifacts/{name}` | download one (`name` may contain `/`); `x-checksum-sha256` header |
-//! | `GET /api/agents` | connected agents and their labels |
+//! | `GET /api/queue` | the runs waiting for an agent, in the order they will be placed: `{waiting: [{position, run, job, label, priority, queued_at_ms, waited_ms, queue_timeout_ms, reason}], labels: [{label, agents, executors, busy, waiting}]}`; `reason` says why, e.g. "all 3 executors of label `linux` are busy" |
+//! | `GET /api/agents` | connected agents: name, labels, executors, busy (executors in use) |
 //! | `GET /api/plugins` | loaded plugins: points, version serving new work, generation, health, call counts, budget (instances and memory in use against the caps, refusals per limit) |
 //! | `POST /api/plugins/{name}/reload` | hot reload: the new code is tried on a canary first; 200 with the new version, 422 naming why it is refused (the old one keeps serving) |
 //! | `GET /metrics` | Prometheus text: per-plugin metrics (and the HA role's) |
@@ -166,6 +167,7 @@ pub fn api_routes() -> Routes<Arc<Api>> {
         .get("/api/runs/{id}/log/follow", follow)
         .get("/api/runs/{id}/artifacts", list_artifacts)
         .get("/api/runs/{id}/artifacts/{*name}", download_artifact)
+        .get("/api/queue", queue)
         .get("/api/agents", agents)
         .get("/api/plugins", plugins)
         .post("/api/plugins/{name}/reload", reload_plugin)
@@ -488,12 +490,11 @@ async fn submit(
     };
     match api.controller.submit_as(&job, &caller.name) {
         Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),
-        Err(e @ crate::controller::SubmitError::NoAgent(_)) => {
-            error(StatusCode::CONFLICT, e.to_string())
-        }
-        Err(e @ crate::controller::SubmitError::Secret(_)) => {
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
+        Err(
+            e @ (crate::controller::SubmitError::Secret(_)
+            | crate::controller::SubmitError::UnknownLogPlugin { .. }
+            | crate::controller::SubmitError::NoAgentWithLogMethod { .. }),
+        ) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ crate::controller::SubmitError::StateFull { .. }) => {
             // 507: the state directory's disk is full; a retry later can succeed.
             let mut r = error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
@@ -883,9 +884,18 @@ async fn agents(State(api): State<Arc<Api>>) -> Response {
         .controller
         .connected_agents()
         .into_iter()
-        .map(|(name, labels)| serde_json::json!({ "name": name, "labels": labels }))
+        .map(|(name, labels)| {
+            let (executors, busy) = api.controller.executors_of(&name).unwrap_or((1, 0));
+            serde_json::json!({ "name": name, "labels": labels, "executors": executors, "busy": busy })
+        })
         .collect();
     Json(list).into_response()
+}
+
+/// The runs waiting for an agent, in the order they will be placed, each with why it
+/// waits; and the executors of each label.
+async fn queue(State(api): State<Arc<Api>>) -> Json<crate::controller::queue::QueueView> {
+    Json(api.controller.queue_view())
 }
 
 async fn plugins(State(api): State<Arc<Api>>) -> Response {

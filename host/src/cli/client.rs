@@ -314,11 +314,14 @@ pub async fn run(server: &Server, job: &std::path::Path, follow: bool) -> anyhow
         return Err(fail(status, &v));
     }
     let id = v["id"].as_str().unwrap_or_default().to_string();
-    eprintln!(
-        "trellis: run {id} of job `{}` on {}",
-        v["job"].as_str().unwrap_or_default(),
-        v["agent"].as_str().unwrap_or_default()
-    );
+    let job = v["job"].as_str().unwrap_or_default();
+    match v["agent"].as_str().filter(|a| !a.is_empty()) {
+        Some(agent) => eprintln!("trellis: run {id} of job `{job}` on {agent}"),
+        None => eprintln!(
+            "trellis: run {id} of job `{job}` queued for an agent with label `{}` (`trellis queue` says why it waits)",
+            v["label"].as_str().unwrap_or_default()
+        ),
+    }
     if !follow {
         println!("{id}");
         return Ok(ExitCode::SUCCESS);
@@ -406,6 +409,67 @@ pub async fn runs(server: &Server) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn queue(server: &Server, json: bool) -> anyhow::Result<ExitCode> {
+    let (status, v) = server.get("/api/queue").await?;
+    if status != 200 {
+        return Err(fail(status, &v));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let waiting = v["waiting"].as_array().cloned().unwrap_or_default();
+    if waiting.is_empty() {
+        println!("No runs waiting.");
+    } else {
+        println!(
+            "{:<4} {:<10} {:<24} {:<12} {:>8} {:>8}  WHY",
+            "POS", "RUN", "JOB", "LABEL", "PRIORITY", "WAITED"
+        );
+    }
+    for w in &waiting {
+        println!(
+            "{:<4} {:<10} {:<24} {:<12} {:>8} {:>8}  {}",
+            w["position"].to_string(),
+            w["run"].as_str().unwrap_or_default(),
+            w["job"].as_str().unwrap_or_default(),
+            w["label"].as_str().unwrap_or_default(),
+            w["priority"].to_string(),
+            waited(w["waited_ms"].as_i64().unwrap_or(0)),
+            w["reason"].as_str().unwrap_or_default()
+        );
+    }
+    let labels = v["labels"].as_array().cloned().unwrap_or_default();
+    if !labels.is_empty() {
+        println!();
+        println!(
+            "{:<12} {:>6} {:>9} {:>5} {:>7}",
+            "LABEL", "AGENTS", "EXECUTORS", "BUSY", "WAITING"
+        );
+        for l in &labels {
+            println!(
+                "{:<12} {:>6} {:>9} {:>5} {:>7}",
+                l["label"].as_str().unwrap_or_default(),
+                l["agents"].to_string(),
+                l["executors"].to_string(),
+                l["busy"].to_string(),
+                l["waiting"].to_string()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A wait, short: 42s, 3m05s, 2h10m.
+fn waited(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
+    }
 }
 
 pub async fn logs(
@@ -496,7 +560,7 @@ pub async fn agents(server: &Server) -> anyhow::Result<ExitCode> {
     if status != 200 {
         return Err(fail(status, &v));
     }
-    println!("{:<16} LABELS", "AGENT");
+    println!("{:<16} {:>9} {:>5}  LABELS", "AGENT", "EXECUTORS", "BUSY");
     for a in v.as_array().into_iter().flatten() {
         let labels: Vec<_> = a["labels"]
             .as_array()
@@ -505,8 +569,10 @@ pub async fn agents(server: &Server) -> anyhow::Result<ExitCode> {
             .filter_map(|l| l.as_str())
             .collect();
         println!(
-            "{:<16} {}",
+            "{:<16} {:>9} {:>5}  {}",
             a["name"].as_str().unwrap_or_default(),
+            a["executors"].to_string(),
+            a["busy"].to_string(),
             labels.join(",")
         );
     }

@@ -320,6 +320,7 @@ pub async fn agent(file: &Path, check_only: bool) -> anyhow::Result<ExitCode> {
             heartbeat: a.heartbeat.0,
             logs,
             state_dir: Some(a.state_dir()),
+            executors: a.executors,
         },
         stop,
     );

@@ -84,7 +84,20 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Cancel a run.
+    /// Show the runs waiting for an agent, in the order they will be placed, and why each
+    /// waits (no agent with its label connected, or all of the label's executors busy);
+    /// then each label's executors. A waiting run can be cancelled (`trellis cancel RUN`).
+    #[command(
+        after_help = "A submitted run waits `queued` until an agent with the job's label has a free executor ([agent] executors, default 1). Higher job `priority` goes first, then first submitted first; a job's `queue-timeout` ends a run that waited longer."
+    )]
+    Queue {
+        /// Print the JSON of GET /api/queue instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel a run (a queued one ends at once).
     Cancel {
         run: String,
         #[command(flatten)]
@@ -393,6 +406,7 @@ pub fn run(cli: Cli) -> ExitCode {
             } => daemon::agent(&config, check_config).await,
             Command::Run { job, follow, conn } => client::run(&conn.server()?, &job, follow).await,
             Command::Runs { conn } => client::runs(&conn.server()?).await,
+            Command::Queue { json, conn } => client::queue(&conn.server()?, json).await,
             Command::Logs {
                 run,
                 step,

@@ -155,6 +155,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             heartbeat: crate::session::link::DEFAULT_HEARTBEAT,
             logs: None,
             state_dir: None,
+            executors: 1,
         };
         tokio::spawn(run_agent(tcp.clone(), cfg, stop.clone()));
     }

@@ -190,6 +190,16 @@ pub struct AgentSection {
     /// output is held back, never dropped.
     #[serde(default = "default_log_buffer_limit")]
     pub log_buffer_limit: ByteSize,
+    /// How many runs this agent runs at once; the controller places no more on it.
+    #[serde(default = "default_executors")]
+    pub executors: u32,
+}
+
+/// Most executors one agent may declare (`[agent] executors`).
+pub const MAX_EXECUTORS: u32 = 1024;
+
+fn default_executors() -> u32 {
+    1
 }
 
 impl AgentSection {
@@ -650,6 +660,16 @@ impl DaemonConfig {
             }
         }
         if let Some(a) = &self.agent {
+            if !(1..=MAX_EXECUTORS).contains(&a.executors) {
+                out.push(Problem {
+                    field: "agent.executors".into(),
+                    problem: format!(
+                        "{} executors: an agent runs from 1 to {MAX_EXECUTORS} runs at once",
+                        a.executors
+                    ),
+                    fix: "set executors = 1 (one run at a time, the default) or more, e.g. the number of cores".into(),
+                });
+            }
             if a.name.is_empty() {
                 out.push(Problem {
                     field: "agent.name".into(),
@@ -976,6 +996,25 @@ mod tests {
         );
         let p = controller("tls = { cert = \"/c\" }");
         assert!(p[0].contains("key"), "{p:?}");
+    }
+
+    #[test]
+    fn an_agent_runs_at_least_one_run_at_a_time() {
+        let agent = |extra: &str| {
+            problems(&format!(
+                "[secrets]\nfile = \"/etc/passwd\"\n[agent]\nname = \"a\"\nsecret = \"s\"\nworkspace = \"/tmp\"\n{extra}"
+            ))
+        };
+        assert!(agent("").is_empty(), "{:?}", agent(""));
+        assert!(agent("executors = 4").is_empty());
+        for bad in ["executors = 0", "executors = 5000"] {
+            let p = agent(bad);
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(
+                p[0].contains("agent.executors") && p[0].contains("fix:"),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

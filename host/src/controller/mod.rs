@@ -2,6 +2,7 @@
 //! state directory and sends run output to the logging method.
 
 pub mod artifacts;
+pub mod queue;
 pub mod state;
 
 use crate::ha::token::StateGate;
@@ -12,7 +13,7 @@ use crate::points::bindings::logging_method::Side;
 use crate::points::bindings::types::LogMetadata;
 use crate::points::log_set::{self, LeftBehind, LogSet, OpenLog};
 use crate::points::transport::{self, Link, Listener};
-use crate::protocol::{self, AgentLog, RunOrder, RunOutcome, StepOrder, ToAgent, ToController};
+use crate::protocol::{self, RunOutcome, ToAgent, ToController};
 use crate::runtime::Plugin;
 use crate::session::Session;
 use crate::session::link::{
@@ -76,10 +77,6 @@ pub enum Update {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    #[error(
-        "no connected agent has label `{0}`; start one with that label or change the job's `agent`"
-    )]
-    NoAgent(String),
     #[error(transparent)]
     Secret(#[from] SecretRefusal),
     #[error(
@@ -93,7 +90,7 @@ pub enum SubmitError {
         loaded: String,
     },
     #[error(
-        "no connected agent with label `{label}` has logging method `{method}`, which writes from the agent; add it to those agents' [agent] logging-methods (with its grants), or choose another method"
+        "no agent with label `{label}` has logging method `{method}`, which writes from the agent; add it to those agents' [agent] logging-methods (with its grants), or choose another method"
     )]
     NoAgentWithLogMethod { label: String, method: String },
     #[error("cannot record the run: {0}")]
@@ -108,6 +105,8 @@ pub enum SubmitError {
 
 struct AgentSlot {
     labels: Vec<String>,
+    /// How many runs it runs at once (`Hello::executors`).
+    executors: u32,
     /// The agent-side logging methods the agent has loaded (see `Hello::log_methods`).
     log_methods: Vec<String>,
     connected: bool,
@@ -128,6 +127,7 @@ impl AgentSlot {
         let (tx, rx) = mpsc::channel(1024);
         AgentSlot {
             labels: vec![],
+            executors: 1,
             log_methods: vec![],
             connected: false,
             away_since: Some(Instant::now()),
@@ -166,6 +166,8 @@ pub struct Controller {
     /// Browser names jobs may name, the default first.
     browsers: Vec<String>,
     store: RunStore,
+    /// Runs waiting for an agent, and the executors each agent has busy.
+    queue: queue::Queue,
     agents: Mutex<HashMap<String, AgentSlot>>,
     /// Identifies this controller process to agents (a new one: sessions start afresh).
     epoch: String,
@@ -228,11 +230,17 @@ impl Controller {
         }
         // Runs in flight when the last controller process stopped: their agents may still
         // be working on them. Each agent gets `agent_lost_after` from now to come back.
+        // (Runs still waiting for an agent go back in the queue: `restore_queue`.)
         let mut agents = HashMap::new();
-        for r in store.all().into_iter().filter(|r| !r.status.is_final()) {
+        for r in store
+            .unfinished()
+            .into_iter()
+            .filter(|r| !r.agent.is_empty())
+        {
             tracing::info!(run = %r.id, agent = %r.agent, "in flight before the restart: waiting for its agent");
             agents.entry(r.agent).or_insert_with(AgentSlot::unknown);
         }
+        let queue = queue::Queue::open(&cfg.state_dir)?;
         let listener = transport::listen(transport_plugin.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for agents: {e}"))?;
@@ -250,6 +258,7 @@ impl Controller {
             default_method,
             browsers: logging.browsers,
             store,
+            queue,
             agents: Mutex::new(agents),
             epoch: hex::encode(&crate::session::auth::nonce()[..8]),
             updates,
@@ -272,6 +281,8 @@ impl Controller {
             }
         }));
         c.take_over_log_buffers().await?;
+        c.restore_queue();
+        tokio::spawn(c.clone().place_forever());
         tokio::spawn(c.clone().accept_loop(listener, transport_plugin));
         tokio::spawn(c.clone().watch_agents());
         tokio::spawn(c.logs.clone().retry_forever());
@@ -414,7 +425,20 @@ impl Controller {
         v
     }
 
-    /// Place a run of `job` on a connected agent carrying its label.
+    /// A connected agent's executors: (declared, busy). None: not connected.
+    pub fn executors_of(&self, agent: &str) -> Option<(u32, usize)> {
+        let declared = self
+            .agents
+            .lock()
+            .unwrap()
+            .get(agent)
+            .filter(|s| s.connected)
+            .map(|s| s.executors)?;
+        Some((declared, self.busy_executors(agent)))
+    }
+
+    /// Submit a run of `job`: it is recorded `queued` and placed on a connected agent
+    /// with its label as soon as one has a free executor (see `queue`).
     pub fn submit(&self, job: &Job) -> Result<RunRecord, SubmitError> {
         self.submit_as(job, "")
     }
@@ -422,93 +446,52 @@ impl Controller {
     /// Submit on behalf of `submitted_by` (an API token's name), kept in the record.
     pub fn submit_as(&self, job: &Job, submitted_by: &str) -> Result<RunRecord, SubmitError> {
         let log = self.locate(job)?;
-        let mut env: Vec<(String, String)> = job
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let secrets = self.cfg.secrets.resolve(job)?;
-        let mask = secrets.iter().map(|(_, v)| v.clone()).collect();
-        env.extend(secrets);
-        let (agent, agent_session) = {
+        // Checked now (a job naming a secret it may not use is refused at once); the
+        // values are resolved again when the run is placed, and never kept on disk.
+        self.cfg.secrets.resolve(job)?;
+        if log.on_agent {
+            // Agents known with the label, none of which has the agent-side logging
+            // method: the run could only wait for good.
             let a = self.agents.lock().unwrap();
-            let labelled = |s: &&AgentSlot| s.connected && s.labels.contains(&job.agent);
-            // An agent-side method must be loaded on the agent that runs the job.
-            let can_log = |s: &AgentSlot| !log.on_agent || s.log_methods.contains(&log.method);
-            let mut candidates: Vec<_> = a
-                .iter()
-                .filter(|(_, s)| labelled(s) && can_log(s))
-                .map(|(n, _)| n.clone())
-                .collect();
-            if candidates.is_empty() && a.values().any(|s| labelled(&s)) {
+            let mut labelled = a.values().filter(|s| s.labels.contains(&job.agent));
+            let any = labelled.clone().next().is_some();
+            if any && !labelled.any(|s| s.log_methods.contains(&log.method)) {
                 return Err(SubmitError::NoAgentWithLogMethod {
                     label: job.agent.clone(),
                     method: log.method.clone(),
                 });
             }
-            candidates.sort();
-            let busy = self.store.busy_agents();
-            let agent = candidates
-                .iter()
-                .find(|n| !busy.contains(*n))
-                .or(candidates.first())
-                .cloned()
-                .ok_or_else(|| SubmitError::NoAgent(job.agent.clone()))?;
-            let session = a[&agent].agent_session.clone();
-            (agent, session)
+        }
+        let state_error = |error: std::io::Error| {
+            if state::is_no_space(&error) {
+                SubmitError::StateFull {
+                    dir: self.store.state_dir().to_path_buf(),
+                    error,
+                }
+            } else {
+                SubmitError::State(error)
+            }
         };
         let record = self
             .store
-            .create(job, &agent, &agent_session, log, submitted_by)
-            .map_err(|error| {
-                if state::is_no_space(&error) {
-                    SubmitError::StateFull {
-                        dir: self.store.state_dir().to_path_buf(),
-                        error,
-                    }
-                } else {
-                    SubmitError::State(error)
-                }
-            })?;
-        let order = RunOrder {
-            run: record.id.clone(),
-            job: job.name.clone(),
-            steps: job
-                .steps
-                .iter()
-                .map(|s| StepOrder {
-                    name: s.name.clone(),
-                    run: s.run.clone(),
-                    timeout_ms: s.timeout.as_millis() as u64,
-                    workdir: s.workdir.as_ref().map(|p| p.display().to_string()),
-                    artifacts: s.artifacts.clone(),
-                })
-                .collect(),
-            env,
-            mask,
-            log_limit: job.log_limit,
-            multiline_start: job
-                .multiline_start
-                .clone()
-                .or_else(|| self.cfg.multiline_start.clone()),
-            agent_log: record.log.on_agent.then(|| AgentLog {
-                method: record.log.method.clone(),
-                instance_id: self.cfg.instance_id.clone(),
-            }),
-            token: self.cfg.fencing_token,
-        };
-        let tx = self
-            .agents
-            .lock()
-            .unwrap()
-            .get(&agent)
-            .map(|s| s.orders.clone())
-            .expect("chosen above");
-        let _ = tx.try_send(ToAgent::StartRun(order));
+            .create(job, "", "", log, submitted_by)
+            .map_err(state_error)?;
         let _ = self.updates.send(Update::Run(Box::new(record.clone())));
-        Ok(record)
+        if let Err(e) = self.enqueue(&record, job) {
+            // Not kept, so not accepted: the record says why.
+            self.update(&record.id, |r| {
+                r.finish(RunOutcome::Cancelled);
+                add_note(r, &format!("the queued run's job could not be kept: {e}"));
+            });
+            return Err(state_error(e));
+        }
+        self.place_waiting();
+        self.queue.wake(); // its queue-timeout, if any, may be the next one due
+        Ok(self.store.get(&record.id).unwrap_or(record))
     }
 
+    /// Cancel `run`: one still waiting ends at once; one placed is stopped by its agent.
+    /// False if it is unknown or already ended.
     pub fn cancel(&self, run: &str) -> bool {
         let Some(r) = self.store.get(run) else {
             return false;
@@ -516,6 +499,13 @@ impl Controller {
         if r.status.is_final() {
             return false;
         }
+        if self.cancel_waiting(run) {
+            return true;
+        }
+        // Placed (perhaps just now: read again).
+        let Some(r) = self.store.get(run).filter(|r| !r.agent.is_empty()) else {
+            return false;
+        };
         let tx = self
             .agents
             .lock()
@@ -623,6 +613,7 @@ impl Controller {
                         slot.agent_session = hello.session.clone();
                     }
                     slot.labels = hello.labels.clone();
+                    slot.executors = hello.executors.clamp(1, crate::config::MAX_EXECUTORS);
                     slot.log_methods = hello.log_methods.clone();
                     slot.connected = true;
                     slot.away_since = None;
@@ -647,6 +638,8 @@ impl Controller {
             }
         };
         self.reconcile(hello, first_contact).await;
+        // Its free executors may take waiting runs (their orders go out below).
+        self.queue.wake();
         // After a controller restart the agent's messages resume where the last process
         // acknowledged them (see `Session::adopt_peer_acked`).
         session.adopt_peer_acked(hello.acked);
@@ -797,8 +790,10 @@ impl Controller {
     /// the agent never received (it died with the previous controller process).
     async fn reconcile(&self, hello: &Hello, first_contact: bool) {
         let (mut restarted, mut never_given) = (Vec::new(), Vec::new());
-        for r in self.store.all() {
-            if r.agent != hello.agent || r.status.is_final() {
+        // Runs placed on this agent; runs still waiting in the queue (no agent) are
+        // not its business.
+        for r in self.store.unfinished() {
+            if r.agent.is_empty() || r.agent != hello.agent {
                 continue;
             }
             if r.agent_session != hello.session {
@@ -1150,7 +1145,14 @@ impl Controller {
     fn publish(&self, run: &str, updated: std::io::Result<Option<RunRecord>>) {
         match updated {
             Ok(Some(r)) => {
+                // Its executor is freed after the end is announced, so followers never
+                // see the next run placed on it before this one ended.
+                let freed = (r.status.is_final() && !r.agent.is_empty())
+                    .then(|| (r.agent.clone(), r.id.clone()));
                 let _ = self.updates.send(Update::Run(Box::new(r)));
+                if let Some((agent, run)) = freed {
+                    self.queue.release(&agent, &run);
+                }
             }
             Ok(None) => tracing::warn!(run, "update for an unknown run"),
             Err(e) => tracing::error!(run, "cannot record the run's state: {e}"),

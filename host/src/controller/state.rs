@@ -28,6 +28,8 @@ pub const PROGRESS_SAVED_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunStatus {
+    /// Waiting in the queue for an agent (`agent` empty), or given to an agent that has
+    /// not started it yet.
     Queued,
     Running,
     Succeeded,
@@ -72,6 +74,9 @@ pub struct RunRecord {
     /// same agent cannot finish it.
     #[serde(default)]
     pub agent_session: String,
+    /// The job's agent label (empty: any agent; records from before the queue).
+    #[serde(default)]
+    pub label: String,
     pub status: RunStatus,
     pub steps: Vec<StepRecord>,
     pub outcome: Option<RunOutcome>,
@@ -310,6 +315,7 @@ impl RunStore {
             job: job.name.clone(),
             agent: agent.to_string(),
             agent_session: agent_session.to_string(),
+            label: job.agent.clone(),
             status: RunStatus::Queued,
             steps: job
                 .steps
@@ -396,6 +402,18 @@ impl RunStore {
 
     pub fn all(&self) -> Vec<RunRecord> {
         self.runs.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Every run not finished: running, placed and not started yet, or waiting in the
+    /// queue (`agent` empty).
+    pub fn unfinished(&self) -> Vec<RunRecord> {
+        self.runs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| !r.status.is_final())
+            .cloned()
+            .collect()
     }
 
     pub fn busy_agents(&self) -> BTreeSet<String> {

@@ -9,6 +9,8 @@
 //! multiline-start = '^\S'               # optional: lines not matching continue the event before
 //! logging = "elasticsearch-logging"     # optional: this job's logging method (else the controller's)
 //! browser = "elasticsearch-browser"     # optional: the browser its log is read with
+//! priority = 10                         # optional: higher waits less in the queue (default 0)
+//! queue-timeout = "30m"                 # optional: end the run if it waits longer for an agent
 //!
 //! [[step]]
 //! name = "build"
@@ -22,14 +24,16 @@ pub mod secrets;
 
 use crate::config::{ByteSize, HumanDuration, Problem, Problems};
 use crate::ids::{ID_RULE, is_id};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(3600);
 
-#[derive(Debug, Clone, PartialEq)]
+/// Kept as JSON while its run waits in the queue (`controller::queue`), so a queued
+/// run survives a controller restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub name: String,
     pub agent: String,
@@ -44,10 +48,17 @@ pub struct Job {
     /// None: the controller's defaults. The controller must have loaded them.
     pub logging: Option<String>,
     pub browser: Option<String>,
+    /// Queue order: a waiting run with a higher priority is placed first; equal ones in
+    /// the order they were submitted (default 0).
+    #[serde(default)]
+    pub priority: i32,
+    /// A run that waited this long for an agent is ended (`cancelled`, with a note).
+    #[serde(default)]
+    pub queue_timeout: Option<Duration>,
     pub steps: Vec<Step>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     pub name: String,
     pub run: String,
@@ -70,6 +81,9 @@ struct RawJob {
     multiline_start: Option<String>,
     logging: Option<String>,
     browser: Option<String>,
+    #[serde(default)]
+    priority: i32,
+    queue_timeout: Option<HumanDuration>,
     #[serde(default)]
     step: Vec<RawStep>,
 }
@@ -195,6 +209,13 @@ impl Job {
                 );
             }
         }
+        if raw.queue_timeout.is_some_and(|t| t.0.is_zero()) {
+            bad(
+                "queue-timeout".into(),
+                "a zero queue timeout ends the run before any agent can take it".into(),
+                "use e.g. \"30m\", or leave it out to wait for as long as it takes",
+            );
+        }
         if raw.step.is_empty() {
             bad(
                 "step".into(),
@@ -283,6 +304,8 @@ impl Job {
             multiline_start: raw.multiline_start,
             logging: raw.logging,
             browser: raw.browser,
+            priority: raw.priority,
+            queue_timeout: raw.queue_timeout.map(|t| t.0),
             steps,
         })
     }
@@ -363,6 +386,11 @@ mod tests {
             ("name = \"test\"", "name = \".hidden\"", "step[1].name"),
             ("run = \"make test\"", "run = \"  \"", "step[1].run"),
             ("timeout = \"20m\"", "timeout = \"0s\"", "step[0].timeout"),
+            (
+                "agent = \"linux\"",
+                "agent = \"linux\"\nqueue-timeout = \"0s\"",
+                "`queue-timeout`",
+            ),
         ];
         for (from, to, field) in cases {
             let text = GOOD.replacen(from, to, 1);

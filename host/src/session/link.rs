@@ -57,6 +57,14 @@ pub struct Hello {
     /// them are placed only on agents that have it.
     #[serde(default)]
     pub log_methods: Vec<String>,
+    /// How many runs the agent runs at once (`[agent] executors`); an agent from before
+    /// the queue says nothing and has one.
+    #[serde(default = "one_executor")]
+    pub executors: u32,
+}
+
+fn one_executor() -> u32 {
+    1
 }
 
 /// The controller's answer; on the wire it follows its MAC (`seal::welcome_mac`).
@@ -297,11 +305,15 @@ pub struct Introduced {
 /// Agent side: answer the challenge, check the controller's proof, then resync the
 /// session with the controller (afresh if the controller is a new process). Nothing of
 /// the session changes until the controller proved the secret.
+// What the agent declares (labels, logging methods, executors) is passed as it is
+// configured, each explicit at the call.
+#[allow(clippy::too_many_arguments)]
 pub async fn introduce(
     link: &Link,
     agent: &str,
     labels: &[String],
     log_methods: &[String],
+    executors: u32,
     secret: &str,
     runs: Vec<String>,
     s: &mut AgentSession,
@@ -332,6 +344,7 @@ pub async fn introduce(
         acked: s.session.acked_through(),
         runs,
         log_methods: log_methods.to_vec(),
+        executors,
     };
     let body = serde_json::to_vec(&hello).expect("serialisable");
     let mac = seal::hello_mac(secret, &ch, &body);

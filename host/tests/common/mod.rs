@@ -251,6 +251,7 @@ pub fn start_agent(
         heartbeat: std::time::Duration::from_millis(200),
         logs: None,
         state_dir: None,
+        executors: 1,
     };
     (
         tokio::spawn(trellis::agent::worker::run_agent(

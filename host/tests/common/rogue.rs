@@ -47,7 +47,7 @@ pub async fn speak_as_agent(o: &RogueOrders) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut s = AgentSession::new();
     // No labels: nothing is ever placed on the rogue.
-    let mut seal = introduce(&link, &o.name, &[], &[], &o.secret, vec![], &mut s)
+    let mut seal = introduce(&link, &o.name, &[], &[], 1, &o.secret, vec![], &mut s)
         .await
         .map_err(|e| e.to_string())?
         .seal;
