@@ -195,7 +195,13 @@ async fn the_api_end_to_end() {
     assert_eq!(code, 200);
     assert_eq!(json(&body)["steps"].as_array().unwrap().len(), 2);
     let (_, body) = http(addr, "GET", "/api/runs", "").await;
-    assert_eq!(json(&body).as_array().unwrap().len(), 1);
+    let list = json(&body);
+    assert_eq!(list["runs"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(list["runs"][0]["id"], id.as_str());
+    assert_eq!(list["runs"][0]["label"], "linux");
+    assert_eq!(list["runs"][0]["status"], "succeeded");
+    assert!(list["runs"][0].get("steps").is_none(), "a summary: {body}");
+    assert!(list["next"].is_null(), "{body}");
     assert_eq!(
         http(addr, "POST", &format!("/api/runs/{id}/cancel"), "")
             .await
@@ -303,6 +309,88 @@ async fn the_api_end_to_end() {
         body.contains("trellis_plugin_calls_total{plugin=\"file-logging\"}"),
         "{body}"
     );
+}
+
+/// `GET /api/runs` pages by cursor, newest first: a page's `next` goes on where it
+/// ended however many runs were submitted since; filters; bad parameters are named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runs_list_pages_by_cursor_and_filters() {
+    let s = stack().await;
+    let (_agent, _stop) = start_agent(&s, "agent-1", "agent-secret");
+    wait_connected(&s.controller).await;
+    let addr = Target {
+        addr: serve_api(&s).await,
+        token: Some(token(&s, "pager", Role::Operator)),
+    };
+    let quick = |name: &str, run: &str| {
+        format!("name = \"{name}\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"{run}\"\n")
+    };
+    let controller = &s.controller;
+    let submit = |job: String| async move {
+        let (code, body) = http(addr, "POST", "/api/runs", &job).await;
+        assert_eq!(code, 201, "{body}");
+        let id = json(&body)["id"].as_str().unwrap().to_string();
+        wait_final(controller, &id, Duration::from_secs(30)).await;
+        id
+    };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let job = if i % 2 == 0 {
+            quick("even", "true")
+        } else {
+            quick("odd", "exit 1")
+        };
+        ids.push(submit(job).await);
+    }
+    let page = |query: String| async move {
+        let (code, body) = http(addr, "GET", &format!("/api/runs{query}"), "").await;
+        assert_eq!(code, 200, "{body}");
+        let v = json(&body);
+        let ids: Vec<String> = v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+        (ids, v["next"].as_str().map(str::to_string))
+    };
+    let (first, next) = page("?limit=2".into()).await;
+    assert_eq!(first, [ids[4].clone(), ids[3].clone()]);
+    let next = next.expect("more pages");
+    // new runs arrive; the next page still goes on where the first ended
+    ids.push(submit(quick("even", "true")).await);
+    ids.push(submit(quick("odd", "true")).await);
+    let (second, next) = page(format!("?limit=2&cursor={next}")).await;
+    assert_eq!(second, [ids[2].clone(), ids[1].clone()]);
+    let (third, next) = page(format!("?limit=2&cursor={}", next.unwrap())).await;
+    assert_eq!(third, [ids[0].clone()]);
+    assert_eq!(next, None, "the last page");
+    let (all, _) = page(String::new()).await;
+    assert_eq!(all.len(), 7, "all within the default limit");
+    assert_eq!(all[0], ids[6], "newest first");
+    // filters
+    let (failed, _) = page("?status=failed".into()).await;
+    assert_eq!(failed, [ids[3].clone(), ids[1].clone()]);
+    let (odd, _) = page("?job=odd&label=linux&agent=agent-1".into()).await;
+    assert_eq!(odd, [ids[6].clone(), ids[3].clone(), ids[1].clone()]);
+    let (none, next) = page("?label=gpu".into()).await;
+    assert!(none.is_empty() && next.is_none());
+    // bad parameters: 400 naming the parameter and what it accepts
+    for (query, names) in [
+        ("limit=0", "`limit` must be a number from 1 to 500"),
+        ("limit=many", "`limit`"),
+        (
+            "cursor=yesterday",
+            "`cursor` must be the `next` of an earlier page",
+        ),
+        ("status=green", "queued, running, succeeded, failed"),
+        ("labels=gpu", "unknown parameter `labels`"),
+    ] {
+        let (code, body) = http(addr, "GET", &format!("/api/runs?{query}"), "").await;
+        assert_eq!(code, 400, "{query}: {body}");
+        let e = json(&body)["error"].as_str().unwrap().to_string();
+        assert!(e.contains(names), "{query}: {e}");
+    }
 }
 
 /// Every route the router serves has a rule in `access::RULES`, every rule names a

@@ -299,7 +299,7 @@ fn a_plugin_cursor_cannot_smuggle_requests() {
     assert!(out.contains("a line from the smuggler"), "{out}{err}");
     std::thread::sleep(Duration::from_millis(500));
     let runs: serde_json::Value = serde_json::from_str(&http_get(http, "/api/runs")).unwrap();
-    let runs = runs.as_array().unwrap();
+    let runs = runs["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1, "a smuggled submit made a run: {runs:?}");
     assert_eq!(
         runs[0]["status"], "running",

@@ -384,3 +384,90 @@ fn submit_seq(server: &str, dir: &Path, n: u64) -> &'static str {
     assert_eq!(code, 0, "{out}{err}");
     "r-000001"
 }
+
+/// The runs list through the CLI pages newest first (`--limit`, the `--cursor` it
+/// prints, `--all`, filters); retention (`keep-runs = 3`) removes the oldest finished
+/// runs with their folders as runs finish; a controller killed and started again keeps
+/// the runs and the index, and ids go on.
+#[test]
+fn the_runs_list_pages_and_retention_keeps_the_newest_across_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let (controller_cfg, agent_cfg, http) =
+        write_configs(d.path(), &Transport::Tcp { port: free_port() });
+    extend_controller(&controller_cfg, "keep-runs = 3", "");
+    let server = format!("http://127.0.0.1:{http}");
+    let daemon_log = d.path().join("daemons.log");
+    let mut controller = start("controller", &controller_cfg, &daemon_log);
+    let _agent = start("agent", &agent_cfg, &daemon_log);
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    wait_for_agent(&server, &daemon_log);
+    let job = d.path().join("job.toml");
+    let run_job = |name: &str, run: &str| {
+        std::fs::write(
+            &job,
+            format!(
+                "name = \"{name}\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"{run}\"\n"
+            ),
+        )
+        .unwrap();
+        let (code, out, err) = cli(&server, &["run", job.to_str().unwrap(), "--follow"]);
+        (code, format!("{out}{err}"))
+    };
+    let listed = |args: &[&str]| -> Vec<String> {
+        let (code, out, err) = cli(&server, &[&["runs"], args].concat());
+        assert_eq!(code, 0, "{out}{err}");
+        out.lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect()
+    };
+    for i in 0..5 {
+        let (name, run) = if i == 3 {
+            ("odd", "exit 3")
+        } else {
+            ("even", "true")
+        };
+        let (code, out) = run_job(name, run);
+        assert_eq!(code, if i == 3 { 1 } else { 0 }, "{out}");
+    }
+    let runs_dir = d.path().join("state/runs");
+    wait_until(
+        &format!("retention kept more than 3 finished runs:\n{}", logs()),
+        Duration::from_secs(30),
+        || listed(&["--all"]) == ["r-000005", "r-000004", "r-000003"],
+    );
+    assert!(!runs_dir.join("r-000001").exists() && !runs_dir.join("r-000002").exists());
+    assert!(logs().contains("retention removed"), "{}", logs());
+    // a page at a time
+    let (code, out, err) = cli(&server, &["runs", "--limit", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("r-000005") && out.contains("r-000004") && !out.contains("r-000003"));
+    assert!(err.contains("trellis runs --cursor r-000004"), "{err}");
+    assert_eq!(listed(&["--cursor", "r-000004"]), ["r-000003"]);
+    assert_eq!(listed(&["--status", "failed"]), ["r-000004"]);
+    assert_eq!(
+        listed(&["--job", "even", "--label", "linux", "--agent", "build-1"]),
+        ["r-000005", "r-000003"]
+    );
+    let (code, _, err) = cli(&server, &["runs", "--status", "green"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("`status` must be one of") && err.contains("400"),
+        "{err}"
+    );
+
+    // killed and started again: the same runs, ids go on, retention goes on
+    controller.0.kill().unwrap();
+    controller.0.wait().unwrap();
+    let _controller = start("controller", &controller_cfg, &daemon_log);
+    wait_for_agent(&server, &daemon_log);
+    assert_eq!(listed(&["--all"]), ["r-000005", "r-000004", "r-000003"]);
+    let (code, out) = run_job("even", "true");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("r-000006"), "{out}");
+    wait_until(
+        &format!("retention after the restart:\n{}", logs()),
+        Duration::from_secs(30),
+        || listed(&["--all"]) == ["r-000006", "r-000005", "r-000004"],
+    );
+}

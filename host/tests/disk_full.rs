@@ -357,8 +357,10 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
     }
     let t = Instant::now();
     let states = || -> Vec<(String, String)> {
-        let runs: serde_json::Value = serde_json::from_str(&http_get(http, "/api/runs")).unwrap();
-        runs.as_array()
+        let runs: serde_json::Value =
+            serde_json::from_str(&http_get(http, "/api/runs?limit=500")).unwrap();
+        runs["runs"]
+            .as_array()
             .unwrap()
             .iter()
             .map(|r| {

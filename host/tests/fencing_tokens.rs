@@ -46,6 +46,7 @@ async fn controller(dir: &Path, port: u16, token: u64) -> Active {
         log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
         multiline_start: None,
         fencing_token: token,
+        retention: Default::default(),
     };
     let controller = Controller::start(cfg, transport.clone(), logging)
         .await
@@ -96,9 +97,10 @@ fn refused_writes(c: &Controller) -> u64 {
         .unwrap()
 }
 
+/// The run's status as the state directory has it (its record and journal).
 fn on_disk(dir: &Path, run: &str) -> RunStatus {
-    let text = std::fs::read(dir.join(format!("state/runs/{run}/run.json"))).unwrap();
-    serde_json::from_slice::<trellis::controller::state::RunRecord>(&text)
+    trellis::controller::state::read_run(&dir.join("state"), run)
+        .unwrap()
         .unwrap()
         .status
 }

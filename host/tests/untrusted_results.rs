@@ -149,7 +149,7 @@ impl Stack {
             let runs = http_get(self.http, "/api/runs");
             worst = worst.max(asked.elapsed());
             let v: serde_json::Value = serde_json::from_str(&runs).unwrap_or_default();
-            let status = v
+            let status = v["runs"]
                 .as_array()
                 .into_iter()
                 .flatten()

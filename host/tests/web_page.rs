@@ -631,6 +631,46 @@ fn drive(
         )),
         format!("/runs/{id}").as_str()
     );
+
+    // paging: with pages of 2 (`?limit=2`), the newest two runs, then "more" adds the
+    // older one below them
+    let mut newer = Vec::new();
+    for _ in 0..2 {
+        let (code, _, body) = http(
+            addr,
+            "POST",
+            "/api/runs",
+            &op,
+            "name = \"paged\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"true\"\n",
+        );
+        assert_eq!(code, 201, "{body}");
+        newer.push(
+            serde_json::from_str::<Value>(&body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    tab.navigate(&format!("http://{addr}/?limit=2"));
+    let rows =
+        "[...document.querySelectorAll('#runs tr[data-run]')].map(r => r.dataset.run).join()";
+    tab.wait_for(
+        "the first page: the newest two",
+        &format!(
+            "{rows} === '{},{}' && !document.getElementById('more').hidden",
+            newer[1], newer[0]
+        ),
+        t,
+    );
+    tab.eval("document.getElementById('more').click()");
+    tab.wait_for(
+        "the older page below it, and no more",
+        &format!(
+            "{rows} === '{},{},{id}' && document.getElementById('more').hidden",
+            newer[1], newer[0]
+        ),
+        t,
+    );
     assert!(
         tab.errors.is_empty(),
         "errors in the page: {:?}",

@@ -166,25 +166,58 @@ function queuePanel() {
 }
 
 // ---- the runs list -----------------------------------------------------------------------
+// The newest page, polled; "more" adds a page of older runs, and the poll then keeps that
+// many rows fresh (pages fetched by cursor, so runs arriving meanwhile leave no gap).
+// `?limit=N` on the page's URL sets the page size (1-500, default 50).
 function showList() {
   where.textContent = "runs";
   document.title = "Trellis · runs";
+  const asked = Number(new URLSearchParams(location.search).get("limit"));
+  const pageSize = Number.isInteger(asked) && asked >= 1 && asked <= 500 ? asked : 50;
+  let want = pageSize;
+  let timer = null;
   const heads = ["run", "job", "status", "agent", "submitted", "duration"];
   const tbody = el("tbody");
   const msg = el("p", { class: "muted" });
   const queue = queuePanel();
+  const more = el("button", { type: "button", id: "more", hidden: true }, "more");
+  more.addEventListener("click", () => {
+    want += pageSize;
+    more.disabled = true;
+    refresh();
+  });
   app.replaceChildren(
     queue.panel,
     el("h3", {}, "Runs"),
     el("table", { id: "runs" }, el("thead", {}, el("tr", {}, ...heads.map((h) => el("th", {}, h)))), tbody),
+    el("div", { class: "tools" }, more),
     msg,
   );
+  // one refresh at a time: a click during one asks for another right after it
+  let running = false, again = false;
   async function refresh() {
+    if (running) {
+      again = true;
+      return;
+    }
+    running = true;
+    clearTimeout(timer);
     queue.refresh();
     try {
-      const runs = await getJSON("/api/runs");
+      const runs = [];
+      let cursor = null, next = null;
+      do {
+        const q = new URLSearchParams({ limit: String(Math.min(500, want - runs.length)) });
+        if (cursor) q.set("cursor", cursor);
+        const page = await getJSON("/api/runs?" + q);
+        runs.push(...page.runs);
+        next = page.next;
+        // a cursor that does not advance would never end
+        if (next === cursor) break;
+        cursor = next;
+      } while (next && runs.length < want);
       tbody.replaceChildren(
-        ...runs.reverse().map((r) =>
+        ...runs.map((r) =>
           el("tr", { "data-run": r.id },
             el("td", {}, el("a", { href: runHref(r.id) }, r.id)),
             el("td", {}, r.job),
@@ -193,11 +226,18 @@ function showList() {
             el("td", {}, fmtTime(r.created_ms)),
             el("td", {}, duration(r)))),
       );
+      more.hidden = !next;
+      more.disabled = false;
       msg.textContent = runs.length ? "" : "No runs yet.";
     } catch (e) {
       msg.textContent = "Could not load the runs: " + e.message;
     }
-    setTimeout(refresh, 2000);
+    running = false;
+    if (again) {
+      again = false;
+      return refresh();
+    }
+    timer = setTimeout(refresh, 2000);
   }
   refresh();
 }

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /`, `GET /runs/{id}` | the web page (`page.html`): the runs list, or one run with its live log |
 //! | `GET /app.js` | the page's script (`app.js`; separate so the page's CSP can say `script-src 'self'`) |
-//! | `GET /api/runs` | every run, oldest first |
+//! | `GET /api/runs?limit=&cursor=&status=&job=&agent=&label=` | a page of run summaries (no steps), newest first, and `next`: the cursor of the following page (null: no more); 400 naming a bad parameter and what it accepts |
 //! | `POST /api/runs` (body: a job file, TOML) | submit: 201 with the run, `queued` until an agent with the job's label has a free executor (a label no agent has declared waits too: `/api/queue` says so); 400 naming each mistake; 507 when the state directory is full |
 //! | `GET /api/runs/{id}` | one run with its steps |
 //! | `POST /api/runs/{id}/cancel` | 202 (a queued run ends at once, `cancelled`); 409 if it already ended |
@@ -35,7 +35,7 @@
 pub mod access;
 
 use crate::controller::Controller;
-use crate::controller::state::RunRecord;
+use crate::controller::state::{RunQuery, RunRecord, RunStatus};
 use crate::ha::status::ClusterStatus;
 use crate::jobs::Job;
 use crate::points::bindings::log_browser::{LogCompleteness, PageRequest};
@@ -475,8 +475,70 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
-async fn list_runs(State(api): State<Arc<Api>>) -> Json<Vec<RunRecord>> {
-    Json(api.controller.runs())
+/// Runs on a page of `GET /api/runs` unless `limit` says otherwise.
+pub const RUNS_PAGE_DEFAULT: usize = 50;
+
+const RUN_STATUSES: &str = "queued, running, succeeded, failed, timed-out, cancelled, lost";
+
+/// `GET /api/runs`'s parameters; Err names the one that is wrong and what it accepts.
+fn run_query(pairs: &[(String, String)]) -> Result<RunQuery, String> {
+    use crate::controller::state::{PAGE_MAX, run_number};
+    let mut q = RunQuery {
+        limit: RUNS_PAGE_DEFAULT,
+        ..RunQuery::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in pairs {
+        if !seen.insert(k.as_str()) {
+            return Err(format!("`{k}` is given twice; give it once"));
+        }
+        let name = || -> Result<Option<String>, String> {
+            if v.is_empty() || v.len() > 256 {
+                return Err(format!(
+                    "`{k}` must be 1 to 256 characters (the exact name to list)"
+                ));
+            }
+            Ok(Some(v.clone()))
+        };
+        match k.as_str() {
+            "limit" => {
+                q.limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=PAGE_MAX).contains(n))
+                    .ok_or_else(|| format!("`limit` must be a number from 1 to {PAGE_MAX} (default {RUNS_PAGE_DEFAULT}), not `{v}`"))?;
+            }
+            "cursor" => {
+                q.before = Some(run_number(v).ok_or_else(|| {
+                    format!("`cursor` must be the `next` of an earlier page, not `{v}`")
+                })?);
+            }
+            "status" => {
+                let s: RunStatus = serde_json::from_value(serde_json::Value::String(v.clone()))
+                    .map_err(|_| format!("`status` must be one of {RUN_STATUSES}, not `{v}`"))?;
+                q.status = Some(s);
+            }
+            "job" => q.job = name()?,
+            "agent" => q.agent = name()?,
+            "label" => q.label = name()?,
+            other => {
+                return Err(format!(
+                    "unknown parameter `{other}`; the runs list takes limit, cursor, status, job, agent and label"
+                ));
+            }
+        }
+    }
+    Ok(q)
+}
+
+async fn list_runs(
+    State(api): State<Arc<Api>>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Response {
+    match run_query(&pairs) {
+        Ok(q) => Json(api.controller.runs_page(&q)).into_response(),
+        Err(msg) => error(StatusCode::BAD_REQUEST, msg),
+    }
 }
 
 async fn submit(
@@ -1034,6 +1096,46 @@ async fn metrics(State(front): State<Arc<Front>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runs_list_names_a_bad_parameter_and_what_it_accepts() {
+        let q = |s: &str| {
+            let pairs: Vec<(String, String)> = split_query(s);
+            run_query(&pairs)
+        };
+        let ok = q("limit=10&cursor=r-000042&status=timed-out&job=j&agent=a&label=gpu").unwrap();
+        assert_eq!(ok.limit, 10);
+        assert_eq!(ok.before, Some(42));
+        assert_eq!(ok.status, Some(RunStatus::TimedOut));
+        assert_eq!(ok.label.as_deref(), Some("gpu"));
+        assert_eq!(q("").unwrap().limit, RUNS_PAGE_DEFAULT);
+        for (bad, names) in [
+            ("limit=0", "`limit` must be a number from 1 to 500"),
+            ("limit=501", "`limit` must be a number from 1 to 500"),
+            ("limit=x", "not `x`"),
+            (
+                "cursor=abc",
+                "`cursor` must be the `next` of an earlier page",
+            ),
+            ("status=done", "queued, running, succeeded"),
+            ("label=", "`label` must be 1 to 256"),
+            ("stauts=failed", "unknown parameter `stauts`"),
+            ("job=a&job=b", "`job` is given twice"),
+        ] {
+            let e = q(bad).unwrap_err();
+            assert!(e.contains(names), "{bad}: {e}");
+        }
+    }
+
+    fn split_query(s: &str) -> Vec<(String, String)> {
+        s.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
 
     /// The route table: every route the routers serve has a rule, and every rule names
     /// a served route. (tests/api.rs also calls each one as each role.)

@@ -389,24 +389,76 @@ pub async fn follow_log(server: &Server, id: &str, step: Option<&str>) -> anyhow
     anyhow::bail!("the controller closed the stream before run {id} ended")
 }
 
-pub async fn runs(server: &Server) -> anyhow::Result<ExitCode> {
-    let (status, v) = server.get("/api/runs").await?;
-    if status != 200 {
-        return Err(fail(status, &v));
-    }
+/// `trellis runs` filters, as `GET /api/runs` takes them.
+pub struct RunFilters {
+    pub status: Option<String>,
+    pub job: Option<String>,
+    pub agent: Option<String>,
+    pub label: Option<String>,
+}
+
+/// List runs, newest first: one page (and how to get the next), or every page.
+pub async fn runs(
+    server: &Server,
+    limit: u32,
+    cursor: Option<String>,
+    all: bool,
+    filters: &RunFilters,
+) -> anyhow::Result<ExitCode> {
+    let limit = limit.to_string();
+    let mut cursor = cursor;
+    let mut printed = 0usize;
     println!(
         "{:<10} {:<24} {:<12} {:<10} EVENTS",
         "RUN", "JOB", "AGENT", "STATUS"
     );
-    for r in v.as_array().into_iter().flatten() {
-        println!(
-            "{:<10} {:<24} {:<12} {:<10} {}",
-            r["id"].as_str().unwrap_or_default(),
-            r["job"].as_str().unwrap_or_default(),
-            r["agent"].as_str().unwrap_or_default(),
-            r["status"].as_str().unwrap_or_default(),
-            r["events"]
-        );
+    loop {
+        let mut query: Vec<(&str, &str)> = vec![("limit", &limit)];
+        for (k, v) in [
+            ("status", &filters.status),
+            ("job", &filters.job),
+            ("agent", &filters.agent),
+            ("label", &filters.label),
+        ] {
+            if let Some(v) = v {
+                query.push((k, v));
+            }
+        }
+        if let Some(c) = &cursor {
+            query.push(("cursor", c));
+        }
+        let (status, v) = server.get(&target(&["api", "runs"], &query)).await?;
+        if status != 200 {
+            return Err(fail(status, &v));
+        }
+        for r in v["runs"].as_array().into_iter().flatten() {
+            printed += 1;
+            println!(
+                "{:<10} {:<24} {:<12} {:<10} {}",
+                r["id"].as_str().unwrap_or_default(),
+                r["job"].as_str().unwrap_or_default(),
+                r["agent"].as_str().unwrap_or_default(),
+                r["status"].as_str().unwrap_or_default(),
+                r["events"]
+            );
+        }
+        let next = v["next"].as_str().map(str::to_string);
+        match next {
+            Some(n) if all => {
+                if cursor.as_deref() == Some(n.as_str()) {
+                    anyhow::bail!("the controller gave the same cursor `{n}` twice; stopping");
+                }
+                cursor = Some(n);
+            }
+            Some(n) => {
+                eprintln!("(more: trellis runs --cursor {n}, or --all)");
+                break;
+            }
+            None => break,
+        }
+    }
+    if printed == 0 {
+        eprintln!("(no runs)");
     }
     Ok(ExitCode::SUCCESS)
 }

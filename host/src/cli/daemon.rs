@@ -155,6 +155,10 @@ pub async fn controller(file: &Path, check_only: bool) -> anyhow::Result<ExitCod
                 log_buffer_limit: c.log_buffer_limit.0,
                 multiline_start: c.multiline_start.clone(),
                 fencing_token,
+                retention: crate::controller::state::Retention {
+                    keep_runs: c.keep_runs.map(|n| n as u64),
+                    keep_days: c.keep_days.map(|n| n as u64),
+                },
             },
             transport,
             LogPlugins {

@@ -67,8 +67,32 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// List runs.
+    /// List runs, newest first, a page at a time (--all: every page).
+    #[command(
+        after_help = "Examples:\n  trellis runs                          the newest 50 runs\n  trellis runs --status failed --label gpu --limit 20\n  trellis runs --cursor r-000951        the page after the one that ended at r-000951\n  trellis runs --all --job nightly      every run of job `nightly`"
+    )]
     Runs {
+        /// Runs per page (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Start after this run: the cursor a previous page printed.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Every page, not just the first.
+        #[arg(long, conflicts_with = "cursor")]
+        all: bool,
+        /// Only runs with this status: queued, running, succeeded, failed, timed-out, cancelled, lost.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only runs of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only runs placed on this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only runs whose job asks for this agent label.
+        #[arg(long)]
+        label: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -405,7 +429,24 @@ pub fn run(cli: Cli) -> ExitCode {
                 check_config,
             } => daemon::agent(&config, check_config).await,
             Command::Run { job, follow, conn } => client::run(&conn.server()?, &job, follow).await,
-            Command::Runs { conn } => client::runs(&conn.server()?).await,
+            Command::Runs {
+                limit,
+                cursor,
+                all,
+                status,
+                job,
+                agent,
+                label,
+                conn,
+            } => {
+                let filters = client::RunFilters {
+                    status,
+                    job,
+                    agent,
+                    label,
+                };
+                client::runs(&conn.server()?, limit, cursor, all, &filters).await
+            }
             Command::Queue { json, conn } => client::queue(&conn.server()?, json).await,
             Command::Logs {
                 run,

@@ -138,6 +138,7 @@ pub async fn up(o: UpOptions) -> anyhow::Result<ExitCode> {
             log_buffer_limit: crate::controller::DEFAULT_LOG_BUFFER_LIMIT,
             multiline_start: None,
             fencing_token: 0,
+            retention: Default::default(),
         },
         tcp.clone(),
         logging,

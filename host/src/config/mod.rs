@@ -153,6 +153,12 @@ pub struct ControllerSection {
     /// Serve `/metrics` without a token (for scrapers); otherwise it needs a viewer.
     #[serde(default)]
     pub open_metrics: bool,
+    /// Keep at most this many finished runs (the newest); older ones are removed with
+    /// their artifacts. Default: all kept.
+    pub keep_runs: Option<i64>,
+    /// Remove finished runs (and their artifacts) that finished more than this many
+    /// days ago. Default: kept forever.
+    pub keep_days: Option<i64>,
 }
 
 /// `[controller] tls`: the API's certificate chain and private key, PEM files.
@@ -644,6 +650,25 @@ impl DaemonConfig {
                     });
                 }
             }
+            for (key, value, unit) in [
+                ("keep-runs", c.keep_runs, "finished runs"),
+                ("keep-days", c.keep_days, "days"),
+            ] {
+                if let Some(v) = value
+                    && v < 1
+                {
+                    out.push(Problem {
+                        field: format!("controller.{key}"),
+                        problem: format!(
+                            "{v} would remove every finished run (it keeps at most this many {unit})"
+                        ),
+                        fix: format!(
+                            "use 1 or more (e.g. {key} = {}), or remove the key to keep every finished run",
+                            if key == "keep-runs" { 10000 } else { 90 }
+                        ),
+                    });
+                }
+            }
             if c.agents.is_empty() {
                 out.push(Problem {
                     field: "controller.agents".into(),
@@ -1015,6 +1040,31 @@ mod tests {
                 "{p:?}"
             );
         }
+    }
+
+    #[test]
+    fn retention_keys_are_checked() {
+        let controller = |extra: &str| {
+            problems(&format!(
+                "[secrets]\nfile = \"/etc/passwd\"\n[controller]\nstate-dir = \"/tmp\"\nagents = {{ a = \"s\" }}\n{extra}"
+            ))
+        };
+        assert!(controller("keep-runs = 1000\nkeep-days = 30").is_empty());
+        let p = controller("keep-runs = 0\nkeep-days = -3");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].contains("controller.keep-runs") && p[0].contains("1 or more"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("controller.keep-days") && p[1].contains("remove the key"),
+            "{p:?}"
+        );
+        let p = controller("keep-days = \"30d\"");
+        assert!(
+            p[0].contains("keep-days") && p[0].contains("integer"),
+            "{p:?}"
+        );
     }
 
     #[test]

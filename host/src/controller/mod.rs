@@ -54,7 +54,14 @@ pub struct ControllerConfig {
     /// writes to the state directory and its commands to agents carry it, and are
     /// refused once a newer token was seen (see `ha::token`).
     pub fencing_token: u64,
+    /// Which finished runs are removed, with their artifacts (`[controller] keep-runs`,
+    /// `keep-days`; default: all kept).
+    pub retention: state::Retention,
 }
+
+/// How often retention looks for finished runs past `keep-days` (and after each run
+/// that finishes past `keep-runs`).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 /// Default for `ControllerConfig::agent_lost_after`.
 pub const DEFAULT_AGENT_LOST_AFTER: Duration = Duration::from_secs(60);
@@ -180,6 +187,8 @@ pub struct Controller {
     frames_refused: AtomicU64,
     /// Handshakes refused (wrong secret, unknown agent, bad or oversized hello).
     handshakes_refused: AtomicU64,
+    /// A run finished past `keep-runs`: retention has work.
+    retention_due: tokio::sync::Notify,
 }
 
 /// Why an agent's message was refused: it named something that is not an identifier,
@@ -220,13 +229,24 @@ impl Controller {
             crate::agent::multiline::compile(p)
                 .map_err(|e| anyhow::anyhow!("[controller] multiline-start: {e}"))?;
         }
-        let store = RunStore::open(&cfg.state_dir)?;
-        if cfg.fencing_token > 0 {
-            // Taking over: the state records this token now, so the controller it
-            // replaces is refused from its next write on.
+        // Taking over: the state records this token before the runs are read, so the
+        // controller it replaces is refused from its next write on and cannot change
+        // what this one reads (an index line appended after it was read, say).
+        let gate = if cfg.fencing_token > 0 {
             let gate = StateGate::open(&cfg.state_dir, cfg.fencing_token)?;
             gate.write(|| Ok(()))?;
+            Some(gate)
+        } else {
+            None
+        };
+        let store = RunStore::open(&cfg.state_dir)?;
+        if let Some(gate) = gate {
             store.guard_with(gate);
+        }
+        // What opening found to write (the index of a state directory of the earlier
+        // format, a torn append to cut off), now that writes go through the gate.
+        if let Err(e) = store.flush_unsaved() {
+            tracing::warn!("cannot write the run index yet (retried): {e}");
         }
         // Runs in flight when the last controller process stopped: their agents may still
         // be working on them. Each agent gets `agent_lost_after` from now to come back.
@@ -266,6 +286,7 @@ impl Controller {
             refusals: Refusals::default(),
             frames_refused: AtomicU64::new(0),
             handshakes_refused: AtomicU64::new(0),
+            retention_due: tokio::sync::Notify::new(),
         });
         // A log closed incomplete says so in its run's record.
         let weak = Arc::downgrade(&c);
@@ -287,7 +308,43 @@ impl Controller {
         tokio::spawn(c.clone().watch_agents());
         tokio::spawn(c.logs.clone().retry_forever());
         tokio::spawn(c.clone().retry_state_writes());
+        if c.cfg.retention.is_set() {
+            tokio::spawn(c.clone().keep_runs());
+        }
         Ok(c)
+    }
+
+    /// Retention: at start, every `RETENTION_EVERY`, and when a run finished past
+    /// `keep-runs`, remove the finished runs it no longer keeps.
+    async fn keep_runs(self: Arc<Self>) {
+        loop {
+            let c = self.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                c.store.sweep(&c.cfg.retention, crate::protocol::now_ms())
+            })
+            .await
+            .expect("retention does not panic");
+            let keep = self.cfg.retention;
+            match swept {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    removed = n,
+                    keep_runs = ?keep.keep_runs,
+                    keep_days = ?keep.keep_days,
+                    "retention removed {n} finished run(s) with their artifacts"
+                ),
+                Err(e) => tracing::error!("retention could not remove finished runs: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETENTION_EVERY) => {}
+                _ = self.retention_due.notified() => {}
+            }
+        }
+    }
+
+    /// One page of run summaries, newest first (`GET /api/runs`).
+    pub fn runs_page(&self, q: &state::RunQuery) -> state::RunPage {
+        self.store.page(q)
     }
 
     /// Retry a log's close for `d` before closing it incomplete (`[runtime]
@@ -409,8 +466,15 @@ impl Controller {
         artifacts::path(&self.store.run_dir(run), name)
     }
 
+    /// Every run's full record. Reads every finished record from disk: for tools and
+    /// tests; the API pages with `runs_page`.
     pub fn runs(&self) -> Vec<RunRecord> {
         self.store.all()
+    }
+
+    /// Every run not finished (queued or running), oldest first.
+    pub fn unfinished_runs(&self) -> Vec<RunRecord> {
+        self.store.unfinished()
     }
 
     /// Connected agents: (name, labels).
@@ -822,9 +886,9 @@ impl Controller {
     async fn mark_lost(&self, agent: &str, note: &str) {
         let runs: Vec<String> = self
             .store
-            .all()
+            .unfinished()
             .into_iter()
-            .filter(|r| r.agent == agent && !r.status.is_final())
+            .filter(|r| r.agent == agent)
             .map(|r| r.id)
             .collect();
         self.mark_runs_lost(agent, runs, note).await;
@@ -925,11 +989,7 @@ impl Controller {
             return;
         }
         let run = msg.run();
-        if self
-            .store
-            .get(run)
-            .is_some_and(|r| r.status == RunStatus::Lost)
-        {
+        if self.store.status(run) == Some(RunStatus::Lost) {
             // Marked lost while the agent was away: the record stays as it was decided.
             tracing::warn!(
                 agent,
@@ -1149,6 +1209,15 @@ impl Controller {
                 // see the next run placed on it before this one ended.
                 let freed = (r.status.is_final() && !r.agent.is_empty())
                     .then(|| (r.agent.clone(), r.id.clone()));
+                if r.status.is_final()
+                    && self
+                        .cfg
+                        .retention
+                        .keep_runs
+                        .is_some_and(|k| self.store.finished_count() as u64 > k)
+                {
+                    self.retention_due.notify_one();
+                }
                 let _ = self.updates.send(Update::Run(Box::new(r)));
                 if let Some((agent, run)) = freed {
                     self.queue.release(&agent, &run);

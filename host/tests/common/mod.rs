@@ -198,6 +198,7 @@ pub async fn stack_with(transport_extra: &str) -> Stack {
         log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
         multiline_start: None,
         fencing_token: 0,
+        retention: Default::default(),
     };
     let controller = trellis::controller::Controller::start(cfg, transport.clone(), logging)
         .await
