@@ -65,6 +65,7 @@ async fn controller(agents: &[&str]) -> Queued {
         log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
         multiline_start: None,
         fencing_token: 0,
+        retention: Default::default(),
     };
     let controller = Controller::start(cfg, transport.clone(), logging)
         .await

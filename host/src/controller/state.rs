@@ -1156,18 +1156,6 @@ impl RunStore {
         self.inner.lock().unwrap().finished
     }
 
-    /// Every run not finished: running, placed and not started yet, or waiting in the
-    /// queue (`agent` empty).
-    pub fn unfinished(&self) -> Vec<RunRecord> {
-        self.runs
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|r| !r.status.is_final())
-            .cloned()
-            .collect()
-    }
-
     pub fn busy_agents(&self) -> BTreeSet<String> {
         self.inner
             .lock()
