@@ -465,7 +465,7 @@ fn an_agent_side_method_needs_an_agent_that_loads_it() {
     assert_ne!(code, 0, "{out}");
     assert!(
         err.contains(
-            "no connected agent with label `linux` has logging method `elasticsearch-logging`"
+            "no agent with label `linux` has logging method `elasticsearch-logging`"
         ) && err.contains("[agent] logging-methods"),
         "{err}"
     );
