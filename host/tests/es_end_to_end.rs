@@ -464,9 +464,8 @@ fn an_agent_side_method_needs_an_agent_that_loads_it() {
     let (code, out, err) = cli(&server, &["run", j.to_str().unwrap()]);
     assert_ne!(code, 0, "{out}");
     assert!(
-        err.contains(
-            "no connected agent with label `linux` has logging method `elasticsearch-logging`"
-        ) && err.contains("[agent] logging-methods"),
+        err.contains("no agent with label `linux` has logging method `elasticsearch-logging`")
+            && err.contains("[agent] logging-methods"),
         "{err}"
     );
 }

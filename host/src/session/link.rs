@@ -508,3 +508,21 @@ pub fn take_frames(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_from_an_agent_before_the_queue_declares_one_executor() {
+        let older = r#"{"agent":"build-1","labels":["linux"],"nonce":"00","received":[0,0],"session":"s1"}"#;
+        let hello: Hello = serde_json::from_str(older).unwrap();
+        assert_eq!(hello.executors, 1);
+        let newer = serde_json::to_string(&Hello {
+            executors: 4,
+            ..hello
+        })
+        .unwrap();
+        assert!(newer.contains("\"executors\":4"), "{newer}");
+    }
+}
