@@ -156,6 +156,7 @@ async fn trellis_stack(bundle: &Path, dir: &Path) -> Stack {
             log_buffer_limit: trellis::controller::DEFAULT_LOG_BUFFER_LIMIT,
             multiline_start: None,
             fencing_token: 0,
+            retention: Default::default(),
         },
         tcp.clone(),
         logging,

@@ -1062,7 +1062,7 @@ mod tests {
         );
         let p = controller("keep-days = \"30d\"");
         assert!(
-            p[0].contains("keep-days") && p[0].contains("integer"),
+            p[0].contains("keep-days") && p[0].contains("expected i64"),
             "{p:?}"
         );
     }
