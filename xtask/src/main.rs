@@ -16,16 +16,17 @@ tasks:
   fixtures   build the test fixture plugins (tests/fixtures/*) into <target>/fixtures
   test       bundle + fixtures, then run the whole test suite
   lint       cargo fmt --check, clippy (native and wasm32), all with -D warnings
-  bench      bundle, then the benchmarks in release: runtime, lines, transport, es
+  bench      bundle, then the benchmarks in release: runtime, lines, transport, es, scale
              (`bench NAME` runs one; lines compares with rsyslog, transport runs
              kafka-transport against raw rdkafka and tcp-transport on a tansu broker
              (./scripts/setup.sh installs both), es runs elasticsearch-logging against
-             a native bulk writer on the tests/es-mock server)
+             a native bulk writer on the tests/es-mock server, scale runs the load
+             generator: N simulated agents against a release controller, see docs/SCALE.md)
   demo       bundle, then run examples/jobs/hello.toml with `trellis up` (controller + agent, default bundle)
 ";
 
 /// The host's benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: &[&str] = &["runtime", "lines", "transport", "es"];
+const BENCHES: &[&str] = &["runtime", "lines", "transport", "es", "scale"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
