@@ -31,6 +31,13 @@ fn main() -> anyhow::Result<()> {
         p.wait_ms,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    // The machine is shared: what else ran meanwhile shows in the CPU lines, and here.
+    println!(
+        "load average at start: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     if p.runs("tcp") {
         let r = rt.block_on(load::run_tcp(&p, &setup))?;
         load::print_tcp(&p, &r);
