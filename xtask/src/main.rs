@@ -16,17 +16,19 @@ tasks:
   fixtures   build the test fixture plugins (tests/fixtures/*) into <target>/fixtures
   test       bundle + fixtures, then run the whole test suite
   lint       cargo fmt --check, clippy (native and wasm32), all with -D warnings
-  bench      bundle, then the benchmarks in release: runtime, lines, transport, es, runs
+  bench      bundle, then the benchmarks in release: runtime, lines, transport, es, runs, scale
              (`bench NAME` runs one; lines compares with rsyslog, transport runs
              kafka-transport against raw rdkafka and tcp-transport on a tansu broker
              (./scripts/setup.sh installs both), es runs elasticsearch-logging against
              a native bulk writer on the tests/es-mock server, runs starts a controller
-             on 100,000 finished runs: start time, memory, a page of /api/runs)
+             on 100,000 finished runs: start time, memory, a page of /api/runs; scale
+             runs the load generator: N simulated agents against a release controller,
+             see docs/SCALE.md)
   demo       bundle, then run examples/jobs/hello.toml with `trellis up` (controller + agent, default bundle)
 ";
 
 /// The host's benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: &[&str] = &["runtime", "lines", "transport", "es", "runs"];
+const BENCHES: &[&str] = &["runtime", "lines", "transport", "es", "runs", "scale"];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();

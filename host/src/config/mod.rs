@@ -257,9 +257,20 @@ pub struct RuntimeSection {
     /// (every second) before the log is closed incomplete, with a note in the run's
     /// record, and the plugin instance holding it is released (default 10m).
     pub log_close_retry_for: Option<HumanDuration>,
+    /// Instances the pooling allocator holds, for all plugins together (default 256,
+    /// `engine::POOL_INSTANCES`). Raise it for a process that keeps many instances
+    /// alive at once (the load generator's hundreds of agent links); each slot costs
+    /// address space, not memory, until used.
+    pub instance_pool: Option<u32>,
 }
 
 impl RuntimeSection {
+    /// `instance-pool`, or its default.
+    pub fn instance_pool(&self) -> u32 {
+        self.instance_pool
+            .unwrap_or(crate::runtime::engine::POOL_INSTANCES)
+    }
+
     /// `log-close-retry-for`, or its default.
     pub fn log_close_retry_for(&self) -> std::time::Duration {
         self.log_close_retry_for
@@ -589,7 +600,18 @@ impl DaemonConfig {
                 fix: "use 1 or more (default 3)".into(),
             });
         }
-        check_limits(&self.runtime.limits, "runtime.limits", &mut out);
+        let pool = self.runtime.instance_pool();
+        if !(1..=MAX_INSTANCE_POOL).contains(&pool) {
+            out.push(Problem {
+                field: "runtime.instance-pool".into(),
+                problem: format!("{pool} is outside 1..={MAX_INSTANCE_POOL}"),
+                fix: format!(
+                    "pick a value in that range (default {})",
+                    crate::runtime::engine::POOL_INSTANCES
+                ),
+            });
+        }
+        check_limits(&self.runtime.limits, "runtime.limits", pool, &mut out);
         if let Some(f) = &self.secrets.file
             && !f.is_file()
         {
@@ -744,7 +766,7 @@ impl DaemonConfig {
         }
         for (name, g) in &self.plugins {
             let at = format!("plugins.{name}");
-            check_limits(&g.limits, &format!("{at}.limits"), &mut out);
+            check_limits(&g.limits, &format!("{at}.limits"), pool, &mut out);
             for (i, d) in g.dirs.iter().enumerate() {
                 if !d.host.is_dir() {
                     out.push(Problem {
@@ -838,7 +860,11 @@ impl DaemonConfig {
     }
 }
 
-fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
+/// The largest `[runtime] instance-pool`: each slot reserves address space for its
+/// memories, tables and stack (several GiB of it, none of it memory until used).
+pub const MAX_INSTANCE_POOL: u32 = 4096;
+
+fn check_limits(l: &LimitsConfig, at: &str, pool: u32, out: &mut Vec<Problem>) {
     if let Some(m) = l.memory
         && (m.0 < (1 << 20) || m.0 > crate::runtime::limits::MAX_MEMORY)
     {
@@ -874,7 +900,6 @@ fn check_limits(l: &LimitsConfig, at: &str, out: &mut Vec<Problem>) {
             fix: "use e.g. 100 (the default)".into(),
         });
     }
-    let pool = crate::runtime::engine::POOL_INSTANCES;
     if let Some(n) = l.max_instances
         && (n == 0 || n > pool)
     {
@@ -1113,6 +1138,21 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("fix:"), "{all}");
+    }
+
+    #[test]
+    fn the_instance_pool_bounds_the_instance_budgets() {
+        let over = "[plugins.t]\nlimits = { max-instances = 600, reserved-instances = 600 }\n";
+        let p = problems(over).join("\n");
+        assert!(p.contains("plugins.t.limits.max-instances"), "{p}");
+        assert!(p.contains("plugins.t.limits.reserved-instances"), "{p}");
+        let raised = format!("[runtime]\ninstance-pool = 1024\n{over}");
+        assert!(problems(&raised).is_empty(), "{:?}", problems(&raised));
+        let p = problems("[runtime]\ninstance-pool = 0\n").join("\n");
+        assert!(
+            p.contains("runtime.instance-pool") && p.contains("fix:"),
+            "{p}"
+        );
     }
 
     #[test]

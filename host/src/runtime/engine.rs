@@ -13,7 +13,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// One epoch tick. Call deadlines are counted in ticks, so they are this precise.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// Instances the pool holds at once (all plugins together; shared out by `budget.rs`).
+/// Instances the pool holds at once (all plugins together; shared out by `budget.rs`),
+/// unless `[runtime] instance-pool` says otherwise.
 pub const POOL_INSTANCES: u32 = 256;
 
 /// Core instances one component instance may hold.
@@ -25,6 +26,11 @@ pub fn build_engine() -> anyhow::Result<Engine> {
 
 /// The engine, with or without the pooling allocator (without: for comparisons).
 pub fn build_engine_with(pooling: bool) -> anyhow::Result<Engine> {
+    build_engine_sized(pooling, POOL_INSTANCES)
+}
+
+/// The engine, its pool holding `pool_instances` instances (`[runtime] instance-pool`).
+pub fn build_engine_sized(pooling: bool, pool_instances: u32) -> anyhow::Result<Engine> {
     let mut cfg = Config::new();
     cfg.wasm_component_model(true);
     // TRELLIS_PERFMAP=1: write /tmp/perf-<pid>.map so `perf` names plugin functions.
@@ -33,14 +39,14 @@ pub fn build_engine_with(pooling: bool) -> anyhow::Result<Engine> {
     }
     cfg.epoch_interruption(true);
     let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(POOL_INSTANCES)
+    pool.total_component_instances(pool_instances)
         // Room for every component instance's most core instances: the per-plugin
         // budgets count component instances, so no plugin may run the pool out of core
         // instances first. Only a counter (metadata is allocated per instance in use).
-        .total_core_instances(POOL_INSTANCES * MAX_CORE_INSTANCES_PER_COMPONENT)
-        .total_memories(POOL_INSTANCES * 2)
-        .total_tables(POOL_INSTANCES * 4)
-        .total_stacks(POOL_INSTANCES)
+        .total_core_instances(pool_instances * MAX_CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(pool_instances * 2)
+        .total_tables(pool_instances * 4)
+        .total_stacks(pool_instances)
         .max_memory_size(MAX_MEMORY as usize)
         .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
         .max_memories_per_component(8)

@@ -70,7 +70,8 @@ impl Runtime {
         config: DaemonConfig,
         secrets: SecretStore,
     ) -> anyhow::Result<Arc<Runtime>> {
-        Self::with_engine(config, secrets, engine::build_engine()?)
+        let pool = config.runtime.instance_pool();
+        Self::with_engine(config, secrets, engine::build_engine_sized(true, pool)?)
     }
 
     /// The shared Kafka client (None: no `[kafka]` section).
@@ -120,6 +121,7 @@ impl Runtime {
         engine: Engine,
     ) -> anyhow::Result<Arc<Runtime>> {
         engine::start_epoch_ticker(&engine);
+        let pool = InstancePool::new(config.runtime.instance_pool());
         Ok(Arc::new(Runtime {
             engine,
             config,
@@ -127,7 +129,7 @@ impl Runtime {
             plugins: RwLock::default(),
             config_file: Default::default(),
             kafka: Default::default(),
-            pool: InstancePool::new(engine::POOL_INSTANCES),
+            pool,
             budgets: Default::default(),
         }))
     }
