@@ -102,6 +102,7 @@ pub async fn run(
             &me.name,
             std::slice::from_ref(&me.label),
             &[],
+            1,
             &me.secret,
             vec![],
             &mut session,
