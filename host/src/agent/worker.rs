@@ -265,7 +265,12 @@ pub async fn run_agent(
                         &link,
                         &mut seal,
                         &mut live,
-                        transport::POLL_OWN_MS,
+                        // The loop below waits for an event-driven link.
+                        if link.is_event_driven() {
+                            0
+                        } else {
+                            transport::POLL_OWN_MS
+                        },
                         true,
                         &mut delivered,
                     )

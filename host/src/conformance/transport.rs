@@ -292,7 +292,7 @@ pub async fn suite(plugin: Arc<Plugin>) -> Suite {
                         let _ = tokio::time::timeout(left, controller.readable()).await;
                         got.extend(
                             controller
-                                .receive_ready(Duration::ZERO)
+                                .receive_ready(false, Duration::ZERO)
                                 .await
                                 .map_err(|e| format!("receive: {e}"))?,
                         );

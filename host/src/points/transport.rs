@@ -480,14 +480,33 @@ impl Link {
         Ok(frames)
     }
 
-    /// What arrived, if anything may have: `receive` when the transport's pollable was
-    /// ready (no call otherwise), or as a transport without readiness is polled. `wait`
-    /// is how long the caller would wait for a first frame (used only where the plugin
-    /// does the waiting: an agent's transport without readiness).
-    pub async fn receive_ready(&self, wait: Duration) -> Result<Vec<Frame>, PluginError> {
-        match self.polling.call_now(wait) {
-            Some(timeout_ms) => self.receive(timeout_ms).await,
-            None => Ok(Vec::new()),
+    /// What arrived, if anything may have. A link whose transport has readiness calls
+    /// `receive` when its pollable was ready, or when `busy` (frames are going out: the
+    /// peer's acknowledgements are taken at once, not after the waiter's next turn);
+    /// otherwise it waits up to `wait` for readiness (outside the plugin, holding
+    /// nothing) and calls nothing if none came. A transport without readiness is polled
+    /// as before: `receive(0)` on a shared instance, or `receive` waiting up to `wait`
+    /// inside the plugin on an instance of its own.
+    pub async fn receive_ready(
+        &self,
+        busy: bool,
+        wait: Duration,
+    ) -> Result<Vec<Frame>, PluginError> {
+        let ms = |d: Duration| d.as_millis().min(u32::MAX as u128) as u32;
+        match &self.polling {
+            Polling::Events(armed) => {
+                let mut ready = busy || armed.ready.swap(false, SeqCst);
+                if !ready && !wait.is_zero() {
+                    let _ = tokio::time::timeout(wait, self.polling.readable()).await;
+                    ready = armed.ready.swap(false, SeqCst);
+                }
+                if !ready {
+                    return Ok(Vec::new());
+                }
+                self.receive(0).await
+            }
+            Polling::Outside(_) => self.receive(0).await,
+            Polling::Inside => self.receive(if busy { 0 } else { ms(wait) }).await,
         }
     }
 

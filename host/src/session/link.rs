@@ -140,7 +140,7 @@ async fn next_signal(
             return Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT));
         }
         let frames = link
-            .receive_ready(left.min(Duration::from_millis(500)))
+            .receive_ready(false, left.min(Duration::from_millis(500)))
             .await?;
         if frames.is_empty() {
             let _ = tokio::time::timeout(left, link.readable()).await;
@@ -436,9 +436,10 @@ pub enum LinkDown {
 
 /// One round: send what is due (a heartbeat when nothing was sent for an interval),
 /// then take what arrived, delivering new messages in order into `delivered`. A link
-/// whose transport has readiness is asked only when it said something arrived; one
-/// without is polled, waiting at most `wait_ms` inside the plugin when nothing is due
-/// out and the link's instance is its own (see `Link::receive_ready`). Between rounds
+/// whose transport has readiness is asked only when it said something arrived (or
+/// frames went out, so acks come back at once), waiting for that at most `wait_ms`
+/// outside the plugin; one without is polled, waiting at most `wait_ms` inside the
+/// plugin when its instance is its own (see `Link::receive_ready`). Between rounds
 /// the caller waits for `Link::readable`, its own work, or `Liveness::next_due`. With
 /// `take` false nothing is received (the caller cannot take more now: back-pressure)
 /// but the link stays alive.
@@ -466,8 +467,9 @@ pub async fn exchange(
         live.last_heard = Instant::now();
         return Ok(());
     }
-    let wait = Duration::from_millis(if busy { 0 } else { wait_ms as u64 });
-    let frames = link.receive_ready(wait).await?;
+    let frames = link
+        .receive_ready(busy, Duration::from_millis(wait_ms as u64))
+        .await?;
     if frames.is_empty() {
         if live.last_heard.elapsed() > live.silence_limit() {
             return Err(LinkDown::Silent(live.silence_limit()));
