@@ -8,6 +8,10 @@
 #   an idle agent costs itself <= 0.1 % of a core.
 #
 # usage: scripts/idle-links.sh [--agents N] [--seconds S] [--trellis BIN] [--bundle DIR]
+#                              [--transport DIR]
+#   --transport: another build of the transport (e.g. the 0.1.0 fixture
+#   $CARGO_TARGET_DIR/fixtures/tcp-transport-v0-1, which the host polls), used in place
+#   of the bundle's tcp-transport: the same binary measured polled and event-driven.
 #   defaults: 20 agents, 60 s, $CARGO_TARGET_DIR/release/trellis (or target/release),
 #   $TRELLIS_BUNDLE_DIR (or $CARGO_TARGET_DIR/bundle). Build first:
 #   cargo build --release -p trellis && cargo xtask bundle
@@ -28,6 +32,7 @@ while [ $# -gt 0 ]; do
         --settle) settle=$2; shift 2 ;;
         --trellis) trellis=$2; shift 2 ;;
         --bundle) bundle=$2; shift 2 ;;
+        --transport) transport_dir=$2; shift 2 ;;
         *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
     esac
 done
@@ -35,6 +40,8 @@ done
 [ -d "$bundle/tcp-transport" ] || { echo "no plugin bundle at $bundle: cargo xtask bundle, or pass --bundle" >&2; exit 2; }
 trellis=$(realpath "$trellis")
 bundle=$(realpath "$bundle")
+transport_dir=$(realpath "${transport_dir:-$bundle/tcp-transport}")
+tname=$(sed -n 's/^name = "\(.*\)"/\1/p' "$transport_dir/plugin.toml" | head -1)
 
 dir=$(mktemp -d)
 pids=()
@@ -51,7 +58,11 @@ free_port() {
 port=$(free_port)
 http=$(free_port)
 
-mkdir -p "$dir/state/logs"
+mkdir -p "$dir/state/logs" "$dir/plugins"
+for p in "$bundle"/*/; do
+    [ "$(basename "$p")" = tcp-transport ] || ln -s "$p" "$dir/plugins/$(basename "$p")"
+done
+ln -s "$transport_dir" "$dir/plugins/$tname"
 {
     for i in $(seq 1 "$agents"); do echo "agent-$i = \"secret-of-agent-$i\""; done
 } >"$dir/secrets.toml"
@@ -59,19 +70,19 @@ chmod 600 "$dir/secrets.toml"
 agent_map=$(for i in $(seq 1 "$agents"); do printf '"idle-%s" = "agent-%s", ' "$i" "$i"; done)
 cat >"$dir/controller.toml" <<EOF
 [runtime]
-plugin-dir = "$bundle"
+plugin-dir = "$dir/plugins"
 [secrets]
 file = "secrets.toml"
 [controller]
 state-dir = "state"
 http = "127.0.0.1:$http"
-transport = "tcp-transport"
+transport = "$tname"
 agents = { ${agent_map%, } }
 [plugins.file-logging]
 dirs = [{ host = "state/logs", guest = "/logs", mode = "read-write" }]
 [plugins.file-browser]
 dirs = [{ host = "state/logs", guest = "/logs" }]
-[plugins.tcp-transport]
+[plugins.$tname]
 sockets = { bind = ["127.0.0.1:$port"] }
 config = { address = "127.0.0.1:$port" }
 EOF
@@ -80,7 +91,7 @@ for i in $(seq 1 "$agents"); do
     cp "$dir/secrets.toml" "$dir/agent-$i/secrets.toml"
     cat >"$dir/agent-$i/agent.toml" <<EOF
 [runtime]
-plugin-dir = "$bundle"
+plugin-dir = "$dir/plugins"
 [secrets]
 file = "secrets.toml"
 [agent]
@@ -88,8 +99,8 @@ name = "idle-$i"
 labels = ["idle"]
 secret = "agent-$i"
 workspace = "work"
-transport = "tcp-transport"
-[plugins.tcp-transport]
+transport = "$tname"
+[plugins.$tname]
 sockets = { connect = ["127.0.0.1:$port"] }
 config = { address = "127.0.0.1:$port" }
 EOF
@@ -140,16 +151,17 @@ for p in "$controller" "${agent_pids[@]}"; do
     kill -0 "$p" 2>/dev/null || { echo "process $p died during the measurement" >&2; exit 1; }
 done
 
-python3 - "$hz" "$seconds" "$agents" "$((c1 - c0))" "$a_total" "$a_max" <<'EOF'
+python3 - "$hz" "$seconds" "$agents" "$((c1 - c0))" "$a_total" "$a_max" "$tname" <<'EOF'
 import sys
-hz, secs, n, c, a_total, a_max = (float(x) for x in sys.argv[1:])
+hz, secs, n, c, a_total, a_max = (float(x) for x in sys.argv[1:7])
+tname = sys.argv[7]
 pct = lambda ticks: ticks / hz / secs * 100
 ctl = pct(c)
 per_agent_ctl = ctl / n
 agent_avg = pct(a_total) / n
 agent_max = pct(a_max)
 ok = lambda v, t: "ok" if v <= t else "MISSED"
-print(f"idle links: {int(n)} agents over tcp-transport, {int(secs)} s, clock tick {1000 / hz:.0f} ms")
+print(f"idle links: {int(n)} agents over {tname}, {int(secs)} s, clock tick {1000 / hz:.0f} ms")
 print(f"  controller                      {ctl:7.3f} % of a core")
 print(f"  controller per idle agent       {per_agent_ctl:7.4f} % of a core   target <= 0.05 %   {ok(per_agent_ctl, 0.05)}")
 print(f"  agent, mean of {int(n):<3}             {agent_avg:7.4f} % of a core   target <= 0.1 %    {ok(agent_avg, 0.1)}")
