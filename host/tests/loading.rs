@@ -280,7 +280,8 @@ fn cli_plugin_check_and_list() {
     let (code, out) = trellis(&["plugin", "check", f.join("future-wit").to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("trellis:plugin@0.9.0") && out.contains("serves trellis:plugin@0.1.0, 0.2.0, 0.3.0"),
+        out.contains("trellis:plugin@0.9.0")
+            && out.contains("serves trellis:plugin@0.1.0, 0.2.0, 0.3.0"),
         "{out}"
     );
 

@@ -315,11 +315,11 @@ world!(
 #[cfg(feature = "command-transport")]
 pub mod command_transport {
     pub use crate::command_transport_world::exports::trellis::plugin::command_transport::*;
+    pub use crate::command_transport_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
     /// What `subscribe` returns (0.3.0): a `wasi:io/poll` pollable, e.g. a socket
     /// stream's `subscribe()`; `wasi` is re-exported for the rest of WASI.
     #[cfg(not(any(feature = "wit-0-1", feature = "wit-0-2")))]
     pub use wasi::{self, io::poll::Pollable};
-    pub use crate::command_transport_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
 }
 
 /// The `logging-method` point: implement [`Guest`](logging_method::Guest) and

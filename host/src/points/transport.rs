@@ -18,8 +18,8 @@
 use crate::points::bindings::command_transport::{Frame, Lane};
 use crate::runtime::{Instance, Plugin, PluginError};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard, Notify};
 use wasmtime::component::{Resource, ResourceAny};
@@ -147,7 +147,10 @@ impl Shared {
     /// Register `pollable` (just returned by `subscribe`, in `inst`): its link is woken
     /// when it is ready. Call with the instance locked.
     fn register(&self, pollable: Resource<DynPollable>) -> (u64, Arc<Armed>) {
-        let w = self.waiter.as_ref().expect("only transports with readiness subscribe");
+        let w = self
+            .waiter
+            .as_ref()
+            .expect("only transports with readiness subscribe");
         let armed = Arc::new(Armed {
             ready: AtomicBool::new(false),
             wake: Notify::new(),
@@ -324,7 +327,9 @@ pub async fn connect(plugin: Arc<Plugin>, agent: &str) -> Result<Link, PluginErr
     let shared = Shared::new(plugin, inst);
     let subscribed = {
         let mut inst = shared.lock().await;
-        shared.subscribe(&mut inst, channel, false, Polling::Inside).await
+        shared
+            .subscribe(&mut inst, channel, false, Polling::Inside)
+            .await
     };
     let (polling, registration) = match subscribed {
         Ok(s) => s,
@@ -360,7 +365,9 @@ pub async fn listen(plugin: Arc<Plugin>) -> Result<Listener, PluginError> {
     let shared = Shared::new(plugin, inst);
     let subscribed = {
         let mut inst = shared.lock().await;
-        shared.subscribe(&mut inst, listener, true, Polling::Outside(POLL_ACCEPT)).await
+        shared
+            .subscribe(&mut inst, listener, true, Polling::Outside(POLL_ACCEPT))
+            .await
     };
     let (polling, registration) = match subscribed {
         Ok(s) => s,
