@@ -30,11 +30,11 @@ fn a_component_for_another_wit_version_is_refused_naming_both_versions() {
     let p = problems(&rt, &fixtures().join("future-wit"));
     assert!(p.contains("built for trellis:plugin@0.9.0"), "{p}");
     assert!(
-        p.contains("this host serves trellis:plugin@0.1.0, 0.2.0"),
+        p.contains("this host serves trellis:plugin@0.1.0, 0.2.0, 0.3.0"),
         "{p}"
     );
     assert!(
-        p.contains("fix: rebuild the plugin against trellis:plugin@0.2.0"),
+        p.contains("fix: rebuild the plugin against trellis:plugin@0.3.0"),
         "{p}"
     );
 }
@@ -61,11 +61,11 @@ fn a_manifest_naming_another_served_version_than_its_component_is_refused() {
     let p = problems(&rt, &dir);
     assert!(
         p.contains(
-            "the manifest says wit = \"0.1.0\" but the component exports trellis:plugin@0.2.0"
+            "the manifest says wit = \"0.1.0\" but the component exports trellis:plugin@0.3.0"
         ),
         "{p}"
     );
-    assert!(p.contains("set wit = \"0.2.0\""), "{p}");
+    assert!(p.contains("set wit = \"0.3.0\""), "{p}");
 }
 
 #[test]
@@ -75,7 +75,7 @@ fn importing_an_undeclared_host_capability_is_refused() {
         name = "hostile"
         version = "0.1.0"
         component = "hostile_plugin.wasm"
-        wit = "0.2.0"
+        wit = "0.3.0"
         worlds = ["logging-pair-plugin"]
         capabilities = ["log", "filesystem", "http", "sockets"]
     "#;
@@ -98,7 +98,7 @@ fn worlds_must_match_the_exports() {
         name = "hostile"
         version = "0.1.0"
         component = "hostile_plugin.wasm"
-        wit = "0.2.0"
+        wit = "0.3.0"
         worlds = ["logging-method-plugin", "fence-agent-plugin"]
         capabilities = ["log", "secrets", "filesystem", "http", "sockets"]
     "#;
@@ -269,7 +269,7 @@ fn cli_plugin_check_and_list() {
     let b = bundle();
     let (code, out) = trellis(&["plugin", "check", b.join("jsonl-logger").to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("contract       trellis:plugin@0.2.0"), "{out}");
+    assert!(out.contains("contract       trellis:plugin@0.3.0"), "{out}");
     assert!(
         out.contains("policy         logging-method: keep events in the host and retry"),
         "{out}"
@@ -280,7 +280,8 @@ fn cli_plugin_check_and_list() {
     let (code, out) = trellis(&["plugin", "check", f.join("future-wit").to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("trellis:plugin@0.9.0") && out.contains("serves trellis:plugin@0.1.0, 0.2.0"),
+        out.contains("trellis:plugin@0.9.0")
+            && out.contains("serves trellis:plugin@0.1.0, 0.2.0, 0.3.0"),
         "{out}"
     );
 
@@ -310,8 +311,8 @@ fn cli_plugin_check_and_list() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("contract       trellis:plugin@0.1.0 (this host serves 0.1.0, 0.2.0)")
-            && out.contains("the current contract is 0.2.0"),
+        out.contains("contract       trellis:plugin@0.1.0 (this host serves 0.1.0, 0.2.0, 0.3.0)")
+            && out.contains("the current contract is 0.3.0"),
         "{out}"
     );
 

@@ -113,7 +113,7 @@ fn the_guides_examples_build_and_check() {
     build_rust_plugin(&old, "log-to-host");
     std::fs::write(
         old.join("plugin.toml"),
-        block("plugin.toml").replace("wit = \"0.2.0\"", "wit = \"0.1.0\""),
+        block("plugin.toml").replace("wit = \"0.3.0\"", "wit = \"0.1.0\""),
     )
     .unwrap();
     let text = run_ok(trellis().args(["plugin", "check"]).arg(&old));

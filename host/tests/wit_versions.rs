@@ -70,8 +70,8 @@ fn a_0_1_0_plugin_and_0_2_0_plugins_serve_in_one_daemon() {
             .clone()
     };
     assert_eq!(wit("old-browser"), "0.1.0", "{plugins}");
-    assert_eq!(wit("file-browser"), "0.2.0", "{plugins}");
-    assert_eq!(wit("file-logging"), "0.2.0", "{plugins}");
+    assert_eq!(wit("file-browser"), "0.3.0", "{plugins}");
+    assert_eq!(wit("file-logging"), "0.3.0", "{plugins}");
 
     let lines = 250;
     for (i, browser) in ["file-browser", "old-browser"].iter().enumerate() {
@@ -137,7 +137,7 @@ fn a_0_1_0_plugin_and_0_2_0_plugins_serve_in_one_daemon() {
         .iter()
         .find(|p| p["name"] == "old-browser")
         .unwrap();
-    assert_eq!(upgraded["wit"], "0.2.0", "{plugins}");
+    assert_eq!(upgraded["wit"], "0.3.0", "{plugins}");
     let after = first_page(http, old_run);
     assert_eq!(after["total"].as_u64(), Some(total), "{after}");
     assert_eq!(after["events"], old_page["events"]);

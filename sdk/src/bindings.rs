@@ -37,11 +37,27 @@ compile_error!(
 );
 
 /// Types and host capabilities shared by every world (of the current contract, or of
-/// 0.1.0 with feature `wit-0-1`).
+/// 0.2.0 with feature `wit-0-2`, 0.1.0 with `wit-0-1`).
 pub mod base {
-    #[cfg(not(feature = "wit-0-1"))]
+    #[cfg(not(any(feature = "wit-0-1", feature = "wit-0-2")))]
     wit_bindgen::generate!({
         path: "../wit",
+        inline: "
+            package trellis:sdk;
+            world base {
+                import trellis:plugin/types@0.3.0;
+                import trellis:host/log@0.1.0;
+                import trellis:host/secrets@0.1.0;
+                import trellis:host/kafka@0.1.0;
+                import trellis:host/exec@0.1.0;
+            }
+        ",
+        world: "trellis:sdk/base",
+        generate_all,
+    });
+    #[cfg(feature = "wit-0-2")]
+    wit_bindgen::generate!({
+        path: "../wit/v0.2.0",
         inline: "
             package trellis:sdk;
             world base {
@@ -193,13 +209,29 @@ pub mod exec {
 }
 
 macro_rules! world {
-    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal $(, $extra:literal => $path:path)*) => {
+    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal $(, $extra:literal => $path:path)* $(; now $now:literal => $now_path:path)*) => {
         #[cfg(feature = $feature)]
         #[doc(hidden)]
         pub mod $module {
-            #[cfg(not(feature = "wit-0-1"))]
+            #[cfg(not(any(feature = "wit-0-1", feature = "wit-0-2")))]
             wit_bindgen::generate!({
                 path: "../wit",
+                world: $world,
+                with: {
+                    "trellis:plugin/types@0.3.0": crate::bindings::base::trellis::plugin::types,
+                    "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
+                    "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
+                    "trellis:host/kafka@0.1.0": crate::bindings::base::trellis::host::kafka,
+                    $($extra: $path,)*
+                    $($now: $now_path,)*
+                },
+                pub_export_macro: true,
+                export_macro_name: $macro_name,
+                default_bindings_module: $bindings,
+            });
+            #[cfg(feature = "wit-0-2")]
+            wit_bindgen::generate!({
+                path: "../wit/v0.2.0",
                 world: $world,
                 with: {
                     "trellis:plugin/types@0.2.0": crate::bindings::base::trellis::plugin::types,
@@ -239,7 +271,10 @@ world!(
     "trellis:plugin/command-transport-plugin",
     "export_command_transport",
     export_command_transport,
-    "trellis_sdk::command_transport_world"
+    "trellis_sdk::command_transport_world";
+    // 0.3.0's readiness: the pollable is the `wasi` crate's, so a transport returns
+    // what its socket's stream or a clock gives it.
+    now "wasi:io/poll@0.2.12" => wasi::io::poll
 );
 world!(
     "logging-method",
@@ -281,6 +316,10 @@ world!(
 pub mod command_transport {
     pub use crate::command_transport_world::exports::trellis::plugin::command_transport::*;
     pub use crate::command_transport_world::exports::trellis::plugin::lifecycle::Guest as Lifecycle;
+    /// What `subscribe` returns (0.3.0): a `wasi:io/poll` pollable, e.g. a socket
+    /// stream's `subscribe()`; `wasi` is re-exported for the rest of WASI.
+    #[cfg(not(any(feature = "wit-0-1", feature = "wit-0-2")))]
+    pub use wasi::{self, io::poll::Pollable};
 }
 
 /// The `logging-method` point: implement [`Guest`](logging_method::Guest) and

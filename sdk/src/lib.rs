@@ -24,10 +24,11 @@
 //! component. Features: `command-transport`, `logging-method`, `log-browser`,
 //! `fence-agent`, `logging-pair` (a logging method and its browser in one component).
 //!
-//! The bindings are for the current contract, `trellis:plugin@0.2.0` (`wit/`). Add
-//! feature `wit-0-1` to build for 0.1.0 instead (`wit/v0.1.0/`): hosts serve both, so
-//! only a plugin that must also load in older hosts needs it (docs/PLUGINS.md,
-//! "Versioning").
+//! The bindings are for the current contract, `trellis:plugin@0.3.0` (`wit/`). Add
+//! feature `wit-0-2` or `wit-0-1` to build for 0.2.0 or 0.1.0 instead (`wit/v0.2.0/`,
+//! `wit/v0.1.0/`): hosts serve all three, so only a plugin that must also load in
+//! older hosts needs it (docs/PLUGINS.md, "Versioning"). A 0.3.0 transport returns a
+//! `wasi:io/poll` pollable per channel and listener (`subscribe`), the `wasi` crate's.
 //!
 //! Without features the crate is plain Rust: [`events`] (the packed event batch, JSON
 //! lines) and [`config`] helpers work natively too, which is how plugin logic is unit

@@ -271,7 +271,12 @@ pub async fn run_agent(
                         &link,
                         &mut seal,
                         &mut live,
-                        20,
+                        // The loop below waits for an event-driven link.
+                        if link.is_event_driven() {
+                            0
+                        } else {
+                            transport::POLL_OWN_MS
+                        },
                         true,
                         &mut delivered,
                     )
@@ -310,6 +315,22 @@ pub async fn run_agent(
             );
             if handled {
                 commit_handled(session, &link, &mut committed).await;
+                continue;
+            }
+            if session.has_unsent() {
+                continue;
+            }
+            // Idle: sleep until the transport has something, a run has output (while
+            // the session may hold more), a heartbeat is due, or the agent stops. (A
+            // transport without readiness waited in `receive` already.)
+            let room = session.unacked() < MAX_UNACKED;
+            tokio::select! {
+                _ = link.readable() => {}
+                Some(msg) = out_rx.recv(), if room => {
+                    session.queue(Lane::Bulk, msg);
+                }
+                _ = tokio::time::sleep_until(live.next_due().into()) => {}
+                Ok(()) = stop.changed() => {}
             }
         }
     }

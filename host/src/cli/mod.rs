@@ -17,7 +17,7 @@ use std::process::ExitCode;
     name = "trellis",
     version,
     about = "Trellis: CI jobs on agents, with transport, logging, log browsing and fencing as sandboxed WebAssembly plugins",
-    after_help = "Serves trellis:plugin@0.1.0 and @0.2.0 (see `trellis plugin check --help`). Docs: docs/ARCHITECTURE.md, docs/PLUGINS.md."
+    after_help = "Serves trellis:plugin@0.1.0, @0.2.0 and @0.3.0 (see `trellis plugin check --help`). Docs: docs/ARCHITECTURE.md, docs/PLUGINS.md."
 )]
 pub struct Cli {
     /// Log format of the daemon's own diagnostics.

@@ -261,6 +261,49 @@ pub async fn suite(plugin: Arc<Plugin>) -> Suite {
         Ok(String::new())
     })
     .await;
+    if controller.is_event_driven() && agent.is_event_driven() {
+        s.check(
+            "readiness (0.3.0): the pollable wakes the host for every frame, and receive returns them all",
+            async {
+                // Whatever earlier checks left is taken first; then the link is idle.
+                let _ = controller.receive(0).await;
+                let _ = agent.receive(0).await;
+                for (round, n) in [(0u64, 1u64), (1, 7)] {
+                    let first = 60 + round * 10;
+                    let batch: Vec<Frame> = (first..first + n)
+                        .map(|i| frame(Lane::Control, i, payload(Lane::Control, i, 32)))
+                        .collect();
+                    agent
+                        .send(batch.clone())
+                        .await
+                        .map_err(|e| format!("agent send: {e}"))?;
+                    // Only the host's wait on the pollable: no receive until it is ready.
+                    let mut got = Vec::new();
+                    let t = Instant::now();
+                    while got.len() < batch.len() {
+                        let left = Duration::from_secs(20).saturating_sub(t.elapsed());
+                        if left.is_zero() {
+                            return Err(format!(
+                                "{} of {} frames arrived within 20 s of the pollable's wakeups (a pollable that is not ready while frames wait, or a receive that keeps complete frames back)",
+                                got.len(),
+                                batch.len()
+                            ));
+                        }
+                        let _ = tokio::time::timeout(left, controller.readable()).await;
+                        got.extend(
+                            controller
+                                .receive_ready(false, Duration::ZERO)
+                                .await
+                                .map_err(|e| format!("receive: {e}"))?,
+                        );
+                    }
+                    lane_in_order(&got, Lane::Control, &batch)?;
+                }
+                Ok(String::new())
+            },
+        )
+        .await;
+    }
     drop(agent);
     drop(controller);
     let mut relinked = None;

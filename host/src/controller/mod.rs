@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 use trellis_sdk::events::BatchBuilder;
 
-/// How long an idle agent link waits between polls (the latency of a quiet link).
-const POLL_IDLE: Duration = Duration::from_millis(5);
+/// How often a link re-checks a condition nothing signals: a full log buffer regaining
+/// room (back-pressure), a superseded link letting go (a reconnect). Never while idle:
+/// an idle link sleeps until a frame arrives, one is due out, or a heartbeat is due.
+const RECHECK: Duration = Duration::from_millis(5);
 
 pub struct ControllerConfig {
     /// Names this controller in every log's metadata (JEP-212's instance id).
@@ -126,6 +128,8 @@ struct AgentSlot {
     orders: mpsc::Sender<ToAgent>,
     /// The session and its order queue wait here while the agent is not connected.
     parked: Option<(Session, mpsc::Receiver<ToAgent>)>,
+    /// Wakes the link serving the agent when a newer link supersedes it.
+    superseded: Arc<tokio::sync::Notify>,
 }
 
 impl AgentSlot {
@@ -142,6 +146,7 @@ impl AgentSlot {
             link: 0,
             orders: tx,
             parked: Some((Session::default(), rx)),
+            superseded: Arc::default(),
         }
     }
 }
@@ -587,8 +592,10 @@ impl Controller {
 
     /// Accepted channels live in the listener's instance (a resource belongs to the
     /// store that made it), so nothing here waits *inside* the plugin: accept and
-    /// receive are called with a zero timeout, and the host does the waiting, outside
-    /// the instance's lock, so one agent's link never stalls another's. Each accepted
+    /// receive are called with a zero timeout when the transport's pollable says
+    /// something is there (`points::transport`: the instance's waiter waits for all its
+    /// links at once, outside the plugin), so one agent's link never stalls another's
+    /// and an idle link costs no calls. Each accepted
     /// link is served (handshake included) in a task of its own, so a slow or hostile
     /// handshake holds up nothing else. A listener whose instance died (a trap, e.g. a
     /// peer made it exhaust its memory) is replaced by a fresh one, never retried.
@@ -614,12 +621,12 @@ impl Controller {
                 }
                 continue;
             };
-            match l.accept(0).await {
+            match l.next().await {
                 Ok(Some(link)) => {
                     backoff = Duration::from_millis(500);
                     tokio::spawn(self.clone().serve(link));
                 }
-                Ok(None) => tokio::time::sleep(POLL_IDLE * 5).await,
+                Ok(None) => {}
                 Err(e) => {
                     tracing::error!("accepting agents failed: {e}");
                     if l.is_broken().await {
@@ -650,11 +657,12 @@ impl Controller {
         let name = hello.agent.clone();
         // An agent keeps one link at a time: a new one supersedes the old (which is
         // dead or dying, e.g. half-open), whose loop hands the session back.
-        let my_link = {
+        let (my_link, kick) = {
             let mut a = self.agents.lock().unwrap();
             let slot = a.entry(name.clone()).or_insert_with(AgentSlot::unknown);
             slot.link += 1;
-            slot.link
+            slot.superseded.notify_one();
+            (slot.link, slot.superseded.clone())
         };
         let taken_over = Instant::now();
         let ((mut session, mut orders), first_contact) = loop {
@@ -698,7 +706,7 @@ impl Controller {
                     }
                     return;
                 }
-                None => tokio::time::sleep(POLL_IDLE).await,
+                None => tokio::time::sleep(RECHECK).await,
             }
         };
         self.reconcile(hello, first_contact).await;
@@ -720,7 +728,7 @@ impl Controller {
             // while a batch is being handled no more frames are taken (the agent's
             // bound on unacknowledged messages pauses its steps meanwhile).
             let (work, mut batches) = tokio::sync::mpsc::unbounded_channel::<Vec<Vec<u8>>>();
-            let (done_tx, done) = tokio::sync::watch::channel(0u64);
+            let (done_tx, mut done) = tokio::sync::watch::channel(0u64);
             let handler = tokio::spawn({
                 let (me, name, session_id) = (self.clone(), name.clone(), hello.session.clone());
                 async move {
@@ -790,9 +798,25 @@ impl Controller {
                 }
                 // Idle unless something arrived or more waits to go out: messages sent
                 // and waiting for their ack are no reason to spin (a peer that never
-                // acknowledges must not make this loop busy).
+                // acknowledges must not make this loop busy). Idle, the loop sleeps
+                // until the transport has something, an order comes, the handler is
+                // done, a heartbeat is due or the link is superseded; only a full log
+                // buffer (nothing signals its room) is re-checked on a timer.
                 if lost.is_none() && delivered.is_empty() && (!session.has_unsent() || !take) {
-                    tokio::time::sleep(POLL_IDLE).await;
+                    let backpressured = !self.logs.has_room();
+                    tokio::select! {
+                        _ = link.readable(), if take => {}
+                        Some(order) = orders.recv() => {
+                            session.queue(
+                                Lane::Control,
+                                serde_json::to_vec(&order).expect("serialisable"),
+                            );
+                        }
+                        Ok(()) = done.changed() => {}
+                        _ = tokio::time::sleep_until(live.next_due().into()) => {}
+                        _ = kick.notified() => {}
+                        _ = tokio::time::sleep(RECHECK), if backpressured => {}
+                    }
                 }
                 if !delivered.is_empty() {
                     let _ = work.send(delivered.into_iter().map(|(_, p)| p).collect());

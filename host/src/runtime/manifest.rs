@@ -6,7 +6,7 @@
 //! version = "0.1.0"
 //! description = "Build output as JSON lines, one file per run"
 //! component = "file_logging.wasm"          # relative to this file
-//! wit = "0.2.0"                            # the trellis:plugin version it was built for
+//! wit = "0.3.0"                            # the trellis:plugin version it was built for
 //! worlds = ["logging-method-plugin"]
 //! capabilities = ["log", "filesystem"]     # log, secrets, kafka, exec, filesystem, http, sockets
 //!

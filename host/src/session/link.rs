@@ -133,27 +133,25 @@ fn split_mac(msg: &[u8], what: &str) -> Result<([u8; 32], Vec<u8>), HandshakeErr
 /// would leave a gap the session never fills. Until the peer is authenticated, any
 /// frame over `MAX_HANDSHAKE_FRAME` ends the handshake.
 ///
-/// `Wait::Outside` (the controller: accepted links share the listener's instance) polls
-/// with a zero timeout and waits in the host, so a peer that says nothing holds the
-/// shared instance for no one else's handshake or link.
+/// The link decides how to wait (`Link::receive_ready`, `Link::readable`): on its
+/// transport's readiness, or polling one without it (the controller's accepted links
+/// share the listener's instance, so those never wait inside the plugin and a peer that
+/// says nothing holds it for no one else's handshake or link).
 async fn next_signal(
     link: &Link,
     deadline: Instant,
     after: &mut Vec<Frame>,
-    wait: Wait,
 ) -> Result<Vec<u8>, HandshakeError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT));
         }
-        let timeout_ms = match wait {
-            Wait::Inside => left.as_millis().min(500) as u32,
-            Wait::Outside => 0,
-        };
-        let frames = link.receive(timeout_ms).await?;
-        if frames.is_empty() && wait == Wait::Outside {
-            tokio::time::sleep(HANDSHAKE_POLL.min(left)).await;
+        let frames = link
+            .receive_ready(false, left.min(Duration::from_millis(500)))
+            .await?;
+        if frames.is_empty() {
+            let _ = tokio::time::timeout(left, link.readable()).await;
         }
         let mut frames = frames.into_iter();
         while let Some(f) = frames.next() {
@@ -167,18 +165,6 @@ async fn next_signal(
         }
     }
 }
-
-/// Where a handshake waits for the peer (see `next_signal`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wait {
-    /// In the plugin's receive: the link has an instance of its own (the agent).
-    Inside,
-    /// In the host, between zero-timeout receives (the controller's shared instance).
-    Outside,
-}
-
-/// How often a controller-side handshake polls its link.
-const HANDSHAKE_POLL: Duration = Duration::from_millis(5);
 
 /// A HELLO that verified: the agent holds its secret. What `welcome` needs to answer
 /// it and key the link.
@@ -208,7 +194,7 @@ pub async fn challenge(
     link.send(vec![sig(signal::CHALLENGE, &body)]).await?;
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // The agent sends nothing else before it is welcomed.
-    let msg = next_signal(link, deadline, &mut Vec::new(), Wait::Outside).await?;
+    let msg = next_signal(link, deadline, &mut Vec::new()).await?;
     if msg.first() != Some(&signal::HELLO) {
         return Err(HandshakeError::Protocol("expected hello".into()));
     }
@@ -320,7 +306,7 @@ pub async fn introduce(
 ) -> Result<Introduced, HandshakeError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut after = Vec::new();
-    let msg = next_signal(link, deadline, &mut after, Wait::Inside).await?;
+    let msg = next_signal(link, deadline, &mut after).await?;
     if msg.first() != Some(&signal::CHALLENGE) || msg.len() < 33 {
         return Err(HandshakeError::Protocol("expected a challenge".into()));
     }
@@ -350,7 +336,7 @@ pub async fn introduce(
     let mac = seal::hello_mac(secret, &ch, &body);
     link.send(vec![macd(signal::HELLO, &mac, &body)]).await?;
     after.clear(); // before our hello nothing is for this session
-    let msg = next_signal(link, deadline, &mut after, Wait::Inside).await?;
+    let msg = next_signal(link, deadline, &mut after).await?;
     match msg.first() {
         Some(&signal::WELCOME) => {
             let (welcome_mac, welcome_body) = split_mac(&msg, "welcome")?;
@@ -439,6 +425,15 @@ impl Liveness {
     fn silence_limit(&self) -> Duration {
         self.interval * SILENT_INTERVALS
     }
+
+    /// When this side must act although nothing happened: a heartbeat is due out, or
+    /// the peer's silence reaches the limit. An idle link sleeps until then.
+    pub fn next_due(&self) -> Instant {
+        let heartbeat = self.last_sent + self.interval;
+        // Just past the limit, so the round that wakes finds it passed.
+        let silent = self.last_heard + self.silence_limit() + Duration::from_millis(1);
+        heartbeat.min(silent)
+    }
 }
 
 /// Why an exchange round gave the link up.
@@ -453,9 +448,14 @@ pub enum LinkDown {
 }
 
 /// One round: send what is due (a heartbeat when nothing was sent for an interval),
-/// then take what arrived (waiting at most `wait_ms` when nothing is due to go out),
-/// delivering new messages in order into `delivered`. With `take` false nothing is
-/// received (the caller cannot take more now: back-pressure) but the link stays alive.
+/// then take what arrived, delivering new messages in order into `delivered`. A link
+/// whose transport has readiness is asked only when it said something arrived (or
+/// frames went out, so acks come back at once), waiting for that at most `wait_ms`
+/// outside the plugin; one without is polled, waiting at most `wait_ms` inside the
+/// plugin when its instance is its own (see `Link::receive_ready`). Between rounds
+/// the caller waits for `Link::readable`, its own work, or `Liveness::next_due`. With
+/// `take` false nothing is received (the caller cannot take more now: back-pressure)
+/// but the link stays alive.
 pub async fn exchange(
     session: &mut Session,
     link: &Link,
@@ -480,7 +480,9 @@ pub async fn exchange(
         live.last_heard = Instant::now();
         return Ok(());
     }
-    let frames = link.receive(if busy { 0 } else { wait_ms }).await?;
+    let frames = link
+        .receive_ready(busy, Duration::from_millis(wait_ms as u64))
+        .await?;
     if frames.is_empty() {
         if live.last_heard.elapsed() > live.silence_limit() {
             return Err(LinkDown::Silent(live.silence_limit()));

@@ -167,6 +167,12 @@ pub struct TcpListener {
 }
 
 impl GuestListener for TcpListener {
+    /// Ready when a connection waits to be accepted (or the socket failed).
+    #[cfg(not(feature = "wit-0-1"))]
+    fn subscribe(&self) -> wasi::io::poll::Pollable {
+        self.socket.subscribe()
+    }
+
     fn accept(&self, timeout_ms: u32) -> Result<Option<Channel>, Error> {
         let sub = self.socket.subscribe();
         loop {
@@ -259,6 +265,14 @@ impl TcpChannel {
 }
 
 impl GuestChannel for TcpChannel {
+    /// Ready when the socket has bytes (or closed). `receive` returns every complete
+    /// record in its inbox, so what it keeps there is only ever a record still on the
+    /// way, whose rest makes the stream ready again.
+    #[cfg(not(feature = "wit-0-1"))]
+    fn subscribe(&self) -> wasi::io::poll::Pollable {
+        self.input.subscribe()
+    }
+
     fn send(&self, frames: Vec<Frame>) -> Result<(), Error> {
         if self.broken.get() {
             return Err(Error::retryable("connection already broken"));

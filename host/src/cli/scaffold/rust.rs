@@ -243,8 +243,9 @@ fn rust_transport(name: &str) -> String {
 //! agent (wit/command-transport.wit): in order per lane, control before bulk, keeping
 //! each frame's seq; say `retryable` when the link broke. The host does the rest.
 
+use trellis_sdk::command_transport::wasi::clocks::monotonic_clock::subscribe_duration;
 use trellis_sdk::command_transport::{{
-    Channel, Frame, Guest, GuestChannel, GuestListener, Lane, Lifecycle, Listener,
+    Channel, Frame, Guest, GuestChannel, GuestListener, Lane, Lifecycle, Listener, Pollable,
 }};
 use trellis_sdk::Error;
 
@@ -271,7 +272,16 @@ impl Guest for Plugin {{
 
 struct Accepting;
 
+/// Not ready before this many nanoseconds (about 584 years): for what never is.
+const NEVER: u64 = u64::MAX;
+
 impl GuestListener for Accepting {{
+    /// Ready when `accept` may return an agent (or an error). The host waits on it
+    /// outside the plugin; spurious readiness is fine, missed readiness is not.
+    fn subscribe(&self) -> Pollable {{
+        subscribe_duration(NEVER)
+    }}
+
     fn accept(&self, _timeout_ms: u32) -> Result<Option<Channel>, Error> {{
         Ok(None)
     }}
@@ -280,6 +290,13 @@ impl GuestListener for Accepting {{
 struct Link;
 
 impl GuestChannel for Link {{
+    /// Ready when `receive` may return frames or an error: e.g. your socket's input
+    /// stream's `subscribe()`. Called once per channel; `receive` must then return
+    /// every complete frame it holds (see wit/command-transport.wit).
+    fn subscribe(&self) -> Pollable {{
+        subscribe_duration(NEVER)
+    }}
+
     fn send(&self, _frames: Vec<Frame>) -> Result<(), Error> {{
         Err(Error::retryable("{NOT_YET}: send"))
     }}

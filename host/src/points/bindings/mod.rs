@@ -1,8 +1,8 @@
 //! Host-side bindings for the `trellis:plugin` versions the host serves, side by side.
 //!
-//! The current version (0.2.0, generated from `wit/`) is the host's own vocabulary: every
-//! adapter in `points/` speaks its types. Each older version (`v0_1`, from the frozen
-//! `wit/v0.1.0/`) has its own bindings for its exports, converted into the current types
+//! The current version (0.3.0, generated from `wit/`) is the host's own vocabulary: every
+//! adapter in `points/` speaks its types. Each older version (`v0_1`, `v0_2`, from the
+//! frozen `wit/v0.1.0/` and `wit/v0.2.0/`) has its own bindings for its exports, converted into the current types
 //! at the boundary; `versioned` picks the right ones per component. The `trellis:host`
 //! capabilities and the shared `types` interface did not change, so all versions use one
 //! set of those (one implementation of each capability serves every version).
@@ -12,6 +12,7 @@
 //! never through the world as a whole.
 
 pub mod v0_1;
+pub mod v0_2;
 pub mod versioned;
 
 wasmtime::component::bindgen!({
@@ -21,6 +22,8 @@ wasmtime::component::bindgen!({
     exports: { default: async },
     with: {
         "trellis:host/kafka.consumer": crate::capabilities::kafka::Consumer,
+        // A transport's readiness (0.3.0) is a WASI pollable, waited on by the host.
+        "wasi:io/poll": wasmtime_wasi::p2::bindings::io::poll,
     },
 });
 

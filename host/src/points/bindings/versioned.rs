@@ -5,13 +5,16 @@
 //! Adapters in `points/` call these and never see a version. Serving a new version
 //! means: its bindings beside `v0_1`, a variant here, and conversions for what changed.
 
-use super::{command_transport, fence_agent, lifecycle, log_browser, logging_method, types, v0_1};
+use super::{
+    command_transport, fence_agent, lifecycle, log_browser, logging_method, types, v0_1, v0_2,
+};
 use crate::runtime::manifest::WitVersion;
 use crate::runtime::state::InstanceState;
 use std::collections::BTreeSet;
 use wasmtime::Result;
 use wasmtime::Store;
-use wasmtime::component::{Instance, InstancePre, ResourceAny};
+use wasmtime::component::{Instance, InstancePre, Resource, ResourceAny};
+use wasmtime_wasi::p2::DynPollable;
 
 use crate::points::Point;
 
@@ -19,7 +22,7 @@ type S<'a> = &'a mut Store<InstanceState>;
 type Answer<T> = Result<std::result::Result<T, types::Error>>;
 
 /// The `trellis:plugin` versions this host serves, oldest first.
-pub const SERVED: &[&str] = &["0.1.0", "0.2.0"];
+pub const SERVED: &[&str] = &["0.1.0", "0.2.0", "0.3.0"];
 /// The newest: what `wit/` holds, the SDK builds for, and new plugins should target.
 pub const CURRENT: &str = SERVED[SERVED.len() - 1];
 
@@ -29,6 +32,7 @@ pub const CURRENT: &str = SERVED[SERVED.len() - 1];
 pub enum Version {
     V0_1,
     V0_2,
+    V0_3,
 }
 
 impl Version {
@@ -36,6 +40,7 @@ impl Version {
         match wit.to_string().as_str() {
             "0.1.0" => Some(Version::V0_1),
             "0.2.0" => Some(Version::V0_2),
+            "0.3.0" => Some(Version::V0_3),
             _ => None,
         }
     }
@@ -47,7 +52,8 @@ macro_rules! versions {
         #[derive(Clone)]
         pub enum $name {
             V0_1(v0_1::$iface::Guest),
-            V0_2($iface::Guest),
+            V0_2(v0_2::$iface::Guest),
+            V0_3($iface::Guest),
         }
     };
 }
@@ -68,6 +74,13 @@ pub(crate) enum ExportIndices {
         fence: Option<v0_1::fence_agent::GuestIndices>,
     },
     V0_2 {
+        lifecycle: v0_2::lifecycle::GuestIndices,
+        transport: Option<v0_2::command_transport::GuestIndices>,
+        logging: Option<v0_2::logging_method::GuestIndices>,
+        browser: Option<v0_2::log_browser::GuestIndices>,
+        fence: Option<v0_2::fence_agent::GuestIndices>,
+    },
+    V0_3 {
         lifecycle: lifecycle::GuestIndices,
         transport: Option<command_transport::GuestIndices>,
         logging: Option<logging_method::GuestIndices>,
@@ -117,7 +130,8 @@ impl ExportIndices {
     ) -> Result<ExportIndices> {
         Ok(match version {
             Version::V0_1 => indices!(V0_1, v0_1, pre, points),
-            Version::V0_2 => indices!(V0_2, super, pre, points),
+            Version::V0_2 => indices!(V0_2, v0_2, pre, points),
+            Version::V0_3 => indices!(V0_3, super, pre, points),
         })
     }
 
@@ -161,6 +175,13 @@ impl ExportIndices {
                 browser,
                 fence,
             } => load!(V0_2, lifecycle, transport, logging, browser, fence),
+            ExportIndices::V0_3 {
+                lifecycle,
+                transport,
+                logging,
+                browser,
+                fence,
+            } => load!(V0_3, lifecycle, transport, logging, browser, fence),
         })
     }
 }
@@ -170,6 +191,7 @@ impl Lifecycle {
         match self {
             Self::V0_1(g) => g.call_init(store, config).await,
             Self::V0_2(g) => g.call_init(store, config).await,
+            Self::V0_3(g) => g.call_init(store, config).await,
         }
     }
 }
@@ -178,7 +200,8 @@ impl LoggingMethod {
     pub async fn runs_on(&self, store: S<'_>) -> Result<logging_method::Side> {
         match self {
             Self::V0_1(g) => g.call_runs_on(store).await.map(Into::into),
-            Self::V0_2(g) => g.call_runs_on(store).await,
+            Self::V0_2(g) => g.call_runs_on(store).await.map(Into::into),
+            Self::V0_3(g) => g.call_runs_on(store).await,
         }
     }
 
@@ -186,6 +209,7 @@ impl LoggingMethod {
         match self {
             Self::V0_1(g) => g.call_open(store, meta).await,
             Self::V0_2(g) => g.call_open(store, meta).await,
+            Self::V0_3(g) => g.call_open(store, meta).await,
         }
     }
 
@@ -198,6 +222,7 @@ impl LoggingMethod {
         match self {
             Self::V0_1(g) => g.writer().call_write(store, writer, batch).await,
             Self::V0_2(g) => g.writer().call_write(store, writer, batch).await,
+            Self::V0_3(g) => g.writer().call_write(store, writer, batch).await,
         }
     }
 
@@ -205,6 +230,7 @@ impl LoggingMethod {
         match self {
             Self::V0_1(g) => g.writer().call_close(store, writer, final_count).await,
             Self::V0_2(g) => g.writer().call_close(store, writer, final_count).await,
+            Self::V0_3(g) => g.writer().call_close(store, writer, final_count).await,
         }
     }
 }
@@ -221,7 +247,11 @@ impl LogBrowser {
                 let r = g.call_read(store, log, &request.into()).await?;
                 Ok(r.map(Into::into))
             }
-            Self::V0_2(g) => g.call_read(store, log, request).await,
+            Self::V0_2(g) => {
+                let r = g.call_read(store, log, &request.into()).await?;
+                Ok(r.map(Into::into))
+            }
+            Self::V0_3(g) => g.call_read(store, log, request).await,
         }
     }
 
@@ -235,6 +265,7 @@ impl LogBrowser {
         match self {
             Self::V0_1(g) => g.call_tail(store, log, step, count).await,
             Self::V0_2(g) => g.call_tail(store, log, step, count).await,
+            Self::V0_3(g) => g.call_tail(store, log, step, count).await,
         }
     }
 
@@ -245,16 +276,48 @@ impl LogBrowser {
     ) -> Answer<log_browser::LogCompleteness> {
         match self {
             Self::V0_1(g) => Ok(g.call_completeness(store, log).await?.map(Into::into)),
-            Self::V0_2(g) => g.call_completeness(store, log).await,
+            Self::V0_2(g) => Ok(g.call_completeness(store, log).await?.map(Into::into)),
+            Self::V0_3(g) => g.call_completeness(store, log).await,
         }
     }
 }
 
 impl CommandTransport {
+    /// Whether this transport says when it is ready (0.3.0 and later: `subscribe`);
+    /// older ones are polled.
+    pub fn has_readiness(&self) -> bool {
+        matches!(self, Self::V0_3(_))
+    }
+
+    /// The channel's readiness pollable (None: a transport from before 0.3.0, polled).
+    pub async fn subscribe_channel(
+        &self,
+        store: S<'_>,
+        channel: ResourceAny,
+    ) -> Result<Option<Resource<DynPollable>>> {
+        match self {
+            Self::V0_1(_) | Self::V0_2(_) => Ok(None),
+            Self::V0_3(g) => g.channel().call_subscribe(store, channel).await.map(Some),
+        }
+    }
+
+    /// The listener's readiness pollable (None: a transport from before 0.3.0, polled).
+    pub async fn subscribe_listener(
+        &self,
+        store: S<'_>,
+        listener: ResourceAny,
+    ) -> Result<Option<Resource<DynPollable>>> {
+        match self {
+            Self::V0_1(_) | Self::V0_2(_) => Ok(None),
+            Self::V0_3(g) => g.listener().call_subscribe(store, listener).await.map(Some),
+        }
+    }
+
     pub async fn connect(&self, store: S<'_>, agent: &str) -> Answer<ResourceAny> {
         match self {
             Self::V0_1(g) => g.call_connect(store, agent).await,
             Self::V0_2(g) => g.call_connect(store, agent).await,
+            Self::V0_3(g) => g.call_connect(store, agent).await,
         }
     }
 
@@ -262,6 +325,7 @@ impl CommandTransport {
         match self {
             Self::V0_1(g) => g.call_listen(store).await,
             Self::V0_2(g) => g.call_listen(store).await,
+            Self::V0_3(g) => g.call_listen(store).await,
         }
     }
 
@@ -274,6 +338,7 @@ impl CommandTransport {
         match self {
             Self::V0_1(g) => g.listener().call_accept(store, listener, timeout_ms).await,
             Self::V0_2(g) => g.listener().call_accept(store, listener, timeout_ms).await,
+            Self::V0_3(g) => g.listener().call_accept(store, listener, timeout_ms).await,
         }
     }
 
@@ -290,7 +355,12 @@ impl CommandTransport {
                     frames.into_iter().map(Into::into).collect();
                 g.channel().call_send(store, channel, &frames).await
             }
-            Self::V0_2(g) => g.channel().call_send(store, channel, &frames).await,
+            Self::V0_2(g) => {
+                let frames: Vec<v0_2::command_transport::Frame> =
+                    frames.into_iter().map(Into::into).collect();
+                g.channel().call_send(store, channel, &frames).await
+            }
+            Self::V0_3(g) => g.channel().call_send(store, channel, &frames).await,
         }
     }
 
@@ -305,7 +375,11 @@ impl CommandTransport {
                 let r = g.channel().call_receive(store, channel, timeout_ms).await?;
                 Ok(r.map(|fs| fs.into_iter().map(Into::into).collect()))
             }
-            Self::V0_2(g) => g.channel().call_receive(store, channel, timeout_ms).await,
+            Self::V0_2(g) => {
+                let r = g.channel().call_receive(store, channel, timeout_ms).await?;
+                Ok(r.map(|fs| fs.into_iter().map(Into::into).collect()))
+            }
+            Self::V0_3(g) => g.channel().call_receive(store, channel, timeout_ms).await,
         }
     }
 
@@ -322,7 +396,12 @@ impl CommandTransport {
                     .call_commit(store, channel, lane.into(), seq)
                     .await
             }
-            Self::V0_2(g) => g.channel().call_commit(store, channel, lane, seq).await,
+            Self::V0_2(g) => {
+                g.channel()
+                    .call_commit(store, channel, lane.into(), seq)
+                    .await
+            }
+            Self::V0_3(g) => g.channel().call_commit(store, channel, lane, seq).await,
         }
     }
 }
@@ -333,7 +412,8 @@ impl FenceAgent {
     pub async fn metadata(&self, store: S<'_>) -> Result<fence_agent::AgentInfo> {
         match self {
             Self::V0_1(g) => g.call_metadata(store).await.map(Into::into),
-            Self::V0_2(g) => g.call_metadata(store).await,
+            Self::V0_2(g) => g.call_metadata(store).await.map(Into::into),
+            Self::V0_3(g) => g.call_metadata(store).await,
         }
     }
 
@@ -341,13 +421,15 @@ impl FenceAgent {
         match self {
             Self::V0_1(g) => g.call_validate(store, device).await,
             Self::V0_2(g) => g.call_validate(store, device).await,
+            Self::V0_3(g) => g.call_validate(store, device).await,
         }
     }
 
     pub async fn status(&self, store: S<'_>, device: &Params) -> Answer<fence_agent::PowerState> {
         match self {
             Self::V0_1(g) => Ok(g.call_status(store, device).await?.map(Into::into)),
-            Self::V0_2(g) => g.call_status(store, device).await,
+            Self::V0_2(g) => Ok(g.call_status(store, device).await?.map(Into::into)),
+            Self::V0_3(g) => g.call_status(store, device).await,
         }
     }
 
@@ -359,7 +441,8 @@ impl FenceAgent {
     ) -> Answer<()> {
         match self {
             Self::V0_1(g) => g.call_fence(store, device, action.into()).await,
-            Self::V0_2(g) => g.call_fence(store, device, action).await,
+            Self::V0_2(g) => g.call_fence(store, device, action.into()).await,
+            Self::V0_3(g) => g.call_fence(store, device, action).await,
         }
     }
 
@@ -367,6 +450,7 @@ impl FenceAgent {
         match self {
             Self::V0_1(g) => g.call_monitor(store, device).await,
             Self::V0_2(g) => g.call_monitor(store, device).await,
+            Self::V0_3(g) => g.call_monitor(store, device).await,
         }
     }
 
@@ -376,7 +460,11 @@ impl FenceAgent {
                 let r = g.call_list(store, device).await?;
                 Ok(r.map(|ts| ts.into_iter().map(Into::into).collect()))
             }
-            Self::V0_2(g) => g.call_list(store, device).await,
+            Self::V0_2(g) => {
+                let r = g.call_list(store, device).await?;
+                Ok(r.map(|ts| ts.into_iter().map(Into::into).collect()))
+            }
+            Self::V0_3(g) => g.call_list(store, device).await,
         }
     }
 }
@@ -393,7 +481,7 @@ mod tests {
         }
         assert_eq!(
             Version::of(WitVersion::parse(CURRENT).unwrap()),
-            Some(Version::V0_2)
+            Some(Version::V0_3)
         );
     }
 }
