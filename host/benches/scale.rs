@@ -11,7 +11,6 @@
 //! _KAFKA_COMMANDS (100), _ONLY (`tcp` or `kafka`).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "load/mod.rs"]
 mod load;

@@ -54,7 +54,6 @@ pub struct ControllerProcess {
     child: Child,
     pub http: u16,
     pub token: String,
-    pub dir: PathBuf,
     pub log: PathBuf,
 }
 
@@ -158,7 +157,6 @@ dirs = [{{ host = "state/logs", guest = "/logs" }}]
         child,
         http,
         token,
-        dir: dir.to_path_buf(),
         log,
     };
     // Its first start may compile the plugins for this build's engine.
