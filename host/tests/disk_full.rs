@@ -247,6 +247,13 @@ fn a_full_disk_is_answered_507_and_every_run_finishes_once_space_returns() {
         std::fs::create_dir_all(dir.join("small").join(sub)).unwrap();
     }
     let (controller, agent, http) = write_configs(dir, &Transport::Tcp { port: free_port() });
+    // The six runs below are in flight together on the one agent: it has the executors.
+    let text = std::fs::read_to_string(&agent).unwrap();
+    std::fs::write(
+        &agent,
+        text.replace("[agent]\n", "[agent]\nexecutors = 8\n"),
+    )
+    .unwrap();
     // The state directory, the default logging method's grant and the filler's grants,
     // all on the small disk.
     let text = std::fs::read_to_string(&controller)

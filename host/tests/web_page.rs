@@ -662,12 +662,23 @@ fn drive(
         ),
         t,
     );
-    tab.eval("document.getElementById('more').click()");
+    // "more" until there is no more: then the page lists every run, newest first, the
+    // same as the API (the runs of the queue checks above included), ending with `id`
+    let (code, _, body) = http(addr, "GET", "/api/runs?limit=500", &op, "");
+    assert_eq!(code, 200, "{body}");
+    let all: Vec<String> = serde_json::from_str::<Value>(&body).unwrap()["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(all.len() > 3 && all.starts_with(&[newer[1].clone(), newer[0].clone()]));
+    assert_eq!(all.last(), Some(&id));
     tab.wait_for(
-        "the older page below it, and no more",
+        "the older pages below it, and no more",
         &format!(
-            "{rows} === '{},{},{id}' && document.getElementById('more').hidden",
-            newer[1], newer[0]
+            "(() => {{ const m = document.getElementById('more'); if (!m.hidden && !m.disabled) m.click(); return {rows} === '{}' && m.hidden; }})()",
+            all.join(",")
         ),
         t,
     );
