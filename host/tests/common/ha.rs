@@ -142,11 +142,24 @@ pub fn start_counting_run(dir: &Path, server: &str, lines: u64) -> &'static str 
     let (code, out, err) = cli(server, &["run", job.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let run = "r-000001";
-    wait_until(
-        "no output from the run within 30 s",
-        std::time::Duration::from_secs(30),
-        || cli(server, &["logs", run]).1.lines().count() >= 50,
-    );
+    // On a timeout, say where the run stood (queued? placed? its agent connected?) and
+    // what the daemons logged: this wait has failed now and then under load (issue 19's
+    // note), and the message alone did not tell why.
+    let t = std::time::Instant::now();
+    while cli(server, &["logs", run]).1.lines().count() < 50 {
+        if t.elapsed() > std::time::Duration::from_secs(30) {
+            let daemons = std::fs::read_to_string(dir.join("daemons.log")).unwrap_or_default();
+            let tail: Vec<&str> = daemons.lines().rev().take(80).collect();
+            panic!(
+                "no output from the run within 30 s\nthe run: {}\nthe queue: {}\nthe agents: {}\nthe daemons' log (last 80 lines):\n{}",
+                cli(server, &["runs", "--limit", "5"]).1,
+                cli(server, &["queue"]).1,
+                cli(server, &["agents"]).1,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     run
 }
 
