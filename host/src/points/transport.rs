@@ -191,6 +191,28 @@ impl Shared {
         }
     }
 
+    /// The instance's first link or listener (`connect`, `listen`): subscribe it and
+    /// count it as the waiter's user; if it cannot be subscribed, the waiter ends.
+    async fn first_user(
+        self: &Arc<Shared>,
+        resource: ResourceAny,
+        listener: bool,
+        otherwise: Polling,
+    ) -> Result<(Polling, u64), PluginError> {
+        let subscribed = {
+            let mut inst = self.lock().await;
+            self.subscribe(&mut inst, resource, listener, otherwise)
+                .await
+        };
+        if let Some(w) = &self.waiter {
+            match &subscribed {
+                Ok(_) => w.enter(),
+                Err(_) => w.close(),
+            }
+        }
+        subscribed
+    }
+
     /// Subscribe `resource` (a channel or the listener) if the transport can, in `inst`.
     async fn subscribe(
         self: &Arc<Shared>,
@@ -325,24 +347,7 @@ pub async fn connect(plugin: Arc<Plugin>, agent: &str) -> Result<Link, PluginErr
         .connect(store, &agent))?;
     let channel = plugin.answer("connect", r)?;
     let shared = Shared::new(plugin, inst);
-    let subscribed = {
-        let mut inst = shared.lock().await;
-        shared
-            .subscribe(&mut inst, channel, false, Polling::Inside)
-            .await
-    };
-    let (polling, registration) = match subscribed {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(w) = &shared.waiter {
-                w.close();
-            }
-            return Err(e);
-        }
-    };
-    if let Some(w) = &shared.waiter {
-        w.enter();
-    }
+    let (polling, registration) = shared.first_user(channel, false, Polling::Inside).await?;
     Ok(Link {
         shared,
         channel,
@@ -363,24 +368,9 @@ pub async fn listen(plugin: Arc<Plugin>) -> Result<Listener, PluginError> {
     let r = crate::guarded!(*plugin, &mut inst, "listen", |store| guest.listen(store))?;
     let listener = plugin.answer("listen", r)?;
     let shared = Shared::new(plugin, inst);
-    let subscribed = {
-        let mut inst = shared.lock().await;
-        shared
-            .subscribe(&mut inst, listener, true, Polling::Outside(POLL_ACCEPT))
-            .await
-    };
-    let (polling, registration) = match subscribed {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(w) = &shared.waiter {
-                w.close();
-            }
-            return Err(e);
-        }
-    };
-    if let Some(w) = &shared.waiter {
-        w.enter();
-    }
+    let (polling, registration) = shared
+        .first_user(listener, true, Polling::Outside(POLL_ACCEPT))
+        .await?;
     Ok(Listener {
         shared,
         listener,
