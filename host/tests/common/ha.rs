@@ -170,11 +170,17 @@ pub fn assert_run_whole(server: &str, run: &str, lines: u64, daemon_log: &Path) 
     let (code, out, err) = cli(server, &["logs", run]);
     assert_eq!(code, 0, "{err}");
     let want: Vec<String> = (1..=lines).map(|i| format!("line {i}")).collect();
-    assert_eq!(
-        out.lines().collect::<Vec<_>>(),
-        want,
-        "every line once, in order"
-    );
+    if out.lines().collect::<Vec<_>>() != want {
+        let daemons = std::fs::read_to_string(daemon_log).unwrap_or_default();
+        let tail: Vec<&str> = daemons.lines().rev().take(120).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "every line once, in order: {} lines read, {lines} wanted\nfirst differing: {:?}\nthe log as read:\n{out}\nthe daemons' log (last 120 lines):\n{}",
+            out.lines().count(),
+            out.lines().zip(&want).position(|(a, b)| a != b),
+            tail.join("\n")
+        );
+    }
 }
 
 /// Controller config `cfg` (serving on `http`) moved into namespace `ns`: its API on the
