@@ -20,7 +20,7 @@ use crate::session::link::{
     HANDSHAKE_TIMEOUT, Hello, LinkDown, Liveness, challenge, commit_handled, exchange, welcome,
 };
 use state::{LogLocator, RunRecord, RunStatus, RunStore, StepStatus};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -714,10 +714,16 @@ impl Controller {
         self.queue.wake();
         // After a controller restart the agent's messages resume where the last process
         // acknowledged them (see `Session::adopt_peer_acked`).
+        session.ack_when_handled();
         session.adopt_peer_acked(hello.acked);
         session.resync(hello.received);
-        if let Ok(mut seal) =
-            welcome(&link, &accepted, session.received(), self.cfg.fencing_token).await
+        if let Ok(mut seal) = welcome(
+            &link,
+            &accepted,
+            session.ack_point(),
+            self.cfg.fencing_token,
+        )
+        .await
         {
             tracing::info!(agent = %name, labels = ?hello.labels, "agent connected");
             let mut live = Liveness::new(self.cfg.heartbeat);
@@ -746,10 +752,20 @@ impl Controller {
                 }
             });
             let mut sent = 0u64;
+            // Per batch given to the handler, how far the session had received with it:
+            // acks cover a batch only once it is handled (`Session::ack_when_handled`).
+            let mut handling: VecDeque<(u64, [u64; 2])> = VecDeque::new();
             let mut uncommitted = false;
             let mut link_lost = false;
             loop {
-                let idle = *done.borrow() == sent;
+                let finished = *done.borrow();
+                while let Some(&(batch, upto)) = handling.front()
+                    && batch <= finished
+                {
+                    session.handled(upto);
+                    handling.pop_front();
+                }
+                let idle = finished == sent;
                 if idle && uncommitted {
                     commit_handled(&session, &link, &mut committed).await;
                     uncommitted = false;
@@ -821,6 +837,7 @@ impl Controller {
                 if !delivered.is_empty() {
                     let _ = work.send(delivered.into_iter().map(|(_, p)| p).collect());
                     sent += 1;
+                    handling.push_back((sent, session.received()));
                     uncommitted = true;
                 }
                 if lost.is_some() {
@@ -831,7 +848,9 @@ impl Controller {
             // What arrived is handled before the session is parked (and, on a link
             // still up, committed).
             drop(work);
-            let _ = handler.await;
+            if handler.await.is_ok() {
+                session.handled(session.received());
+            }
             if uncommitted && !link_lost {
                 commit_handled(&session, &link, &mut committed).await;
             }

@@ -48,8 +48,14 @@ pub struct Session {
     sent: [u64; 2],
     /// Delivered in order up to here.
     received: [u64; 2],
-    /// Received but not yet acknowledged to the peer.
+    /// An ack is to be sent (something new to acknowledge, or the peer resent what it
+    /// had acknowledged already).
     ack_due: [bool; 2],
+    /// Acknowledge a message once the caller has handled it, not once it is delivered
+    /// (`ack_when_handled`).
+    ack_when_handled: bool,
+    /// With `ack_when_handled`: handled in order up to here.
+    handled: [u64; 2],
 }
 
 /// What an incoming frame meant.
@@ -83,7 +89,7 @@ impl Session {
             let i = lane_index(lane);
             if self.ack_due[i] {
                 let mut p = vec![signal::ACK, i as u8];
-                p.extend_from_slice(&self.received[i].to_le_bytes());
+                p.extend_from_slice(&self.ack_point()[i].to_le_bytes());
                 out.push(Frame {
                     lane: Lane::Control,
                     seq: 0,
@@ -137,7 +143,8 @@ impl Session {
             return Incoming::Duplicate;
         }
         self.received[i] = f.seq;
-        self.ack_due[i] = true;
+        // Acknowledged now, or once the caller says it is handled (`handled`).
+        self.ack_due[i] = !self.ack_when_handled;
         Incoming::Message(f.lane, f.payload)
     }
 
@@ -150,6 +157,41 @@ impl Session {
     /// How far this side has received, per lane (sent in the handshake).
     pub fn received(&self) -> [u64; 2] {
         self.received
+    }
+
+    /// From now on acks cover only what the caller reports handled (`handled`), not
+    /// everything delivered. For a side that hands delivered messages to a task of its
+    /// own (the controller): an ack lets the peer drop the message, so an ack for one
+    /// not handled yet loses it if this process dies in between. (A failover lost a
+    /// run's lines so: the old controller had acknowledged lines its handler never
+    /// logged.) Everything delivered so far counts as handled.
+    pub fn ack_when_handled(&mut self) {
+        if !self.ack_when_handled {
+            self.ack_when_handled = true;
+            self.handled = self.received;
+        }
+    }
+
+    /// Everything delivered up to `upto`, per lane, has been handled: acks may cover it.
+    pub fn handled(&mut self, upto: [u64; 2]) {
+        for (i, &up) in upto.iter().enumerate() {
+            let up = up.min(self.received[i]);
+            if up > self.handled[i] {
+                self.handled[i] = up;
+                self.ack_due[i] = true;
+            }
+        }
+    }
+
+    /// How far this side acknowledges, per lane: what it received, or with
+    /// `ack_when_handled` what it handled. Also what a controller's welcome tells the
+    /// agent it has (the agent drops its copies up to there).
+    pub fn ack_point(&self) -> [u64; 2] {
+        if self.ack_when_handled {
+            std::array::from_fn(|i| self.handled[i].min(self.received[i]))
+        } else {
+            self.received
+        }
     }
 
     /// Per lane, the last seq the peer acknowledged: everything up to it has been handled
@@ -169,6 +211,7 @@ impl Session {
     /// and keep every unacknowledged message, to be sent again on the new link.
     pub fn peer_restarted(&mut self) {
         self.received = [0; 2];
+        self.handled = [0; 2];
         self.ack_due = [false; 2];
     }
 
@@ -177,8 +220,10 @@ impl Session {
     /// that as how far it has received, so it accepts the peer's next message instead
     /// of waiting for a seq 1 that was handled long ago. Never moves backwards.
     pub fn adopt_peer_acked(&mut self, peer_acked: [u64; 2]) {
-        for (received, peer) in self.received.iter_mut().zip(peer_acked) {
-            *received = (*received).max(peer);
+        for (i, peer) in peer_acked.into_iter().enumerate() {
+            self.received[i] = self.received[i].max(peer);
+            // the earlier process handled them before it acknowledged them
+            self.handled[i] = self.handled[i].max(peer);
         }
     }
 
@@ -191,7 +236,7 @@ impl Session {
                     .front()
                     .map_or(self.next_seq[i], |(s, _)| s - 1),
             );
-            self.ack_due[i] = self.received[i] > 0;
+            self.ack_due[i] = self.ack_point()[i] > 0;
         }
     }
 
@@ -256,6 +301,47 @@ mod tests {
             agent.on_frame(f);
         }
         assert_eq!(agent.unacked(), 0, "everything acknowledged");
+    }
+
+    #[test]
+    fn a_side_that_acks_when_handled_never_acks_what_it_has_not_handled() {
+        let (mut agent, mut controller) = (Session::default(), Session::default());
+        controller.ack_when_handled();
+        let mut got = Vec::new();
+        for i in 0..10u32 {
+            agent.queue(Lane::Bulk, i.to_le_bytes().to_vec());
+        }
+        carry(&mut agent, &mut controller, usize::MAX, &mut got);
+        assert_eq!(got.len(), 10, "delivered");
+        // Delivered but not handled: no ack goes out, and the agent keeps all ten.
+        assert!(controller.outgoing(1 << 20).is_empty());
+        assert_eq!(controller.ack_point(), [0, 0]);
+        // The first four are handled: the ack covers those only.
+        controller.handled([0, 4]);
+        for f in controller.outgoing(1 << 20) {
+            agent.on_frame(f);
+        }
+        assert_eq!(agent.acked_through(), [0, 4]);
+        // The controller dies with 5..=10 delivered and unhandled: a new process takes
+        // the agent's word and gets exactly those again.
+        let mut new = Session::default();
+        new.ack_when_handled();
+        agent.peer_restarted();
+        new.adopt_peer_acked(agent.acked_through());
+        agent.resync(new.ack_point());
+        let mut again = Vec::new();
+        carry(&mut agent, &mut new, usize::MAX, &mut again);
+        let seen: Vec<u32> = again
+            .iter()
+            .map(|p| u32::from_le_bytes(p[..4].try_into().unwrap()))
+            .collect();
+        assert_eq!(seen, (4..10).collect::<Vec<_>>());
+        // Handled beyond what was received is clamped; everything handled is acked.
+        new.handled([0, 99]);
+        for f in new.outgoing(1 << 20) {
+            agent.on_frame(f);
+        }
+        assert_eq!(agent.unacked(), 0);
     }
 
     #[test]
