@@ -423,7 +423,14 @@ fn drive(
         live(&controller, &id),
         "the run must still be waiting on gate 1"
     );
-    assert_eq!(tab.eval("document.body.dataset.log"), "following");
+    // The lines are drawn from the first page read before the page switches to the
+    // live follow: wait for the switch (asserting at once failed once in four runs
+    // under load, reading `loading`).
+    tab.wait_for(
+        "the live follow",
+        "document.body.dataset.log === 'following'",
+        t,
+    );
 
     // the queue panel: with agent-1's one executor busy, a second run waits, and so
     // does one for a label no agent has declared; each row says why
