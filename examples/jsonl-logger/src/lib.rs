@@ -95,6 +95,9 @@ impl JsonlLog {
         }
         if !self.buf.is_empty() {
             trellis_sdk::fs::write_all_at(&self.file, &self.buf, self.end)?;
+            // Ok lets the host drop the batch from its write-ahead buffer: it must be
+            // on the disk by then, not in a cache (see the contract's `write`).
+            self.file.sync_data()?;
             self.end += self.buf.len() as u64;
             self.last_seq = last;
         }

@@ -83,6 +83,12 @@ impl RunWriter {
         }
         if !self.buf.is_empty() {
             trellis_sdk::fs::write_all_at(&self.file, &self.buf, self.end)?;
+            // Ok tells the host it may drop these events from its write-ahead buffer,
+            // so they must be on the disk, not in a cache: on a network file system
+            // (GlusterFS under HA) a written but unsynced batch sits in this node's
+            // client, and is lost if the node is fenced before it drains, while the
+            // host's buffer already let it go (a failover once lost five lines so).
+            self.file.sync_data()?;
             self.end += self.buf.len() as u64;
             self.last_seq = last;
         }
