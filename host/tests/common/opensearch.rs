@@ -130,9 +130,9 @@ impl OpenSearch {
         }
     }
 
-    /// Start it again on the same data directory and HTTP port.
-    pub fn restart(&mut self) {
-        self.stop();
+    /// Start it again after [`OpenSearch::stop`]: the same data directory and HTTP port.
+    pub fn start_again(&mut self) {
+        assert!(self.node.is_none(), "the node is running");
         self.launch();
     }
 
