@@ -168,9 +168,11 @@ def validation_error(*msgs):
     return EsError(400, "action_request_validation_exception", text)
 
 
-def index_not_found(name, reason=None):
+def index_not_found(name, reason=None, resource_type="index_or_alias"):
+    # Single-document APIs (get) name the resource "index_expression", searches and
+    # index APIs "index_or_alias".
     return EsError(404, "index_not_found_exception", reason or f"no such index [{name}]",
-                   extra={"resource.type": "index_or_alias", "resource.id": name,
+                   extra={"resource.type": resource_type, "resource.id": name,
                           "index_uuid": "_na_", "index": name})
 
 
@@ -1928,7 +1930,7 @@ class Api:
             if ix is None:
                 if head:
                     return 404, None
-                raise index_not_found(index)
+                raise index_not_found(index, resource_type="index_expression")
             if parse_bool_param(req.params, "refresh", False):
                 s.refresh_index(ix)
             realtime = parse_bool_param(req.params, "realtime", True)
@@ -2328,8 +2330,11 @@ class Api:
         start = 0
         if after is not None:
             if len(after) != len(sort_specs):
-                raise bad_request(f"search_after has {len(after)} value(s) but sort has "
-                                  f"{len(sort_specs)}.")
+                # Checked on each shard, so reported as every shard failing.
+                cause = {"type": "illegal_argument_exception",
+                         "reason": f"search_after has {len(after)} value(s) but sort has "
+                                   f"{len(sort_specs)}."}
+                raise all_shards_failed(cause, [t[0] for t in targets])
             after_key = SortKey(self._after_values(after, sort_specs, targets), sort_specs)
             start = _bisect_keys(matched, after_key)
         page = matched[start + max(frm, 0): start + max(frm, 0) + size]

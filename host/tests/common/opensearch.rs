@@ -142,7 +142,15 @@ impl OpenSearch {
         let t = Instant::now();
         loop {
             match self.try_launch() {
-                Ok(()) => return,
+                Ok(()) => {
+                    // What a start costs shows in the test's output (with --nocapture).
+                    println!(
+                        "OpenSearch ready on port {} in {:.1} s",
+                        self.port,
+                        t.elapsed().as_secs_f64()
+                    );
+                    return;
+                }
                 Err(Launch::PortTaken) if t.elapsed() < Duration::from_secs(30) => {
                     std::thread::sleep(Duration::from_millis(500));
                 }
