@@ -1,6 +1,7 @@
-//! The Elasticsearch stand-in (`tests/es-mock/es_mock.py`, a mock because no
-//! Elasticsearch can be installed here; it follows the documented REST API) as a child
-//! process on a free loopback port, and a tiny HTTP/1.1 client for tests to look at it.
+//! The Elasticsearch stand-in (`tests/es-mock/es_mock.py`) as a child process on a free
+//! loopback port, for the faults (429 storms, refused items), auth and TLS that the
+//! OpenSearch node (`opensearch.rs`) does not give on demand; and a tiny HTTP/1.1 client
+//! for tests to look at either store.
 
 use std::io::{BufRead, Read, Write};
 
