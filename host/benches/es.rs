@@ -147,7 +147,9 @@ async fn main() {
     };
     native_round(&addr, &wm, "trellis-logs-warmup-native", 1000, 100);
 
-    println!("es: {events} events a round, {rounds} rounds, medians (events/s into OpenSearch 2.19.6)");
+    println!(
+        "es: {events} events a round, {rounds} rounds, medians (events/s into OpenSearch 2.19.6)"
+    );
     println!("bulk size | plugin ev/s | native ev/s | plugin/native");
     for size in SIZES {
         let (mut plugin, mut native) = (vec![], vec![]);

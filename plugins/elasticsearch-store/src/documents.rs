@@ -37,7 +37,8 @@ pub fn index_template(pattern: &str) -> Value {
 /// The engines the plugins work with: what they use (`PUT /_index_template`, `_bulk`
 /// `create` with ids, `search_after`, `_count`, `exists`/`term` filters, plain
 /// `application/json` and `application/x-ndjson` bodies) is the same in all of them.
-pub const SUPPORTED_ENGINES: &str = "Elasticsearch 7.8 or later (8 and 9 included) or OpenSearch 1.0 or later (2.19 is tested)";
+pub const SUPPORTED_ENGINES: &str =
+    "Elasticsearch 7.8 or later (8 and 9 included) or OpenSearch 1.0 or later (2.19 is tested)";
 
 /// Why installing the index template was refused, when the store is too old to have
 /// composable templates (Elasticsearch before 7.8 reads `_index_template` as an index
