@@ -13,7 +13,10 @@ xpack.security.http.ssl) and, for the tests' own checks, plain HTTP on --plain-p
 (0 = any); the line is then "listening on 127.0.0.1:P tls plain 127.0.0.1:Q".
 
 It is NOT Elasticsearch. It follows the documented REST behaviour below and leaves out
-everything else (see README.md, "Deliberately not implemented").
+everything else (see README.md, "Deliberately not implemented"). The suites run against
+a real engine (OpenSearch 2.19.6, host/tests/common/opensearch.rs); this mock stays only
+for faults that engine will not produce on demand (429 storms, refused items) and for
+auth and TLS. Differences found against OpenSearch: docs/TESTING.md.
 
 Documented behaviour followed (Elasticsearch Reference 8.15):
   POST|PUT /_bulk, /{index}/_bulk
