@@ -149,4 +149,39 @@ if ! command -v nft >/dev/null 2>&1 && [ ! -x /usr/sbin/nft ]; then
     DISABLE=nftables.service install_quietly nftables iproute2
 fi
 
+# OpenSearch 2.19.6 for the Elasticsearch plugins' suites (host/tests/common/opensearch.rs
+# starts one node in-process from these jars, on loopback). The jars come from Maven
+# Central with tests/engines/opensearch/pom.xml; TestNode.java is compiled beside them.
+# Where: $TRELLIS_OPENSEARCH_DIR, by default ~/.cache/trellis/opensearch-2.19.6 (the tests
+# look in the same place). Skipped when the jars and the class are there.
+setup_opensearch() {
+    local root dir pom_sum
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    dir="${TRELLIS_OPENSEARCH_DIR:-$HOME/.cache/trellis/opensearch-2.19.6}"
+    # The jars are fetched again when the pom changes (the stamp holds its checksum).
+    pom_sum="$(sha256sum "$root/tests/engines/opensearch/pom.xml" | cut -c1-64)"
+    if [ "$(cat "$dir/libs/.complete" 2>/dev/null)" != "$pom_sum" ]; then
+        rm -f "$dir/libs/.complete"
+    fi
+    if [ -e "$dir/libs/.complete" ] && [ -e "$dir/classes/TestNode.class" ] &&
+        [ "$dir/classes/TestNode.class" -nt "$root/tests/engines/opensearch/src/TestNode.java" ]; then
+        return
+    fi
+    if ! command -v mvn >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
+        echo "setup: installing Maven and a JDK (Debian's default, 17 on bookworm) for OpenSearch"
+        install_quietly maven default-jdk-headless
+    fi
+    echo "setup: fetching OpenSearch 2.19.6 jars from Maven Central into $dir (about 70 MB)"
+    mkdir -p "$dir"
+    if [ ! -e "$dir/libs/.complete" ]; then
+        rm -rf "$dir/libs"
+        mvn -q -B -f "$root/tests/engines/opensearch/pom.xml" dependency:copy-dependencies \
+            -DoutputDirectory="$dir/libs"
+        echo "$pom_sum" >"$dir/libs/.complete"
+    fi
+    rm -rf "$dir/classes"
+    javac -cp "$dir/libs/*" -d "$dir/classes" "$root/tests/engines/opensearch/src/TestNode.java"
+}
+setup_opensearch
+
 echo "setup: ok"

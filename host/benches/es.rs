@@ -1,7 +1,7 @@
-//! Elasticsearch logging benchmark: events per second into the Elasticsearch stand-in
-//! (tests/es-mock, the only "Elasticsearch" these machines can run) through the
+//! Elasticsearch logging benchmark: events per second into OpenSearch 2.19.6 (one node
+//! in-process, `common::OpenSearch`; `./scripts/setup.sh` fetches it) through the
 //! `elasticsearch-logging` plugin, against a native Rust bulk writer making the same
-//! requests, in the same run, on the same server.
+//! requests, in the same run, on the same node.
 //!
 //! * **plugin**: `elasticsearch-logging` in a `trellis::runtime::Runtime`, driven through
 //!   the host adapter (`points::logging::LogWriter`, unbuffered: the durable buffer is
@@ -17,16 +17,16 @@
 //! and the order rotated each round, each round into an index of its own (deleted
 //! after). Every round checks the server holds all its events. Medians are reported.
 //!
-//! The server is Python (one thread per connection): it, not either writer, sets the
-//! pace, so the ratio says whether the plugin keeps up with a native writer against
-//! this server, not what a real cluster could take.
+//! The node runs on the same two cores as both writers, with a 512 MB heap: the ratio
+//! says whether the plugin keeps up with a native writer against a real engine, not
+//! what a production cluster could take.
 //!
 //!     cargo xtask bench es     (builds the bundle, then runs this in release)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{EsMock, batch, bundle, meta, runtime};
+use common::{OpenSearch, batch, bundle, meta, runtime};
 use elasticsearch_store::Meta;
 use elasticsearch_store::documents::{bulk_body, bulk_outcome, close_document, document};
 use std::io::{Read, Write};
@@ -46,7 +46,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// One request on a fresh connection; (status, body).
 fn post(addr: &str, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).expect("the ES stand-in is up");
+    let mut s = std::net::TcpStream::connect(addr).expect("the OpenSearch node is up");
     s.set_nodelay(true).unwrap();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -109,12 +109,8 @@ async fn plugin_round(p: &Arc<Plugin>, job: &str, events: u64, size: u64) {
     w.close(events).await.unwrap();
 }
 
-fn count(es: &EsMock, index: &str) -> u64 {
-    es.call("POST", &format!("/{index}/_refresh"), "");
-    let (_, body) = es.call("GET", &format!("/{index}/_count"), "");
-    serde_json::from_str::<serde_json::Value>(&body).unwrap()["count"]
-        .as_u64()
-        .unwrap_or(0)
+fn count(es: &OpenSearch, index: &str) -> u64 {
+    es.count(index).unwrap_or(0)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -126,8 +122,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn main() {
     let events = env_u64("TRELLIS_BENCH_ES_EVENTS", 20_000);
     let rounds = env_u64("TRELLIS_BENCH_ROUNDS", 5) as usize;
-    let es = EsMock::start(&["--refresh-interval-ms", "-1"]);
     let d = tempfile::tempdir().unwrap();
+    let es = OpenSearch::start(d.path());
+    let addr = format!("127.0.0.1:{}", es.port);
     let rt = runtime(
         &format!(
             "[plugins.elasticsearch-logging]\nhttp = [\"{url}\"]\nconfig = {{ url = \"{url}\" }}\n[plugins.elasticsearch-logging.limits]\ncall-timeout = \"60s\"\n",
@@ -148,9 +145,11 @@ async fn main() {
         loggable_id: "r-1".into(),
         job_id: "warmup-native".into(),
     };
-    native_round(&es.addr, &wm, "trellis-logs-warmup-native", 1000, 100);
+    native_round(&addr, &wm, "trellis-logs-warmup-native", 1000, 100);
 
-    println!("es: {events} events a round, {rounds} rounds, medians (events/s into tests/es-mock)");
+    println!(
+        "es: {events} events a round, {rounds} rounds, medians (events/s into OpenSearch 2.19.6)"
+    );
     println!("bulk size | plugin ev/s | native ev/s | plugin/native");
     for size in SIZES {
         let (mut plugin, mut native) = (vec![], vec![]);
@@ -169,7 +168,7 @@ async fn main() {
                         loggable_id: "r-1".into(),
                         job_id: job.clone(),
                     };
-                    let addr = es.addr.clone();
+                    let addr = addr.clone();
                     tokio::task::spawn_blocking(move || {
                         native_round(&addr, &m, &index, events, size)
                     })

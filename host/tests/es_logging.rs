@@ -1,8 +1,12 @@
-//! The `elasticsearch-logging` plugin against the Elasticsearch stand-in
-//! (tests/es-mock, a mock because no Elasticsearch can be installed here): documents
-//! with stable ids and ECS fields, per-item 429s retried inside a write, a 429 storm on
-//! the whole request kept by the host and delivered later, with no duplicate; a cluster
-//! not granted is refused with the line that would grant it.
+//! The Elasticsearch plugins against OpenSearch 2.19.6 (one node shared by this test
+//! binary, `OpenSearch::shared`; each test its own job names, so its own indices):
+//! documents with stable ids and ECS fields under the plugin's index template, a resent
+//! batch answered 409 per item and stored once, the browser's near-real-time reading
+//! (`search_after` pages, step filters, `_count`, completeness), grants.
+//!
+//! On tests/es-mock, only what this OpenSearch will not do on demand: per-item 429s and
+//! 429 storms on whole requests (faults), and basic auth, API keys and HTTPS (the node
+//! runs without the security plugin, which MockNode cannot load).
 
 mod common;
 
@@ -11,13 +15,12 @@ use trellis::points::logging::LogWriter;
 
 fn es_runtime(
     dir: &std::path::Path,
-    es: &EsMock,
+    url: &str,
     grant: &str,
 ) -> std::sync::Arc<trellis::runtime::Runtime> {
     runtime(
         &format!(
-            "[plugins.elasticsearch-logging]\nhttp = [\"{grant}\"]\nconfig = {{ url = \"{}\" }}\n",
-            es.url()
+            "[plugins.elasticsearch-logging]\nhttp = [\"{grant}\"]\nconfig = {{ url = \"{url}\" }}\n"
         ),
         dir,
         &[],
@@ -25,18 +28,82 @@ fn es_runtime(
 }
 
 fn count(es: &EsMock, index: &str) -> u64 {
-    es.call("POST", "/_refresh", "");
+    es.call("POST", &format!("/{index}/_refresh"), "");
     let (status, body) = es.call("GET", &format!("/{index}/_count"), "");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["count"].as_u64().unwrap()
 }
 
+/// On OpenSearch: the template installed on first use, documents with stable ids and ECS
+/// fields, a batch sent twice stored once (the store answers 409 per item to the resent
+/// `create`s, which the plugin counts as done).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_become_ecs_documents_once_through_item_and_request_failures() {
+async fn events_become_ecs_documents_once() {
+    let d = tempfile::tempdir().unwrap();
+    let os = OpenSearch::shared();
+    let rt = es_runtime(d.path(), &os.url(), &os.url());
+    let p = rt
+        .load(&bundle().join("elasticsearch-logging"))
+        .await
+        .unwrap();
+    let mut w = LogWriter::open(p.clone(), meta("Build Job", "r-1"))
+        .await
+        .unwrap();
+    w.write(batch(1, 100)).await.unwrap();
+    // The same events again (a delivery whose answer was lost): 409s, not copies.
+    w.write(batch(51, 100)).await.unwrap();
+    w.write(batch(151, 99)).await.unwrap();
+    w.close(249).await.unwrap();
+
+    let index = "trellis-logs-build-job";
+    assert_eq!(
+        os.count(index),
+        Some(250),
+        "249 events and the close document, once each"
+    );
+    // What the plugin relies on: a `create` of an id already there is refused with 409.
+    let resend = format!(
+        "{{\"create\":{{\"_index\":\"{index}\",\"_id\":\"test:run:r-1:7\"}}}}\n{{\"message\":\"again\"}}\n"
+    );
+    let (status, body) = os.call("POST", "/_bulk", &resend);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["errors"], true, "{body}");
+    assert_eq!(v["items"][0]["create"]["status"], 409, "{body}");
+
+    let (status, body) = os.call("GET", &format!("/{index}/_doc/test:run:r-1:7"), "");
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let src = &doc["_source"];
+    assert_eq!(src["message"], "line 7");
+    assert_eq!(src["event"]["sequence"], 7);
+    assert_eq!(src["@timestamp"], "2023-11-14T22:13:20.007Z");
+    assert_eq!(src["labels"]["stream"], "stdout");
+    assert_eq!(src["trellis"]["loggable_id"], "r-1");
+    assert_eq!(src["trellis"]["job_id"], "Build Job");
+    assert_eq!(src["trellis"]["step_id"], "build");
+    let (_, close) = os.call("GET", &format!("/{index}/_doc/test:run:r-1:close"), "");
+    assert!(close.contains("\"final_count\":249"), "{close}");
+    // The index template was installed on first use, and the index follows it.
+    let (status, body) = os.call("GET", "/_index_template/trellis-logs", "");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = os.call("GET", &format!("/{index}/_mapping"), "");
+    assert_eq!(status, 200, "{body}");
+    let mapping: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let fields = &mapping[index]["mappings"]["properties"];
+    assert_eq!(fields["trellis"]["properties"]["job_id"]["type"], "keyword");
+    assert_eq!(fields["event"]["properties"]["sequence"]["type"], "long");
+}
+
+/// Faults OpenSearch does not produce on demand (tests/es-mock): every third item
+/// refused once with 429, retried inside the write; a 429 storm on whole requests, the
+/// batch kept by the host and delivered later; nothing stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_stored_once_through_item_and_request_failures() {
     let d = tempfile::tempdir().unwrap();
     let es = EsMock::start(&[]);
-    let rt = es_runtime(d.path(), &es, &es.url());
+    let rt = es_runtime(d.path(), &es.url(), &es.url());
     let p = rt
         .load(&bundle().join("elasticsearch-logging"))
         .await
@@ -104,8 +171,8 @@ async fn events_become_ecs_documents_once_through_item_and_request_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_not_granted_is_refused_with_the_fix() {
     let d = tempfile::tempdir().unwrap();
-    let es = EsMock::start(&[]);
-    let rt = es_runtime(d.path(), &es, "http://127.0.0.1:1");
+    let os = OpenSearch::shared();
+    let rt = es_runtime(d.path(), &os.url(), "http://127.0.0.1:1");
     let p = rt
         .load(&bundle().join("elasticsearch-logging"))
         .await
@@ -122,7 +189,8 @@ async fn a_cluster_not_granted_is_refused_with_the_fix() {
 }
 
 /// Basic auth from the secrets store: the right password writes, a wrong one is refused
-/// as `denied` (HTTP 401), and the password never appears in the error.
+/// as `denied` (HTTP 401), and the password never appears in the error. On es-mock: the
+/// OpenSearch node here has no security plugin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_comes_from_the_secrets_store() {
     let d = tempfile::tempdir().unwrap();
@@ -170,7 +238,7 @@ async fn basic_auth_comes_from_the_secrets_store() {
 async fn the_browser_gets_only_what_it_was_granted() {
     use trellis::points::bindings::log_browser::PageRequest;
     let d = tempfile::tempdir().unwrap();
-    let es = EsMock::start(&[]);
+    let es = OpenSearch::shared();
     let rt = runtime(
         &format!(
             "[plugins.elasticsearch-browser]\nhttp = [\"http://127.0.0.1:1\"]\nconfig = {{ url = \"{}\" }}\n",
@@ -227,7 +295,7 @@ async fn the_browser_gets_only_what_it_was_granted() {
 async fn the_browser_serves_only_what_is_visible_without_gaps() {
     use trellis::points::bindings::log_browser::{LogCompleteness, MissingEvents, PageRequest};
     let d = tempfile::tempdir().unwrap();
-    let es = EsMock::start(&["--refresh-interval-ms", "-1"]);
+    let es = OpenSearch::shared();
     let rt = runtime(
         &format!(
             "[plugins.elasticsearch-browser]\nhttp = [\"{url}\"]\nconfig = {{ url = \"{url}\" }}\n",
@@ -251,18 +319,20 @@ async fn the_browser_serves_only_what_is_visible_without_gaps() {
         &template.to_string(),
     );
     assert_eq!(status, 200, "{out}");
+    // No periodic refresh: documents become searchable only when `_bulk` asks for it.
+    es.create_unrefreshed_index("trellis-logs-gaps");
     let index = |seqs: &[u64]| {
         let mut body = String::new();
         for s in seqs {
             let step = if s % 2 == 1 { "a" } else { "b" };
             body += &format!(
-                "{{\"index\":{{\"_index\":\"trellis-logs-j\",\"_id\":\"test:run:r-1:{s}\"}}}}\n{{\"@timestamp\":\"2023-11-14T22:13:20.00{s}Z\",\"message\":\"m{s}\",\"event\":{{\"sequence\":{s}}},\"trellis\":{{\"instance_id\":\"test\",\"loggable_type\":\"run\",\"loggable_id\":\"r-1\",\"job_id\":\"j\",\"step_id\":\"{step}\"}}}}\n"
+                "{{\"index\":{{\"_index\":\"trellis-logs-gaps\",\"_id\":\"test:run:r-1:{s}\"}}}}\n{{\"@timestamp\":\"2023-11-14T22:13:20.00{s}Z\",\"message\":\"m{s}\",\"event\":{{\"sequence\":{s}}},\"trellis\":{{\"instance_id\":\"test\",\"loggable_type\":\"run\",\"loggable_id\":\"r-1\",\"job_id\":\"gaps\",\"step_id\":\"{step}\"}}}}\n"
             );
         }
         let (status, out) = es.call("POST", "/_bulk?refresh=true", &body);
         assert!(status == 200 && out.contains("\"errors\":false"), "{out}");
     };
-    let log = meta("j", "r-1");
+    let log = meta("gaps", "r-1");
     let page = |step: Option<&str>, cursor: Option<&str>| PageRequest {
         step: step.map(String::from),
         cursor: cursor.map(String::from),
@@ -303,8 +373,8 @@ async fn the_browser_serves_only_what_is_visible_without_gaps() {
     // Closed with 8 events; 7 are searchable.
     let (status, out) = es.call(
         "PUT",
-        "/trellis-logs-j/_doc/test:run:r-1:close",
-        r#"{"trellis":{"instance_id":"test","loggable_type":"run","loggable_id":"r-1","job_id":"j","final_count":8}}"#,
+        "/trellis-logs-gaps/_doc/test:run:r-1:close",
+        r#"{"trellis":{"instance_id":"test","loggable_type":"run","loggable_id":"r-1","job_id":"gaps","final_count":8}}"#,
     );
     assert!(status == 200 || status == 201, "{out}");
     let c = reader.completeness(&log).await.unwrap();

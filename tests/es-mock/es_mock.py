@@ -13,7 +13,10 @@ xpack.security.http.ssl) and, for the tests' own checks, plain HTTP on --plain-p
 (0 = any); the line is then "listening on 127.0.0.1:P tls plain 127.0.0.1:Q".
 
 It is NOT Elasticsearch. It follows the documented REST behaviour below and leaves out
-everything else (see README.md, "Deliberately not implemented").
+everything else (see README.md, "Deliberately not implemented"). The suites run against
+a real engine (OpenSearch 2.19.6, host/tests/common/opensearch.rs); this mock stays only
+for faults that engine will not produce on demand (429 storms, refused items) and for
+auth and TLS. Differences found against OpenSearch: docs/TESTING.md.
 
 Documented behaviour followed (Elasticsearch Reference 8.15):
   POST|PUT /_bulk, /{index}/_bulk
@@ -168,9 +171,11 @@ def validation_error(*msgs):
     return EsError(400, "action_request_validation_exception", text)
 
 
-def index_not_found(name, reason=None):
+def index_not_found(name, reason=None, resource_type="index_or_alias"):
+    # Single-document APIs (get) name the resource "index_expression", searches and
+    # index APIs "index_or_alias".
     return EsError(404, "index_not_found_exception", reason or f"no such index [{name}]",
-                   extra={"resource.type": "index_or_alias", "resource.id": name,
+                   extra={"resource.type": resource_type, "resource.id": name,
                           "index_uuid": "_na_", "index": name})
 
 
@@ -1928,7 +1933,7 @@ class Api:
             if ix is None:
                 if head:
                     return 404, None
-                raise index_not_found(index)
+                raise index_not_found(index, resource_type="index_expression")
             if parse_bool_param(req.params, "refresh", False):
                 s.refresh_index(ix)
             realtime = parse_bool_param(req.params, "realtime", True)
@@ -2328,8 +2333,11 @@ class Api:
         start = 0
         if after is not None:
             if len(after) != len(sort_specs):
-                raise bad_request(f"search_after has {len(after)} value(s) but sort has "
-                                  f"{len(sort_specs)}.")
+                # Checked on each shard, so reported as every shard failing.
+                cause = {"type": "illegal_argument_exception",
+                         "reason": f"search_after has {len(after)} value(s) but sort has "
+                                   f"{len(sort_specs)}."}
+                raise all_shards_failed(cause, [t[0] for t in targets])
             after_key = SortKey(self._after_values(after, sort_specs, targets), sort_specs)
             start = _bisect_keys(matched, after_key)
         page = matched[start + max(frm, 0): start + max(frm, 0) + size]

@@ -225,6 +225,17 @@ class BulkAndDocumentTests(EsMockCase):
                            "parsing_exception")
         self.assertEsError(es.call("POST", "/m/_search", {"size": 10001}), 400,
                            "search_phase_execution_exception")
+        # search_after is checked on the shards (as OpenSearch 2.19 and Elasticsearch do)
+        b = self.assertEsError(es.call("POST", "/m/_search",
+                                       {"sort": [{"a": "asc"}], "search_after": [1, 2]}),
+                               400, "search_phase_execution_exception")
+        self.assertEqual(b["error"]["root_cause"][0]["type"], "illegal_argument_exception")
+        # a get on a missing index names an index expression, a search an index or alias
+        b = self.assertEsError(es.call("GET", "/nosuch/_doc/1"), 404, "index_not_found_exception")
+        self.assertEqual(b["error"]["resource.type"], "index_expression")
+        b = self.assertEsError(es.call("POST", "/nosuch/_search", {}), 404,
+                               "index_not_found_exception")
+        self.assertEqual(b["error"]["resource.type"], "index_or_alias")
         b = self.assertEsError(es.call("POST", "/m/_search", {"sort": [{"nosuch": "asc"}]}),
                                400, "search_phase_execution_exception")
         self.assertEqual(b["error"]["root_cause"][0]["type"], "query_shard_exception")

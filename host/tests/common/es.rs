@@ -1,6 +1,7 @@
-//! The Elasticsearch stand-in (`tests/es-mock/es_mock.py`, a mock because no
-//! Elasticsearch can be installed here; it follows the documented REST API) as a child
-//! process on a free loopback port, and a tiny HTTP/1.1 client for tests to look at it.
+//! The Elasticsearch stand-in (`tests/es-mock/es_mock.py`) as a child process on a free
+//! loopback port, for the faults (429 storms, refused items), auth and TLS that the
+//! OpenSearch node (`opensearch.rs`) does not give on demand; and a tiny HTTP/1.1 client
+//! for tests to look at either store.
 
 use std::io::{BufRead, Read, Write};
 
@@ -52,27 +53,43 @@ impl EsMock {
 
     /// `method path` with a JSON body; (status, body).
     pub fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        es_call(&self.addr, method, path, body)
     }
+}
+
+/// `method path` with a JSON body to the store at `addr` (`127.0.0.1:PORT`, plain HTTP);
+/// (status, body).
+pub fn es_call(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    try_es_call(addr, method, path, body)
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
+}
+
+/// As [`es_call`], an I/O failure as an error (a store still starting).
+pub fn try_es_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 impl Drop for EsMock {

@@ -8,6 +8,7 @@ mod etcd;
 mod gluster;
 mod ha;
 mod netns;
+mod opensearch;
 mod processes;
 mod redfish;
 mod rogue;
@@ -21,6 +22,8 @@ pub use gluster::*;
 pub use ha::*;
 #[allow(unused_imports)]
 pub use netns::*;
+#[allow(unused_imports)]
+pub use opensearch::*;
 #[allow(unused_imports)]
 pub use processes::*;
 #[allow(unused_imports)]

@@ -3,7 +3,7 @@
 use crate::ITEM_ATTEMPTS;
 use elasticsearch_store::client::{self, call, refused};
 use elasticsearch_store::documents::{
-    bulk_body, bulk_outcome, close_document, document, index_template,
+    bulk_body, bulk_outcome, close_document, document, index_template, template_refusal_hint,
 };
 use elasticsearch_store::index_name;
 use std::cell::Cell;
@@ -50,6 +50,12 @@ impl Guest for EsLogging {
                 &body,
             )?;
             if !(200..300).contains(&r.status) {
+                if let Some(hint) = template_refusal_hint(r.status, &r.body) {
+                    return Err(Error::permanent(format!(
+                        "installing the index template: HTTP {}: {hint}",
+                        r.status
+                    )));
+                }
                 return Err(refused("installing the index template", &r));
             }
             TEMPLATE_DONE.set(true);

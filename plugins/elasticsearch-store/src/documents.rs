@@ -34,6 +34,26 @@ pub fn index_template(pattern: &str) -> Value {
     })
 }
 
+/// The engines the plugins work with: what they use (`PUT /_index_template`, `_bulk`
+/// `create` with ids, `search_after`, `_count`, `exists`/`term` filters, plain
+/// `application/json` and `application/x-ndjson` bodies) is the same in all of them.
+pub const SUPPORTED_ENGINES: &str =
+    "Elasticsearch 7.8 or later (8 and 9 included) or OpenSearch 1.0 or later (2.19 is tested)";
+
+/// Why installing the index template was refused, when the store is too old to have
+/// composable templates (Elasticsearch before 7.8 reads `_index_template` as an index
+/// name, or has no route for it); None for any other refusal.
+pub fn template_refusal_hint(status: u16, body: &[u8]) -> Option<String> {
+    let body = String::from_utf8_lossy(body);
+    let no_such_api = (status == 400 || status == 404 || status == 405)
+        && (body.contains("invalid_index_name_exception") || body.contains("no handler found"));
+    no_such_api.then(|| {
+        format!(
+            "the store has no composable index templates (PUT /_index_template): it needs {SUPPORTED_ENGINES}"
+        )
+    })
+}
+
 /// An event as an ECS document.
 pub fn document(meta: &Meta, e: &EventView<'_>) -> Value {
     let mut labels = serde_json::Map::new();
@@ -146,6 +166,20 @@ mod tests {
         assert_eq!(o.failed, [(3, "400: bad field".to_string())]);
         assert!(bulk_outcome(body, 4).unwrap_err().contains("5 items for 4"));
         assert!(bulk_outcome(b"nope", 1).is_err());
+    }
+
+    #[test]
+    fn a_store_without_composable_templates_is_named() {
+        // What an engine without the API answers (an index named `_index_template`).
+        let old = br#"{"error":{"root_cause":[{"type":"invalid_index_name_exception","reason":"Invalid index name [_index_template], must not start with '_'."}],"type":"invalid_index_name_exception"},"status":400}"#;
+        let hint = template_refusal_hint(400, old).unwrap();
+        assert!(hint.contains("Elasticsearch 7.8") && hint.contains("OpenSearch 1.0"));
+        let no_route = br#"{"error":"no handler found for uri [/_index_template/trellis-logs] and method [PUT]","status":400}"#;
+        assert!(template_refusal_hint(400, no_route).is_some());
+        // Other refusals keep their own message.
+        let bad = br#"{"error":{"type":"mapper_parsing_exception","reason":"x"},"status":400}"#;
+        assert_eq!(template_refusal_hint(400, bad), None);
+        assert_eq!(template_refusal_hint(401, old), None);
     }
 
     #[test]
