@@ -5,6 +5,11 @@
 //! (`[plugins.<name>] kafka = { topics = ["trellis."] }`). One producer and one admin
 //! client serve every plugin; each `consume` makes a consumer with manual assignment
 //! and manual commits, owned by the plugin instance that asked for it.
+//!
+//! A consumer is also a `wasi:io/poll` pollable (0.1.1, `consumer.subscribe`): ready when
+//! a record is buffered for it. Waiting takes the next record from librdkafka's queue
+//! and holds it (`peeked`) for the next `poll`, so the host can wait on many consumers
+//! at once, in host code, with no plugin call while nothing arrives.
 
 use crate::points::bindings::host_kafka::{
     Header, Host, HostConsumer, Incoming, KafkaError, Outgoing, Start,
@@ -16,7 +21,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header as RdHeader, Headers, Message, OwnedHeaders};
+use rdkafka::message::{
+    BorrowedMessage, Header as RdHeader, Headers, Message, OwnedHeaders, OwnedMessage,
+};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
@@ -24,6 +31,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
+use wasmtime_wasi::p2::{DynPollable, Pollable};
 
 /// Largest payload a plugin may produce in one record: under the broker default
 /// `message.max.bytes` (1 MB) with room for key, headers and batch overhead.
@@ -204,11 +212,122 @@ pub struct Consumer {
     /// where a reader positioned at the end got the next record again on every poll
     /// (the conformance kit's new-link check found it). Dropped here, once for all.
     delivered: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
+    /// What a wait for readiness took from the queue (already counted in `delivered`):
+    /// the next `poll` hands it out first.
+    peeked: Option<Result<OwnedMessage, RdError>>,
 }
 
 impl Consumer {
     fn get(&self) -> &StreamConsumer<ClusterContext> {
         self.inner.as_ref().expect("present until dropped")
+    }
+
+    /// Whether `m` is past what was handed out already on its partition (and note it).
+    fn fresh(&self, m: &BorrowedMessage<'_>) -> bool {
+        let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let last = delivered
+            .entry((m.topic().to_string(), m.partition()))
+            .or_insert(-1);
+        if m.offset() > *last {
+            *last = m.offset();
+            return true;
+        }
+        tracing::debug!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            "a record delivered again by the client: dropped"
+        );
+        false
+    }
+}
+
+/// Ready once a fresh record (or an error) is buffered. Cancel-safe (the host's waiter
+/// drops this future whenever a link calls in): `recv` is, and a record it returned is
+/// kept in `peeked` before anything else can be cancelled.
+impl Pollable for Consumer {
+    fn ready<'life0, 'async_trait>(
+        &'life0 mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            while self.peeked.is_none() {
+                let got = match self.get().recv().await {
+                    Ok(m) if !self.fresh(&m) => continue,
+                    Ok(m) => Ok(m.detach()),
+                    Err(e) => Err(e),
+                };
+                self.peeked = Some(got);
+            }
+        })
+    }
+}
+
+/// A record from either place a `poll` takes them: held by a readiness wait, or
+/// straight from the client's queue (no copy).
+enum Got<'a> {
+    Held(OwnedMessage),
+    Queued(BorrowedMessage<'a>),
+}
+
+impl Got<'_> {
+    fn topic(&self) -> &str {
+        match self {
+            Got::Held(m) => m.topic(),
+            Got::Queued(m) => m.topic(),
+        }
+    }
+    fn partition(&self) -> i32 {
+        match self {
+            Got::Held(m) => m.partition(),
+            Got::Queued(m) => m.partition(),
+        }
+    }
+    fn offset(&self) -> i64 {
+        match self {
+            Got::Held(m) => m.offset(),
+            Got::Queued(m) => m.offset(),
+        }
+    }
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            Got::Held(m) => m.key(),
+            Got::Queued(m) => m.key(),
+        }
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        match self {
+            Got::Held(m) => m.payload(),
+            Got::Queued(m) => m.payload(),
+        }
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        match self {
+            Got::Held(m) => m.timestamp().to_millis(),
+            Got::Queued(m) => m.timestamp().to_millis(),
+        }
+    }
+    /// Each header as (key, value); a header without a value has an empty one.
+    fn each_header(&self, mut f: impl FnMut(&str, &[u8])) {
+        match self {
+            Got::Held(m) => {
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        f(h.key, h.value.unwrap_or_default());
+                    }
+                }
+            }
+            Got::Queued(m) => {
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        f(h.key, h.value.unwrap_or_default());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -373,36 +492,40 @@ impl InstanceState {
         this: Resource<Consumer>,
         max: u32,
         timeout_ms: u32,
-        mut each: impl FnMut(&BorrowedMessage<'_>),
+        mut each: impl FnMut(&Got<'_>),
     ) -> Result<(), KafkaError> {
         let c = self
             .table
-            .get(&this)
+            .get_mut(&this)
             .map_err(|e| KafkaError::Permanent(format!("no such consumer: {e}")))?;
-        let first =
-            tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.get().recv()).await;
-        let mut next = match first {
-            Err(_) => return Ok(()),
-            Ok(m) => Some(m),
-        };
         let mut n = 0;
-        let mut delivered = c.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        // What a readiness wait took first: it was read before anything still queued.
+        if let Some(held) = c.peeked.take() {
+            let m = held.map_err(|e| classify(&e).explained(c.get().context()))?;
+            each(&Got::Held(m));
+            n += 1;
+        }
+        let c = &*c;
+        let mut next = if n > 0 {
+            if n < max {
+                c.get().recv().now_or_never()
+            } else {
+                None
+            }
+        } else {
+            let first =
+                tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.get().recv())
+                    .await;
+            match first {
+                Err(_) => return Ok(()),
+                Ok(m) => Some(m),
+            }
+        };
         while let Some(m) = next.take() {
             let m = m.map_err(|e| classify(&e).explained(c.get().context()))?;
-            let last = delivered
-                .entry((m.topic().to_string(), m.partition()))
-                .or_insert(-1);
-            if m.offset() > *last {
-                *last = m.offset();
-                each(&m);
+            if c.fresh(&m) {
+                each(&Got::Queued(m));
                 n += 1;
-            } else {
-                tracing::debug!(
-                    topic = m.topic(),
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "a record delivered again by the client: dropped"
-                );
             }
             if n < max {
                 next = c.get().recv().now_or_never();
@@ -525,6 +648,7 @@ impl Host for InstanceState {
             .push(Consumer {
                 inner: Some(consumer),
                 delivered: Default::default(),
+                peeked: None,
             })
             .map_err(|e| KafkaError::Retryable(format!("too many open consumers: {e}")))
     }
@@ -574,19 +698,18 @@ impl HostConsumer for InstanceState {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| Header {
-                                key: h.key.to_string(),
-                                value: h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                headers: {
+                    let mut hs = Vec::new();
+                    m.each_header(|key, value| {
+                        hs.push(Header {
+                            key: key.to_string(),
+                            value: value.to_vec(),
+                        })
+                    });
+                    hs
+                },
                 payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                timestamp_ms: m.timestamp().to_millis(),
+                timestamp_ms: m.timestamp_ms(),
             })
         })
         .await?;
@@ -605,14 +728,12 @@ impl HostConsumer for InstanceState {
                 m.topic(),
                 m.partition(),
                 m.offset(),
-                m.timestamp().to_millis().unwrap_or(-1),
+                m.timestamp_ms().unwrap_or(-1),
                 m.key(),
             );
-            if let Some(hs) = m.headers() {
-                for h in hs.iter() {
-                    out.header(h.key, h.value.unwrap_or_default());
-                }
-            }
+            m.each_header(|k, v| {
+                out.header(k, v);
+            });
             out.payload(m.payload().unwrap_or_default());
         })
         .await?;
@@ -642,6 +763,13 @@ impl HostConsumer for InstanceState {
         c.get()
             .commit(&tpl, CommitMode::Async)
             .map_err(|e| classify(&e))
+    }
+
+    async fn subscribe(
+        &mut self,
+        this: Resource<Consumer>,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        wasmtime_wasi::p2::subscribe(&mut self.table, this)
     }
 
     async fn drop(&mut self, this: Resource<Consumer>) -> wasmtime::Result<()> {

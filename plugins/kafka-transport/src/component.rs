@@ -121,6 +121,12 @@ pub struct KafkaListener {
 }
 
 impl GuestListener for KafkaListener {
+    /// Ready when an announcement is buffered for the listener's consumer: the host
+    /// waits on it without calling the plugin.
+    fn subscribe(&self) -> wasi::io::poll::Pollable {
+        self.consumer.subscribe()
+    }
+
     fn accept(&self, timeout_ms: u32) -> Result<Option<Channel>, Error> {
         let p = prefix()?;
         for r in self.consumer.poll(1, timeout_ms)? {
@@ -213,6 +219,14 @@ fn lane_index(l: Lane) -> u8 {
 }
 
 impl GuestChannel for KafkaChannel {
+    /// Ready when a record is buffered for this link's consumer. `send` produces before
+    /// it returns, so nothing waits here to go out; `receive` takes everything buffered
+    /// (up to 512 records; past that the consumer stays ready), keeping only pieces of
+    /// a frame still on the way, whose next record makes it ready again.
+    fn subscribe(&self) -> wasi::io::poll::Pollable {
+        self.consumer.subscribe()
+    }
+
     fn send(&self, frames: Vec<Frame>) -> Result<(), Error> {
         let sends = self.sends.get().saturating_add(1);
         self.sends.set(sends);

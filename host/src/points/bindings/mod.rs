@@ -18,7 +18,11 @@ pub mod versioned;
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "trellis:plugin/host",
-    imports: { default: async },
+    imports: {
+        // Its only failure is a full resource table: a trap, like WASI's own subscribes.
+        "trellis:host/kafka.[method]consumer.subscribe": async | trappable,
+        default: async,
+    },
     exports: { default: async },
     with: {
         "trellis:host/kafka.consumer": crate::capabilities::kafka::Consumer,
