@@ -12,7 +12,7 @@
 //! at once, in host code, with no plugin call while nothing arrives.
 
 use crate::points::bindings::host_kafka::{
-    Header, Host, HostConsumer, Incoming, KafkaError, Outgoing, Start,
+    Header, Host, HostConsumer, HostProducer, Incoming, KafkaError, Outgoing, Start,
 };
 use crate::runtime::state::InstanceState;
 use futures_util::FutureExt;
@@ -24,10 +24,11 @@ use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{
     BorrowedMessage, Header as RdHeader, Headers, Message, OwnedHeaders, OwnedMessage,
 };
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
@@ -39,6 +40,10 @@ pub const MAX_PAYLOAD: u32 = 900 << 10;
 
 /// How long a produce may take before it is reported `retryable`.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Payload bytes one `producer` may have queued and not yet acknowledged; past it,
+/// `send-packed` waits. Bounds what a plugin can pile up in the shared client.
+const QUEUED_PER_PRODUCER: usize = 16 << 20;
 
 /// The operator's cluster settings, resolved (the password already read from the store).
 #[derive(Clone)]
@@ -436,6 +441,16 @@ impl InstanceState {
         &mut self,
         records: impl Iterator<Item = ToProduce<'a>>,
     ) -> Result<Vec<i64>, KafkaError> {
+        let (client, pending) = self.queue_all(records)?;
+        acknowledged(&client, pending).await
+    }
+
+    /// Check every record, then queue all in the client (in one go: nothing else
+    /// queues in between, so they stay in order per partition).
+    fn queue_all<'a>(
+        &mut self,
+        records: impl Iterator<Item = ToProduce<'a>>,
+    ) -> Result<(Arc<KafkaClient>, Vec<DeliveryFuture>), KafkaError> {
         let client = self.kafka_client()?;
         let records: Vec<ToProduce<'a>> = records.collect();
         for r in &records {
@@ -463,26 +478,7 @@ impl InstanceState {
                 Err((e, _)) => return Err(classify(&e)),
             }
         }
-        // One deadline for the whole call (a timer per record showed in profiles).
-        let acks = async {
-            let mut offsets = Vec::with_capacity(pending.len());
-            for f in pending {
-                match f.await {
-                    Ok(Ok(d)) => offsets.push(d.offset),
-                    Ok(Err((e, _))) => return Err(classify(&e)),
-                    Err(_) => return Err(KafkaError::Retryable("the producer went away".into())),
-                }
-            }
-            Ok(offsets)
-        };
-        tokio::time::timeout(PRODUCE_TIMEOUT, acks)
-            .await
-            .unwrap_or_else(|_| {
-                Err(KafkaError::Retryable(format!(
-                    "no acknowledgement from the broker within {PRODUCE_TIMEOUT:?}{}",
-                    client.context.explain()
-                )))
-            })
+        Ok((client, pending))
     }
 
     /// Up to `max` records to `each`: waits at most `timeout_ms` for the first, then
@@ -654,6 +650,77 @@ impl Host for InstanceState {
     }
 }
 
+/// The offsets of `pending`, in order, once the broker acknowledged every one; the first
+/// failure otherwise. One deadline for all (a timer per record showed in profiles).
+async fn acknowledged(
+    client: &KafkaClient,
+    pending: Vec<DeliveryFuture>,
+) -> Result<Vec<i64>, KafkaError> {
+    let acks = async {
+        let mut offsets = Vec::with_capacity(pending.len());
+        for f in pending {
+            match f.await {
+                Ok(Ok(d)) => offsets.push(d.offset),
+                Ok(Err((e, _))) => return Err(classify(&e)),
+                Err(_) => return Err(KafkaError::Retryable("the producer went away".into())),
+            }
+        }
+        Ok(offsets)
+    };
+    tokio::time::timeout(PRODUCE_TIMEOUT, acks)
+        .await
+        .unwrap_or_else(|_| {
+            Err(KafkaError::Retryable(format!(
+                "no acknowledgement from the broker within {PRODUCE_TIMEOUT:?}{}",
+                client.context.explain()
+            )))
+        })
+}
+
+/// A producer made for a plugin (0.1.1, lives in its instance's resource table): each
+/// `send-packed` queues and returns; a task per call awaits the broker's
+/// acknowledgements, and the first failure is kept for every later call.
+pub struct Producer {
+    state: Arc<ProducerState>,
+}
+
+#[derive(Default)]
+struct ProducerState {
+    failed: Mutex<Option<KafkaError>>,
+    /// Payload bytes queued and not yet acknowledged (or failed).
+    queued: AtomicUsize,
+    drained: tokio::sync::Notify,
+}
+
+impl ProducerState {
+    fn failure(&self) -> Result<(), KafkaError> {
+        match &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e.clone().map_message(|m| {
+                format!("an earlier record of this producer was not written: {m}")
+            })),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait until `bytes` more fit under the bound (one call's worth always does).
+    async fn room_for(&self, bytes: usize) -> Result<(), KafkaError> {
+        let deadline = tokio::time::Instant::now() + PRODUCE_TIMEOUT;
+        loop {
+            let drained = self.drained.notified();
+            let queued = self.queued.load(SeqCst);
+            if queued == 0 || queued + bytes <= QUEUED_PER_PRODUCER {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return Err(KafkaError::Retryable(format!(
+                    "{queued} bytes queued on this producer got no acknowledgement within {PRODUCE_TIMEOUT:?}"
+                )));
+            }
+            self.failure()?;
+        }
+    }
+}
+
 /// librdkafka's synchronous calls (watermarks, commits) block: keep them off the
 /// async workers' backs where the runtime allows it.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -664,6 +731,12 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl KafkaError {
+    fn message(&self) -> &str {
+        match self {
+            KafkaError::Denied(m) | KafkaError::Retryable(m) | KafkaError::Permanent(m) => m,
+        }
+    }
+
     /// The same kind, with its message rewritten.
     fn map_message(self, f: impl FnOnce(String) -> String) -> KafkaError {
         match self {
@@ -681,6 +754,62 @@ impl KafkaError {
 
     fn with_context(self, what: &str) -> KafkaError {
         self.map_message(|m| format!("{what}: {m}"))
+    }
+}
+
+impl HostProducer for InstanceState {
+    async fn new(&mut self) -> wasmtime::Result<Resource<Producer>> {
+        Ok(self.table.push(Producer {
+            state: Arc::default(),
+        })?)
+    }
+
+    async fn send_packed(
+        &mut self,
+        this: Resource<Producer>,
+        records: Vec<u8>,
+    ) -> Result<(), KafkaError> {
+        let state = self
+            .table
+            .get(&this)
+            .map_err(|e| KafkaError::Permanent(format!("no such producer: {e}")))?
+            .state
+            .clone();
+        state.failure()?;
+        let views = trellis_sdk::records::decode(&records).map_err(|e| {
+            KafkaError::Permanent(format!(
+                "{e}: write it with the SDK's records::RecordsWriter"
+            ))
+        })?;
+        let bytes: usize = views.iter().map(|r| r.payload.len()).sum();
+        state.room_for(bytes).await?;
+        let (client, pending) = self.queue_all(views.iter().map(|r| ToProduce {
+            topic: r.topic,
+            partition: (r.partition >= 0).then_some(r.partition),
+            key: r.key,
+            headers: ProduceHeaders::Packed(*r),
+            payload: r.payload,
+        }))?;
+        state.queued.fetch_add(bytes, SeqCst);
+        tokio::spawn(async move {
+            if let Err(e) = acknowledged(&client, pending).await {
+                tracing::warn!(target: "trellis::kafka", "a queued produce failed: {}", e.message());
+                state
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+            }
+            state.queued.fetch_sub(bytes, SeqCst);
+            state.drained.notify_waiters();
+        });
+        Ok(())
+    }
+
+    async fn drop(&mut self, this: Resource<Producer>) -> wasmtime::Result<()> {
+        // Queued records are still written (their tasks hold what they need).
+        self.table.delete(this)?;
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@ use trellis_sdk::command_transport::{
     Channel, Frame, Guest, GuestChannel, GuestListener, Lane, Lifecycle, Listener,
 };
 use trellis_sdk::config::Config;
-use trellis_sdk::kafka::{self, Consumer, Header, Outgoing, Start};
+use trellis_sdk::kafka::{self, Consumer, Header, Outgoing, Producer, Start};
 use trellis_sdk::records::{self, RecordsWriter};
 use trellis_sdk::{Error, log};
 
@@ -173,6 +173,11 @@ pub struct KafkaChannel {
     out_topic: String,
     in_topic: String,
     consumer: Consumer,
+    /// Queues frames without waiting for the broker (the controller's links share one
+    /// instance: a send waiting for acknowledgements would hold all of them). A record
+    /// the broker did not take fails the next send, which breaks the link; the host
+    /// resends what the peer did not acknowledge on the next one.
+    producer: Producer,
     max_payload: usize,
     reassembly: RefCell<Reassembly>,
     /// (seq, offset of its last piece) per lane, for `commit`.
@@ -202,6 +207,7 @@ impl KafkaChannel {
             out_topic,
             in_topic,
             consumer,
+            producer: Producer::new(),
             max_payload: kafka::max_payload() as usize,
             reassembly: RefCell::new(reassembly),
             offsets: RefCell::default(),
@@ -255,7 +261,7 @@ impl GuestChannel for KafkaChannel {
                 records.payload(data);
             }
         }
-        kafka::produce_packed(&records.finish())?;
+        self.producer.send_packed(&records.finish())?;
         Ok(())
     }
 
