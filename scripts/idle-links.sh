@@ -16,6 +16,8 @@
 #   through the Kafka broker at BROKERS (host:port, already running: e.g.
 #   `tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url
 #   tcp://127.0.0.1:9092 --storage-engine memory://tansu/`), on topics of a fresh prefix.
+#   --kafka-properties: librdkafka settings for both sides' [kafka] properties, as a TOML
+#   inline table, e.g. '{ "fetch.wait.max.ms" = "500" }'.
 #   defaults: 20 agents, 60 s, $CARGO_TARGET_DIR/release/trellis (or target/release),
 #   $TRELLIS_BUNDLE_DIR (or $CARGO_TARGET_DIR/bundle). Build first:
 #   cargo build --release -p trellis && cargo xtask bundle
@@ -38,6 +40,7 @@ while [ $# -gt 0 ]; do
         --bundle) bundle=$2; shift 2 ;;
         --transport) transport_dir=$2; shift 2 ;;
         --kafka) kafka=$2; shift 2 ;;
+        --kafka-properties) kafka_properties=$2; shift 2 ;;
         *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
     esac
 done
@@ -81,7 +84,8 @@ if [ -n "${kafka:-}" ]; then
 config = { prefix = \"$prefix\" }"
     agent_side=$controller_side
     cluster_conf="[kafka]
-brokers = \"$kafka\""
+brokers = \"$kafka\"
+properties = ${kafka_properties:-{\}}"
 else
     controller_side="sockets = { bind = [\"127.0.0.1:$port\"] }
 config = { address = \"127.0.0.1:$port\" }"
