@@ -8,10 +8,16 @@
 #   an idle agent costs itself <= 0.1 % of a core.
 #
 # usage: scripts/idle-links.sh [--agents N] [--seconds S] [--trellis BIN] [--bundle DIR]
-#                              [--transport DIR]
+#                              [--transport DIR] [--kafka BROKERS]
 #   --transport: another build of the transport (e.g. the 0.1.0 fixture
 #   $CARGO_TARGET_DIR/fixtures/tcp-transport-v0-1, which the host polls), used in place
 #   of the bundle's tcp-transport: the same binary measured polled and event-driven.
+#   --kafka: over the bundle's kafka-transport (or --transport DIR, another build of it)
+#   through the Kafka broker at BROKERS (host:port, already running: e.g.
+#   `tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url
+#   tcp://127.0.0.1:9092 --storage-engine memory://tansu/`), on topics of a fresh prefix.
+#   --kafka-properties: librdkafka settings for both sides' [kafka] properties, as a TOML
+#   inline table, e.g. '{ "fetch.wait.max.ms" = "500" }'.
 #   defaults: 20 agents, 60 s, $CARGO_TARGET_DIR/release/trellis (or target/release),
 #   $TRELLIS_BUNDLE_DIR (or $CARGO_TARGET_DIR/bundle). Build first:
 #   cargo build --release -p trellis && cargo xtask bundle
@@ -33,6 +39,8 @@ while [ $# -gt 0 ]; do
         --trellis) trellis=$2; shift 2 ;;
         --bundle) bundle=$2; shift 2 ;;
         --transport) transport_dir=$2; shift 2 ;;
+        --kafka) kafka=$2; shift 2 ;;
+        --kafka-properties) kafka_properties=$2; shift 2 ;;
         *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
     esac
 done
@@ -40,7 +48,9 @@ done
 [ -d "$bundle/tcp-transport" ] || { echo "no plugin bundle at $bundle: cargo xtask bundle, or pass --bundle" >&2; exit 2; }
 trellis=$(realpath "$trellis")
 bundle=$(realpath "$bundle")
-transport_dir=$(realpath "${transport_dir:-$bundle/tcp-transport}")
+default_transport=tcp-transport
+[ -n "${kafka:-}" ] && default_transport=kafka-transport
+transport_dir=$(realpath "${transport_dir:-$bundle/$default_transport}")
 tname=$(sed -n 's/^name = "\(.*\)"/\1/p' "$transport_dir/plugin.toml" | head -1)
 
 dir=$(mktemp -d)
@@ -60,13 +70,29 @@ http=$(free_port)
 
 mkdir -p "$dir/state/logs" "$dir/plugins"
 for p in "$bundle"/*/; do
-    [ "$(basename "$p")" = tcp-transport ] || ln -s "$p" "$dir/plugins/$(basename "$p")"
+    [ "$(basename "$p")" = "$tname" ] || ln -s "$p" "$dir/plugins/$(basename "$p")"
 done
 ln -s "$transport_dir" "$dir/plugins/$tname"
 {
     for i in $(seq 1 "$agents"); do echo "agent-$i = \"secret-of-agent-$i\""; done
 } >"$dir/secrets.toml"
 chmod 600 "$dir/secrets.toml"
+# The transport's own settings, for both sides.
+if [ -n "${kafka:-}" ]; then
+    prefix="idle$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')"
+    controller_side="kafka = { topics = [\"$prefix.\"] }
+config = { prefix = \"$prefix\" }"
+    agent_side=$controller_side
+    cluster_conf="[kafka]
+brokers = \"$kafka\"
+properties = ${kafka_properties:-{\}}"
+else
+    controller_side="sockets = { bind = [\"127.0.0.1:$port\"] }
+config = { address = \"127.0.0.1:$port\" }"
+    agent_side="sockets = { connect = [\"127.0.0.1:$port\"] }
+config = { address = \"127.0.0.1:$port\" }"
+    cluster_conf=""
+fi
 agent_map=$(for i in $(seq 1 "$agents"); do printf '"idle-%s" = "agent-%s", ' "$i" "$i"; done)
 cat >"$dir/controller.toml" <<EOF
 [runtime]
@@ -82,9 +108,9 @@ agents = { ${agent_map%, } }
 dirs = [{ host = "state/logs", guest = "/logs", mode = "read-write" }]
 [plugins.file-browser]
 dirs = [{ host = "state/logs", guest = "/logs" }]
+$cluster_conf
 [plugins.$tname]
-sockets = { bind = ["127.0.0.1:$port"] }
-config = { address = "127.0.0.1:$port" }
+$controller_side
 EOF
 for i in $(seq 1 "$agents"); do
     mkdir -p "$dir/agent-$i"
@@ -100,9 +126,9 @@ labels = ["idle"]
 secret = "agent-$i"
 workspace = "work"
 transport = "$tname"
+$cluster_conf
 [plugins.$tname]
-sockets = { connect = ["127.0.0.1:$port"] }
-config = { address = "127.0.0.1:$port" }
+$agent_side
 EOF
 done
 

@@ -46,13 +46,18 @@ pub mod base {
             package trellis:sdk;
             world base {
                 import trellis:plugin/types@0.3.0;
-                import trellis:host/log@0.1.0;
-                import trellis:host/secrets@0.1.0;
-                import trellis:host/kafka@0.1.0;
-                import trellis:host/exec@0.1.0;
+                import trellis:host/log@0.1.1;
+                import trellis:host/secrets@0.1.1;
+                import trellis:host/kafka@0.1.1;
+                import trellis:host/exec@0.1.1;
             }
         ",
         world: "trellis:sdk/base",
+        // A consumer's readiness (trellis:host 0.1.1) is the `wasi` crate's pollable, the
+        // one a 0.3.0 transport's `subscribe` returns.
+        with: {
+            "wasi:io/poll@0.2.12": wasi::io::poll,
+        },
         generate_all,
     });
     #[cfg(feature = "wit-0-2")]
@@ -209,7 +214,7 @@ pub mod exec {
 }
 
 macro_rules! world {
-    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal $(, $extra:literal => $path:path)* $(; now $now:literal => $now_path:path)*) => {
+    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $macro:ident, $bindings:literal $(; now $now:literal => $now_path:path)* $(; old $old:literal => $old_path:path)*) => {
         #[cfg(feature = $feature)]
         #[doc(hidden)]
         pub mod $module {
@@ -219,10 +224,12 @@ macro_rules! world {
                 world: $world,
                 with: {
                     "trellis:plugin/types@0.3.0": crate::bindings::base::trellis::plugin::types,
-                    "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
-                    "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
-                    "trellis:host/kafka@0.1.0": crate::bindings::base::trellis::host::kafka,
-                    $($extra: $path,)*
+                    "trellis:host/log@0.1.1": crate::bindings::base::trellis::host::log,
+                    "trellis:host/secrets@0.1.1": crate::bindings::base::trellis::host::secrets,
+                    "trellis:host/kafka@0.1.1": crate::bindings::base::trellis::host::kafka,
+                    // Readiness (a transport's `subscribe`, a Kafka consumer's): the
+                    // `wasi` crate's pollable.
+                    "wasi:io/poll@0.2.12": wasi::io::poll,
                     $($now: $now_path,)*
                 },
                 pub_export_macro: true,
@@ -238,7 +245,7 @@ macro_rules! world {
                     "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
                     "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
                     "trellis:host/kafka@0.1.0": crate::bindings::base::trellis::host::kafka,
-                    $($extra: $path,)*
+                    $($old: $old_path,)*
                 },
                 pub_export_macro: true,
                 export_macro_name: $macro_name,
@@ -253,7 +260,7 @@ macro_rules! world {
                     "trellis:host/log@0.1.0": crate::bindings::base::trellis::host::log,
                     "trellis:host/secrets@0.1.0": crate::bindings::base::trellis::host::secrets,
                     "trellis:host/kafka@0.1.0": crate::bindings::base::trellis::host::kafka,
-                    $($extra: $path,)*
+                    $($old: $old_path,)*
                 },
                 pub_export_macro: true,
                 export_macro_name: $macro_name,
@@ -271,10 +278,7 @@ world!(
     "trellis:plugin/command-transport-plugin",
     "export_command_transport",
     export_command_transport,
-    "trellis_sdk::command_transport_world";
-    // 0.3.0's readiness: the pollable is the `wasi` crate's, so a transport returns
-    // what its socket's stream or a clock gives it.
-    now "wasi:io/poll@0.2.12" => wasi::io::poll
+    "trellis_sdk::command_transport_world"
 );
 world!(
     "logging-method",
@@ -298,8 +302,9 @@ world!(
     "trellis:plugin/fence-agent-plugin",
     "export_fence_agent",
     export_fence_agent,
-    "trellis_sdk::fence_agent_world",
-    "trellis:host/exec@0.1.0" => crate::bindings::base::trellis::host::exec
+    "trellis_sdk::fence_agent_world";
+    now "trellis:host/exec@0.1.1" => crate::bindings::base::trellis::host::exec;
+    old "trellis:host/exec@0.1.0" => crate::bindings::base::trellis::host::exec
 );
 world!(
     "logging-pair",

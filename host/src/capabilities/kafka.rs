@@ -5,9 +5,14 @@
 //! (`[plugins.<name>] kafka = { topics = ["trellis."] }`). One producer and one admin
 //! client serve every plugin; each `consume` makes a consumer with manual assignment
 //! and manual commits, owned by the plugin instance that asked for it.
+//!
+//! A consumer is also a `wasi:io/poll` pollable (0.1.1, `consumer.subscribe`): ready when
+//! a record is buffered for it. Waiting takes the next record from librdkafka's queue
+//! and holds it (`peeked`) for the next `poll`, so the host can wait on many consumers
+//! at once, in host code, with no plugin call while nothing arrives.
 
 use crate::points::bindings::host_kafka::{
-    Header, Host, HostConsumer, Incoming, KafkaError, Outgoing, Start,
+    Header, Host, HostConsumer, HostProducer, Incoming, KafkaError, Outgoing, Start,
 };
 use crate::runtime::state::InstanceState;
 use futures_util::FutureExt;
@@ -16,14 +21,18 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header as RdHeader, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{
+    BorrowedMessage, Header as RdHeader, Headers, Message, OwnedHeaders, OwnedMessage,
+};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
+use wasmtime_wasi::p2::{DynPollable, Pollable};
 
 /// Largest payload a plugin may produce in one record: under the broker default
 /// `message.max.bytes` (1 MB) with room for key, headers and batch overhead.
@@ -31,6 +40,10 @@ pub const MAX_PAYLOAD: u32 = 900 << 10;
 
 /// How long a produce may take before it is reported `retryable`.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Payload bytes one `producer` may have queued and not yet acknowledged; past it,
+/// `send-packed` waits. Bounds what a plugin can pile up in the shared client.
+const QUEUED_PER_PRODUCER: usize = 16 << 20;
 
 /// The operator's cluster settings, resolved (the password already read from the store).
 #[derive(Clone)]
@@ -204,11 +217,122 @@ pub struct Consumer {
     /// where a reader positioned at the end got the next record again on every poll
     /// (the conformance kit's new-link check found it). Dropped here, once for all.
     delivered: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
+    /// What a wait for readiness took from the queue (already counted in `delivered`):
+    /// the next `poll` hands it out first.
+    peeked: Option<Result<OwnedMessage, RdError>>,
 }
 
 impl Consumer {
     fn get(&self) -> &StreamConsumer<ClusterContext> {
         self.inner.as_ref().expect("present until dropped")
+    }
+
+    /// Whether `m` is past what was handed out already on its partition (and note it).
+    fn fresh(&self, m: &BorrowedMessage<'_>) -> bool {
+        let mut delivered = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let last = delivered
+            .entry((m.topic().to_string(), m.partition()))
+            .or_insert(-1);
+        if m.offset() > *last {
+            *last = m.offset();
+            return true;
+        }
+        tracing::debug!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            "a record delivered again by the client: dropped"
+        );
+        false
+    }
+}
+
+/// Ready once a fresh record (or an error) is buffered. Cancel-safe (the host's waiter
+/// drops this future whenever a link calls in): `recv` is, and a record it returned is
+/// kept in `peeked` before anything else can be cancelled.
+impl Pollable for Consumer {
+    fn ready<'life0, 'async_trait>(
+        &'life0 mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            while self.peeked.is_none() {
+                let got = match self.get().recv().await {
+                    Ok(m) if !self.fresh(&m) => continue,
+                    Ok(m) => Ok(m.detach()),
+                    Err(e) => Err(e),
+                };
+                self.peeked = Some(got);
+            }
+        })
+    }
+}
+
+/// A record from either place a `poll` takes them: held by a readiness wait, or
+/// straight from the client's queue (no copy).
+enum Got<'a> {
+    Held(OwnedMessage),
+    Queued(BorrowedMessage<'a>),
+}
+
+impl Got<'_> {
+    fn topic(&self) -> &str {
+        match self {
+            Got::Held(m) => m.topic(),
+            Got::Queued(m) => m.topic(),
+        }
+    }
+    fn partition(&self) -> i32 {
+        match self {
+            Got::Held(m) => m.partition(),
+            Got::Queued(m) => m.partition(),
+        }
+    }
+    fn offset(&self) -> i64 {
+        match self {
+            Got::Held(m) => m.offset(),
+            Got::Queued(m) => m.offset(),
+        }
+    }
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            Got::Held(m) => m.key(),
+            Got::Queued(m) => m.key(),
+        }
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        match self {
+            Got::Held(m) => m.payload(),
+            Got::Queued(m) => m.payload(),
+        }
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        match self {
+            Got::Held(m) => m.timestamp().to_millis(),
+            Got::Queued(m) => m.timestamp().to_millis(),
+        }
+    }
+    /// Each header as (key, value); a header without a value has an empty one.
+    fn each_header(&self, mut f: impl FnMut(&str, &[u8])) {
+        match self {
+            Got::Held(m) => {
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        f(h.key, h.value.unwrap_or_default());
+                    }
+                }
+            }
+            Got::Queued(m) => {
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        f(h.key, h.value.unwrap_or_default());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -317,6 +441,16 @@ impl InstanceState {
         &mut self,
         records: impl Iterator<Item = ToProduce<'a>>,
     ) -> Result<Vec<i64>, KafkaError> {
+        let (client, pending) = self.queue_all(records)?;
+        acknowledged(&client, pending).await
+    }
+
+    /// Check every record, then queue all in the client (in one go: nothing else
+    /// queues in between, so they stay in order per partition).
+    fn queue_all<'a>(
+        &mut self,
+        records: impl Iterator<Item = ToProduce<'a>>,
+    ) -> Result<(Arc<KafkaClient>, Vec<DeliveryFuture>), KafkaError> {
         let client = self.kafka_client()?;
         let records: Vec<ToProduce<'a>> = records.collect();
         for r in &records {
@@ -344,26 +478,7 @@ impl InstanceState {
                 Err((e, _)) => return Err(classify(&e)),
             }
         }
-        // One deadline for the whole call (a timer per record showed in profiles).
-        let acks = async {
-            let mut offsets = Vec::with_capacity(pending.len());
-            for f in pending {
-                match f.await {
-                    Ok(Ok(d)) => offsets.push(d.offset),
-                    Ok(Err((e, _))) => return Err(classify(&e)),
-                    Err(_) => return Err(KafkaError::Retryable("the producer went away".into())),
-                }
-            }
-            Ok(offsets)
-        };
-        tokio::time::timeout(PRODUCE_TIMEOUT, acks)
-            .await
-            .unwrap_or_else(|_| {
-                Err(KafkaError::Retryable(format!(
-                    "no acknowledgement from the broker within {PRODUCE_TIMEOUT:?}{}",
-                    client.context.explain()
-                )))
-            })
+        Ok((client, pending))
     }
 
     /// Up to `max` records to `each`: waits at most `timeout_ms` for the first, then
@@ -373,36 +488,40 @@ impl InstanceState {
         this: Resource<Consumer>,
         max: u32,
         timeout_ms: u32,
-        mut each: impl FnMut(&BorrowedMessage<'_>),
+        mut each: impl FnMut(&Got<'_>),
     ) -> Result<(), KafkaError> {
         let c = self
             .table
-            .get(&this)
+            .get_mut(&this)
             .map_err(|e| KafkaError::Permanent(format!("no such consumer: {e}")))?;
-        let first =
-            tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.get().recv()).await;
-        let mut next = match first {
-            Err(_) => return Ok(()),
-            Ok(m) => Some(m),
-        };
         let mut n = 0;
-        let mut delivered = c.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        // What a readiness wait took first: it was read before anything still queued.
+        if let Some(held) = c.peeked.take() {
+            let m = held.map_err(|e| classify(&e).explained(c.get().context()))?;
+            each(&Got::Held(m));
+            n += 1;
+        }
+        let c = &*c;
+        let mut next = if n > 0 {
+            if n < max {
+                c.get().recv().now_or_never()
+            } else {
+                None
+            }
+        } else {
+            let first =
+                tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.get().recv())
+                    .await;
+            match first {
+                Err(_) => return Ok(()),
+                Ok(m) => Some(m),
+            }
+        };
         while let Some(m) = next.take() {
             let m = m.map_err(|e| classify(&e).explained(c.get().context()))?;
-            let last = delivered
-                .entry((m.topic().to_string(), m.partition()))
-                .or_insert(-1);
-            if m.offset() > *last {
-                *last = m.offset();
-                each(&m);
+            if c.fresh(&m) {
+                each(&Got::Queued(m));
                 n += 1;
-            } else {
-                tracing::debug!(
-                    topic = m.topic(),
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "a record delivered again by the client: dropped"
-                );
             }
             if n < max {
                 next = c.get().recv().now_or_never();
@@ -525,8 +644,80 @@ impl Host for InstanceState {
             .push(Consumer {
                 inner: Some(consumer),
                 delivered: Default::default(),
+                peeked: None,
             })
             .map_err(|e| KafkaError::Retryable(format!("too many open consumers: {e}")))
+    }
+}
+
+/// The offsets of `pending`, in order, once the broker acknowledged every one; the first
+/// failure otherwise. One deadline for all (a timer per record showed in profiles).
+async fn acknowledged(
+    client: &KafkaClient,
+    pending: Vec<DeliveryFuture>,
+) -> Result<Vec<i64>, KafkaError> {
+    let acks = async {
+        let mut offsets = Vec::with_capacity(pending.len());
+        for f in pending {
+            match f.await {
+                Ok(Ok(d)) => offsets.push(d.offset),
+                Ok(Err((e, _))) => return Err(classify(&e)),
+                Err(_) => return Err(KafkaError::Retryable("the producer went away".into())),
+            }
+        }
+        Ok(offsets)
+    };
+    tokio::time::timeout(PRODUCE_TIMEOUT, acks)
+        .await
+        .unwrap_or_else(|_| {
+            Err(KafkaError::Retryable(format!(
+                "no acknowledgement from the broker within {PRODUCE_TIMEOUT:?}{}",
+                client.context.explain()
+            )))
+        })
+}
+
+/// A producer made for a plugin (0.1.1, lives in its instance's resource table): each
+/// `send-packed` queues and returns; a task per call awaits the broker's
+/// acknowledgements, and the first failure is kept for every later call.
+pub struct Producer {
+    state: Arc<ProducerState>,
+}
+
+#[derive(Default)]
+struct ProducerState {
+    failed: Mutex<Option<KafkaError>>,
+    /// Payload bytes queued and not yet acknowledged (or failed).
+    queued: AtomicUsize,
+    drained: tokio::sync::Notify,
+}
+
+impl ProducerState {
+    fn failure(&self) -> Result<(), KafkaError> {
+        match &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e.clone().map_message(|m| {
+                format!("an earlier record of this producer was not written: {m}")
+            })),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait until `bytes` more fit under the bound (one call's worth always does).
+    async fn room_for(&self, bytes: usize) -> Result<(), KafkaError> {
+        let deadline = tokio::time::Instant::now() + PRODUCE_TIMEOUT;
+        loop {
+            let drained = self.drained.notified();
+            let queued = self.queued.load(SeqCst);
+            if queued == 0 || queued + bytes <= QUEUED_PER_PRODUCER {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return Err(KafkaError::Retryable(format!(
+                    "{queued} bytes queued on this producer got no acknowledgement within {PRODUCE_TIMEOUT:?}"
+                )));
+            }
+            self.failure()?;
+        }
     }
 }
 
@@ -540,6 +731,12 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl KafkaError {
+    fn message(&self) -> &str {
+        match self {
+            KafkaError::Denied(m) | KafkaError::Retryable(m) | KafkaError::Permanent(m) => m,
+        }
+    }
+
     /// The same kind, with its message rewritten.
     fn map_message(self, f: impl FnOnce(String) -> String) -> KafkaError {
         match self {
@@ -560,6 +757,62 @@ impl KafkaError {
     }
 }
 
+impl HostProducer for InstanceState {
+    async fn new(&mut self) -> wasmtime::Result<Resource<Producer>> {
+        Ok(self.table.push(Producer {
+            state: Arc::default(),
+        })?)
+    }
+
+    async fn send_packed(
+        &mut self,
+        this: Resource<Producer>,
+        records: Vec<u8>,
+    ) -> Result<(), KafkaError> {
+        let state = self
+            .table
+            .get(&this)
+            .map_err(|e| KafkaError::Permanent(format!("no such producer: {e}")))?
+            .state
+            .clone();
+        state.failure()?;
+        let views = trellis_sdk::records::decode(&records).map_err(|e| {
+            KafkaError::Permanent(format!(
+                "{e}: write it with the SDK's records::RecordsWriter"
+            ))
+        })?;
+        let bytes: usize = views.iter().map(|r| r.payload.len()).sum();
+        state.room_for(bytes).await?;
+        let (client, pending) = self.queue_all(views.iter().map(|r| ToProduce {
+            topic: r.topic,
+            partition: (r.partition >= 0).then_some(r.partition),
+            key: r.key,
+            headers: ProduceHeaders::Packed(*r),
+            payload: r.payload,
+        }))?;
+        state.queued.fetch_add(bytes, SeqCst);
+        tokio::spawn(async move {
+            if let Err(e) = acknowledged(&client, pending).await {
+                tracing::warn!(target: "trellis::kafka", "a queued produce failed: {}", e.message());
+                state
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+            }
+            state.queued.fetch_sub(bytes, SeqCst);
+            state.drained.notify_waiters();
+        });
+        Ok(())
+    }
+
+    async fn drop(&mut self, this: Resource<Producer>) -> wasmtime::Result<()> {
+        // Queued records are still written (their tasks hold what they need).
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
 impl HostConsumer for InstanceState {
     async fn poll(
         &mut self,
@@ -574,19 +827,18 @@ impl HostConsumer for InstanceState {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| Header {
-                                key: h.key.to_string(),
-                                value: h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                headers: {
+                    let mut hs = Vec::new();
+                    m.each_header(|key, value| {
+                        hs.push(Header {
+                            key: key.to_string(),
+                            value: value.to_vec(),
+                        })
+                    });
+                    hs
+                },
                 payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                timestamp_ms: m.timestamp().to_millis(),
+                timestamp_ms: m.timestamp_ms(),
             })
         })
         .await?;
@@ -605,14 +857,12 @@ impl HostConsumer for InstanceState {
                 m.topic(),
                 m.partition(),
                 m.offset(),
-                m.timestamp().to_millis().unwrap_or(-1),
+                m.timestamp_ms().unwrap_or(-1),
                 m.key(),
             );
-            if let Some(hs) = m.headers() {
-                for h in hs.iter() {
-                    out.header(h.key, h.value.unwrap_or_default());
-                }
-            }
+            m.each_header(|k, v| {
+                out.header(k, v);
+            });
             out.payload(m.payload().unwrap_or_default());
         })
         .await?;
@@ -642,6 +892,13 @@ impl HostConsumer for InstanceState {
         c.get()
             .commit(&tpl, CommitMode::Async)
             .map_err(|e| classify(&e))
+    }
+
+    async fn subscribe(
+        &mut self,
+        this: Resource<Consumer>,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        wasmtime_wasi::p2::subscribe(&mut self.table, this)
     }
 
     async fn drop(&mut self, this: Resource<Consumer>) -> wasmtime::Result<()> {

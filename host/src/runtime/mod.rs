@@ -39,7 +39,9 @@ use wasmtime::component::{HasSelf, Linker};
 /// The `trellis:plugin` versions this host serves, oldest first.
 pub use crate::points::bindings::versioned::SERVED as SERVED_WIT;
 /// The `trellis:host` versions this host serves.
-pub const SERVED_HOST_WIT: &[&str] = &["0.1.0"];
+/// 0.1.1 only adds to 0.1.0 (`kafka` `consumer.subscribe`), so the linker's one set of
+/// 0.1.1 capabilities serves 0.1.0 imports too (wasmtime matches semver-compatible names).
+pub const SERVED_HOST_WIT: &[&str] = &["0.1.0", "0.1.1"];
 
 pub struct Runtime {
     pub engine: Engine,

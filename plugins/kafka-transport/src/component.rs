@@ -11,7 +11,7 @@ use trellis_sdk::command_transport::{
     Channel, Frame, Guest, GuestChannel, GuestListener, Lane, Lifecycle, Listener,
 };
 use trellis_sdk::config::Config;
-use trellis_sdk::kafka::{self, Consumer, Header, Outgoing, Start};
+use trellis_sdk::kafka::{self, Consumer, Header, Outgoing, Producer, Start};
 use trellis_sdk::records::{self, RecordsWriter};
 use trellis_sdk::{Error, log};
 
@@ -121,6 +121,12 @@ pub struct KafkaListener {
 }
 
 impl GuestListener for KafkaListener {
+    /// Ready when an announcement is buffered for the listener's consumer: the host
+    /// waits on it without calling the plugin.
+    fn subscribe(&self) -> wasi::io::poll::Pollable {
+        self.consumer.subscribe()
+    }
+
     fn accept(&self, timeout_ms: u32) -> Result<Option<Channel>, Error> {
         let p = prefix()?;
         for r in self.consumer.poll(1, timeout_ms)? {
@@ -167,6 +173,11 @@ pub struct KafkaChannel {
     out_topic: String,
     in_topic: String,
     consumer: Consumer,
+    /// Queues frames without waiting for the broker (the controller's links share one
+    /// instance: a send waiting for acknowledgements would hold all of them). A record
+    /// the broker did not take fails the next send, which breaks the link; the host
+    /// resends what the peer did not acknowledge on the next one.
+    producer: Producer,
     max_payload: usize,
     reassembly: RefCell<Reassembly>,
     /// (seq, offset of its last piece) per lane, for `commit`.
@@ -196,6 +207,7 @@ impl KafkaChannel {
             out_topic,
             in_topic,
             consumer,
+            producer: Producer::new(),
             max_payload: kafka::max_payload() as usize,
             reassembly: RefCell::new(reassembly),
             offsets: RefCell::default(),
@@ -213,6 +225,14 @@ fn lane_index(l: Lane) -> u8 {
 }
 
 impl GuestChannel for KafkaChannel {
+    /// Ready when a record is buffered for this link's consumer. `send` produces before
+    /// it returns, so nothing waits here to go out; `receive` takes everything buffered
+    /// (up to 512 records; past that the consumer stays ready), keeping only pieces of
+    /// a frame still on the way, whose next record makes it ready again.
+    fn subscribe(&self) -> wasi::io::poll::Pollable {
+        self.consumer.subscribe()
+    }
+
     fn send(&self, frames: Vec<Frame>) -> Result<(), Error> {
         let sends = self.sends.get().saturating_add(1);
         self.sends.set(sends);
@@ -241,7 +261,7 @@ impl GuestChannel for KafkaChannel {
                 records.payload(data);
             }
         }
-        kafka::produce_packed(&records.finish())?;
+        self.producer.send_packed(&records.finish())?;
         Ok(())
     }
 

@@ -18,10 +18,16 @@ pub mod versioned;
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "trellis:plugin/host",
-    imports: { default: async },
+    imports: {
+        // Its only failure is a full resource table: a trap, like WASI's own subscribes.
+        "trellis:host/kafka.[method]consumer.subscribe": async | trappable,
+        "trellis:host/kafka.[constructor]producer": async | trappable,
+        default: async,
+    },
     exports: { default: async },
     with: {
         "trellis:host/kafka.consumer": crate::capabilities::kafka::Consumer,
+        "trellis:host/kafka.producer": crate::capabilities::kafka::Producer,
         // A transport's readiness (0.3.0) is a WASI pollable, waited on by the host.
         "wasi:io/poll": wasmtime_wasi::p2::bindings::io::poll,
     },
