@@ -48,7 +48,7 @@ fetch_kafka() {
         echo "setup: installing Java 17 and Maven (to fetch and run Apache Kafka)"
         install_quietly openjdk-17-jre-headless maven
     fi
-    echo "setup: fetching Apache Kafka 4.4.0 from Maven Central into $libs (about 30 s)"
+    echo "setup: fetching Apache Kafka 4.4.0 from Maven Central into $libs (30 s to 2 min)"
     rm -rf "$libs"
     mkdir -p "$libs"
     # The pom's directory stays clean: Maven writes only into $libs.

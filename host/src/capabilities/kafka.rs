@@ -442,7 +442,8 @@ impl Host for InstanceState {
     async fn ensure_topic(&mut self, topic: String, partitions: u32) -> Result<(), KafkaError> {
         let client = self.kafka_client()?;
         self.check_topic(&topic)?;
-        let t = NewTopic::new(&topic, partitions as i32, TopicReplication::Fixed(1));
+        // -1: the cluster's own default.replication.factor (one broker: 1; three: 3).
+        let t = NewTopic::new(&topic, partitions as i32, TopicReplication::Fixed(-1));
         let opts = AdminOptions::new()
             .operation_timeout(Some(REQUEST_TIMEOUT))
             .request_timeout(Some(REQUEST_TIMEOUT));
