@@ -20,6 +20,13 @@ use trellis::runtime::Plugin;
 /// The topics of the agent's link; the bulk partition (1) of the first carries its log.
 const AGENT_TOPICS: [&str; 2] = ["trellis.agent-1.to-controller", "trellis.agent-1.to-agent"];
 
+/// One test at a time: each runs three broker JVMs, and a test machine may have 2 cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A controller and an agent over kafka-transport on `brokers`, in `dir`.
 async fn controller_and_agent(
     dir: &Path,
@@ -73,7 +80,16 @@ async fn controller_and_agent(
         executors: 1,
     };
     tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
-    wait_connected(&c).await;
+    // The first link creates the agent's topics on three brokers: longer than
+    // `wait_connected` allows on a loaded machine.
+    let t = Instant::now();
+    while c.connected_agents().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the agent did not connect within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     (c, stop_tx)
 }
 
@@ -148,6 +164,7 @@ fn wait_in_sync(cluster: &Kafka) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_partition_leader_mid_run_loses_and_repeats_no_line() {
+    let _one = one_at_a_time();
     let mut cluster = Kafka::cluster();
     let d = tempfile::tempdir().unwrap();
     let (c, _agent) = controller_and_agent(d.path(), &cluster.brokers()).await;
@@ -186,6 +203,7 @@ async fn sigkill_of_the_partition_leader_mid_run_loses_and_repeats_no_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_all_three_brokers_mid_run_loses_and_repeats_no_line() {
+    let _one = one_at_a_time();
     let mut cluster = Kafka::cluster();
     let d = tempfile::tempdir().unwrap();
     let (c, _agent) = controller_and_agent(d.path(), &cluster.brokers()).await;

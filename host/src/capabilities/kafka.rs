@@ -226,6 +226,18 @@ impl Drop for Consumer {
     }
 }
 
+/// Whether `e` is a partition between leaders (just created, or its leader gone).
+fn leaderless(e: &RdError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+        )
+    )
+}
+
 fn classify(e: &RdError) -> KafkaError {
     let code = e.rdkafka_error_code();
     let msg = e.to_string();
@@ -458,6 +470,27 @@ impl Host for InstanceState {
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
                     return Err(classify(&RdError::AdminOp(code)).with_context(&name));
+                }
+            }
+        }
+        // A topic just created on a cluster of several brokers has no leader for a
+        // moment ("not leader for partition" to a consumer's first request): return
+        // only once each partition's leader answers.
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        for p in 0..partitions as i32 {
+            loop {
+                let asked =
+                    blocking(|| client.admin.inner().fetch_watermarks(&topic, p, REQUEST_TIMEOUT));
+                match asked {
+                    Ok(_) => break,
+                    Err(e) if tokio::time::Instant::now() < deadline && leaderless(&e) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        return Err(classify(&e)
+                            .with_context(&format!("{topic}:{p}"))
+                            .explained(&client.context));
+                    }
                 }
             }
         }
