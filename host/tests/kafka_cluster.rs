@@ -130,7 +130,11 @@ async fn finish_and_check(c: &Controller, dir: &Path, id: &str, stop: &Path) {
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     let text = std::fs::read_to_string(dir.join(format!("state/logs/flow/{id}.jsonl"))).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len() as u64, r.events, "the record's count and the log agree");
+    assert_eq!(
+        lines.len() as u64,
+        r.events,
+        "the record's count and the log agree"
+    );
     assert!(
         !lines.is_empty() && lines.len() % 100 == 0,
         "{} lines",

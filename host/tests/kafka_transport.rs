@@ -216,7 +216,12 @@ print("not found"); sys.exit(1)
     // lane and a sequence number past the handshake.
     let out = kafka_java("org.apache.kafka.tools.consumer.ConsoleConsumer", None)
         .args(["--bootstrap-server", &broker.brokers()])
-        .args(["--topic", "trellis.agent-1.to-controller", "--partition", "1"])
+        .args([
+            "--topic",
+            "trellis.agent-1.to-controller",
+            "--partition",
+            "1",
+        ])
         .args(["--offset", "earliest", "--timeout-ms", "15000"])
         .args(["--formatter-property", "print.partition=true"])
         .args(["--formatter-property", "print.headers=true"])

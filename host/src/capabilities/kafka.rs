@@ -226,7 +226,22 @@ impl Drop for Consumer {
     }
 }
 
-/// Whether `e` is a partition between leaders (just created, or its leader gone).
+/// `fetch` (a watermark query, blocking), asked again while the partition is between
+/// leaders or unknown to the client yet, for at most REQUEST_TIMEOUT.
+async fn while_leaderless<T>(mut fetch: impl FnMut() -> Result<T, RdError>) -> Result<T, RdError> {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match blocking(&mut fetch) {
+            Err(e) if tokio::time::Instant::now() < deadline && leaderless(&e) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Whether `e` is a partition between leaders, or one the client's metadata does not
+/// know yet (just created, or its leader gone).
 fn leaderless(e: &RdError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -234,6 +249,8 @@ fn leaderless(e: &RdError) -> bool {
             RDKafkaErrorCode::NotLeaderForPartition
                 | RDKafkaErrorCode::LeaderNotAvailable
                 | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopic
         )
     )
 }
@@ -476,23 +493,19 @@ impl Host for InstanceState {
         // A topic just created on a cluster of several brokers has no leader for a
         // moment ("not leader for partition" to a consumer's first request): return
         // only once each partition's leader answers.
-        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         for p in 0..partitions as i32 {
-            loop {
-                let asked =
-                    blocking(|| client.admin.inner().fetch_watermarks(&topic, p, REQUEST_TIMEOUT));
-                match asked {
-                    Ok(_) => break,
-                    Err(e) if tokio::time::Instant::now() < deadline && leaderless(&e) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => {
-                        return Err(classify(&e)
-                            .with_context(&format!("{topic}:{p}"))
-                            .explained(&client.context));
-                    }
-                }
-            }
+            while_leaderless(|| {
+                client
+                    .admin
+                    .inner()
+                    .fetch_watermarks(&topic, p, REQUEST_TIMEOUT)
+            })
+            .await
+            .map_err(|e| {
+                classify(&e)
+                    .with_context(&format!("{topic}:{p}"))
+                    .explained(&client.context)
+            })?;
         }
         Ok(())
     }
@@ -541,7 +554,8 @@ impl Host for InstanceState {
                 // The end *now*, as a concrete offset: `Offset::End` would be resolved
                 // only when fetching starts, skipping what is produced in between.
                 Start::Latest => Offset::Offset(
-                    blocking(|| consumer.fetch_watermarks(t, *p, REQUEST_TIMEOUT))
+                    while_leaderless(|| consumer.fetch_watermarks(t, *p, REQUEST_TIMEOUT))
+                        .await
                         .map_err(|e| {
                             classify(&e)
                                 .with_context(&format!("{t}:{p}"))
