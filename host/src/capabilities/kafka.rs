@@ -490,23 +490,6 @@ impl Host for InstanceState {
                 }
             }
         }
-        // A topic just created on a cluster of several brokers has no leader for a
-        // moment ("not leader for partition" to a consumer's first request): return
-        // only once each partition's leader answers.
-        for p in 0..partitions as i32 {
-            while_leaderless(|| {
-                client
-                    .admin
-                    .inner()
-                    .fetch_watermarks(&topic, p, REQUEST_TIMEOUT)
-            })
-            .await
-            .map_err(|e| {
-                classify(&e)
-                    .with_context(&format!("{topic}:{p}"))
-                    .explained(&client.context)
-            })?;
-        }
         Ok(())
     }
 
