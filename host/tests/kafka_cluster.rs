@@ -32,6 +32,12 @@ async fn controller_and_agent(
     dir: &Path,
     brokers: &str,
 ) -> (Arc<Controller>, tokio::sync::watch::Sender<bool>) {
+    if let Ok(filter) = std::env::var("TRELLIS_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     std::fs::create_dir_all(dir.join("state/logs")).unwrap();
     let rt = runtime(
         &format!(
