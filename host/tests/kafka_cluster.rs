@@ -21,11 +21,7 @@ use trellis::runtime::Plugin;
 const AGENT_TOPICS: [&str; 2] = ["trellis.agent-1.to-controller", "trellis.agent-1.to-agent"];
 
 /// One test at a time: each runs three broker JVMs, and a test machine may have 2 cores.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A controller and an agent over kafka-transport on `brokers`, in `dir`.
 async fn controller_and_agent(
@@ -142,7 +138,7 @@ async fn finish_and_check(c: &Controller, dir: &Path, id: &str, stop: &Path) {
         "the record's count and the log agree"
     );
     assert!(
-        !lines.is_empty() && lines.len() % 100 == 0,
+        !lines.is_empty() && lines.len().is_multiple_of(100),
         "{} lines",
         lines.len()
     );
@@ -174,7 +170,7 @@ fn wait_in_sync(cluster: &Kafka) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_partition_leader_mid_run_loses_and_repeats_no_line() {
-    let _one = one_at_a_time();
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Kafka::cluster();
     let d = tempfile::tempdir().unwrap();
     let (c, _agent) = controller_and_agent(d.path(), &cluster.brokers()).await;
@@ -213,7 +209,7 @@ async fn sigkill_of_the_partition_leader_mid_run_loses_and_repeats_no_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_all_three_brokers_mid_run_loses_and_repeats_no_line() {
-    let _one = one_at_a_time();
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Kafka::cluster();
     let d = tempfile::tempdir().unwrap();
     let (c, _agent) = controller_and_agent(d.path(), &cluster.brokers()).await;
