@@ -29,6 +29,33 @@ install_quietly() {
     fi
 }
 
+# --- Apache Kafka (issue 20) -----------------------------------------------------
+# The Kafka suites start real Apache Kafka 4.4.0 brokers (KRaft, on loopback) from jars:
+# kafka_2.13, kafka-tools (the console clients) and an SLF4J binding, fetched from Maven
+# Central with tests/engines/kafka/pom.xml into $TRELLIS_KAFKA_LIBS (default
+# ~/.cache/trellis/kafka-4.4.0; host/tests/common/kafka.rs reads the same variable).
+# A marker file names the pom it was fetched for: a warm run with the same pom is a no-op.
+fetch_kafka() {
+    local libs="${TRELLIS_KAFKA_LIBS:-$HOME/.cache/trellis/kafka-4.4.0}"
+    local pom
+    pom="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/engines/kafka/pom.xml"
+    local stamp
+    stamp=$(sha256sum "$pom" | cut -c1-16)
+    if [ -f "$libs/.fetched-$stamp" ]; then
+        return
+    fi
+    if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+        echo "setup: installing Java 17 and Maven (to fetch and run Apache Kafka)"
+        install_quietly openjdk-17-jre-headless maven
+    fi
+    echo "setup: fetching Apache Kafka 4.4.0 from Maven Central into $libs (30 s to 2 min)"
+    rm -rf "$libs"
+    mkdir -p "$libs"
+    # The pom's directory stays clean: Maven writes only into $libs.
+    mvn -q -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$libs"
+    touch "$libs/.fetched-$stamp"
+}
+
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     echo "setup: adding the wasm32-wasip2 Rust target"
     rustup target add wasm32-wasip2
@@ -42,22 +69,8 @@ if ! command -v chromium >/dev/null; then
     apt-get install -y chromium
 fi
 
-# Kafka-protocol broker for the Kafka transport's tests (a real one, on loopback).
-# The default build has no working storage engine: enable dynostore and libsql.
-if ! command -v tansu >/dev/null; then
-    echo "setup: installing the tansu Kafka broker (about 12 minutes)"
-    cargo install tansu --version '^0.6' --locked --features dynostore,libsql
-fi
-
-# TLS terminator in front of tansu for the Kafka transport's TLS tests (tansu 0.6's own
-# TLS does not come up). The tests run their own stunnel with their own config; the
-# package starts nothing by itself (no config in /etc/stunnel).
-if ! command -v stunnel4 >/dev/null && ! command -v stunnel >/dev/null; then
-    echo "setup: installing stunnel4 (TLS terminator for the Kafka TLS tests)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y stunnel4
-fi
+# Apache Kafka 4.4.0 for the Kafka suites (see fetch_kafka above).
+fetch_kafka
 
 # openssl makes the private CA and certificates of the HTTPS tests (es_logging.rs).
 if ! command -v openssl >/dev/null; then

@@ -44,12 +44,13 @@ fn main() -> anyhow::Result<()> {
     if p.runs("kafka") {
         if p.kafka_agents == 0 {
             println!("\n== scale over kafka-transport: not run (TRELLIS_SCALE_KAFKA_AGENTS=0) ==");
-        } else if !load::tansu_available() {
+        } else if !common::kafka_available() {
             println!(
-                "\n== scale over kafka-transport: not run (no `tansu` broker on the PATH; ./scripts/setup.sh installs it) =="
+                "\n== scale over kafka-transport: not run (no Apache Kafka jars in {}; ./scripts/setup.sh fetches them) ==",
+                common::kafka_libs_dir().display()
             );
         } else {
-            let broker = common::Tansu::start("memory://tansu/");
+            let broker = common::Kafka::start();
             let r = rt.block_on(load::run_kafka(&p, &setup, &broker.brokers()))?;
             load::print_kafka(&r);
         }

@@ -2,12 +2,12 @@
 //! the `kafka-transport` plugin, against raw rdkafka on the same broker and against the
 //! `tcp-transport` plugin, all in one run.
 //!
-//! One tansu broker (memory store) on loopback is started here, for the whole run.
+//! One Apache Kafka 4.4 broker (KRaft, `tests/common/kafka.rs`) on loopback is started
+//! here, for the whole run.
 //! Three contenders, each measured `TRELLIS_BENCH_ROUNDS` times (default 7),
 //! interleaved so machine noise hits all alike, in an order rotated every round;
 //! medians are reported. Every round runs on a fresh link with topics of its own
-//! (tansu's memory store lists a partition's every stored batch on each fetch, so it
-//! slows down as a partition fills: no contender may inherit another's history):
+//! (no contender inherits another's history on the broker):
 //!
 //! * **kafka-transport**: the plugin in a `trellis::runtime::Runtime` (the host's
 //!   `kafka` capability: one shared idempotent producer, a consumer per link side),
@@ -43,7 +43,7 @@
 //!
 //!     cargo xtask bench transport     (builds the bundle, then runs this in release)
 //!
-//! The broker is `tansu` on the PATH (`./scripts/setup.sh` installs it).
+//! The broker runs from the Kafka jars `./scripts/setup.sh` fetches (`$TRELLIS_KAFKA_LIBS`).
 //! TRELLIS_BENCH_ONLY=kafka|rdkafka|tcp|tcp01 runs one contender alone (for profiling;
 //! `tcp,tcp01` runs those two);
 //! TRELLIS_BENCH_RAW_HEADERS=1 gives the raw records the plugin's four headers (link,
@@ -61,7 +61,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{Tansu, free_port, runtime};
+use common::{Kafka, free_port, runtime};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -316,7 +316,7 @@ struct Pair {
 }
 
 /// A new link for agent `agent` (for Kafka: topics of its own, so every round starts
-/// on empty partitions; tansu's memory store gets slower as a partition grows).
+/// on empty partitions: no round inherits another's history).
 async fn pair(side: &Side, agent: &str) -> Pair {
     let link = transport::connect(side.plugin.clone(), agent)
         .await
@@ -699,8 +699,8 @@ async fn main() {
         .map(std::path::PathBuf::from)
         .expect("run with `cargo xtask bench transport` (TRELLIS_BUNDLE_DIR is not set)");
     let k = Knobs::from_env();
-    let broker = Tansu::start("memory://tansu/");
-    let _ = BROKER_PID.set(broker.pid());
+    let broker = Kafka::start();
+    let _ = BROKER_PID.set(broker.pid(0));
     let brokers = broker.brokers();
     let tcp_port = free_port();
     let tcp01_port = free_port();
@@ -731,7 +731,7 @@ async fn main() {
         k.payload, k.pings, k.warmup, k.frames, k.payload, k.batch, k.rounds
     );
     println!(
-        "broker: tansu (memory store) on {brokers}   load average: {}",
+        "broker: Apache Kafka 4.4 (one KRaft node) on {brokers}   load average: {}",
         load_average()
     );
     if k.raw_headers || k.raw_partitions > 1 || k.fetch_wait_ms != 10 {
@@ -764,8 +764,8 @@ async fn main() {
     let (mut kr, mut rr, mut tr, mut t1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..k.rounds {
         println!("round {}", round + 1);
-        // Each round on fresh links and topics, and in a rotated order: tansu's memory
-        // store slows down as it fills, which must not favour whoever goes first.
+        // Each round on fresh links and topics, and in a rotated order: a broker that
+        // slows down as it fills (or warms up) must not favour whoever goes first.
         for turn in 0..4 {
             match (round + turn) % 4 {
                 0 if kafka.is_some() => {

@@ -1,7 +1,7 @@
 //! `trellis plugin test` (the conformance kit) on the sample bundle and the examples,
 //! through the real binary: the logging pairs (file, the Rust, Python and JavaScript
 //! examples with the file browser, Elasticsearch against the mock), both transports (TCP; Kafka on
-//! tansu), the Redfish fence agent against sushy. And the kit fails what breaks the
+//! Apache Kafka), the Redfish fence agent against sushy. And the kit fails what breaks the
 //! contract, naming why: a fence agent whose status ignores a confirmed off, a logging
 //! method given no browser. (glusterfs-fence is run through the kit in
 //! `glusterfs_fence.rs`, which has a glusterd.)
@@ -176,7 +176,7 @@ fn both_transports_pass() {
     all_passed(code, &text);
     assert!(text.contains("PASS  a control frame is not stuck behind bulk frames"));
 
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let (code, text) = kit(
         d.path(),
         &format!(

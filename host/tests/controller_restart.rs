@@ -2,7 +2,7 @@
 //! The controller and agent run as real processes; mid-step the controller is killed
 //! with SIGKILL and started again on the same state directory while the agent keeps
 //! working. The run must complete, with every line of its log exactly once, in order —
-//! over the default TCP transport and over Kafka (a real tansu broker on loopback).
+//! over the default TCP transport and over Kafka (a real Apache Kafka broker on loopback).
 
 mod common;
 
@@ -101,7 +101,7 @@ fn a_run_survives_a_controller_restart_over_tcp() {
 
 #[test]
 fn a_run_survives_a_controller_restart_over_kafka() {
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     controller_restarted_mid_step(Transport::Kafka {
         brokers: broker.brokers(),
     });

@@ -1,5 +1,5 @@
 //! The headline of issue 7: active/passive controllers. Real parts throughout: a
-//! three-member etcd (Debian's etcd-server) holds the leader lease, a tansu Kafka
+//! three-member etcd (Debian's etcd-server) holds the leader lease, an Apache Kafka
 //! broker carries controller/agent traffic, the sushy-tools emulator is the active
 //! node's BMC (redfish-fence over HTTPS), and controllers and agent are processes.
 //!
@@ -33,7 +33,7 @@ fn the_standby_fences_the_dead_active_takes_over_and_the_run_completes() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let etcd = EtcdCluster::start(dir);
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let sushy = Sushy::start(dir);
     let transport = Transport::Kafka {
         brokers: broker.brokers(),
@@ -221,7 +221,7 @@ fn a_paused_active_wakes_to_find_its_late_write_refused() {
     let sushy = Sushy::start(dir);
     // Kafka: both controllers can serve it (with TCP, the paused one would still hold
     // the port the new active must bind).
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let transport = Transport::Kafka {
         brokers: broker.brokers(),
     };

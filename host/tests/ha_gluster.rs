@@ -3,7 +3,7 @@
 //! active one (A) runs in a network namespace the test creates and mounts from there,
 //! so the volume sees its own address. The standby (B) fences A through two levels:
 //! Redfish first (its BMC is down here, so that level fails), then storage fencing
-//! with glusterfs-fence (`auth.reject` for A's address). Real etcd ×3, tansu, glusterd.
+//! with glusterfs-fence (`auth.reject` for A's address). Real etcd ×3, Apache Kafka, glusterd.
 //!
 //! A is cut off from etcd (nftables inside its namespace) with a run in flight. What
 //! must hold: A stops by itself; B falls through to level 2 and takes over only once
@@ -41,7 +41,7 @@ fn the_standby_falls_through_to_storage_fencing_and_takes_over_on_glusterfs() {
     assert!(state_b.join("logs").is_dir(), "one volume, seen by both");
 
     let etcd = EtcdCluster::start_also_on(dir, Some(&ns.host_ip));
-    let broker = Tansu::start_at(&ns.host_ip, "memory://tansu/");
+    let broker = Kafka::start_at(&ns.host_ip);
     let transport = Transport::Kafka {
         brokers: broker.brokers(),
     };

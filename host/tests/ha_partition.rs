@@ -1,6 +1,6 @@
 //! Issue 7's partition: the active controller runs in a network namespace the test
 //! creates, and an nftables rule inside it drops everything it sends to etcd, while it
-//! still reaches Kafka, its agent and the shared state. Real etcd ×3, tansu, sushy and
+//! still reaches Kafka, its agent and the shared state. Real etcd ×3, Apache Kafka, sushy and
 //! controller processes, as in `ha_failover.rs`.
 //!
 //! What must hold: the active notices it cannot renew its lease and stops acting by
@@ -31,7 +31,7 @@ fn an_active_cut_off_from_etcd_stops_by_itself_and_the_standby_fences_before_tak
     let dir = d.path();
     let ns = Netns::create("pa", 1).expect("a network namespace (the test needs root)");
     let etcd = EtcdCluster::start_also_on(dir, Some(&ns.host_ip));
-    let broker = Tansu::start_at(&ns.host_ip, "memory://tansu/");
+    let broker = Kafka::start_at(&ns.host_ip);
     let sushy = Sushy::start(dir);
     let transport = Transport::Kafka {
         brokers: broker.brokers(),

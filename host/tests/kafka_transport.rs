@@ -1,5 +1,5 @@
-//! The Kafka command transport end to end, on a real Kafka-protocol broker (tansu,
-//! started here on loopback): the host's `kafka` capability, the `kafka-transport`
+//! The Kafka command transport end to end, on a real Apache Kafka 4.4 broker (started
+//! here on loopback, see common/kafka.rs): the host's `kafka` capability, the `kafka-transport`
 //! plugin, a controller and an agent running a job through the topics, and an
 //! independent client (kafka-python) reading a step's output off them.
 
@@ -138,7 +138,7 @@ async fn whole_log(reader: &trellis::points::browser::LogReader, job: &str, run:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_over_kafka_and_its_output_is_readable_on_the_topics() {
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
@@ -210,11 +210,49 @@ print("not found"); sys.exit(1)
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.trim_end().ends_with(" agent-1"), "{stdout}");
+
+    // Kafka's own console consumer (kafka-tools, Java) finds them too: records on the
+    // agent's bulk partition under the agent's key, whose frame header names the bulk
+    // lane and a sequence number past the handshake.
+    let out = kafka_java("org.apache.kafka.tools.consumer.ConsoleConsumer", None)
+        .args(["--bootstrap-server", &broker.brokers()])
+        .args([
+            "--topic",
+            "trellis.agent-1.to-controller",
+            "--partition",
+            "1",
+        ])
+        .args(["--offset", "earliest", "--timeout-ms", "15000"])
+        .args(["--formatter-property", "print.partition=true"])
+        .args(["--formatter-property", "print.headers=true"])
+        .args(["--formatter-property", "print.key=true"])
+        .args(["--formatter-property", "print.value=false"])
+        .output()
+        .expect("java");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let bulk_frames = stdout
+        .lines()
+        .filter(|l| {
+            let fields: Vec<&str> = l.split('\t').collect();
+            let header = fields.iter().find_map(|f| f.strip_prefix("trellis-frame:"));
+            let words: Vec<&str> = header.unwrap_or_default().split(' ').collect();
+            fields.first() == Some(&"Partition:1")
+                && fields.contains(&"agent-1")
+                && words.len() == 4
+                && words[1] == "bulk"
+                && words[2].parse::<u64>().is_ok_and(|seq| seq > 0)
+        })
+        .count();
+    assert!(
+        bulk_frames > 0,
+        "Kafka's console consumer found none of the run's frames:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_outside_the_granted_prefixes_are_denied() {
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     // granted `other.` only; the plugin's topics are `trellis.*`
     let rt = kafka_runtime(d.path(), &broker.brokers(), "other.");
@@ -244,7 +282,7 @@ async fn topics_outside_the_granted_prefixes_are_denied() {
 async fn a_50_mib_frame_crosses_whole_and_foreign_records_are_skipped() {
     use trellis::points::bindings::command_transport::{Frame, Lane};
     use trellis::points::transport;
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     let rt = runtime(
         &format!(
@@ -345,15 +383,13 @@ p.flush()
     assert_eq!(control.payload, b"cancel");
 }
 
-/// The broker restarts mid-run (its SQLite store keeps the topics): links break, the
-/// agent reconnects, the session resends what was not acknowledged, and the run ends
-/// with every line stored once, in order.
+/// The broker is killed (SIGKILL) mid-run and started again on its data: links break,
+/// the agent reconnects, the session resends what was not acknowledged, and the run
+/// ends with every line stored once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
     let d = tempfile::tempdir().unwrap();
-    let store = "sqlite://tansu.db";
-    let port = free_port();
-    let broker = Tansu::start_on(port, store, d.path());
+    let mut broker = Kafka::start();
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
     let c = controller(&rt, d.path(), kafka.clone()).await;
@@ -378,9 +414,7 @@ async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!c.run(&run.id).unwrap().status.is_final());
-    drop(broker);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let _broker = Tansu::start_on(port, store, d.path());
+    tokio::task::block_in_place(|| broker.restart(0));
 
     let r = wait_final(&c, &run.id, Duration::from_secs(120)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
@@ -405,8 +439,8 @@ async fn a_broker_restart_mid_run_loses_and_repeats_no_line() {
 /// broker's files learns nothing: an attacker's producer (kafka-python) writes forged
 /// orders, in clear and as if sealed, into the agent's control partition under the live
 /// link's id, with the next sequence numbers. Nothing runs; the agent drops the link,
-/// comes back, and a real run still succeeds. The broker's SQLite files hold neither the
-/// job's secret value nor a line of its log.
+/// comes back, and a real run still succeeds. The broker's files (its log segments)
+/// hold neither the job's secret value nor a line of its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_records_on_the_topics_run_nothing_and_the_broker_stores_only_ciphertext() {
     const SECRET_VALUE: &str = "kafka-sekrit-55e1d0";
@@ -414,7 +448,7 @@ async fn forged_records_on_the_topics_run_nothing_and_the_broker_stores_only_cip
     let d = tempfile::tempdir().unwrap();
     let broker_dir = d.path().join("broker");
     std::fs::create_dir_all(&broker_dir).unwrap();
-    let broker = Tansu::start_on(free_port(), "sqlite://tansu.db", &broker_dir);
+    let broker = Kafka::start_in(&broker_dir, KafkaOptions::default());
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
     let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
@@ -527,21 +561,33 @@ print("forged", link, top + 1)
 
     // The broker's own files: ciphertext only.
     let mut files = 0;
-    for e in std::fs::read_dir(&broker_dir).unwrap() {
-        let path = e.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        files += 1;
-        for needle in [SECRET_VALUE, LOG_LINE, "agent-secret"] {
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                "{} holds `{needle}` in clear",
-                path.display()
-            );
+    let mut segments = 0;
+    let mut dirs = vec![broker_dir.clone()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            files += 1;
+            let in_agent_topic = path.to_string_lossy().contains("trellis.agent-1.");
+            if in_agent_topic && path.extension().is_some_and(|x| x == "log") && !bytes.is_empty() {
+                segments += 1;
+            }
+            for needle in [SECRET_VALUE, LOG_LINE, "agent-secret"] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{} holds `{needle}` in clear",
+                    path.display()
+                );
+            }
         }
     }
     assert!(
-        files > 0,
-        "the broker kept files in {}",
+        files > 0 && segments > 0,
+        "the broker kept the agent's topics in {} ({files} files, {segments} segments)",
         broker_dir.display()
     );
 }
@@ -550,7 +596,7 @@ print("forged", link, top + 1)
 /// why, stops, and nothing runs on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_agent_secret_is_refused_over_kafka() {
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
@@ -588,7 +634,7 @@ async fn a_wrong_agent_secret_is_refused_over_kafka() {
 /// the new process takes new work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work() {
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
@@ -651,7 +697,7 @@ async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work()
     assert_eq!(c.run(&ok.id).unwrap().status, RunStatus::Succeeded);
 }
 
-/// Many agents, one broker: 20 agents on one controller through one tansu, each running
+/// Many agents, one broker: 20 agents on one controller through one broker, each running
 /// a job at the same time; every log complete and in order. Prints the throughput and
 /// the command latency (submit -> the agent reports the step started), recorded in
 /// docs/PERFORMANCE.md.
@@ -659,7 +705,7 @@ async fn an_agent_restarted_mid_step_has_its_run_marked_lost_and_runs_new_work()
 async fn twenty_agents_on_one_broker_run_jobs_at_once_with_complete_logs() {
     const AGENTS: usize = 20;
     const LINES: usize = 2000;
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
@@ -770,7 +816,7 @@ async fn twenty_agents_on_one_broker_run_jobs_at_once_with_complete_logs() {
 /// docs/PERFORMANCE.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_overtakes_a_50_mib_artifact_in_flight() {
-    let broker = Tansu::start("memory://tansu/");
+    let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     let rt = kafka_runtime(d.path(), &broker.brokers(), "trellis.");
     let kafka = rt.load(&bundle().join("kafka-transport")).await.unwrap();
@@ -858,11 +904,10 @@ async fn a_cancel_overtakes_a_50_mib_artifact_in_flight() {
     );
 }
 
-/// TLS to the broker, through a TLS terminator: Debian's stunnel4 in front of tansu, which
-/// advertises the stunnel address (tansu 0.6 accepts `--cert`/`--key` but does not use
-/// them). The operator's `[kafka]` properties turn TLS on (checking the broker's
-/// certificate against a CA made here, with an IP SAN for 127.0.0.1), and a job runs over
-/// it with its log complete.
+/// TLS to the broker: Kafka's own SSL listener, with a certificate signed by a CA made
+/// here (an IP SAN for 127.0.0.1). The operator's `[kafka]` properties turn TLS on,
+/// checking the broker's certificate against that CA, and a job runs over it with its
+/// log complete. The bootstrap list names only the SSL listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_over_kafka_through_tls() {
     let d = tempfile::tempdir().unwrap();
@@ -883,56 +928,17 @@ async fn a_job_runs_over_kafka_through_tls() {
         openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > server.ext
         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext 2>/dev/null");
-    let (plain, tls) = (free_port(), free_port());
-    std::fs::write(
-        dir.join("stunnel.conf"),
-        format!(
-            "foreground = yes\npid =\noutput = {log}\n[kafka]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{plain}\ncert = {cert}\nkey = {key}\n",
-            log = dir.join("stunnel.log").display(),
-            cert = dir.join("server.pem").display(),
-            key = dir.join("server.key").display(),
-        ),
-    )
-    .unwrap();
-    let bin = ["stunnel4", "stunnel"]
-        .into_iter()
-        .find(|b| {
-            std::process::Command::new("sh")
-                .args(["-c", &format!("command -v {b}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("stunnel4 is not installed: run ./scripts/setup.sh");
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _stunnel = Killed(
-        std::process::Command::new(bin)
-            .arg(dir.join("stunnel.conf"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let _broker = Tansu::start_advertising(plain, tls, "memory://tansu/", dir);
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", tls)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "stunnel did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let broker = Kafka::start_with(KafkaOptions {
+        tls: Some((dir.join("server.pem"), dir.join("server.key"))),
+        ..Default::default()
+    });
+    let tls = broker.tls_brokers();
     std::fs::create_dir_all(dir.join("state/logs")).unwrap();
     let rt = runtime(
         &format!(
             r#"
             [kafka]
-            brokers = "127.0.0.1:{tls}"
+            brokers = "{tls}"
             properties = {{ "security.protocol" = "ssl", "ssl.ca.location" = "{ca}" }}
             [plugins.kafka-transport]
             kafka = {{ topics = ["trellis."] }}
@@ -947,23 +953,23 @@ async fn a_job_runs_over_kafka_through_tls() {
     );
     let r = run_one_job(&rt, dir, "tls", "seq 1 500", Duration::from_secs(60)).await;
     assert_eq!(r.events, 500);
-    // The frames did cross stunnel: it logged TLS connections it accepted.
-    let log = std::fs::read_to_string(dir.join("stunnel.log")).unwrap_or_default();
-    assert!(log.contains("accepted connection"), "{log}");
 }
 
-/// SASL/SCRAM-SHA-512 to a broker that requires authentication (tansu 0.6 `--authentication`
-/// on a SQLite store; it offers SCRAM only). The password comes from the secrets store by
-/// name. tansu grants 60 s sessions and then refuses librdkafka's re-authentication on the
-/// same connection, so the step runs longer than that: the link must ride out the
-/// reconnects that follow, with every line once. A wrong password is refused by the
-/// broker and the error says so.
+/// SASL/SCRAM-SHA-512 to a broker that requires authentication (Kafka's SASL_PLAINTEXT
+/// listener; the user is made when its storage is formatted). The password comes from
+/// the secrets store by name. The broker holds sessions to 20 s
+/// (`connections.max.reauth.ms`) and the step runs 80 s: the link must ride out the
+/// re-authentications (or the reconnects, where a client does not re-authenticate),
+/// with every line once. A wrong password is refused by the broker and the error says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_over_kafka_with_sasl_scram_past_the_session_lifetime() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let port = free_port();
-    let broker = Tansu::start_authenticating(port, dir, "trellis", "s3cret-pw");
+    let broker = Kafka::start_with(KafkaOptions {
+        scram: Some(("trellis".into(), "s3cret-pw".into())),
+        properties: vec![("connections.max.reauth.ms".into(), "20000".into())],
+        ..Default::default()
+    });
     std::fs::create_dir_all(dir.join("state/logs")).unwrap();
     let config = |secret: &str| {
         format!(
@@ -981,7 +987,7 @@ async fn a_job_runs_over_kafka_with_sasl_scram_past_the_session_lifetime() {
             [plugins.file-browser]
             dirs = [{{ host = "state/logs", guest = "/logs" }}]
             "#,
-            brokers = broker.brokers()
+            brokers = broker.sasl_brokers()
         )
     };
     let secrets = [("kafka-password", "s3cret-pw"), ("wrong-password", "guess")];

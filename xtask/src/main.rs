@@ -18,8 +18,8 @@ tasks:
   lint       cargo fmt --check, clippy (native and wasm32), all with -D warnings
   bench      bundle, then the benchmarks in release: runtime, lines, transport, es, runs, scale
              (`bench NAME` runs one; lines compares with rsyslog, transport runs
-             kafka-transport against raw rdkafka and tcp-transport on a tansu broker
-             (./scripts/setup.sh installs both), es runs elasticsearch-logging against
+             kafka-transport against raw rdkafka and tcp-transport on an Apache Kafka
+             broker (./scripts/setup.sh fetches it and rsyslog), es runs elasticsearch-logging against
              a native bulk writer on the tests/es-mock server, runs starts a controller
              on 100,000 finished runs: start time, memory, a page of /api/runs; scale
              runs the load generator: N simulated agents against a release controller,

@@ -728,16 +728,6 @@ pub fn print_kafka(r: &KafkaReport) {
     }
 }
 
-/// Whether the tansu broker is on the PATH.
-pub fn tansu_available() -> bool {
-    std::process::Command::new("tansu")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Used by the bench's entry point and the smoke test alike.
 pub fn setup_from_env(trellis: &str) -> Result<Setup> {
     let bundle = std::env::var_os("TRELLIS_BUNDLE_DIR")

@@ -350,6 +350,35 @@ impl Drop for Consumer {
     }
 }
 
+/// `fetch` (a watermark query, blocking), asked again while the partition is between
+/// leaders or unknown to the client yet, for at most REQUEST_TIMEOUT.
+async fn while_leaderless<T>(mut fetch: impl FnMut() -> Result<T, RdError>) -> Result<T, RdError> {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match blocking(&mut fetch) {
+            Err(e) if tokio::time::Instant::now() < deadline && leaderless(&e) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Whether `e` is a partition between leaders, or one the client's metadata does not
+/// know yet (just created, or its leader gone).
+fn leaderless(e: &RdError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopic
+        )
+    )
+}
+
 fn classify(e: &RdError) -> KafkaError {
     let code = e.rdkafka_error_code();
     let msg = e.to_string();
@@ -561,7 +590,8 @@ impl Host for InstanceState {
     async fn ensure_topic(&mut self, topic: String, partitions: u32) -> Result<(), KafkaError> {
         let client = self.kafka_client()?;
         self.check_topic(&topic)?;
-        let t = NewTopic::new(&topic, partitions as i32, TopicReplication::Fixed(1));
+        // -1: the cluster's own default.replication.factor (one broker: 1; three: 3).
+        let t = NewTopic::new(&topic, partitions as i32, TopicReplication::Fixed(-1));
         let opts = AdminOptions::new()
             .operation_timeout(Some(REQUEST_TIMEOUT))
             .request_timeout(Some(REQUEST_TIMEOUT));
@@ -626,7 +656,8 @@ impl Host for InstanceState {
                 // The end *now*, as a concrete offset: `Offset::End` would be resolved
                 // only when fetching starts, skipping what is produced in between.
                 Start::Latest => Offset::Offset(
-                    blocking(|| consumer.fetch_watermarks(t, *p, REQUEST_TIMEOUT))
+                    while_leaderless(|| consumer.fetch_watermarks(t, *p, REQUEST_TIMEOUT))
+                        .await
                         .map_err(|e| {
                             classify(&e)
                                 .with_context(&format!("{t}:{p}"))

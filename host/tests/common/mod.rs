@@ -7,6 +7,7 @@ mod es;
 mod etcd;
 mod gluster;
 mod ha;
+mod kafka;
 mod netns;
 mod opensearch;
 mod processes;
@@ -20,6 +21,8 @@ pub use etcd::*;
 pub use gluster::*;
 #[allow(unused_imports)]
 pub use ha::*;
+#[allow(unused_imports)]
+pub use kafka::*;
 #[allow(unused_imports)]
 pub use netns::*;
 #[allow(unused_imports)]
@@ -94,15 +97,15 @@ pub fn batch(from: u64, n: u64) -> Vec<u8> {
 /// boundary between agents connect as) and job secrets: `deploy-token` for every job,
 /// `signing-key` (a PEM key, see `SIGNING_KEY`) for jobs named `sign-*`.
 ///
-/// With `TRELLIS_TEST_TRANSPORT=kafka` the stack uses the Kafka transport instead, on a
-/// tansu broker of its own: `cargo xtask test` runs the controller/agent suite both ways.
+/// With `TRELLIS_TEST_TRANSPORT=kafka` the stack uses the Kafka transport instead, on an
+/// Apache Kafka broker of its own: `cargo xtask test` runs the controller/agent suite both ways.
 pub struct Stack {
     pub controller: Arc<trellis::controller::Controller>,
     pub runtime: Arc<Runtime>,
     /// The command transport both sides use.
     pub transport: Arc<trellis::runtime::Plugin>,
     /// The Kafka broker, when the stack runs over Kafka.
-    pub broker: Option<Tansu>,
+    pub broker: Option<Kafka>,
     pub reader: trellis::points::browser::LogReader,
     pub dir: tempfile::TempDir,
     /// Where the controller listens for agents.
@@ -140,7 +143,7 @@ pub async fn stack_with(transport_extra: &str) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
     let port = free_port();
-    let broker = over_kafka().then(|| Tansu::start("memory://tansu/"));
+    let broker = over_kafka().then(Kafka::start);
     let transport = match &broker {
         Some(b) => format!(
             r#"
@@ -305,124 +308,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A tansu Kafka broker on a free loopback port, with a fresh in-memory store (or a
-/// SQLite file, which survives restarts). Killed on drop.
-pub struct Tansu {
-    pub port: u16,
-    host: String,
-    child: std::process::Child,
-}
-
-impl Tansu {
-    pub fn start(storage: &str) -> Tansu {
-        let port = free_port();
-        Self::start_on(port, storage, Path::new("."))
-    }
-
-    /// On `port`, in `dir` (tansu takes `sqlite://FILE` relative to its directory).
-    pub fn start_on(port: u16, storage: &str, dir: &Path) -> Tansu {
-        Self::start_advertising(port, port, storage, dir)
-    }
-
-    /// On `port`, telling clients to come back on `advertised` (a TLS terminator in
-    /// front of it, say).
-    pub fn start_advertising(port: u16, advertised: u16, storage: &str, dir: &Path) -> Tansu {
-        Self::launch(port, advertised, storage, dir, &[])
-    }
-
-    /// On a free port of `host` (a test namespace's host end, which processes on the
-    /// host reach too), advertising that address.
-    pub fn start_at(host: &str, storage: &str) -> Tansu {
-        let port = free_port();
-        Self::launch_at(host, port, port, storage, Path::new("."), &[])
-    }
-
-    /// On `port`, with a SQLite store in `dir` holding one SCRAM-SHA-512 user, and
-    /// client authentication required. tansu's `user create` speaks Kafka without SASL,
-    /// so the user is made on a first, open broker, which is then restarted with
-    /// `--authentication` on the same store.
-    pub fn start_authenticating(port: u16, dir: &Path, user: &str, password: &str) -> Tansu {
-        let storage = "sqlite://./tansu-auth.db";
-        let open = Self::launch(port, port, storage, dir, &[]);
-        let out = std::process::Command::new("tansu")
-            .args(["user", "create", "--mechanism", "scram512", "--broker"])
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .args([user, password])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tansu user create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        drop(open);
-        Self::launch(port, port, storage, dir, &["--authentication"])
-    }
-
-    fn launch(port: u16, advertised: u16, storage: &str, dir: &Path, extra: &[&str]) -> Tansu {
-        Self::launch_at("127.0.0.1", port, advertised, storage, dir, extra)
-    }
-
-    fn launch_at(
-        host: &str,
-        port: u16,
-        advertised: u16,
-        storage: &str,
-        dir: &Path,
-        extra: &[&str],
-    ) -> Tansu {
-        let url = format!("tcp://{host}:{port}");
-        let advertised = format!("tcp://{host}:{advertised}");
-        let child = std::process::Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &advertised,
-                "--storage-engine",
-                storage,
-            ])
-            .args(extra)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start the tansu Kafka broker ({e}): run ./scripts/setup.sh, which installs it")
-            });
-        let t = std::time::Instant::now();
-        while std::net::TcpStream::connect((host, port)).is_err() {
-            assert!(
-                t.elapsed() < std::time::Duration::from_secs(20),
-                "tansu did not listen on {port} within 20 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Tansu {
-            port,
-            host: host.to_string(),
-            child,
-        }
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
-
-    /// The broker's process id (the transport bench reads its CPU time).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A private CA and a certificate for 127.0.0.1 signed by it, made with Debian's
