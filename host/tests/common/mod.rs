@@ -8,6 +8,7 @@ mod etcd;
 mod gluster;
 mod ha;
 mod netns;
+mod ports;
 mod processes;
 mod redfish;
 mod rogue;
@@ -21,6 +22,8 @@ pub use gluster::*;
 pub use ha::*;
 #[allow(unused_imports)]
 pub use netns::*;
+#[allow(unused_imports)]
+pub use ports::*;
 #[allow(unused_imports)]
 pub use processes::*;
 #[allow(unused_imports)]
@@ -293,15 +296,6 @@ pub async fn wait_connected(c: &trellis::controller::Controller) {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     panic!("the agent never connected");
-}
-
-/// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A tansu Kafka broker on a free loopback port, with a fresh in-memory store (or a
