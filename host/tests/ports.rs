@@ -54,7 +54,7 @@ fn a_reserved_port_is_given_to_no_one_else_but_a_service_binds_it() {
 #[test]
 fn sushy_on_a_taken_port_comes_up_on_another() {
     let dir = tempfile::tempdir().unwrap();
-    let thief = PortThief::new();
+    let thief = PortThief::take();
     let (sushy, ports, starts) = start_past_a_thief("sushy-emulator", 1, &thief, |p| {
         Sushy::try_start(dir.path(), p[0])
     });
@@ -71,7 +71,7 @@ fn sushy_on_a_taken_port_comes_up_on_another() {
 #[test]
 fn etcd_with_a_taken_port_forms_its_cluster_on_others() {
     let dir = tempfile::tempdir().unwrap();
-    let thief = PortThief::new();
+    let thief = PortThief::take();
     let (etcd, ports, starts) = start_past_a_thief("etcd", 6, &thief, |p| {
         EtcdCluster::try_start(dir.path(), None, p)
     });
@@ -89,7 +89,7 @@ fn etcd_with_a_taken_port_forms_its_cluster_on_others() {
 /// Controller and agent daemons over tcp-transport whose controller is given a taken
 /// port: `start_daemons` starts it again on new ports, in both configs.
 fn daemons_past_a_thief(dir: &Path, on_http: bool) {
-    let thief = PortThief::new();
+    let thief = PortThief::take();
     let tcp = if on_http { free_port() } else { thief.port };
     let (controller, agent, http) = write_configs(dir, &Transport::Tcp { port: tcp });
     let http = if on_http {

@@ -118,7 +118,7 @@ pub struct PortThief {
 }
 
 impl PortThief {
-    pub fn new() -> PortThief {
+    pub fn take() -> PortThief {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         // SAFETY: plain socket calls on a descriptor this function owns; the address
         // structures are initialised and sized for the calls that read them.
