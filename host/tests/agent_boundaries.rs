@@ -391,7 +391,6 @@ fn the_configuration_refuses_unmaskable_and_daemon_secrets_for_jobs() {
     )
     .unwrap();
     let daemons = start_daemons(d.path(), &controller, &agent, http);
-    let http = daemons.http; // moved if the controller lost its port
     for (secret, expected) in [
         ("agent-build-1", "the secret of agent `build-1`"),
         ("bmc-password", "granted to plugin `redfish-fence`"),
