@@ -47,6 +47,7 @@ fn tokens_roles_and_who_submitted() {
     let file = std::fs::read_to_string(dir.join("state/api-tokens.json")).unwrap();
     assert!(!file.contains(&viewer) && !file.contains(&operator) && file.contains("ci-operator"));
     let d2 = start_daemons(dir, &controller, &agent, http);
+    let http = d2.http; // moved if the controller lost its port
     let server = &d2.server;
     let job = job(dir, "who", "echo hi");
 
@@ -220,6 +221,7 @@ fn start_daemons_at(
         agent: a,
         log,
         server: server.to_string(),
+        http: port,
     }
 }
 
@@ -279,6 +281,7 @@ fn a_plugin_cursor_cannot_smuggle_requests() {
     );
     let operator = create_token(&controller, "reader", "operator");
     let d2 = start_daemons(dir, &controller, &agent, http);
+    let http = d2.http; // moved if the controller lost its port
     let server = &d2.server;
     let gate = dir.join("gate");
     let f = dir.join("victim.toml");

@@ -63,6 +63,7 @@ fn start_hostile(runtime: &str, plugin: &str, second_agent: bool) -> Hostile {
         &format!("[plugins.guard-hostile]\n{plugin}\n"),
     );
     let daemons = start_daemons(d, &controller, &agent, http);
+    let http = daemons.http; // moved if the controller lost its port
     let second = second_agent.then(|| {
         let text = std::fs::read_to_string(&agent)
             .unwrap()

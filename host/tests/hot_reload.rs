@@ -70,6 +70,7 @@ fn a_logging_method_is_reloaded_under_a_running_job_and_a_broken_one_is_refused(
         std::fs::write(cfg, text).unwrap();
     }
     let daemons = start_daemons(dir, &controller, &agent, http);
+    let http = daemons.http; // moved if the controller lost its port
     let (log, server) = (daemons.log.clone(), daemons.server.clone());
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(plugin_state(http, "file-logging")["generation"], 1);
@@ -152,6 +153,7 @@ fn changed_plugin_config_grants_and_limits_are_tried_on_a_canary_and_reloaded() 
     let transport = Transport::Tcp { port: free_port() };
     let (controller, agent, http) = write_configs(dir, &transport);
     let daemons = start_daemons(dir, &controller, &agent, http);
+    let http = daemons.http; // moved if the controller lost its port
     let (log, server) = (daemons.log.clone(), daemons.server.clone());
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     let original = std::fs::read_to_string(&controller).unwrap();

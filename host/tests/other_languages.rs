@@ -22,6 +22,7 @@ fn jobs_log_through_python_and_javascript_plugins_in_the_daemon() {
          [plugins.js-logger]\ndirs = [{ host = \"state/logs\", guest = \"/logs\", mode = \"read-write\" }]\n",
     );
     let daemons = start_daemons(dir, &controller, &agent, http);
+    let http = daemons.http; // moved if the controller lost its port
     let (log, server) = (daemons.log.clone(), daemons.server.clone());
 
     let methods = ["file-logging", "python-logger", "js-logger"];

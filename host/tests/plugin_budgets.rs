@@ -72,6 +72,7 @@ fn a_plugin_whose_logs_never_close_stays_within_its_budget() {
         ),
     );
     let daemons = start_daemons(dir, &controller, &agent, http);
+    let http = daemons.http; // moved if the controller lost its port
     let server = &daemons.server;
     let pid = daemons.controller.0.id();
     let before = rss(pid);

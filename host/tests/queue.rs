@@ -335,6 +335,44 @@ async fn a_queued_run_can_be_cancelled_and_a_new_label_is_served_once_an_agent_d
     assert_eq!(r.agent, "queue-arm");
 }
 
+/// `Hello.executors` is the agent's own claim, so it is bounded before use
+/// (docs/SECURITY.md): the controller clamps it to 1..=`MAX_EXECUTORS`. An agent that
+/// claims 0 still takes its label's runs, one at a time; one that claims 1,000,000
+/// counts as 1024. (The agents here skip `[agent]` config validation, which would
+/// refuse both values: they stand for an agent process that lies.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_claiming_executors_out_of_range_is_clamped() {
+    let max = trellis::config::MAX_EXECUTORS;
+    let mut q = controller(&["claims-none", "claims-a-million"]).await;
+    q.agent("claims-none", &["none"], 0);
+    q.agent("claims-a-million", &["many"], 1_000_000);
+    q.wait_agents(2).await;
+    assert_eq!(q.controller.executors_of("claims-none"), Some((1, 0)));
+    assert_eq!(
+        q.controller.executors_of("claims-a-million"),
+        Some((max, 0))
+    );
+    let seats = |label: &str| {
+        let view = q.controller.queue_view();
+        let l = view.labels.iter().find(|l| l.label == label).cloned();
+        l.unwrap_or_else(|| panic!("no label `{label}` in the queue view: {view:?}"))
+    };
+    assert_eq!(seats("none").executors, 1);
+    assert_eq!(seats("many").executors, max as usize);
+    // Counted as one executor, not none: its runs are placed, one after the other.
+    let gated = q.submit(&q.gated("first", "none", "gate-none"));
+    wait_running(&q.controller, &gated.id).await;
+    let second = q.submit(
+        "name = \"second\"\nagent = \"none\"\n[[step]]\nname = \"s\"\nrun = \"echo ran\"\n",
+    );
+    assert_eq!(second.status, RunStatus::Queued, "{second:?}");
+    assert_eq!(seats("none").busy, 1);
+    q.open("gate-none");
+    let second = wait_final(&q.controller, &second.id, Duration::from_secs(30)).await;
+    assert_eq!(second.status, RunStatus::Succeeded, "{second:?}");
+    assert_eq!(second.agent, "claims-none");
+}
+
 /// Twenty submits at once over HTTP to three agents with 1, 2 and 3 executors: no agent
 /// ever has more runs placed on it than its executors (as the controller's updates say,
 /// in order), nor runs more steps at once (as the steps' own start and end times say);

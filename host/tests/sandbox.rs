@@ -26,6 +26,7 @@ struct Env {
     hostile: Arc<Plugin>,
     healthy: Arc<Plugin>,
     dir: tempfile::TempDir,
+    rt: Arc<trellis::runtime::Runtime>,
 }
 
 /// The hostile plugin with `grants` (a TOML fragment of [plugins.hostile]) next to the
@@ -51,6 +52,7 @@ async fn env(grants: &str, secrets: &[(&str, &str)]) -> Env {
         hostile,
         healthy,
         dir,
+        rt,
     }
 }
 
@@ -125,6 +127,74 @@ async fn infinite_loop_hits_the_deadline() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+    e.still_serving().await;
+}
+
+/// The epoch ticker ticks only while guest code may run (an idle daemon's ticker
+/// sleeps), and a call that starts while it sleeps wakes it.
+#[test]
+fn the_epoch_ticker_ticks_only_while_guest_code_may_run() {
+    use trellis::runtime::engine::{EPOCH_TICK, EpochTicker, build_engine_with};
+    let wait_until = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting until {what}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let engine = build_engine_with(false).unwrap();
+    let ticker = EpochTicker::start(&engine);
+    wait_until("the ticker waits for a call", &|| ticker.is_parked());
+    std::thread::sleep(EPOCH_TICK * 20);
+    assert_eq!(ticker.ticks(), 0, "it ticked with no guest code running");
+    let running = ticker.enter();
+    assert!(!ticker.is_parked());
+    wait_until("three ticks", &|| ticker.ticks() >= 3);
+    drop(running);
+    // Back to waiting (within a tick or so), and no tick while it waits.
+    wait_until("the ticker waits again", &|| ticker.is_parked());
+    let settled = ticker.ticks();
+    std::thread::sleep(EPOCH_TICK * 20);
+    assert_eq!(ticker.ticks(), settled, "it ticked after the call");
+    assert!(ticker.is_parked());
+    // Woken many times over: never a lost wake-up.
+    for _ in 0..200 {
+        let before = ticker.ticks();
+        let running = ticker.enter();
+        wait_until("a tick after waking", &|| ticker.ticks() > before);
+        drop(running);
+    }
+}
+
+/// A spinning call that starts while the ticker sleeps (nothing ran for a while) is
+/// still cut off at its deadline: its call wakes the ticker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spin_that_starts_while_the_ticker_sleeps_hits_the_deadline() {
+    use trellis::runtime::engine::EPOCH_TICK;
+    let e = env("", &[]).await;
+    let ticker = e.rt.epoch_ticker();
+    let asleep = std::time::Instant::now();
+    while !ticker.is_parked() {
+        assert!(
+            asleep.elapsed() < Duration::from_secs(10),
+            "the ticker never slept"
+        );
+        tokio::time::sleep(EPOCH_TICK).await;
+    }
+    let t = std::time::Instant::now();
+    match e.open("spin", "x").await {
+        Err(PluginError::Deadline { call, .. }) => assert_eq!(call, "open"),
+        other => panic!("expected a deadline, got {:?}", other.err()),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "stopped late: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(ticker.in_flight(), 0, "a call's guard outlived it");
     e.still_serving().await;
 }
 

@@ -128,6 +128,7 @@ fn a_man_in_the_middle_reads_nothing_and_what_he_alters_or_replays_is_refused() 
     );
     agent_via(&agent_cfg, controller_port, mitm.port);
     let daemons = start_daemons(d.path(), &controller_cfg, &agent_cfg, http);
+    let http = daemons.http; // moved if the controller lost its port
     let log = &daemons.log;
 
     // A run that carries a secret and prints a line only the run's log should hold.

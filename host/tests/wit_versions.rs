@@ -56,6 +56,7 @@ fn a_0_1_0_plugin_and_0_2_0_plugins_serve_in_one_daemon() {
         ),
     );
     let daemons = start_daemons(dir, &controller, &agent, http);
+    let http = daemons.http; // moved if the controller lost its port
     let (log, server) = (daemons.log.clone(), daemons.server.clone());
 
     // Which contract each plugin serves, as the daemon reports it.

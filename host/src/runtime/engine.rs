@@ -1,11 +1,15 @@
 //! The process's one `Engine`: component model, pooling allocator, epoch interruption
-//! driven by a ticker thread; and the cache of precompiled components.
+//! driven by a ticker thread that ticks only while guest code runs; and the cache of
+//! precompiled components.
 
 use crate::runtime::limits::MAX_MEMORY;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -66,19 +70,120 @@ pub fn build_engine_sized(pooling: bool, pool_instances: u32) -> anyhow::Result<
     Engine::new(&cfg).map_err(|e| anyhow::anyhow!("creating the WebAssembly engine: {e:#}"))
 }
 
-/// Advance the engine's epoch every tick until the engine is dropped.
-pub fn start_epoch_ticker(engine: &Engine) {
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("trellis-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })
-        .expect("spawning the epoch ticker thread");
+/// The epoch ticker: advances the engine's epoch every tick while guest code may run,
+/// and sleeps on a condition variable while none can, so an idle daemon does not wake
+/// 200 times a second for nothing. Every entry into guest code (an export, `init`, a
+/// resource destructor, instantiation's start functions) holds a [`GuestRunning`] from
+/// before the guest starts until it is done; the first one wakes the ticker. A call
+/// that starts while the ticker sleeps is therefore ticked like any other, and no guest
+/// escapes its deadline. The thread ends when the last handle or the engine goes.
+pub struct EpochTicker {
+    shared: Arc<TickerShared>,
+}
+
+struct TickerShared {
+    /// Entries into guest code in flight.
+    in_flight: AtomicUsize,
+    sleep: Mutex<Sleep>,
+    wake: Condvar,
+    /// Ticks given so far (for tests and diagnostics).
+    ticks: AtomicU64,
+}
+
+#[derive(Default)]
+struct Sleep {
+    /// Set when the ticker's last handle is dropped: the thread ends.
+    stopped: bool,
+    /// The thread waits for a call (no tick comes until one starts).
+    parked: bool,
+}
+
+/// Guest code may be running: the ticker ticks while any of these is alive.
+pub struct GuestRunning(Arc<TickerShared>);
+
+impl Drop for GuestRunning {
+    fn drop(&mut self) {
+        // The ticker notices the count at zero on its next tick and goes to sleep.
+        self.0.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+impl EpochTicker {
+    /// Start the ticker thread of `engine`.
+    pub fn start(engine: &Engine) -> Arc<EpochTicker> {
+        let shared = Arc::new(TickerShared {
+            in_flight: AtomicUsize::new(0),
+            sleep: Mutex::default(),
+            wake: Condvar::new(),
+            ticks: AtomicU64::new(0),
+        });
+        let weak = engine.weak();
+        let t = shared.clone();
+        std::thread::Builder::new()
+            .name("trellis-epoch".into())
+            .spawn(move || {
+                loop {
+                    {
+                        let mut sleep = t.sleep.lock().unwrap_or_else(|p| p.into_inner());
+                        // `enter` counts before it takes this lock to wake us, so a
+                        // call is either seen here or its wake-up comes after the wait.
+                        while t.in_flight.load(SeqCst) == 0 && !sleep.stopped {
+                            sleep.parked = true;
+                            sleep = t.wake.wait(sleep).unwrap_or_else(|p| p.into_inner());
+                        }
+                        sleep.parked = false;
+                        if sleep.stopped {
+                            return;
+                        }
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                    let Some(engine) = weak.upgrade() else { return };
+                    engine.increment_epoch();
+                    t.ticks.fetch_add(1, Relaxed);
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        Arc::new(EpochTicker { shared })
+    }
+
+    /// Guest code is about to run: tick (waking the ticker if it sleeps) until the
+    /// returned guard is dropped.
+    pub fn enter(&self) -> GuestRunning {
+        if self.shared.in_flight.fetch_add(1, SeqCst) == 0 {
+            // Under the lock, so the wake-up cannot fall between the ticker's check of
+            // the count and its wait.
+            let _l = self.shared.sleep.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.wake.notify_one();
+        }
+        GuestRunning(self.shared.clone())
+    }
+
+    /// Entries into guest code in flight.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(SeqCst)
+    }
+
+    /// True while the thread waits for a call: no tick comes until one starts.
+    pub fn is_parked(&self) -> bool {
+        let sleep = self.shared.sleep.lock().unwrap_or_else(|p| p.into_inner());
+        sleep.parked && self.shared.in_flight.load(SeqCst) == 0
+    }
+
+    /// Ticks given since the start.
+    pub fn ticks(&self) -> u64 {
+        self.shared.ticks.load(Relaxed)
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.shared
+            .sleep
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stopped = true;
+        self.shared.wake.notify_one();
+    }
 }
 
 /// A component ready to link, and how it was obtained.

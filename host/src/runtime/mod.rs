@@ -57,6 +57,8 @@ pub struct Runtime {
     pool: Arc<InstancePool>,
     /// One budget per plugin name, kept across reloads.
     budgets: std::sync::Mutex<BTreeMap<String, Arc<PluginBudget>>>,
+    /// Ticks the engine's epoch while guest code runs (every plugin holds it too).
+    ticker: Arc<engine::EpochTicker>,
 }
 
 impl Runtime {
@@ -122,7 +124,7 @@ impl Runtime {
         secrets: SecretStore,
         engine: Engine,
     ) -> anyhow::Result<Arc<Runtime>> {
-        engine::start_epoch_ticker(&engine);
+        let ticker = engine::EpochTicker::start(&engine);
         let pool = InstancePool::new(config.runtime.instance_pool());
         Ok(Arc::new(Runtime {
             engine,
@@ -133,7 +135,13 @@ impl Runtime {
             kafka: Default::default(),
             pool,
             budgets: Default::default(),
+            ticker,
         }))
+    }
+
+    /// The engine's epoch ticker (it ticks while guest code runs).
+    pub fn epoch_ticker(&self) -> &engine::EpochTicker {
+        &self.ticker
     }
 
     /// Everything short of running the plugin: read and check its manifest, the
@@ -264,6 +272,7 @@ impl Runtime {
             self.secrets.clone(),
             self.config.runtime.quarantine.clone(),
             budget,
+            self.ticker.clone(),
         ))
     }
 

@@ -2,7 +2,8 @@
 //! configuration), a small pool of idle instances, and the one guarded path every call
 //! into it takes.
 //!
-//! The guarded call sets the epoch deadline and a wall-clock timeout, measures the call,
+//! The guarded call sets the epoch deadline and a wall-clock timeout, keeps the epoch
+//! ticker awake while it runs (it sleeps while no guest code can run), measures the call,
 //! and turns whatever went wrong into a `PluginError`. Every entry into guest code takes
 //! it: exports, `init`, and resource destructors ([`Plugin::drop_resource`]); wasmtime 48
 //! runs an export's post-return inside the export's own call, so it is guarded too. An
@@ -18,7 +19,7 @@ use crate::capabilities::secrets::SecretStore;
 use crate::config::QuarantineConfig;
 use crate::points::bindings::types;
 use crate::runtime::budget::{InstanceCharge, PluginBudget, Refusal};
-use crate::runtime::engine::EPOCH_TICK;
+use crate::runtime::engine::{EPOCH_TICK, EpochTicker, GuestRunning};
 use crate::runtime::errors::{ErrorKind, PluginError};
 use crate::runtime::health::{Health, HealthState};
 use crate::runtime::inspect::ComponentInfo;
@@ -100,6 +101,8 @@ pub struct Plugin {
     crashes: AtomicU32,
     quarantined: AtomicBool,
     idle: Mutex<Vec<Instance>>,
+    /// The engine's epoch ticker: every entry into guest code holds it awake.
+    ticker: Arc<EpochTicker>,
 }
 
 /// One version of a plugin: the compiled, linked component, and the configuration,
@@ -137,6 +140,7 @@ impl Plugin {
         secrets: Arc<SecretStore>,
         quarantine: QuarantineConfig,
         budget: Arc<PluginBudget>,
+        ticker: Arc<EpochTicker>,
     ) -> Plugin {
         let generation = Generation {
             version: manifest.version.clone(),
@@ -166,6 +170,7 @@ impl Plugin {
             crashes: AtomicU32::new(0),
             quarantined: AtomicBool::new(false),
             idle: Mutex::default(),
+            ticker,
         }
     }
 
@@ -234,7 +239,10 @@ impl Plugin {
     pub async fn instantiate_bare(&self, state: InstanceState) -> wasmtime::Result<Instance> {
         let g = self.current().1;
         let (mut store, ticks_left) = guest_store(&g, state);
+        // Start functions are guest code.
+        let running = self.ticker.enter();
         let instance = g.pre.instantiate_async(&mut store).await?;
+        drop(running);
         let exports = g.indices.load(&mut store, &instance)?;
         Ok(Instance {
             store,
@@ -336,36 +344,38 @@ impl Plugin {
         })?;
         let (mut store, ticks_left) = guest_store(&g, state);
         self.metrics.instantiations.fetch_add(1, Relaxed);
-        let instance =
-            match tokio::time::timeout(g.limits.call_timeout, g.pre.instantiate_async(&mut store))
-                .await
-            {
-                Ok(Ok(i)) => i,
-                Ok(Err(e)) => {
-                    if let Some(r) = store.data().limiter.hit_budget {
-                        return Err(self.at_budget("instantiate", r));
-                    }
-                    let detail = if store.data().limiter.hit_memory {
-                        format!(
-                            "its initial memory exceeds the limit of {} bytes (limits.memory)",
-                            g.limits.memory
-                        )
-                    } else {
-                        format!("{e:#}")
-                    };
-                    return Err(self.crashed(PluginError::Instantiate {
-                        plugin: self.name.to_string(),
-                        detail,
-                    }));
+        // Start functions are guest code: ticked like a call.
+        let running = self.ticker.enter();
+        let instantiated =
+            tokio::time::timeout(g.limits.call_timeout, g.pre.instantiate_async(&mut store)).await;
+        drop(running);
+        let instance = match instantiated {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => {
+                if let Some(r) = store.data().limiter.hit_budget {
+                    return Err(self.at_budget("instantiate", r));
                 }
-                Err(_) => {
-                    return Err(self.crashed(PluginError::Deadline {
-                        plugin: self.name.to_string(),
-                        call: "instantiate",
-                        limit: g.limits.call_timeout,
-                    }));
-                }
-            };
+                let detail = if store.data().limiter.hit_memory {
+                    format!(
+                        "its initial memory exceeds the limit of {} bytes (limits.memory)",
+                        g.limits.memory
+                    )
+                } else {
+                    format!("{e:#}")
+                };
+                return Err(self.crashed(PluginError::Instantiate {
+                    plugin: self.name.to_string(),
+                    detail,
+                }));
+            }
+            Err(_) => {
+                return Err(self.crashed(PluginError::Deadline {
+                    plugin: self.name.to_string(),
+                    call: "instantiate",
+                    limit: g.limits.call_timeout,
+                }));
+            }
+        };
         let exports = g.indices.load(&mut store, &instance).map_err(|e| {
             self.crashed(PluginError::Instantiate {
                 plugin: self.name.to_string(),
@@ -472,7 +482,8 @@ impl Plugin {
     }
 
     /// The call's future under the wall-clock deadline (the epoch deadline stops a
-    /// spinning guest; this stops one blocked in a host call), in a tracing span.
+    /// spinning guest; this stops one blocked in a host call), in a tracing span. The
+    /// epoch ticker ticks while it lives: every guarded entry into guest code comes here.
     pub fn with_deadline<'f, F: Future + ?Sized>(
         &self,
         call: &'static str,
@@ -486,6 +497,7 @@ impl Plugin {
             start: start.at,
             limit: start.wall,
             timer: None,
+            _running: self.ticker.enter(),
         }
     }
 
@@ -703,6 +715,9 @@ pub struct WithDeadline<'f, F: ?Sized> {
     start: Instant,
     limit: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Keeps the epoch ticker ticking while the call is in flight (dropped with it,
+    /// whether it finished, timed out or was cancelled).
+    _running: GuestRunning,
 }
 
 impl<F: Future + ?Sized> Future for WithDeadline<'_, F> {

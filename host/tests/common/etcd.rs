@@ -20,35 +20,48 @@ impl EtcdCluster {
     }
 
     /// Serving clients on loopback and, with `also_on`, on that address too (the same
-    /// ports): for a controller inside a test's network namespace.
+    /// ports): for a controller inside a test's network namespace. A cluster whose member
+    /// lost its port is started again on new ones (`retry_on_ports`).
     pub fn start_also_on(dir: &std::path::Path, also_on: Option<&str>) -> EtcdCluster {
-        let clients: Vec<String> = (0..3)
-            .map(|_| format!("127.0.0.1:{}", super::free_port()))
-            .collect();
-        let peers: Vec<String> = (0..3)
-            .map(|_| format!("127.0.0.1:{}", super::free_port()))
-            .collect();
+        super::retry_on_ports("etcd", 6, |ports| Self::try_start(dir, also_on, ports))
+    }
+
+    /// The cluster with its client ports `ports[..3]` and peer ports `ports[3..]`, once
+    /// every member answers; or, when a member exits before that (it lost its port,
+    /// say), what it said (the others are killed). A fresh cluster each time: any data
+    /// a failed start left is removed first.
+    pub fn try_start(
+        dir: &std::path::Path,
+        also_on: Option<&str>,
+        ports: &[u16],
+    ) -> Result<EtcdCluster, String> {
+        let addr = |p: &u16| format!("127.0.0.1:{p}");
         let mut c = EtcdCluster {
-            clients,
-            peers,
+            clients: ports[..3].iter().map(addr).collect(),
+            peers: ports[3..6].iter().map(addr).collect(),
             dir: dir.to_path_buf(),
             members: vec![None, None, None],
             also_on: also_on.map(String::from),
         };
         for i in 0..3 {
+            let _ = std::fs::remove_dir_all(c.data_dir(i));
             c.start_member(i);
         }
         let t = Instant::now();
         while !c.healthy() {
+            for i in 0..3 {
+                let log = c.log(i);
+                if let Some(said) = c.members[i]
+                    .as_mut()
+                    .and_then(|m| super::exited(m, &log, 10))
+                {
+                    return Err(format!("etcd member m{i} exited: {said}"));
+                }
+            }
             if t.elapsed() > Duration::from_secs(60) {
                 // The test's directory goes with the panic: say what the members said.
                 let tails: Vec<String> = (0..3)
-                    .map(|i| {
-                        let log = std::fs::read_to_string(dir.join(format!("etcd-m{i}.log")))
-                            .unwrap_or_default();
-                        let last: Vec<&str> = log.lines().rev().take(4).collect();
-                        format!("m{i}: {}", last.join(" | "))
-                    })
+                    .map(|i| format!("m{i}: {}", super::tail(&c.log(i), 4).replace('\n', " | ")))
                     .collect();
                 panic!(
                     "etcd did not form a cluster within 60 s:\n{}",
@@ -57,7 +70,15 @@ impl EtcdCluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        c
+        Ok(c)
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("etcd-m{i}"))
+    }
+
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("etcd-m{i}.log"))
     }
 
     pub fn start_member(&mut self, i: usize) {
@@ -70,7 +91,7 @@ impl EtcdCluster {
         let child = Command::new("etcd")
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
-            .arg(self.dir.join(format!("etcd-m{i}")))
+            .arg(self.data_dir(i))
             .args(["--listen-client-urls", &self.listen_urls(i)])
             .args([
                 "--advertise-client-urls",
@@ -85,7 +106,7 @@ impl EtcdCluster {
             .args(["--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join(format!("etcd-m{i}.log"))).unwrap())
+            .stderr(std::fs::File::create(self.log(i)).unwrap())
             .spawn()
             .expect("etcd (Debian's etcd-server; run ./scripts/setup.sh)");
         self.members[i] = Some(child);

@@ -10,6 +10,7 @@ mod ha;
 mod kafka;
 mod netns;
 mod opensearch;
+mod ports;
 mod processes;
 mod redfish;
 mod rogue;
@@ -27,6 +28,7 @@ pub use kafka::*;
 pub use netns::*;
 #[allow(unused_imports)]
 pub use opensearch::*;
+pub use ports::*;
 #[allow(unused_imports)]
 pub use processes::*;
 #[allow(unused_imports)]
@@ -299,15 +301,6 @@ pub async fn wait_connected(c: &trellis::controller::Controller) {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     panic!("the agent never connected");
-}
-
-/// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A private CA and a certificate for 127.0.0.1 signed by it, made with Debian's

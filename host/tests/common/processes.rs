@@ -134,20 +134,91 @@ pub struct Daemons {
     pub log: PathBuf,
     /// `http://127.0.0.1:PORT` of the controller's API.
     pub server: String,
+    /// The controller's API port: the one given, unless the controller lost it.
+    pub http: u16,
 }
 
+/// Start the controller and the agent of `controller` and `agent` (from
+/// `write_configs`), the controller's API on `http`, and wait until the agent is
+/// connected. A controller that lost its API or transport port to another process
+/// (see `ports.rs`) is started again on new ones: both configs are rewritten, and the
+/// ports in use are in the result (`http`, `server`).
 pub fn start_daemons(dir: &Path, controller: &Path, agent: &Path, http: u16) -> Daemons {
     let log = dir.join("daemons.log");
-    let controller = start("controller", controller, &log);
-    let agent = start("agent", agent, &log);
-    let server = format!("http://127.0.0.1:{http}");
-    wait_for_agent(&server, &log);
-    Daemons {
-        controller,
-        agent,
-        log,
-        server,
+    let mut http = http;
+    for attempt in 1..=super::PORT_TRIES {
+        let from = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+        let mut c = start("controller", controller, &log);
+        let a = start("agent", agent, &log);
+        let server = format!("http://127.0.0.1:{http}");
+        let t = Instant::now();
+        let lost = loop {
+            if cli(&server, &["agents"]).1.contains("build-1") {
+                return Daemons {
+                    controller: c,
+                    agent: a,
+                    log,
+                    server,
+                    http,
+                };
+            }
+            if c.0.try_wait().ok().flatten().is_some() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let said = text.get(from..).unwrap_or_default().to_string();
+                assert!(
+                    super::lost_its_port(&said),
+                    "the controller exited:\n{text}"
+                );
+                break said;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the agent did not connect: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        eprintln!(
+            "the controller lost a port (start {attempt} of {}): starting the daemons on new ones\n{lost}",
+            super::PORT_TRIES
+        );
+        drop(a);
+        http = move_ports(controller, agent, http);
     }
+    panic!(
+        "the controller lost its ports {} times in a row: {}",
+        super::PORT_TRIES,
+        log.display()
+    )
+}
+
+/// Give the controller of `controller` a new API port (in place of `http`, its token
+/// kept for it) and, over TCP, a new transport port, in both configs. The new API port.
+fn move_ports(controller: &Path, agent: &Path, http: u16) -> u16 {
+    let text = std::fs::read_to_string(controller).unwrap();
+    let mut moves = vec![(http, free_port())];
+    if let Some(tcp) = tcp_transport_port(&text) {
+        moves.push((tcp, free_port()));
+    }
+    for config in [controller, agent] {
+        let mut text = std::fs::read_to_string(config).unwrap();
+        for (old, new) in &moves {
+            text = text.replace(&format!("127.0.0.1:{old}\""), &format!("127.0.0.1:{new}\""));
+        }
+        std::fs::write(config, text).unwrap();
+    }
+    let new_http = moves[0].1;
+    if let Some(t) = token_for(http) {
+        use_token(new_http, &t);
+    }
+    new_http
+}
+
+/// The port tcp-transport listens on, in a controller config `write_configs` made.
+pub fn tcp_transport_port(config: &str) -> Option<u16> {
+    let section = config.split("[plugins.tcp-transport]").nth(1)?;
+    let at = section.split("address = \"127.0.0.1:").nth(1)?;
+    at.split('"').next()?.parse().ok()
 }
 
 /// Run `c` to success (the failure shows its command and output); stdout + stderr.

@@ -14,9 +14,16 @@ pub struct Sushy {
 }
 
 impl Sushy {
+    /// The emulator on a fresh port; on another when it lost that one (`retry_on_port`).
     pub fn start(dir: &std::path::Path) -> Sushy {
+        super::retry_on_port("sushy-emulator", |port| Self::try_start(dir, port))
+    }
+
+    /// The emulator on `port`, once it accepts connections; or, when it exits before
+    /// that (it lost its port, say), what it said.
+    pub fn try_start(dir: &std::path::Path, port: u16) -> Result<Sushy, String> {
         let (ca, cert, key) = super::tls_files(dir);
-        let port = super::free_port();
+        let log = dir.join("sushy.log");
         let child = std::process::Command::new("sushy-emulator")
             .args(["--fake", "-i", "127.0.0.1", "-p", &port.to_string()])
             .args(["--ssl-certificate", &cert, "--ssl-key", &key])
@@ -24,20 +31,24 @@ impl Sushy {
             // every emulator on the machine (same fixed system): each test gets its own.
             .env("TMPDIR", dir)
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("sushy.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("sushy-emulator (run ./scripts/setup.sh)");
-        let s = Sushy { port, ca, child };
+        let mut s = Sushy { port, ca, child };
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(said) = super::exited(&mut s.child, &log, 10) {
+                return Err(format!("sushy-emulator exited: {said}"));
+            }
+            // Its Python start takes 30 s on a machine busy with builds.
             assert!(
-                t.elapsed() < Duration::from_secs(20),
+                t.elapsed() < Duration::from_secs(90),
                 "sushy-emulator did not listen on {port}: see {}",
-                dir.join("sushy.log").display()
+                log.display()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        s
+        Ok(s)
     }
 
     pub fn url(&self) -> String {
