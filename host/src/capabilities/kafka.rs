@@ -263,6 +263,7 @@ impl Pollable for Consumer {
                 let got = match self.get().recv().await {
                     Ok(m) if !self.fresh(&m) => continue,
                     Ok(m) => Ok(m.detach()),
+                    Err(e) if passing(&e) => continue,
                     Err(e) => Err(e),
                 };
                 self.peeked = Some(got);
@@ -375,6 +376,30 @@ fn leaderless(e: &RdError) -> bool {
                 | RDKafkaErrorCode::UnknownTopicOrPartition
                 | RDKafkaErrorCode::UnknownPartition
                 | RDKafkaErrorCode::UnknownTopic
+        )
+    )
+}
+
+/// A consumer error librdkafka reports in passing and recovers from by itself: a broker
+/// it lost its connection to (killed, restarting), a coordinator or leader that moved.
+/// Handing one to the plugin would end its link for what the client rides out anyway;
+/// a cluster that stays gone is noticed by the session's heartbeats instead.
+fn passing(e: &RdError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::BrokerNotAvailable
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::WaitingForCoordinator
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
         )
     )
 }
@@ -538,16 +563,23 @@ impl InstanceState {
                 None
             }
         } else {
-            let first =
-                tokio::time::timeout(Duration::from_millis(timeout_ms as u64), c.get().recv())
-                    .await;
-            match first {
-                Err(_) => return Ok(()),
-                Ok(m) => Some(m),
+            let until = tokio::time::Instant::now() + Duration::from_millis(timeout_ms as u64);
+            loop {
+                match tokio::time::timeout_at(until, c.get().recv()).await {
+                    Err(_) => return Ok(()),
+                    Ok(Err(e)) if passing(&e) => continue,
+                    Ok(m) => break Some(m),
+                }
             }
         };
         while let Some(m) = next.take() {
-            let m = m.map_err(|e| classify(&e).explained(c.get().context()))?;
+            let m = match m {
+                Err(e) if passing(&e) => {
+                    next = c.get().recv().now_or_never();
+                    continue;
+                }
+                m => m.map_err(|e| classify(&e).explained(c.get().context()))?,
+            };
             if c.fresh(&m) {
                 each(&Got::Queued(m));
                 n += 1;
