@@ -28,28 +28,8 @@ async fn controller_and_agent(
     dir: &Path,
     brokers: &str,
 ) -> (Arc<Controller>, tokio::sync::watch::Sender<bool>) {
-    if let Ok(filter) = std::env::var("TRELLIS_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
-    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
-    let rt = runtime(
-        &format!(
-            r#"
-            [kafka]
-            brokers = "{brokers}"
-            [plugins.kafka-transport]
-            kafka = {{ topics = ["trellis."] }}
-            config = {{ prefix = "trellis" }}
-            [plugins.file-logging]
-            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
-            "#
-        ),
-        dir,
-        &[],
-    );
+    test_log();
+    let rt = kafka_runtime(dir, brokers, "trellis.");
     let kafka: Arc<Plugin> = rt.load(&bundle().join("kafka-transport")).await.unwrap();
     let logging = rt.load(&bundle().join("file-logging")).await.unwrap();
     let c = Controller::start(
@@ -70,18 +50,7 @@ async fn controller_and_agent(
     )
     .await
     .unwrap();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let cfg = trellis::agent::worker::AgentConfig {
-        name: "agent-1".into(),
-        labels: vec!["linux".into()],
-        secret: "agent-secret".into(),
-        workspace: dir.join("work"),
-        heartbeat: Duration::from_millis(500),
-        logs: None,
-        state_dir: None,
-        executors: 1,
-    };
-    tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
+    let stop_tx = spawn_agent(kafka, dir, "agent-secret");
     // The first link creates the agent's topics on three brokers: longer than
     // `wait_connected` allows on a loaded machine.
     let t = Instant::now();

@@ -15,27 +15,6 @@ use trellis::points::bindings::log_browser::PageRequest;
 use trellis::runtime::{Plugin, Runtime};
 use trellis_sdk::events::decode;
 
-fn kafka_runtime(dir: &std::path::Path, brokers: &str, granted: &str) -> Arc<Runtime> {
-    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
-    runtime(
-        &format!(
-            r#"
-            [kafka]
-            brokers = "{brokers}"
-            [plugins.kafka-transport]
-            kafka = {{ topics = ["{granted}"] }}
-            config = {{ prefix = "trellis" }}
-            [plugins.file-logging]
-            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
-            [plugins.file-browser]
-            dirs = [{{ host = "state/logs", guest = "/logs" }}]
-            "#
-        ),
-        dir,
-        &[],
-    )
-}
-
 async fn controller(
     rt: &Arc<Runtime>,
     dir: &std::path::Path,
@@ -71,28 +50,6 @@ async fn controller_for(
     )
     .await
     .unwrap()
-}
-
-/// An in-process agent `agent-1` (label `linux`) over `kafka`; it stops when the
-/// returned sender is dropped or set.
-fn spawn_agent(
-    kafka: Arc<Plugin>,
-    dir: &std::path::Path,
-    secret: &str,
-) -> tokio::sync::watch::Sender<bool> {
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let cfg = trellis::agent::worker::AgentConfig {
-        name: "agent-1".into(),
-        labels: vec!["linux".into()],
-        secret: secret.into(),
-        workspace: dir.join("work"),
-        heartbeat: Duration::from_millis(500),
-        logs: None,
-        state_dir: None,
-        executors: 1,
-    };
-    tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
-    stop_tx
 }
 
 /// A controller and an agent over `rt`'s kafka-transport run one job `name` whose one

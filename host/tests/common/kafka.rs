@@ -595,3 +595,52 @@ fn cluster_id() -> String {
         }
     }
 }
+
+/// A runtime whose kafka-transport talks to `brokers`, granted the topics under
+/// `granted`, with file logging and browsing under `dir/state/logs`.
+pub fn kafka_runtime(
+    dir: &std::path::Path,
+    brokers: &str,
+    granted: &str,
+) -> std::sync::Arc<trellis::runtime::Runtime> {
+    std::fs::create_dir_all(dir.join("state/logs")).unwrap();
+    super::runtime(
+        &format!(
+            r#"
+            [kafka]
+            brokers = "{brokers}"
+            [plugins.kafka-transport]
+            kafka = {{ topics = ["{granted}"] }}
+            config = {{ prefix = "trellis" }}
+            [plugins.file-logging]
+            dirs = [{{ host = "state/logs", guest = "/logs", mode = "read-write" }}]
+            [plugins.file-browser]
+            dirs = [{{ host = "state/logs", guest = "/logs" }}]
+            "#
+        ),
+        dir,
+        &[],
+    )
+}
+
+/// An in-process agent `agent-1` (label `linux`) over `kafka`; it stops when the
+/// returned sender is dropped or set.
+pub fn spawn_agent(
+    kafka: std::sync::Arc<trellis::runtime::Plugin>,
+    dir: &std::path::Path,
+    secret: &str,
+) -> tokio::sync::watch::Sender<bool> {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let cfg = trellis::agent::worker::AgentConfig {
+        name: "agent-1".into(),
+        labels: vec!["linux".into()],
+        secret: secret.into(),
+        workspace: dir.join("work"),
+        heartbeat: Duration::from_millis(500),
+        logs: None,
+        state_dir: None,
+        executors: 1,
+    };
+    tokio::spawn(trellis::agent::worker::run_agent(kafka, cfg, stop));
+    stop_tx
+}

@@ -128,6 +128,16 @@ Zg==
 -----END PRIVATE KEY-----
 ";
 
+/// TRELLIS_TEST_LOG=debug (an env filter) shows the host's logs while debugging a test.
+pub fn test_log() {
+    if let Ok(filter) = std::env::var("TRELLIS_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn stack() -> Stack {
     stack_with("").await
 }
@@ -135,13 +145,7 @@ pub async fn stack() -> Stack {
 /// `stack`, with `transport_extra` (TOML keys) added to the transport plugin's table,
 /// e.g. `limits = { memory = "2MiB" }`.
 pub async fn stack_with(transport_extra: &str) -> Stack {
-    // TRELLIS_TEST_LOG=debug (an env filter) shows the host's logs while debugging a test.
-    if let Ok(filter) = std::env::var("TRELLIS_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
+    test_log();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("state/logs")).unwrap();
     let port = free_port();
