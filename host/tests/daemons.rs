@@ -178,7 +178,7 @@ fn daemons_and_cli() {
 
     // The controller restarts: history intact, the agent reconnects, new runs work.
     drop(controller);
-    let _controller = start("controller", &controller_cfg);
+    let _controller = restart_controller(&controller_cfg, &d.path().join("restart.log"));
     let t = Instant::now();
     let out = loop {
         let (code, out, _) = cli(&server, &["runs"]);

@@ -198,7 +198,7 @@ fn jobs_choose_their_logging_method_and_browser() {
         &controller_cfg,
         "logging = \"elasticsearch-logging\"\nbrowser = \"elasticsearch-browser\"\nlogging-methods = [\"file-logging\"]\nlog-browsers = [\"file-browser\"]",
     );
-    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _controller = restart_controller(&controller_cfg, &daemon_log);
     wait_for_agent(&server, &daemon_log);
     assert_eq!(
         complete_log(&server, &[&file_run]),

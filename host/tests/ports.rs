@@ -133,3 +133,78 @@ fn a_controller_whose_api_port_is_taken_comes_up_on_another() {
     let dir = tempfile::tempdir().unwrap();
     daemons_past_a_thief(dir.path(), true);
 }
+
+/// A controller killed and started again on its own ports (its agents know them) finds
+/// its API port held by another process for a while: `restart_controller` tries again
+/// on the same port until it is let go.
+#[test]
+fn a_restarted_controller_waits_out_a_process_holding_its_port() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let (controller, _agent, http) = write_configs(dir, &Transport::Tcp { port: free_port() });
+    // A port that was never connected to, so that the thief can hold it once the
+    // controller is gone (a reserved one sits in TIME_WAIT, which only SO_REUSEADDR
+    // binds past).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&controller).unwrap();
+    std::fs::write(
+        &controller,
+        text.replace(
+            &format!("127.0.0.1:{http}\""),
+            &format!("127.0.0.1:{port}\""),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("daemons.log");
+    let mut first = restart_controller(&controller, &log);
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let thief = PortThief::hold(port).expect("the killed controller's port is free");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        drop(thief);
+    });
+    let _again = restart_controller(&controller, &log);
+    holder.join().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        lost_its_port(&text),
+        "no start found the port taken: {text}"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "the controller does not serve on its own port: {text}"
+    );
+}
+
+/// A glusterfs brick is given its port by glusterd and can lose it between glusterd's
+/// check and its own bind, which cannot be made to happen on demand. What can: a brick
+/// that is down (killed here) while another process holds its port. `start_bricks`
+/// starts it again, and it comes up on a port of glusterd's choosing.
+#[test]
+fn a_gluster_brick_that_is_down_with_its_port_taken_comes_up_on_another() {
+    let _one = GLUSTER_LOCK.blocking_lock();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let g = Gluster::start(dir, &Gluster::hostname(), &[]);
+    let (port, pid) = g.brick(dir, "b1").expect("brick b1 online after the start");
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_until(
+        "the killed brick is still shown online",
+        std::time::Duration::from_secs(20),
+        || !g.bricks_down(dir).is_empty(),
+    );
+    // Held by a listener on every address (the brick's connections left the port in
+    // TIME_WAIT, which only SO_REUSEADDR binds past; std's listeners set it).
+    let thief = std::net::TcpListener::bind(("0.0.0.0", port))
+        .expect("the dead brick's port is free to take");
+    g.start_bricks(dir);
+    let (again, _) = g.brick(dir, "b1").expect("brick b1 online again");
+    assert_ne!(again, port, "the brick came up on the port the thief holds");
+    drop(thief);
+    assert!(g.bricks_down(dir).is_empty());
+}

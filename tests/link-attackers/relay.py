@@ -12,8 +12,14 @@ RECORDING. Commands, one per line on stdin, act on the next suitable record:
                               17 bytes going agent->controller / controller->agent
     replay a2c | replay c2a   put again into that direction the largest frame record
                               (seq > 0) seen in it so far, on any connection
+    hold a2c | hold c2a       forward nothing more in that direction on the connections
+                              open now (what the peer would lose if the other end died
+                              before it was sent); later connections are relayed whole
 
-What it did goes to EVENTS, a line per action ("flipped c2a lane=0 seq=3").
+What it did goes to EVENTS, a line per action ("flipped c2a lane=0 seq=3"), plus
+"connection" for each connection and "handshook" once a connection carried two records
+controller->agent (the challenge and the welcome: frames put in after that reach a
+sealed link, not a handshake that would discard them).
 """
 import socket
 import struct
@@ -26,6 +32,8 @@ EVENTS = open(sys.argv[3], "a", buffering=1)
 lock = threading.Lock()
 pending = {"a2c": [], "c2a": []}
 largest = {"a2c": None, "c2a": None}
+open_connections = set()
+held = set()  # (connection, direction)
 
 
 def event(text):
@@ -33,8 +41,10 @@ def event(text):
         EVENTS.write(text + "\n")
 
 
-def pump(src, dst, direction):
+def pump(src, dst, direction, conn):
     buf = b""
+    records = 0
+    said_handshook = False
     try:
         while True:
             data = src.recv(1 << 16)
@@ -68,12 +78,21 @@ def pump(src, dst, direction):
                         largest[direction] is None or len(record) > len(largest[direction])
                     ):
                         largest[direction] = record
+                    if (conn, direction) in held:
+                        EVENTS.write(f"held {direction} lane={lane} seq={seq}\n")
+                        continue
                 out += record
+                records += 1
             if out:
                 dst.sendall(out)
+            if direction == "c2a" and records >= 2 and not said_handshook:
+                said_handshook = True
+                event("handshook")
     except OSError:
         pass
     finally:
+        with lock:
+            open_connections.discard(conn)
         for s in (src, dst):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -82,6 +101,7 @@ def pump(src, dst, direction):
 
 
 def serve(listener):
+    conn = 0
     while True:
         agent, _ = listener.accept()
         try:
@@ -89,9 +109,12 @@ def serve(listener):
         except OSError:
             agent.close()
             continue
+        conn += 1
+        with lock:
+            open_connections.add(conn)
         event("connection")
-        threading.Thread(target=pump, args=(agent, controller, "a2c"), daemon=True).start()
-        threading.Thread(target=pump, args=(controller, agent, "c2a"), daemon=True).start()
+        threading.Thread(target=pump, args=(agent, controller, "a2c", conn), daemon=True).start()
+        threading.Thread(target=pump, args=(controller, agent, "c2a", conn), daemon=True).start()
 
 
 def main():
@@ -106,6 +129,10 @@ def main():
         if len(parts) == 2 and parts[0] in ("flip", "replay") and parts[1] in pending:
             with lock:
                 pending[parts[1]].append(parts[0])
+        elif len(parts) == 2 and parts[0] == "hold" and parts[1] in pending:
+            with lock:
+                held.update((c, parts[1]) for c in open_connections)
+                EVENTS.write(f"holding {parts[1]} on {len(open_connections)} connection(s)\n")
 
 
 if __name__ == "__main__":

@@ -101,9 +101,91 @@ impl Gluster {
             let (ok, out) = gluster(&["volume", "set", &volume, k, v]);
             assert!(ok, "{out}");
         }
-        let (ok, out) = gluster(&["volume", "start", &volume]);
-        assert!(ok, "{out}");
+        g.start_bricks(dir);
         g
+    }
+
+    /// Start the volume and see both bricks online. glusterd gives each brick a port of
+    /// its own choosing (from 49152, inside the kernel's range for outgoing connections)
+    /// and checks that it is free before the brick binds it; an outgoing connection
+    /// taking it in between leaves the brick down ("address already in use" in its
+    /// log). A brick that is not online is started again (`volume start force` starts
+    /// the bricks that are down, each on a port chosen afresh), at most `PORT_TRIES`
+    /// times (see `ports.rs`).
+    pub fn start_bricks(&self, dir: &Path) {
+        let mut said = String::new();
+        for attempt in 1..=super::PORT_TRIES {
+            let mut args = vec!["volume", "start", self.volume.as_str()];
+            if attempt > 1 {
+                args.push("force");
+            }
+            let (ok, out) = gluster(&args);
+            // A first start that failed (a brick could not bind) is forced next time.
+            said = out.clone();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                let down = self.bricks_down(dir);
+                if down.is_empty() {
+                    return;
+                }
+                said = format!("{out}\nbricks not online: {down:?}");
+                if !ok {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            eprintln!(
+                "glusterfs: a brick of {} is not online (start {attempt} of {}), starting it again: {said}",
+                self.volume,
+                super::PORT_TRIES
+            );
+        }
+        panic!(
+            "glusterfs: the bricks of {} did not come online in {} starts: {said}; see /var/log/glusterfs/bricks/",
+            self.volume,
+            super::PORT_TRIES
+        )
+    }
+
+    /// The port and process of brick `name` (`b1`, `b2`) under `dir`, if it is online.
+    pub fn brick(&self, dir: &Path, name: &str) -> Option<(u16, u32)> {
+        let path = dir.join(name).display().to_string();
+        let (_, xml) = gluster(&["volume", "status", &self.volume, "--xml"]);
+        let node = xml.split("<node>").find(|n| {
+            n.contains(&format!("<path>{path}</path>")) && n.contains("<status>1</status>")
+        })?;
+        let field = |f: &str| -> Option<String> {
+            Some(
+                node.split(&format!("<{f}>"))
+                    .nth(1)?
+                    .split(&format!("</{f}>"))
+                    .next()?
+                    .to_string(),
+            )
+        };
+        Some((field("port")?.parse().ok()?, field("pid")?.parse().ok()?))
+    }
+
+    /// The bricks under `dir` that `volume status` does not show online (all of them
+    /// when it cannot be read).
+    pub fn bricks_down(&self, dir: &Path) -> Vec<String> {
+        let all: Vec<String> = ["b1", "b2"]
+            .iter()
+            .map(|b| dir.join(b).display().to_string())
+            .collect();
+        let (ok, xml) = gluster(&["volume", "status", &self.volume, "--xml"]);
+        if !ok {
+            return all;
+        }
+        // One <node> per brick and daemon, each with its <path> and <status> (1 = online).
+        let online: Vec<&str> = xml
+            .split("<node>")
+            .filter(|n| n.contains("<status>1</status>"))
+            .filter_map(|n| n.split("<path>").nth(1)?.split("</path>").next())
+            .collect();
+        all.into_iter()
+            .filter(|b| !online.contains(&b.as_str()))
+            .collect()
     }
 
     /// The host's name (where bricks are served when no other address is needed).

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+mod attackers;
 mod es;
 mod etcd;
 mod gluster;
@@ -14,6 +15,8 @@ mod ports;
 mod processes;
 mod redfish;
 mod rogue;
+#[allow(unused_imports)]
+pub use attackers::*;
 #[allow(unused_imports)]
 pub use es::*;
 #[allow(unused_imports)]

@@ -119,6 +119,11 @@ pub struct PortThief {
 
 impl PortThief {
     pub fn take() -> PortThief {
+        PortThief::hold(0).unwrap_or_else(|e| panic!("bind: {e}"))
+    }
+
+    /// Hold `port` (0: any) the thief's way, if nothing else holds it.
+    pub fn hold(port: u16) -> std::io::Result<PortThief> {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         // SAFETY: plain socket calls on a descriptor this function owns; the address
         // structures are initialised and sized for the calls that read them.
@@ -129,23 +134,26 @@ impl PortThief {
             let mut addr: libc::sockaddr_in = std::mem::zeroed();
             addr.sin_family = libc::AF_INET as libc::sa_family_t;
             addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            addr.sin_port = port.to_be();
             let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             let bound = libc::bind(
                 socket.as_raw_fd(),
                 &addr as *const libc::sockaddr_in as *const libc::sockaddr,
                 len,
             );
-            assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+            if bound != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let named = libc::getsockname(
                 socket.as_raw_fd(),
                 &mut addr as *mut libc::sockaddr_in as *mut libc::sockaddr,
                 &mut len,
             );
             assert_eq!(named, 0, "getsockname: {}", std::io::Error::last_os_error());
-            PortThief {
+            Ok(PortThief {
                 port: u16::from_be(addr.sin_port),
                 _socket: socket,
-            }
+            })
         }
     }
 }

@@ -115,6 +115,50 @@ pub fn start(role: &str, config: &Path, log: &Path) -> Daemon {
     daemon(role, config, append_to(log).into())
 }
 
+/// A controller started again on the ports it had (its agents and the test know them).
+/// If another process took one meanwhile (an outgoing connection given it as its local
+/// port holds it only while it lasts), the start is tried again on the same ports, a
+/// second later, at most `PORT_TRIES` times (see `ports.rs`). Returns once the
+/// controller says it serves (`(state in`), or when it runs as an HA member (which may
+/// wait as a standby).
+pub fn restart_controller(config: &Path, log: &Path) -> Daemon {
+    let mut said = String::new();
+    for attempt in 1..=super::PORT_TRIES {
+        let from = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
+        let mut c = start("controller", config, log);
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let since = text.get(from..).unwrap_or_default();
+            if since.contains("(state in ") || since.contains("campaigning") {
+                return c;
+            }
+            if c.0.try_wait().ok().flatten().is_some() {
+                assert!(
+                    super::lost_its_port(since),
+                    "the controller exited on its restart:\n{since}"
+                );
+                said = since.to_string();
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the controller did not come up on its restart:\n{since}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "the restarted controller found a port of its taken (start {attempt} of {}): trying again in a second\n{said}",
+            super::PORT_TRIES
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!(
+        "the controller could not get its ports back in {} starts:\n{said}",
+        super::PORT_TRIES
+    )
+}
+
 /// Add `line` to the `[controller]` section of a controller config `write_configs` made,
 /// and `tables` at its end.
 pub fn extend_controller(config: &Path, line: &str, tables: &str) {

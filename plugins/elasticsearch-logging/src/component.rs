@@ -3,7 +3,8 @@
 use crate::ITEM_ATTEMPTS;
 use elasticsearch_store::client::{self, call, refused};
 use elasticsearch_store::documents::{
-    bulk_body, bulk_outcome, close_document, document, index_template, template_refusal_hint,
+    bulk_body, bulk_outcome, close_document, document, index_template, template_name,
+    template_refusal_hint,
 };
 use elasticsearch_store::index_name;
 use std::cell::Cell;
@@ -43,12 +44,8 @@ impl Guest for EsLogging {
         if !TEMPLATE_DONE.get() {
             let pattern = s.index.replace("{job}", "*");
             let body = serde_json::to_vec(&index_template(&pattern)).expect("json");
-            let r = call(
-                "PUT",
-                "/_index_template/trellis-logs",
-                "application/json",
-                &body,
-            )?;
+            let path = format!("/_index_template/{}", template_name(&pattern));
+            let r = call("PUT", &path, "application/json", &body)?;
             if !(200..300).contains(&r.status) {
                 if let Some(hint) = template_refusal_hint(r.status, &r.body) {
                     return Err(Error::permanent(format!(

@@ -5,7 +5,26 @@ use crate::{Meta, rfc3339_ms};
 use serde_json::{Value, json};
 use trellis_sdk::events::EventView;
 
-/// The index template installed on first use (`PUT /_index_template/trellis-logs`).
+/// The name the index template for `pattern` is installed under: `trellis-logs` for the
+/// default pattern (`trellis-logs-*`), else one of its own per pattern, so that two
+/// configurations writing different indices do not replace each other's template.
+pub fn template_name(pattern: &str) -> String {
+    if pattern == "trellis-logs-*" {
+        return "trellis-logs".into();
+    }
+    let safe: String = pattern
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' | '_' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '_',
+        })
+        .collect();
+    format!("trellis-logs-for-{}", safe.trim_matches('_'))
+}
+
+/// The index template installed on first use (`PUT /_index_template/NAME`, see
+/// [`template_name`]).
 pub fn index_template(pattern: &str) -> Value {
     json!({
         "index_patterns": [pattern],
@@ -151,6 +170,15 @@ pub fn bulk_outcome(body: &[u8], sent: usize) -> Result<BulkOutcome, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_index_pattern_has_a_template_of_its_own() {
+        use super::template_name;
+        assert_eq!(template_name("trellis-logs-*"), "trellis-logs");
+        assert_eq!(template_name("ci-*-logs"), "trellis-logs-for-ci-_-logs");
+        assert_ne!(template_name("ci-*"), template_name("build-*"));
+        assert_ne!(template_name("ci-*"), template_name("trellis-logs-*"));
+    }
+
     use super::*;
 
     #[test]
