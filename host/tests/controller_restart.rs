@@ -49,7 +49,7 @@ fn controller_restarted_mid_step(t: Transport) {
     );
     std::thread::sleep(Duration::from_secs(1)); // the agent keeps working meanwhile
 
-    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _controller = restart_controller(&controller_cfg, &daemon_log);
     let mut status = String::new();
     wait_until(
         &format!(
@@ -182,7 +182,7 @@ fn queued_runs_survive_a_controller_restart() {
 
     controller.0.kill().unwrap(); // SIGKILL: no chance to save or say goodbye
     controller.0.wait().unwrap();
-    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _controller = restart_controller(&controller_cfg, &daemon_log);
     // Back in the queue, in their order; once the agent is back, waiting for its
     // executor again.
     let mut after = String::new();
@@ -220,6 +220,97 @@ fn queued_runs_survive_a_controller_restart() {
         "{runs}"
     );
     assert!(queue().starts_with("No runs waiting."), "{}", queue());
+}
+
+/// A run placed on an agent whose order never reached it: the controller is SIGKILLed
+/// while a man in the middle (tests/link-attackers/relay.py) holds everything the
+/// controller sends. The agent's hello to the new controller process lists no such run,
+/// so the run goes back in the queue, is placed again and runs once.
+#[test]
+fn a_run_whose_order_died_with_the_controller_is_queued_again() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let controller_port = free_port();
+    let (controller_cfg, agent_cfg, http) = write_configs(
+        dir,
+        &Transport::Tcp {
+            port: controller_port,
+        },
+    );
+    let events = dir.join("relay.events");
+    let mut relay = Attacker::start(
+        "relay.py",
+        &[
+            &controller_port.to_string(),
+            dir.join("relay.bin").to_str().unwrap(),
+            events.to_str().unwrap(),
+        ],
+    );
+    agent_via(&agent_cfg, controller_port, relay.port);
+    let daemons = start_daemons(dir, &controller_cfg, &agent_cfg, http);
+    let Daemons {
+        mut controller,
+        agent: _agent,
+        log: daemon_log,
+        server,
+        http,
+    } = daemons;
+    let logs = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let marks = dir.join("marks");
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"once\"\nagent = \"linux\"\n[[step]]\nname = \"s\"\nrun = \"echo ran >> {}; echo done\"\n",
+            marks.display()
+        ),
+    )
+    .unwrap();
+
+    relay.command("hold c2a");
+    wait_for_line(&events, "holding c2a on 1", Duration::from_secs(10));
+    let (code, out, err) = cli(&server, &["run", job.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let run = out
+        .split_whitespace()
+        .find(|w| w.starts_with("r-"))
+        .unwrap()
+        .to_string();
+    wait_until("the run was not placed", Duration::from_secs(5), || {
+        http_get(http, &format!("/api/runs/{run}")).contains("\"agent\":\"build-1\"")
+    });
+    // Before the agent gives the silent link up (5 heartbeats of 500 ms) and gets the
+    // order again from this controller.
+    controller.0.kill().unwrap();
+    controller.0.wait().unwrap();
+    assert!(!marks.exists(), "the order went through the relay");
+    assert!(
+        std::fs::read_to_string(&events)
+            .unwrap()
+            .contains("held c2a"),
+        "the relay held nothing"
+    );
+
+    let _controller = restart_controller(&controller_cfg, &daemon_log);
+    wait_for_success(&server, &run, Duration::from_secs(60), &daemon_log);
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "ran\n",
+        "{}",
+        logs()
+    );
+    let record = http_get(http, &format!("/api/runs/{run}"));
+    assert!(
+        record.contains("never received it") && record.contains("back in the queue"),
+        "{record}"
+    );
+    let (code, out, _) = cli(&server, &["logs", &run]);
+    assert_eq!((code, out.as_str()), (0, "done\n"));
+    // Its kept job is gone once it started.
+    let kept: Vec<_> = std::fs::read_dir(dir.join("state/queue"))
+        .unwrap()
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
 }
 
 /// The durable log buffer: the logging plugin fails every write (a store that is down)
@@ -263,7 +354,7 @@ fn log_output_waits_on_disk_through_a_store_outage_and_a_controller_kill() {
     controller.0.kill().unwrap(); // SIGKILL with the output and the close still owed
     controller.0.wait().unwrap();
     std::fs::remove_file(dir.join("ctl/fail")).unwrap(); // the store is back
-    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _controller = restart_controller(&controller_cfg, &daemon_log);
     let t = std::time::Instant::now();
     while wal_files() != 0 {
         // The log as it is when the wait fails, not as it was when it began.
@@ -458,7 +549,7 @@ fn the_runs_list_pages_and_retention_keeps_the_newest_across_a_restart() {
     // killed and started again: the same runs, ids go on, retention goes on
     controller.0.kill().unwrap();
     controller.0.wait().unwrap();
-    let _controller = start("controller", &controller_cfg, &daemon_log);
+    let _controller = restart_controller(&controller_cfg, &daemon_log);
     wait_for_agent(&server, &daemon_log);
     assert_eq!(listed(&["--all"]), ["r-000005", "r-000004", "r-000003"]);
     let (code, out) = run_job("even", "echo even");

@@ -315,3 +315,91 @@ async fn idle_links_heartbeat_and_a_silent_peer_is_given_up() {
     );
     drop(controller_link);
 }
+
+/// An idle agent wakes about once per interval, and the controller still hears from it
+/// every interval. Two things make it so, and the test fails without either (two wakes
+/// per interval): the agent answers the controller's heartbeat in the round that woke
+/// for it (`Liveness::answering`) instead of on a timer of its own racing it, and
+/// tcp-transport's `receive` reads until the stream is drained, which is what ends the
+/// host's wait on the channel (otherwise every message woke the link a second time, to
+/// find nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_answers_heartbeats_and_wakes_once_per_interval() {
+    let d = tempfile::tempdir().unwrap();
+    let p = tcp(d.path()).await;
+    let listener = transport::listen(p.clone()).await.unwrap();
+    let (mut a, mut c) = (AgentSession::new(), Session::default());
+    let (agent_link, controller_link, mut agent_seal, mut controller_seal) =
+        handshake(&p, &listener, "agent-1", "right-secret", &mut a, &mut c)
+            .await
+            .expect("welcomed");
+    assert!(
+        agent_link.is_event_driven(),
+        "the bundle's tcp-transport has readiness"
+    );
+    const INTERVALS: u32 = 30;
+    let interval = Duration::from_millis(100);
+    let stop = Instant::now() + interval * INTERVALS;
+    // Each side as the daemons run it: a round, then sleep until the link is readable
+    // or something is due.
+    let controller = tokio::spawn(async move {
+        let mut live = Liveness::new(interval);
+        let mut sink = Vec::new();
+        let mut heard = live.last_heard();
+        let mut longest = Duration::ZERO;
+        while Instant::now() < stop {
+            exchange(
+                &mut c,
+                &controller_link,
+                &mut controller_seal,
+                &mut live,
+                0,
+                true,
+                &mut sink,
+            )
+            .await
+            .expect("the controller's side stays up");
+            if live.last_heard() != heard {
+                longest = longest.max(live.last_heard() - heard);
+                heard = live.last_heard();
+            }
+            tokio::select! {
+                _ = controller_link.readable() => {}
+                _ = tokio::time::sleep_until(live.next_due().min(stop).into()) => {}
+            }
+        }
+        longest
+    });
+    let mut live = Liveness::answering(interval);
+    let mut sink = Vec::new();
+    let mut rounds = 0u32;
+    while Instant::now() < stop {
+        exchange(
+            &mut a.session,
+            &agent_link,
+            &mut agent_seal,
+            &mut live,
+            0,
+            true,
+            &mut sink,
+        )
+        .await
+        .expect("the agent's side stays up");
+        rounds += 1;
+        tokio::select! {
+            _ = agent_link.readable() => {}
+            _ = tokio::time::sleep_until(live.next_due().min(stop).into()) => {}
+        }
+    }
+    let longest = controller.await.unwrap();
+    assert!(sink.is_empty(), "heartbeats are not messages");
+    // Once per interval, give or take a few: twice as many without answering.
+    assert!(
+        rounds <= INTERVALS + INTERVALS / 4,
+        "the idle agent woke {rounds} times in {INTERVALS} intervals"
+    );
+    assert!(
+        longest <= interval + interval / 2,
+        "the controller went {longest:?} without hearing from the agent (interval {interval:?})"
+    );
+}

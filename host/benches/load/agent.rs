@@ -151,7 +151,7 @@ async fn serve_link(
     tally: &Tally,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<LinkDown> {
-    let mut live = Liveness::new(how.heartbeat);
+    let mut live = Liveness::answering(how.heartbeat);
     let mut committed = [0u64; 2];
     loop {
         if *stop.borrow() {

@@ -250,7 +250,7 @@ pub async fn run_agent(
         backoff = Duration::from_millis(100);
         refusals = 0;
         tracing::info!(agent = %cfg.name, "connected to the controller");
-        let mut live = Liveness::new(cfg.heartbeat);
+        let mut live = Liveness::answering(cfg.heartbeat);
         let mut committed = [0u64; 2];
         loop {
             if *stop.borrow() {

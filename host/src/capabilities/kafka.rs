@@ -38,6 +38,9 @@ use wasmtime_wasi::p2::{DynPollable, Pollable};
 /// `message.max.bytes` (1 MB) with room for key, headers and batch overhead.
 pub const MAX_PAYLOAD: u32 = 900 << 10;
 
+/// How long a fetch may wait at the broker for a record (see `consume`).
+const FETCH_WAIT_MS: &str = "500";
+
 /// How long a produce may take before it is reported `retryable`.
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -664,12 +667,14 @@ impl Host for InstanceState {
                 self.plugin
             )));
         }
-        // Tuning defaults first, so the operator's `[kafka] properties` can change them
-        // (on tansu, which holds every fetch for the full wait, `fetch.wait.max.ms = 1`
-        // trades broker CPU for ~3x lower latency); then what correctness needs, which
-        // they cannot.
+        // Tuning defaults first, so the operator's `[kafka] properties` can change them;
+        // then what correctness needs, which they cannot. A fetch waits at the broker
+        // for up to `fetch.wait.max.ms` and is answered as soon as a record arrives
+        // (Apache Kafka), so a long wait costs no latency and keeps an idle consumer
+        // from fetching 100 times a second (it was 10 ms for tansu, which held every
+        // fetch for the full wait).
         let mut config = ClientConfig::new();
-        config.set("fetch.wait.max.ms", "10").set(
+        config.set("fetch.wait.max.ms", FETCH_WAIT_MS).set(
             "fetch.message.max.bytes",
             (MAX_PAYLOAD + (64 << 10)).to_string(),
         );

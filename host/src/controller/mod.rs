@@ -917,9 +917,17 @@ impl Controller {
             "the agent restarted while this run was in flight",
         )
         .await;
+        // Never received: nothing ran, so it can wait for an executor again.
+        let note = format!(
+            "placed on agent `{agent}`, which never received it (the controller stopped first): back in the queue"
+        );
+        let lost: Vec<String> = never_given
+            .into_iter()
+            .filter(|run| !self.requeue(agent, run, &note))
+            .collect();
         self.mark_runs_lost(
             agent,
-            never_given,
+            lost,
             "the controller restarted before the agent received this run; submit it again",
         )
         .await;
@@ -1252,6 +1260,10 @@ impl Controller {
                 // see the next run placed on it before this one ended.
                 let freed = (r.status.is_final() && !r.agent.is_empty())
                     .then(|| (r.agent.clone(), r.id.clone()));
+                // Started (or ended) on its agent: its kept job is no longer needed.
+                if r.status != RunStatus::Queued && self.queue.started(&r.id) {
+                    self.forget_job(&r.id);
+                }
                 if r.status.is_final()
                     && self
                         .cfg

@@ -9,8 +9,11 @@
 //!   connecting, a run ending (its executor freed), a cancel — and when the earliest
 //!   `queue-timeout` falls due; nothing polls.
 //! - Durable: each waiting run's job is kept in `<state>/queue/<run>.json` (through the
-//!   HA fencing-token gate) until it is placed, so a controller that restarts, or a
-//!   standby that takes over, puts the waiting runs back in their order.
+//!   HA fencing-token gate) until the run starts, so a controller that restarts, or a
+//!   standby that takes over, puts the waiting runs back in their order. A run placed
+//!   on an agent that never received its order (the controller died with the order
+//!   unsent) goes back in the queue, in its old place, when the agent says so in its
+//!   hello ([`Controller::requeue`]).
 //! - A waiting run can be cancelled; one that waited longer than its job's
 //!   `queue-timeout` is ended `cancelled`, with a note saying why it waited.
 //! - [`Controller::queue_view`] says what waits and why (`GET /api/queue`,
@@ -63,6 +66,9 @@ struct Lines {
     keys: HashMap<String, Key>,
     /// Agent -> the unfinished runs placed on it (each holds one executor).
     placed: HashMap<String, HashSet<String>>,
+    /// Placed runs not started yet: their jobs are still kept, so that one whose order
+    /// never reached its agent can be queued again.
+    unstarted: HashSet<String>,
     next_seq: u64,
 }
 
@@ -170,6 +176,12 @@ impl Queue {
         }
     }
 
+    /// Whether `run` was placed and its job is still kept (true once: the caller
+    /// removes the job).
+    pub(super) fn started(&self, run: &str) -> bool {
+        self.lines.lock().unwrap().unstarted.remove(run)
+    }
+
     /// A run already on `agent` (found at start): it holds an executor.
     pub(super) fn hold(&self, agent: &str, run: &str) {
         let mut l = self.lines.lock().unwrap();
@@ -224,6 +236,16 @@ impl Controller {
         for r in self.store.unfinished() {
             if !r.agent.is_empty() {
                 self.queue.hold(&r.agent, &r.id);
+                // Placed, not started: its job stays kept in case its agent never got it.
+                if r.status == state::RunStatus::Queued && self.queue.file(&r.id).exists() {
+                    self.queue
+                        .lines
+                        .lock()
+                        .unwrap()
+                        .unstarted
+                        .insert(r.id.clone());
+                    waiting.insert(format!("{}.json", r.id));
+                }
                 continue;
             }
             let kept = std::fs::read(self.queue.file(&r.id))
@@ -260,7 +282,7 @@ impl Controller {
                 );
             });
         }
-        // Jobs of runs no longer waiting (placed or ended just before a stop).
+        // Jobs of runs neither waiting nor placed unstarted (ended just before a stop).
         if let Ok(dir) = std::fs::read_dir(&self.queue.dir) {
             for f in dir.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
@@ -271,8 +293,8 @@ impl Controller {
         }
     }
 
-    /// Remove a run's kept job (it was placed, or it ended while waiting).
-    fn forget_job(&self, run: &str) {
+    /// Remove a run's kept job (it started, or it ended while waiting).
+    pub(super) fn forget_job(&self, run: &str) {
         let path = self.queue.file(run);
         let remove = || match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -286,6 +308,57 @@ impl Controller {
             // Harmless: at the next start a job whose run is not waiting is removed.
             tracing::warn!(run, "cannot remove the queued run's kept job: {e}");
         }
+    }
+
+    /// Put run `run`, placed on `agent` but never received by it (its hello says so),
+    /// back in the queue in the place it had, its executor freed. False when its job is
+    /// no longer kept (it started, or the file cannot be read): the caller ends it.
+    pub(super) fn requeue(&self, agent: &str, run: &str, note: &str) -> bool {
+        if !self.queue.lines.lock().unwrap().unstarted.remove(run) {
+            return false;
+        }
+        let kept = std::fs::read(self.queue.file(run))
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Kept>(&b).map_err(|e| e.to_string()));
+        let k = match kept {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(run, "cannot read the placed run's kept job ({e})");
+                return false;
+            }
+        };
+        let back = self.store.update(run, |r| {
+            r.agent.clear();
+            r.agent_session.clear();
+            add_note(r, note);
+        });
+        let r = match back {
+            Ok(Some(r)) => r,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(run, "cannot put the run back in the queue: {e}");
+                return false;
+            }
+        };
+        {
+            let mut l = self.queue.lines.lock().unwrap();
+            if let Some(runs) = l.placed.get_mut(agent) {
+                runs.remove(run);
+            }
+            l.add(
+                (Reverse(k.job.priority), k.seq),
+                Entry {
+                    run: r.id.clone(),
+                    job: Arc::new(k.job),
+                    log: r.log.clone(),
+                    since_ms: r.created_ms,
+                },
+            );
+        }
+        tracing::info!(run, agent, "{note}");
+        let _ = self.updates.send(Update::Run(Box::new(r)));
+        self.queue.wake();
+        true
     }
 
     /// Take a waiting run out of the queue and end it: cancelled, with `note`.
@@ -382,6 +455,7 @@ impl Controller {
                         .entry(seat.name.clone())
                         .or_default()
                         .insert(e.run.clone());
+                    l.unstarted.insert(e.run.clone());
                 }
                 Err(Unplaced::Again(why)) => {
                     // Not given (the state directory refused the write: a newer
@@ -431,7 +505,6 @@ impl Controller {
                 let _ = seat.orders.try_send(ToAgent::StartRun(order));
                 let _ = self.updates.send(Update::Run(Box::new(r)));
                 tracing::debug!(run = e.run, agent = seat.name, "placed");
-                self.forget_job(&e.run);
                 Ok(())
             }
             Ok(None) => Err(Unplaced::Ended("its record is gone".into())),

@@ -405,11 +405,19 @@ pub const SILENT_INTERVALS: u32 = 5;
 /// Keeps one link honest. An idle side sends a heartbeat each interval; a side that has
 /// heard nothing for `SILENT_INTERVALS` intervals gives the link up, so a half-open TCP
 /// connection or a frozen peer is noticed instead of waited on forever.
+///
+/// An *answering* side (the agent) sends its heartbeat when it hears from its peer and
+/// half an interval has passed since it last sent, in the round that woke it anyway; its
+/// own timer is a fallback a quarter interval later than usual. An idle agent then wakes
+/// once per interval (for the controller's heartbeat) instead of twice (that and its own
+/// timer, which race each other by a millisecond), and the controller still hears from
+/// it every interval.
 #[derive(Debug)]
 pub struct Liveness {
     interval: Duration,
     last_heard: Instant,
     last_sent: Instant,
+    answering: bool,
 }
 
 impl Liveness {
@@ -419,7 +427,37 @@ impl Liveness {
             interval,
             last_heard: now,
             last_sent: now,
+            answering: false,
         }
+    }
+
+    /// A side that answers its peer's heartbeats (see the type's docs).
+    pub fn answering(interval: Duration) -> Liveness {
+        Liveness {
+            answering: true,
+            ..Liveness::new(interval)
+        }
+    }
+
+    /// When this side last heard from its peer.
+    pub fn last_heard(&self) -> Instant {
+        self.last_heard
+    }
+
+    /// How long after the last frame sent a heartbeat is due on this side's own timer.
+    fn heartbeat_after(&self) -> Duration {
+        if self.answering {
+            self.interval + self.interval / 4
+        } else {
+            self.interval
+        }
+    }
+
+    /// Whether a heartbeat goes out in this round: due on the timer, or (answering)
+    /// something was heard and half an interval passed.
+    fn heartbeat_due(&self, heard: bool) -> bool {
+        let since = self.last_sent.elapsed();
+        since >= self.heartbeat_after() || (self.answering && heard && since >= self.interval / 2)
     }
 
     fn silence_limit(&self) -> Duration {
@@ -429,7 +467,7 @@ impl Liveness {
     /// When this side must act although nothing happened: a heartbeat is due out, or
     /// the peer's silence reaches the limit. An idle link sleeps until then.
     pub fn next_due(&self) -> Instant {
-        let heartbeat = self.last_sent + self.interval;
+        let heartbeat = self.last_sent + self.heartbeat_after();
         // Just past the limit, so the round that wakes finds it passed.
         let silent = self.last_heard + self.silence_limit() + Duration::from_millis(1);
         heartbeat.min(silent)
@@ -467,7 +505,7 @@ pub async fn exchange(
 ) -> Result<(), LinkDown> {
     let mut out = session.outgoing(BULK_PER_ROUND);
     let busy = !out.is_empty();
-    if !busy && live.last_sent.elapsed() >= live.interval {
+    if !busy && live.heartbeat_due(false) {
         out.push(sig(signal::HEARTBEAT, &[]));
     }
     if !out.is_empty() {
@@ -483,14 +521,19 @@ pub async fn exchange(
     let frames = link
         .receive_ready(busy, Duration::from_millis(wait_ms as u64))
         .await?;
-    if frames.is_empty() {
-        if live.last_heard.elapsed() > live.silence_limit() {
-            return Err(LinkDown::Silent(live.silence_limit()));
-        }
-    } else {
+    let heard = !frames.is_empty();
+    if heard {
         live.last_heard = Instant::now();
+    } else if live.last_heard.elapsed() > live.silence_limit() {
+        return Err(LinkDown::Silent(live.silence_limit()));
     }
     take_frames(session, seal, frames, delivered)?;
+    if !busy && live.answering && heard && live.heartbeat_due(true) {
+        // Answer now, in this round, rather than wake again for the timer.
+        link.send(vec![seal.seal(sig(signal::HEARTBEAT, &[]))])
+            .await?;
+        live.last_sent = Instant::now();
+    }
     Ok(())
 }
 

@@ -313,14 +313,29 @@ impl GuestChannel for TcpChannel {
                     Error::retryable(e)
                 })?;
             }
-            if !records.is_empty() || waited {
+            if waited {
                 break;
             }
             // Take what is there; wait (once) only if nothing is. Before the peer is
             // authenticated, no more than one record's worth at a time.
             let chunk = self.max_record().min(1 << 20) as u64 + 4;
-            match self.input.read(chunk) {
+            // With records in hand, read on until the stream says it has nothing more
+            // (within one chunk in the inbox): the host's wait on this channel ends
+            // only after a read that found nothing, so stopping at the first read
+            // would wake the host once more for every message, only to find nothing.
+            let draining = !records.is_empty();
+            let want = if draining {
+                chunk.saturating_sub(self.inbox.borrow().len() as u64)
+            } else {
+                chunk
+            };
+            if want == 0 {
+                break;
+            }
+            match self.input.read(want) {
                 Ok(bytes) if !bytes.is_empty() => self.inbox.borrow_mut().extend_from_slice(&bytes),
+                // Drained; or closed after these records: the next call finds it so.
+                Ok(_) | Err(_) if draining => break,
                 Ok(_) => {
                     waited = true;
                     if wait(&sub, timeout_ms as u64) {
