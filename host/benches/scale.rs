@@ -8,7 +8,7 @@
 //! Knobs (defaults: the targets): TRELLIS_SCALE_AGENTS (500), _RATE (50
 //! submits/s), _SECONDS (60), _IDLE_SECONDS (30), _CONNECT_WITHIN (120 s), _WAIT_MS
 //! (250: a simulated agent's receive wait), _KAFKA_AGENTS (100; 0 skips Kafka),
-//! _KAFKA_COMMANDS (100), _ONLY (`tcp` or `kafka`).
+//! _KAFKA_COMMANDS (300), _ONLY (`tcp` or `kafka`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
