@@ -73,6 +73,19 @@ struct Lines {
 }
 
 impl Lines {
+    /// Put back run `r`, whose job was kept as `k`, in the place `k` records.
+    fn add_kept(&mut self, k: Kept, r: &RunRecord) {
+        self.add(
+            (Reverse(k.job.priority), k.seq),
+            Entry {
+                run: r.id.clone(),
+                job: Arc::new(k.job),
+                log: r.log.clone(),
+                since_ms: r.created_ms,
+            },
+        );
+    }
+
     fn add(&mut self, key: Key, e: Entry) {
         self.next_seq = self.next_seq.max(key.1 + 1);
         self.keys.insert(e.run.clone(), key);
@@ -194,6 +207,12 @@ impl Queue {
     fn file(&self, run: &str) -> PathBuf {
         self.dir.join(format!("{run}.json"))
     }
+
+    /// The job kept for `run`, read back.
+    fn kept(&self, run: &str) -> Result<Kept, String> {
+        let bytes = std::fs::read(self.file(run)).map_err(|e| e.to_string())?;
+        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    }
 }
 
 impl Controller {
@@ -248,21 +267,9 @@ impl Controller {
                 }
                 continue;
             }
-            let kept = std::fs::read(self.queue.file(&r.id))
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Kept>(&b).map_err(|e| e.to_string()));
-            match kept {
+            match self.queue.kept(&r.id) {
                 Ok(k) => {
-                    let mut l = self.queue.lines.lock().unwrap();
-                    l.add(
-                        (Reverse(k.job.priority), k.seq),
-                        Entry {
-                            run: r.id.clone(),
-                            job: Arc::new(k.job),
-                            log: r.log.clone(),
-                            since_ms: r.created_ms,
-                        },
-                    );
+                    self.queue.lines.lock().unwrap().add_kept(k, &r);
                     waiting.insert(format!("{}.json", r.id));
                     restored += 1;
                 }
@@ -317,10 +324,7 @@ impl Controller {
         if !self.queue.lines.lock().unwrap().unstarted.remove(run) {
             return false;
         }
-        let kept = std::fs::read(self.queue.file(run))
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Kept>(&b).map_err(|e| e.to_string()));
-        let k = match kept {
+        let k = match self.queue.kept(run) {
             Ok(k) => k,
             Err(e) => {
                 tracing::error!(run, "cannot read the placed run's kept job ({e})");
@@ -345,15 +349,7 @@ impl Controller {
             if let Some(runs) = l.placed.get_mut(agent) {
                 runs.remove(run);
             }
-            l.add(
-                (Reverse(k.job.priority), k.seq),
-                Entry {
-                    run: r.id.clone(),
-                    job: Arc::new(k.job),
-                    log: r.log.clone(),
-                    since_ms: r.created_ms,
-                },
-            );
+            l.add_kept(k, &r);
         }
         tracing::info!(run, agent, "{note}");
         let _ = self.updates.send(Update::Run(Box::new(r)));
