@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trellis::capabilities::secrets::SecretStore;
 use trellis::config::DaemonConfig;
-use trellis::points::bindings::types::LogMetadata;
 use trellis::points::logging::LogWriter;
 use trellis::runtime::{Plugin, Runtime, engine};
+use trellis::wit::types::LogMetadata;
 use trellis_sdk::events::BatchBuilder;
 
 const BATCH: u64 = 256;

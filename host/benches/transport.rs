@@ -75,9 +75,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use trellis::points::bindings::command_transport::{Frame, Lane};
 use trellis::points::transport::{self, Link};
 use trellis::runtime::{Plugin, Runtime};
+use trellis::wit::command_transport::{Frame, Lane};
 
 /// The agent's name on the links (with the round's number) and the raw records' key.
 const AGENT: &str = "bench-agent";

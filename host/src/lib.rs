@@ -15,3 +15,4 @@ pub mod points;
 pub mod protocol;
 pub mod runtime;
 pub mod session;
+pub mod wit;

@@ -221,19 +221,6 @@ impl StepOutcome {
     }
 }
 
-impl From<crate::agent::exec::StepEnd> for StepOutcome {
-    fn from(e: crate::agent::exec::StepEnd) -> Self {
-        use crate::agent::exec::StepEnd::*;
-        match e {
-            Exited(code) => StepOutcome::Exited { code },
-            Signalled(signal) => StepOutcome::Signalled { signal },
-            TimedOut => StepOutcome::TimedOut,
-            Cancelled => StepOutcome::Cancelled,
-            CouldNotStart(reason) => StepOutcome::CouldNotStart { reason },
-        }
-    }
-}
-
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]

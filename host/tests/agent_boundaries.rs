@@ -14,8 +14,8 @@ use trellis::controller::SubmitError;
 use trellis::controller::state::RunStatus;
 use trellis::jobs::Job;
 use trellis::jobs::secrets::SecretRefusal;
-use trellis::points::bindings::log_browser::PageRequest;
 use trellis::protocol::{ArtifactEnd, OutLine, RunOutcome, StepOutcome, ToController, encode};
+use trellis::wit::log_browser::PageRequest;
 
 fn job(text: &str) -> Job {
     Job::parse(text, "job.toml").unwrap()
@@ -41,7 +41,7 @@ fn refused(c: &trellis::controller::Controller, reason: &str) -> u64 {
 
 /// Every event message of a run's log.
 async fn log_lines(s: &Stack, job: &str, run: &str) -> Vec<String> {
-    let meta = trellis::points::bindings::types::LogMetadata {
+    let meta = trellis::wit::types::LogMetadata {
         instance_id: "test-controller".into(),
         ..meta(job, run)
     };

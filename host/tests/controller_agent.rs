@@ -8,8 +8,8 @@ use std::time::Duration;
 use trellis::controller::state::{RunStatus, StepStatus};
 use trellis::controller::{Controller, Update};
 use trellis::jobs::Job;
-use trellis::points::bindings::log_browser::{LogCompleteness, PageRequest};
 use trellis::protocol::{RunOutcome, StepOutcome};
+use trellis::wit::log_browser::{LogCompleteness, PageRequest};
 use trellis_sdk::events::decode;
 
 fn job(text: &str) -> Job {
@@ -42,7 +42,7 @@ async fn a_multi_step_job_runs_and_its_log_is_complete_and_masked() {
     assert!(r.steps.iter().all(|st| st.status == StepStatus::Succeeded));
 
     let meta = meta("build", &run.id);
-    let meta = trellis::points::bindings::types::LogMetadata {
+    let meta = trellis::wit::types::LogMetadata {
         instance_id: "test-controller".into(),
         ..meta
     };
@@ -271,7 +271,7 @@ async fn a_lost_or_restarted_agent_has_its_run_marked_lost_not_hung() {
         "marked after {took:?}, configured 3 s"
     );
     assert_eq!(r.steps[0].status, StepStatus::Skipped);
-    let meta = trellis::points::bindings::types::LogMetadata {
+    let meta = trellis::wit::types::LogMetadata {
         instance_id: "test-controller".into(),
         ..meta("long", &run.id)
     };
@@ -380,7 +380,7 @@ async fn artifacts_arrive_checked_and_a_log_limit_keeps_head_tail_and_the_whole(
     assert_eq!(r.artifacts[2].step, None);
 
     // The stored log: head, a note at the cut, a note counting what was left out, tail.
-    let meta = trellis::points::bindings::types::LogMetadata {
+    let meta = trellis::wit::types::LogMetadata {
         instance_id: "test-controller".into(),
         ..meta("limited", &run.id)
     };
@@ -585,7 +585,7 @@ async fn a_link_cut_mid_step_loses_and_repeats_no_line() {
     let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
     assert_eq!(r.events, N);
-    let meta = trellis::points::bindings::types::LogMetadata {
+    let meta = trellis::wit::types::LogMetadata {
         instance_id: "test-controller".into(),
         ..meta("cut", &run.id)
     };
@@ -646,7 +646,7 @@ async fn a_stack_trace_is_one_event_under_a_multiline_rule() {
         .unwrap();
     let r = wait_final(&s.controller, &run.id, Duration::from_secs(30)).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:?}");
-    let meta = trellis::points::bindings::types::LogMetadata {
+    let meta = trellis::wit::types::LogMetadata {
         instance_id: "test-controller".into(),
         ..meta("traces", &run.id)
     };

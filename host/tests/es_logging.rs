@@ -236,7 +236,7 @@ async fn basic_auth_comes_from_the_secrets_store() {
 /// stops it at load, naming the secret (never its value).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_browser_gets_only_what_it_was_granted() {
-    use trellis::points::bindings::log_browser::PageRequest;
+    use trellis::wit::log_browser::PageRequest;
     let d = tempfile::tempdir().unwrap();
     let es = OpenSearch::shared();
     let rt = runtime(
@@ -293,7 +293,7 @@ async fn the_browser_gets_only_what_it_was_granted() {
 /// what is searchable against the close document's final count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_browser_serves_only_what_is_visible_without_gaps() {
-    use trellis::points::bindings::log_browser::{LogCompleteness, MissingEvents, PageRequest};
+    use trellis::wit::log_browser::{LogCompleteness, MissingEvents, PageRequest};
     let d = tempfile::tempdir().unwrap();
     let es = OpenSearch::shared();
     let rt = runtime(
@@ -399,7 +399,7 @@ async fn the_browser_serves_only_what_is_visible_without_gaps() {
 /// `denied` without being echoed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_a_private_ca_and_an_api_key() {
-    use trellis::points::bindings::log_browser::{LogCompleteness, PageRequest};
+    use trellis::wit::log_browser::{LogCompleteness, PageRequest};
     let d = tempfile::tempdir().unwrap();
     let (ca, cert, key) = tls_files(d.path());
     let api_key = "dHJlbGxpczpzM2NyM3Q="; // base64("trellis:s3cr3t")

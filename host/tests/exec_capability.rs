@@ -8,8 +8,8 @@
 mod common;
 
 use common::*;
-use trellis::points::bindings::fence_agent::FenceAction;
 use trellis::points::fence::{FenceDevice, FenceOutcome};
+use trellis::wit::fence_agent::FenceAction;
 
 async fn device(dir: &std::path::Path, grant: &str, target: &str) -> FenceDevice {
     let rt = runtime(&format!("[plugins.fence-stub]\n{grant}"), dir, &[]);

@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use trellis::points::bindings::fence_agent::FenceAction;
 use trellis::points::fence::{Confirm, FenceDevice, FenceOutcome};
+use trellis::wit::fence_agent::FenceAction;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ok_that_status_does_not_confirm_is_not_fenced_and_is_counted() {

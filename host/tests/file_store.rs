@@ -5,9 +5,9 @@
 mod common;
 
 use common::*;
-use trellis::points::bindings::log_browser::{LogCompleteness, PageRequest};
 use trellis::points::browser::LogReader;
 use trellis::points::logging::LogWriter;
+use trellis::wit::log_browser::{LogCompleteness, PageRequest};
 use trellis_sdk::events::{BatchBuilder, decode};
 
 fn batch(from: u64, to: u64) -> Vec<u8> {

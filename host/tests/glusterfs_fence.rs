@@ -16,8 +16,8 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use trellis::points::bindings::fence_agent::{FenceAction, PowerState};
 use trellis::points::fence::{FenceDevice, FenceOutcome};
+use trellis::wit::fence_agent::{FenceAction, PowerState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_fencing_cuts_an_address_off_the_volume_and_lets_it_back() {

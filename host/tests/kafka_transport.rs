@@ -11,8 +11,8 @@ use std::time::Duration;
 use trellis::controller::state::RunStatus;
 use trellis::controller::{Controller, ControllerConfig};
 use trellis::jobs::Job;
-use trellis::points::bindings::log_browser::PageRequest;
 use trellis::runtime::{Plugin, Runtime};
+use trellis::wit::log_browser::PageRequest;
 use trellis_sdk::events::decode;
 
 async fn controller(
@@ -81,7 +81,7 @@ async fn run_one_job(
 /// The first 10,000 events of run `run` of `job` (this file's controllers' instance id),
 /// as a packed event batch.
 async fn whole_log(reader: &trellis::points::browser::LogReader, job: &str, run: &str) -> Vec<u8> {
-    let meta = trellis::points::bindings::types::LogMetadata {
+    let meta = trellis::wit::types::LogMetadata {
         instance_id: "kafka-test".into(),
         ..meta(job, run)
     };
@@ -237,8 +237,8 @@ async fn topics_outside_the_granted_prefixes_are_denied() {
 /// skipped with a logged error instead of breaking the link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_50_mib_frame_crosses_whole_and_foreign_records_are_skipped() {
-    use trellis::points::bindings::command_transport::{Frame, Lane};
     use trellis::points::transport;
+    use trellis::wit::command_transport::{Frame, Lane};
     let broker = Kafka::start();
     let d = tempfile::tempdir().unwrap();
     let rt = runtime(

@@ -3,11 +3,11 @@
 mod common;
 
 use common::*;
-use trellis::points::bindings::fence_agent::FenceAction;
 use trellis::points::fence::{FenceDevice, FenceOutcome};
 use trellis::points::logging::{LogError, LogWriter};
 use trellis::points::{FailurePolicy, Point};
 use trellis::runtime::PluginError;
+use trellis::wit::fence_agent::FenceAction;
 
 #[test]
 fn policies_are_declared_per_point() {

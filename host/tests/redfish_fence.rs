@@ -9,8 +9,8 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::time::{Duration, Instant};
-use trellis::points::bindings::fence_agent::{FenceAction, PowerState};
 use trellis::points::fence::{FenceDevice, FenceOutcome};
+use trellis::wit::fence_agent::{FenceAction, PowerState};
 
 const PASSWORD: &str = "bmc-password-value";
 

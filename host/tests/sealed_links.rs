@@ -340,8 +340,8 @@ fn cpu_time() -> Duration {
 /// get acknowledged, and the real agent, coming back, supersedes it and runs work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_connection_supersedes_cleanly_with_no_wedge_and_no_busy_loop() {
-    use trellis::points::bindings::command_transport::{Frame, Lane};
     use trellis::session::link::{AgentSession, introduce};
+    use trellis::wit::command_transport::{Frame, Lane};
     if over_kafka() {
         // Over Kafka the superseded connection's sends still succeed (the broker takes
         // them), so its being dropped is only seen over TCP.

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use trellis::points::bindings::command_transport::Lane;
 use trellis::points::transport::{self, Link, Listener};
 use trellis::runtime::Plugin;
 use trellis::session::Session;
@@ -15,6 +14,7 @@ use trellis::session::link::{
     AgentSession, HandshakeError, LinkDown, Liveness, challenge, exchange, introduce, welcome,
 };
 use trellis::session::seal::LinkSeal;
+use trellis::wit::command_transport::Lane;
 
 async fn tcp(dir: &std::path::Path) -> Arc<Plugin> {
     let port = free_port();

@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use trellis::points::bindings::command_transport::{Frame, Lane};
 use trellis::points::transport::{self, Link};
 use trellis::runtime::{ErrorKind, Plugin, PluginError};
+use trellis::wit::command_transport::{Frame, Lane};
 
 async fn plugin(dir: &std::path::Path, port: u16, granted: bool) -> Arc<Plugin> {
     let sockets = if granted {

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use trellis::points::bindings::command_transport::Lane;
 use trellis::points::transport::{self, Link};
 use trellis::protocol::{self, OutLine, RunOutcome, StepOutcome, ToAgent, ToController};
 use trellis::runtime::Plugin;
@@ -20,6 +19,7 @@ use trellis::session::Session;
 use trellis::session::link::{
     AgentSession, Introduced, LinkDown, Liveness, commit_handled, exchange, introduce, take_frames,
 };
+use trellis::wit::command_transport::Lane;
 
 /// One simulated agent's name, secret and label.
 #[derive(Clone)]

@@ -51,6 +51,21 @@ impl StepEnd {
     }
 }
 
+/// What the agent tells the controller of a step's end (the message vocabulary knows
+/// no role's internals: the conversion lives with the agent).
+impl From<StepEnd> for crate::protocol::StepOutcome {
+    fn from(e: StepEnd) -> Self {
+        use crate::protocol::StepOutcome;
+        match e {
+            StepEnd::Exited(code) => StepOutcome::Exited { code },
+            StepEnd::Signalled(signal) => StepOutcome::Signalled { signal },
+            StepEnd::TimedOut => StepOutcome::TimedOut,
+            StepEnd::Cancelled => StepOutcome::Cancelled,
+            StepEnd::CouldNotStart(reason) => StepOutcome::CouldNotStart { reason },
+        }
+    }
+}
+
 pub struct StepCommand<'a> {
     pub run: &'a str,
     pub dir: &'a Path,

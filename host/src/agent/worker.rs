@@ -8,8 +8,6 @@ use crate::agent::exec::{self, Output, StepCommand, Stream};
 use crate::agent::mask::Masker;
 use crate::agent::multiline::{self, MultiLine};
 use crate::ha::token::CommandGate;
-use crate::points::bindings::command_transport::Lane;
-use crate::points::bindings::types::LogMetadata;
 use crate::points::log_set::{self, LeftBehind, LogSet, OpenLog};
 use crate::points::transport;
 use crate::protocol::{
@@ -20,6 +18,8 @@ use crate::session::link::{
     AgentSession, HandshakeError, Introduced, LinkDown, Liveness, commit_handled, exchange,
     introduce, take_frames,
 };
+use crate::wit::command_transport::Lane;
+use crate::wit::types::LogMetadata;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;

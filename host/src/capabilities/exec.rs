@@ -5,8 +5,8 @@
 //! alphabet, so nothing the plugin passes can turn into an option or an extra argument.
 
 use crate::config::ExecTemplate;
-use crate::points::bindings::host_exec::{ExecError, Host, Output};
 use crate::runtime::state::InstanceState;
+use crate::wit::host_exec::{ExecError, Host, Output};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::AsyncReadExt;

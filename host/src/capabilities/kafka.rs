@@ -11,10 +11,10 @@
 //! and holds it (`peeked`) for the next `poll`, so the host can wait on many consumers
 //! at once, in host code, with no plugin call while nothing arrives.
 
-use crate::points::bindings::host_kafka::{
+use crate::runtime::state::InstanceState;
+use crate::wit::host_kafka::{
     Header, Host, HostConsumer, HostProducer, Incoming, KafkaError, Outgoing, Start,
 };
-use crate::runtime::state::InstanceState;
 use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;

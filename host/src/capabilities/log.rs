@@ -3,9 +3,9 @@
 //! against the plugin's output budget (`runtime/output.rs`, shared with its stdout and
 //! stderr and across its instances), so a chatty plugin cannot flood the daemon's log.
 
-use crate::points::bindings::host_log::{Host, Level};
 use crate::runtime::output::{OutputBudget, OutputRate, Stream, escape_controls};
 use crate::runtime::state::InstanceState;
+use crate::wit::host_log::{Host, Level};
 use std::sync::Arc;
 
 const MAX_MESSAGE: usize = 4096;

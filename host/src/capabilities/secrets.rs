@@ -1,8 +1,8 @@
 //! `trellis:host/secrets`: the operator's secret store, seen by each plugin only through
 //! its grant list. Values never reach logs, `Debug` output, env or argv.
 
-use crate::points::bindings::host_secrets::{Host, SecretError};
 use crate::runtime::state::InstanceState;
+use crate::wit::host_secrets::{Host, SecretError};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;

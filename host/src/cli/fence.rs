@@ -27,10 +27,10 @@
 
 use crate::capabilities::secrets::SecretStore;
 use crate::config::DaemonConfig;
-use crate::points::bindings::fence_agent::{Action, AgentInfo, FenceAction, PowerState};
 use crate::points::fence::{FenceDevice, FenceOutcome};
 use crate::runtime::Runtime;
 use crate::runtime::manifest::Manifest;
+use crate::wit::fence_agent::{Action, AgentInfo, FenceAction, PowerState};
 use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;

@@ -154,7 +154,7 @@ fn describe(p: &Plugin) {
         versions.join(", "),
         SERVED_WIT.join(", ")
     );
-    let current = crate::points::bindings::versioned::CURRENT;
+    let current = crate::wit::versioned::CURRENT;
     if !versions.is_empty() && !versions.contains(&current) {
         println!(
             "               served as it is; the current contract is {current} (what changed: wit/README.md)"

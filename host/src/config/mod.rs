@@ -2,6 +2,7 @@
 //! granted. What a plugin *asks for* lives in its plugin.toml (see `runtime::manifest`);
 //! this file is what the operator *provides*. Unknown keys are errors everywhere.
 
+pub mod defaults;
 pub mod units;
 
 use serde::Deserialize;
@@ -217,13 +218,13 @@ impl AgentSection {
 }
 
 fn default_heartbeat() -> HumanDuration {
-    HumanDuration(crate::session::link::DEFAULT_HEARTBEAT)
+    HumanDuration(defaults::DEFAULT_HEARTBEAT)
 }
 fn default_agent_lost_after() -> HumanDuration {
-    HumanDuration(crate::controller::DEFAULT_AGENT_LOST_AFTER)
+    HumanDuration(defaults::DEFAULT_AGENT_LOST_AFTER)
 }
 fn default_log_buffer_limit() -> ByteSize {
-    ByteSize(crate::controller::DEFAULT_LOG_BUFFER_LIMIT)
+    ByteSize(defaults::DEFAULT_LOG_BUFFER_LIMIT)
 }
 fn default_instance_id() -> String {
     "trellis".into()

@@ -6,9 +6,9 @@
 //! confirmation (points/fence.rs), and asks `status` itself, to name the half that broke.
 
 use super::Suite;
-use crate::points::bindings::fence_agent::{Action, FenceAction, PowerState};
 use crate::points::fence::{FenceDevice, FenceOutcome};
 use crate::runtime::Plugin;
+use crate::wit::fence_agent::{Action, FenceAction, PowerState};
 use std::sync::Arc;
 
 pub async fn suite(plugin: Arc<Plugin>, params: &[(String, String)]) -> Suite {

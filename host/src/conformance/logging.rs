@@ -2,11 +2,11 @@
 //! the contract says (wit/logging-method.wit, wit/log-browser.wit).
 
 use super::Suite;
-use crate::points::bindings::log_browser::{LogCompleteness, PageRequest};
-use crate::points::bindings::types::LogMetadata;
 use crate::points::browser::LogReader;
 use crate::points::logging::LogWriter;
 use crate::runtime::Plugin;
+use crate::wit::log_browser::{LogCompleteness, PageRequest};
+use crate::wit::types::LogMetadata;
 use std::sync::Arc;
 use std::time::Duration;
 use trellis_sdk::events::{BatchBuilder, decode};

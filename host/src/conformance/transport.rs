@@ -2,9 +2,9 @@
 //! configuration says), frames both ways as the contract says (wit/command-transport.wit).
 
 use super::Suite;
-use crate::points::bindings::command_transport::{Frame, Lane};
 use crate::points::transport::{self, Link, Listener};
 use crate::runtime::Plugin;
+use crate::wit::command_transport::{Frame, Lane};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

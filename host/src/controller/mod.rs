@@ -8,9 +8,6 @@ pub mod state;
 use crate::ha::token::StateGate;
 use crate::jobs::Job;
 use crate::jobs::secrets::{JobSecrets, SecretRefusal};
-use crate::points::bindings::command_transport::Lane;
-use crate::points::bindings::logging_method::Side;
-use crate::points::bindings::types::LogMetadata;
 use crate::points::log_set::{self, LeftBehind, LogSet, OpenLog};
 use crate::points::transport::{self, Link, Listener};
 use crate::protocol::{self, RunOutcome, ToAgent, ToController};
@@ -19,6 +16,9 @@ use crate::session::Session;
 use crate::session::link::{
     HANDSHAKE_TIMEOUT, Hello, LinkDown, Liveness, challenge, commit_handled, exchange, welcome,
 };
+use crate::wit::command_transport::Lane;
+use crate::wit::logging_method::Side;
+use crate::wit::types::LogMetadata;
 use state::{LogLocator, RunRecord, RunStatus, RunStore, StepStatus};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -65,11 +65,8 @@ pub struct ControllerConfig {
 /// that finishes past `keep-runs`).
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
-/// Default for `ControllerConfig::agent_lost_after`.
-pub const DEFAULT_AGENT_LOST_AFTER: Duration = Duration::from_secs(60);
-
-/// Default for `ControllerConfig::log_buffer_limit`.
-pub const DEFAULT_LOG_BUFFER_LIMIT: u64 = 256 << 20;
+/// Defaults for `ControllerConfig::agent_lost_after` and `log_buffer_limit`.
+pub use crate::config::defaults::{DEFAULT_AGENT_LOST_AFTER, DEFAULT_LOG_BUFFER_LIMIT};
 
 /// Something that changed, for followers (CLI, API).
 #[derive(Debug, Clone)]

@@ -12,8 +12,8 @@
 //!   that held the active role waits a fixed plus a random delay, while fencing the
 //!   standby does not: the active side shoots first and survives.
 
-use crate::points::bindings::fence_agent::FenceAction;
 use crate::points::fence::{FenceDevice, FenceOutcome};
+use crate::wit::fence_agent::FenceAction;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};

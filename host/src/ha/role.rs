@@ -20,7 +20,7 @@ use crate::ha::fencing::{RaceDelay, Topology};
 use crate::ha::leader::{Etcd, Leader, campaign, wait_vacant};
 use crate::ha::status::{ClusterStatus, Failover, Role};
 use crate::ha::token::StateGate;
-use crate::points::bindings::fence_agent::FenceAction;
+use crate::wit::fence_agent::FenceAction;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;

@@ -12,9 +12,9 @@
 //! follower to check, which knows the last seq it served: the API's follow and
 //! `trellis logs` do.)
 
-use crate::points::bindings::log_browser::{LogCompleteness, Page, PageRequest};
-use crate::points::bindings::types::LogMetadata;
 use crate::runtime::{Plugin, PluginError};
+use crate::wit::log_browser::{LogCompleteness, Page, PageRequest};
+use crate::wit::types::LogMetadata;
 use std::sync::Arc;
 use trellis_sdk::events::EventView;
 

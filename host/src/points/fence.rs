@@ -9,8 +9,8 @@
 //! state is reached or `--power-timeout` passes), the host asks `status` until it says
 //! `off` for an off (`on` for an on or a reboot), within [`Confirm::timeout`].
 
-use crate::points::bindings::fence_agent::{AgentInfo, FenceAction, PowerState, Target};
 use crate::runtime::{Plugin, PluginError};
+use crate::wit::fence_agent::{AgentInfo, FenceAction, PowerState, Target};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};

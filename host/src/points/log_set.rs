@@ -18,12 +18,12 @@
 //! buffer, and the note goes to the daemon's log and to `on_incomplete` (the
 //! controller writes it into the run record).
 
-use crate::points::bindings::logging_method::Side;
-use crate::points::bindings::types::LogMetadata;
 use crate::points::log_buffer::{self, Budget};
 use crate::points::logging::{Closed, LogBuffers, LogError, LogWriter, runs_on};
 use crate::protocol::OutLine;
 use crate::runtime::{Plugin, PluginError};
+use crate::wit::logging_method::Side;
+use crate::wit::types::LogMetadata;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;

@@ -14,17 +14,17 @@
 //! buffer's records and `pending` stay paired in order. Even the buffer's file may be
 //! opened late this way. What is held only in memory is lost if the process dies first.
 
-use crate::points::bindings::logging_method::Side;
-use crate::points::bindings::types::LogMetadata;
 use crate::points::log_buffer::{Budget, LogBuffer};
 use crate::runtime::{Instance, Plugin, PluginError};
+use crate::wit::logging_method::Side;
+use crate::wit::types::LogMetadata;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceAny;
 
-pub use crate::points::bindings::logging_method::Side as RunsOn;
+pub use crate::wit::logging_method::Side as RunsOn;
 
 /// Where a logging method runs (asked of the plugin once, on a fresh instance).
 pub async fn runs_on(plugin: &Plugin) -> Result<Side, PluginError> {

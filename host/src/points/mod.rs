@@ -21,7 +21,6 @@ macro_rules! pooled_call {
     }};
 }
 
-pub mod bindings;
 pub mod browser;
 pub mod fence;
 pub mod log_buffer;
@@ -31,32 +30,9 @@ pub mod transport;
 
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Point {
-    CommandTransport,
-    LoggingMethod,
-    LogBrowser,
-    FenceAgent,
-}
+pub use crate::wit::Point;
 
 impl Point {
-    pub const ALL: [Point; 4] = [
-        Point::CommandTransport,
-        Point::LoggingMethod,
-        Point::LogBrowser,
-        Point::FenceAgent,
-    ];
-
-    /// The interface name in `trellis:plugin`.
-    pub fn interface(self) -> &'static str {
-        match self {
-            Point::CommandTransport => "command-transport",
-            Point::LoggingMethod => "logging-method",
-            Point::LogBrowser => "log-browser",
-            Point::FenceAgent => "fence-agent",
-        }
-    }
-
     /// What the host does when a plugin at this point fails. Declared here, in one
     /// place, and followed by the point's adapter.
     pub fn failure_policy(self) -> FailurePolicy {
@@ -66,12 +42,6 @@ impl Point {
             Point::LogBrowser => FailurePolicy::ReportUnavailable,
             Point::CommandTransport => FailurePolicy::Reconnect,
         }
-    }
-}
-
-impl fmt::Display for Point {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.interface())
     }
 }
 

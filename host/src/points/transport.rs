@@ -15,8 +15,8 @@
 //! thus makes no plugin call until a frame arrives or one is due out. Transports from
 //! before 0.3.0 have no pollable and are polled, as they always were (`Polling`).
 
-use crate::points::bindings::command_transport::{Frame, Lane};
 use crate::runtime::{Instance, Plugin, PluginError};
+use crate::wit::command_transport::{Frame, Lane};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};

@@ -2,9 +2,9 @@
 //! manifest and against what this host serves — before anything is instantiated.
 
 use crate::config::Problem;
-use crate::points::Point;
 use crate::runtime::manifest::{Capability, Manifest, WitVersion};
 use crate::runtime::{SERVED_HOST_WIT, SERVED_WIT};
+use crate::wit::Point;
 use std::collections::{BTreeMap, BTreeSet};
 use wasmtime::Engine;
 use wasmtime::component::Component;

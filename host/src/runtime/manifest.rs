@@ -17,7 +17,7 @@
 //! ```
 
 use crate::config::{Problem, Problems};
-use crate::points::Point;
+use crate::wit::Point;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -340,7 +340,7 @@ impl Manifest {
                 format!("`{}` is not a trellis:plugin version", p.wit),
                 format!(
                     "write the version your component was built against, e.g. `{}`",
-                    crate::points::bindings::versioned::CURRENT
+                    crate::wit::versioned::CURRENT
                 ),
             );
         }

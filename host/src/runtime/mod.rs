@@ -20,8 +20,8 @@ use crate::capabilities::http::Authority;
 use crate::capabilities::secrets::SecretStore;
 use crate::capabilities::sockets::SocketGrant;
 use crate::config::{DaemonConfig, PluginGrants, Problem, Problems};
-use crate::points::bindings::versioned::Version;
-use crate::points::bindings::{host_exec, host_kafka, host_log, host_secrets};
+use crate::wit::versioned::Version;
+use crate::wit::{host_exec, host_kafka, host_log, host_secrets};
 use budget::{InstancePool, PluginBudget};
 pub use errors::{ErrorKind, PluginError};
 use inspect::ComponentInfo;
@@ -37,7 +37,7 @@ use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
 /// The `trellis:plugin` versions this host serves, oldest first.
-pub use crate::points::bindings::versioned::SERVED as SERVED_WIT;
+pub use crate::wit::versioned::SERVED as SERVED_WIT;
 /// The `trellis:host` versions this host serves.
 /// 0.1.1 only adds to 0.1.0 (`kafka` `consumer.subscribe`), so the linker's one set of
 /// 0.1.1 capabilities serves 0.1.0 imports too (wasmtime matches semver-compatible names).

@@ -17,7 +17,6 @@
 
 use crate::capabilities::secrets::SecretStore;
 use crate::config::QuarantineConfig;
-use crate::points::bindings::types;
 use crate::runtime::budget::{InstanceCharge, PluginBudget, Refusal};
 use crate::runtime::engine::{EPOCH_TICK, EpochTicker, GuestRunning};
 use crate::runtime::errors::{ErrorKind, PluginError};
@@ -27,6 +26,7 @@ use crate::runtime::limits::Limits;
 use crate::runtime::manifest::Manifest;
 use crate::runtime::metrics::PluginMetrics;
 use crate::runtime::state::{Grants, InstanceState};
+use crate::wit::types;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
@@ -53,8 +53,8 @@ pub struct CompileStats {
     pub from_cache: bool,
 }
 
-pub(crate) use crate::points::bindings::versioned::ExportIndices;
-pub use crate::points::bindings::versioned::Exports;
+pub(crate) use crate::wit::versioned::ExportIndices;
+pub use crate::wit::versioned::Exports;
 
 /// One live instance. Owned by whoever uses it; resources (a log writer, a channel)
 /// live inside it, so stateful users keep their instance.

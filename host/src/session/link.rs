@@ -25,9 +25,9 @@
 
 use super::seal::{self, Challenge, LinkSeal, MAX_HANDSHAKE_FRAME, Side, Unsealed};
 use super::{Incoming, Session, auth, signal};
-use crate::points::bindings::command_transport::{Frame, Lane};
 use crate::points::transport::Link;
 use crate::runtime::PluginError;
+use crate::wit::command_transport::{Frame, Lane};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -397,7 +397,7 @@ pub async fn commit_handled(session: &Session, link: &Link, done: &mut [u64; 2])
 }
 
 /// How often an idle side says it is alive, unless configured otherwise.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+pub use crate::config::defaults::DEFAULT_HEARTBEAT;
 
 /// A link silent for this many heartbeat intervals is given up.
 pub const SILENT_INTERVALS: u32 = 5;

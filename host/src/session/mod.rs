@@ -15,7 +15,7 @@ pub mod auth;
 pub mod link;
 pub mod seal;
 
-use crate::points::bindings::command_transport::{Frame, Lane};
+use crate::wit::command_transport::{Frame, Lane};
 use std::collections::VecDeque;
 
 pub fn lane_index(l: Lane) -> usize {

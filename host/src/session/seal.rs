@@ -54,7 +54,7 @@
 //! (`openssl rand -hex 32`), not a password.
 
 use super::auth::hmac_sha256;
-use crate::points::bindings::command_transport::{Frame, Lane};
+use crate::wit::command_transport::{Frame, Lane};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::hkdf;
 use sha2::{Digest, Sha256};

@@ -43,8 +43,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use trellis::capabilities::secrets::SecretStore;
 use trellis::config::DaemonConfig;
-use trellis::points::bindings::types::LogMetadata;
 use trellis::runtime::Runtime;
+use trellis::wit::types::LogMetadata;
 
 fn dir_from_env(var: &str) -> PathBuf {
     match std::env::var_os(var) {

@@ -9,8 +9,8 @@
 //! calls `rogue_main`.
 
 use std::time::{Duration, Instant};
-use trellis::points::bindings::command_transport::Lane;
 use trellis::session::link::{AgentSession, Liveness, exchange, introduce};
+use trellis::wit::command_transport::Lane;
 
 /// Carries a `RogueOrders` (JSON) to the rogue process.
 pub const ROGUE_ENV: &str = "TRELLIS_TEST_ROGUE";

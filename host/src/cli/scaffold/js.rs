@@ -6,7 +6,7 @@
 
 use super::{NOT_YET, Needs, needs, readme, snake, tool_manifest, wit};
 use crate::points::Point;
-use crate::points::bindings::versioned::CURRENT;
+use crate::wit::versioned::CURRENT;
 
 pub(super) fn project(name: &str, point: Point) -> anyhow::Result<Vec<(String, String)>> {
     let module = snake(name);

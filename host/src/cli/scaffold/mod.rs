@@ -105,7 +105,7 @@ fn snake(name: &str) -> String {
 }
 
 fn manifest(name: &str, point: Point, component: &str, capabilities: &str, config: &str) -> String {
-    let wit = crate::points::bindings::versioned::CURRENT;
+    let wit = crate::wit::versioned::CURRENT;
     format!(
         r#"# The plugin's manifest: what the host reads before it loads the component.
 [plugin]
@@ -122,7 +122,7 @@ capabilities = [{capabilities}]
 }
 
 fn readme(name: &str, point: Point, build: &str, grants: &str, test: &str) -> String {
-    let wit = crate::points::bindings::versioned::CURRENT;
+    let wit = crate::wit::versioned::CURRENT;
     format!(
         r#"# {name}
 

@@ -15,6 +15,41 @@ pub mod v0_1;
 pub mod v0_2;
 pub mod versioned;
 
+/// The extension points of `trellis:plugin`, one per interface a plugin may export.
+/// (What the host does when one fails is the adapters' business: `points::FailurePolicy`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Point {
+    CommandTransport,
+    LoggingMethod,
+    LogBrowser,
+    FenceAgent,
+}
+
+impl Point {
+    pub const ALL: [Point; 4] = [
+        Point::CommandTransport,
+        Point::LoggingMethod,
+        Point::LogBrowser,
+        Point::FenceAgent,
+    ];
+
+    /// The interface name in `trellis:plugin`.
+    pub fn interface(self) -> &'static str {
+        match self {
+            Point::CommandTransport => "command-transport",
+            Point::LoggingMethod => "logging-method",
+            Point::LogBrowser => "log-browser",
+            Point::FenceAgent => "fence-agent",
+        }
+    }
+}
+
+impl std::fmt::Display for Point {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.interface())
+    }
+}
+
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "trellis:plugin/host",

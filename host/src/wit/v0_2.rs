@@ -1,19 +1,19 @@
-//! `trellis:plugin@0.1.0`, generated from the frozen `wit/v0.1.0/`, and its conversions
+//! `trellis:plugin@0.2.0`, generated from the frozen `wit/v0.2.0/`, and its conversions
 //! into the current version's types.
 //!
-//! 0.2.0 differs from 0.1.0 only in `log-browser`'s `page` (it gained `total`), but every
-//! interface of a package carries the package's version, so each 0.1.0 export has its own
-//! bindings here. Types that live in `types` (errors, log metadata, event batches) and the
+//! 0.3.0 differs from 0.2.0 only in `command-transport` (channel and listener gained
+//! `subscribe`; a 0.2.0 transport is polled, as before), but every interface of a package
+//! carries the package's version, so each 0.2.0 export has its own bindings here. Types that live in `types` (errors, log metadata, event batches) and the
 //! host's capabilities are the current ones (`with`), so most calls need no conversion.
 
 wasmtime::component::bindgen!({
-    path: "../wit/v0.1.0",
+    path: "../wit/v0.2.0",
     world: "trellis:plugin/host",
     imports: { default: async },
     exports: { default: async },
     with: {
-        "trellis:host": crate::points::bindings::trellis::host,
-        "trellis:plugin/types": crate::points::bindings::types,
+        "trellis:host": crate::wit::trellis::host,
+        "trellis:plugin/types": crate::wit::types,
     },
 });
 
@@ -78,13 +78,12 @@ impl From<&now_browser::PageRequest> for log_browser::PageRequest {
     }
 }
 
-/// A 0.1.0 browser cannot count: its pages have no total.
 impl From<log_browser::Page> for now_browser::Page {
     fn from(p: log_browser::Page) -> Self {
         Self {
             events: p.events,
             next: p.next,
-            total: None,
+            total: p.total,
         }
     }
 }

@@ -16,7 +16,7 @@ use wasmtime::Store;
 use wasmtime::component::{Instance, InstancePre, Resource, ResourceAny};
 use wasmtime_wasi::p2::DynPollable;
 
-use crate::points::Point;
+use crate::wit::Point;
 
 type S<'a> = &'a mut Store<InstanceState>;
 type Answer<T> = Result<std::result::Result<T, types::Error>>;
