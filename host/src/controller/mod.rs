@@ -1246,8 +1246,18 @@ impl Controller {
         })
     }
 
+    /// Change a run's record and announce it. (Only here does a run's status change;
+    /// `publish` alone also carries the output progress, which never does.)
     fn update(&self, run: &str, f: impl FnOnce(&mut RunRecord)) {
-        self.publish(run, self.store.update(run, f));
+        let updated = self.store.update(run, f);
+        // Started (or ended) on its agent: its kept job is no longer needed.
+        if let Ok(Some(r)) = &updated
+            && r.status != RunStatus::Queued
+            && self.queue.take_unstarted(&r.id)
+        {
+            self.forget_job(&r.id);
+        }
+        self.publish(run, updated);
     }
 
     fn publish(&self, run: &str, updated: std::io::Result<Option<RunRecord>>) {
@@ -1257,10 +1267,6 @@ impl Controller {
                 // see the next run placed on it before this one ended.
                 let freed = (r.status.is_final() && !r.agent.is_empty())
                     .then(|| (r.agent.clone(), r.id.clone()));
-                // Started (or ended) on its agent: its kept job is no longer needed.
-                if r.status != RunStatus::Queued && self.queue.started(&r.id) {
-                    self.forget_job(&r.id);
-                }
                 if r.status.is_final()
                     && self
                         .cfg

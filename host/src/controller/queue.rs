@@ -189,9 +189,9 @@ impl Queue {
         }
     }
 
-    /// Whether `run` was placed and its job is still kept (true once: the caller
-    /// removes the job).
-    pub(super) fn started(&self, run: &str) -> bool {
+    /// Whether `run` was placed and not started, its job still kept; it no longer
+    /// counts as such (true once: the caller removes or uses the job).
+    pub(super) fn take_unstarted(&self, run: &str) -> bool {
         self.lines.lock().unwrap().unstarted.remove(run)
     }
 
@@ -321,7 +321,7 @@ impl Controller {
     /// back in the queue in the place it had, its executor freed. False when its job is
     /// no longer kept (it started, or the file cannot be read): the caller ends it.
     pub(super) fn requeue(&self, agent: &str, run: &str, note: &str) -> bool {
-        if !self.queue.lines.lock().unwrap().unstarted.remove(run) {
+        if !self.queue.take_unstarted(run) {
             return false;
         }
         let k = match self.queue.kept(run) {

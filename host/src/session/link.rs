@@ -453,11 +453,15 @@ impl Liveness {
         }
     }
 
-    /// Whether a heartbeat goes out in this round: due on the timer, or (answering)
-    /// something was heard and half an interval passed.
-    fn heartbeat_due(&self, heard: bool) -> bool {
-        let since = self.last_sent.elapsed();
-        since >= self.heartbeat_after() || (self.answering && heard && since >= self.interval / 2)
+    /// Whether a heartbeat is due on this side's own timer.
+    fn heartbeat_due(&self) -> bool {
+        self.last_sent.elapsed() >= self.heartbeat_after()
+    }
+
+    /// Whether an answering side answers what it just heard: half an interval passed
+    /// since it last sent.
+    fn answer_due(&self) -> bool {
+        self.answering && self.last_sent.elapsed() >= self.interval / 2
     }
 
     fn silence_limit(&self) -> Duration {
@@ -505,7 +509,7 @@ pub async fn exchange(
 ) -> Result<(), LinkDown> {
     let mut out = session.outgoing(BULK_PER_ROUND);
     let busy = !out.is_empty();
-    if !busy && live.heartbeat_due(false) {
+    if !busy && live.heartbeat_due() {
         out.push(sig(signal::HEARTBEAT, &[]));
     }
     if !out.is_empty() {
@@ -528,7 +532,7 @@ pub async fn exchange(
         return Err(LinkDown::Silent(live.silence_limit()));
     }
     take_frames(session, seal, frames, delivered)?;
-    if !busy && live.answering && heard && live.heartbeat_due(true) {
+    if !busy && heard && live.answer_due() {
         // Answer now, in this round, rather than wake again for the timer.
         link.send(vec![seal.seal(sig(signal::HEARTBEAT, &[]))])
             .await?;

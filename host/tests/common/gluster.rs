@@ -43,6 +43,13 @@ fn running(name: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A node of the volume that `volume status` shows online.
+struct OnlineNode {
+    path: String,
+    port: Option<u16>,
+    pid: Option<u32>,
+}
+
 /// glusterd and the test's started volume.
 pub struct Gluster {
     pidfile: PathBuf,
@@ -147,44 +154,46 @@ impl Gluster {
         )
     }
 
+    /// What `volume status --xml` shows online: one <node> per brick and daemon, each
+    /// with its <path>, <port> and <pid> (<status> 1 = online). Empty when it cannot be
+    /// read.
+    fn online(&self) -> Vec<OnlineNode> {
+        let (ok, xml) = gluster(&["volume", "status", &self.volume, "--xml"]);
+        if !ok {
+            return Vec::new();
+        }
+        let field = |node: &str, f: &str| -> Option<String> {
+            let open = format!("<{f}>");
+            let close = format!("</{f}>");
+            Some(node.split(&open).nth(1)?.split(&close).next()?.to_string())
+        };
+        xml.split("<node>")
+            .filter(|n| n.contains("<status>1</status>"))
+            .filter_map(|n| {
+                Some(OnlineNode {
+                    path: field(n, "path")?,
+                    port: field(n, "port").and_then(|p| p.parse().ok()),
+                    pid: field(n, "pid").and_then(|p| p.parse().ok()),
+                })
+            })
+            .collect()
+    }
+
     /// The port and process of brick `name` (`b1`, `b2`) under `dir`, if it is online.
     pub fn brick(&self, dir: &Path, name: &str) -> Option<(u16, u32)> {
         let path = dir.join(name).display().to_string();
-        let (_, xml) = gluster(&["volume", "status", &self.volume, "--xml"]);
-        let node = xml.split("<node>").find(|n| {
-            n.contains(&format!("<path>{path}</path>")) && n.contains("<status>1</status>")
-        })?;
-        let field = |f: &str| -> Option<String> {
-            Some(
-                node.split(&format!("<{f}>"))
-                    .nth(1)?
-                    .split(&format!("</{f}>"))
-                    .next()?
-                    .to_string(),
-            )
-        };
-        Some((field("port")?.parse().ok()?, field("pid")?.parse().ok()?))
+        let node = self.online().into_iter().find(|n| n.path == path)?;
+        Some((node.port?, node.pid?))
     }
 
     /// The bricks under `dir` that `volume status` does not show online (all of them
     /// when it cannot be read).
     pub fn bricks_down(&self, dir: &Path) -> Vec<String> {
-        let all: Vec<String> = ["b1", "b2"]
+        let online = self.online();
+        ["b1", "b2"]
             .iter()
             .map(|b| dir.join(b).display().to_string())
-            .collect();
-        let (ok, xml) = gluster(&["volume", "status", &self.volume, "--xml"]);
-        if !ok {
-            return all;
-        }
-        // One <node> per brick and daemon, each with its <path> and <status> (1 = online).
-        let online: Vec<&str> = xml
-            .split("<node>")
-            .filter(|n| n.contains("<status>1</status>"))
-            .filter_map(|n| n.split("<path>").nth(1)?.split("</path>").next())
-            .collect();
-        all.into_iter()
-            .filter(|b| !online.contains(&b.as_str()))
+            .filter(|b| !online.iter().any(|n| n.path == *b))
             .collect()
     }
 

@@ -170,16 +170,15 @@ pub fn bulk_outcome(body: &[u8], sent: usize) -> Result<BulkOutcome, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn each_index_pattern_has_a_template_of_its_own() {
-        use super::template_name;
         assert_eq!(template_name("trellis-logs-*"), "trellis-logs");
         assert_eq!(template_name("ci-*-logs"), "trellis-logs-for-ci-_-logs");
         assert_ne!(template_name("ci-*"), template_name("build-*"));
         assert_ne!(template_name("ci-*"), template_name("trellis-logs-*"));
     }
-
-    use super::*;
 
     #[test]
     fn bulk_items_are_sorted_into_done_retry_and_failed() {
